@@ -1,0 +1,100 @@
+//! Where a step runs: the CPU engine or a CUDA device, and why a GPU was not used.
+//!
+//! Probing never panics: cudarc panics when the driver library is missing, so its presence is checked
+//! before any driver call.
+
+use std::fmt;
+
+/// The device a parameter set and its optimizer live on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The CPU engine, using every core of the global thread pool.
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(usize),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// Why a CUDA device could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("no CUDA driver library (libcuda) could be loaded")]
+    NoDriver,
+    #[error("the CUDA driver failed to initialise: {0}")]
+    DriverInit(String),
+    #[error("the CUDA driver reports no devices")]
+    NoDevices,
+    #[error("CUDA device {ordinal} does not exist ({count} present)")]
+    NoSuchDevice { ordinal: usize, count: usize },
+    #[error("FUSEDOPT_DEVICE=cpu asks for the CPU engine")]
+    DisabledByEnvironment,
+    #[error("this build of fusedopt has no CUDA engine yet; the CPU engine computes the same step")]
+    NoCudaEngine,
+}
+
+/// The outcome of automatic selection: the device chosen and, when it is the CPU, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub device: Device,
+    pub gpu_unavailable: Option<Unavailable>,
+}
+
+impl Device {
+    /// Picks the best usable device: CUDA device 0 when a driver, a device and the CUDA engine are all
+    /// present, else the CPU with the reason. `FUSEDOPT_DEVICE=cpu` forces the CPU.
+    pub fn auto() -> Selection {
+        let gpu = if std::env::var("FUSEDOPT_DEVICE").is_ok_and(|v| v.eq_ignore_ascii_case("cpu")) {
+            Err(Unavailable::DisabledByEnvironment)
+        } else {
+            Device::Cuda(0).check()
+        };
+        match gpu {
+            Ok(()) => Selection {
+                device: Device::Cuda(0),
+                gpu_unavailable: None,
+            },
+            Err(reason) => Selection {
+                device: Device::Cpu,
+                gpu_unavailable: Some(reason),
+            },
+        }
+    }
+
+    /// Checks that this device can run steps, without panicking whatever is installed.
+    pub fn check(self) -> Result<(), Unavailable> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(ordinal) => {
+                let count = cuda_device_count()?;
+                if ordinal >= count {
+                    return Err(if count == 0 {
+                        Unavailable::NoDevices
+                    } else {
+                        Unavailable::NoSuchDevice { ordinal, count }
+                    });
+                }
+                Err(Unavailable::NoCudaEngine)
+            }
+        }
+    }
+}
+
+/// Number of CUDA devices the driver reports, or why none can be used.
+pub fn cuda_device_count() -> Result<usize, Unavailable> {
+    // SAFETY: this only tries to dlopen the driver library by its usual names; it runs no driver code
+    // and leaves nothing behind when the library is absent.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Unavailable::NoDriver);
+    }
+    let count = cudarc::driver::CudaContext::device_count()
+        .map_err(|e| Unavailable::DriverInit(format!("{e:?}")))?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}

@@ -1,0 +1,3 @@
+//! Engines execute a launch plan: the norm pass and the update pass.
+
+pub mod cpu;

@@ -1,0 +1,80 @@
+//! One error type for the whole crate, with variants a caller can act on.
+
+use crate::DType;
+
+/// Everything that can go wrong in fusedopt. Every fallible call leaves parameters and optimizer state
+/// exactly as they were when it returns one of these.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("length mismatch for {what}: expected {expected} elements, got {got}")]
+    LengthMismatch {
+        what: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("shape mismatch for {what}: expected {expected:?}, got {got:?}")]
+    ShapeMismatch {
+        what: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("dtype mismatch for {what}: expected {expected}, got {got}")]
+    DTypeMismatch {
+        what: String,
+        expected: DType,
+        got: DType,
+    },
+    #[error("unknown tensor '{0}'")]
+    UnknownTensor(String),
+    #[error("unknown parameter group '{0}'")]
+    UnknownGroup(String),
+    #[error("duplicate name '{0}'")]
+    DuplicateName(String),
+    #[error("the parameter set is empty: add at least one tensor")]
+    EmptyParamSet,
+    #[error("tensor '{name}' is too large: {elements} elements overflow the address space")]
+    TooLarge { name: String, elements: u128 },
+    #[error("out of host memory: could not allocate {bytes} bytes")]
+    OutOfHostMemory { bytes: usize },
+    #[error("invalid hyperparameter: {0}")]
+    InvalidHyperparameter(String),
+    #[error("non-finite gradients (global norm {norm}); the step was refused and nothing changed")]
+    NonFiniteGradient { norm: f64 },
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(#[from] crate::device::Unavailable),
+    #[error("this operation needs host memory, but the data lives on {0}")]
+    NotHostMemory(crate::Device),
+    #[error("out of device memory: asked for {bytes} bytes on {device}")]
+    OutOfDeviceMemory { device: crate::Device, bytes: usize },
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+    #[error("kernel load failed: {0}")]
+    KernelLoad(String),
+    #[error("bad checkpoint {path}: {reason}")]
+    BadCheckpoint { path: String, reason: String },
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad conformance case: {0}")]
+    BadCase(String),
+    #[error("communicator failure: {0}")]
+    Communicator(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Checks that `got` has the `expected` length, naming `what` in the error.
+pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what: what.to_string(),
+            expected,
+            got,
+        })
+    }
+}

@@ -1,0 +1,35 @@
+//! fusedopt: the optimizer step of neural-network training as one fused pass over every parameter
+//! tensor, on CUDA or on a fast CPU engine that computes the same thing, faithful to PyTorch, Keras 3,
+//! Optax and TensorFlow 1.
+//!
+//! ```
+//! use fusedopt::{Adam, Device, Flavor, Optimizer, ParamSet};
+//!
+//! let mut b = ParamSet::builder();
+//! b.add("w", &[2, 3], &[0.1, -0.2, 0.3, 0.4, -0.5, 0.6])?;
+//! b.add("b", &[3], &[0.0; 3])?;
+//! let mut opt = Optimizer::new(b.build(Device::Cpu)?, Adam::preset(Flavor::PyTorch))?;
+//! opt.params_mut().set_grad("w", &[0.01, 0.02, 0.03, 0.0, -0.3, 2.5])?;
+//! let report = opt.step()?;
+//! assert!(!report.skipped && opt.params().param("w")?[0] < 0.1);
+//! # Ok::<(), fusedopt::Error>(())
+//! ```
+
+pub mod clip;
+pub mod device;
+pub mod dtype;
+pub mod engine;
+pub mod error;
+pub mod optim;
+pub mod params;
+pub mod plan;
+
+pub use clip::{ClipFormula, GlobalNormClip};
+pub use device::{Device, Selection, Unavailable};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use optim::{
+    AdamEps, Adagrad, Adam, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit,
+    NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport, WeightDecay,
+};
+pub use params::{GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};

@@ -1,0 +1,345 @@
+//! Parameter sets: named tensors of any shape laid out in one arena, with parameter groups.
+//!
+//! Tensors are placed group by group, each at an offset aligned to [`ALIGN_ELEMS`] so every tensor
+//! starts on a 64-byte boundary (16-byte vector loads on the GPU, whole cache lines on the CPU).
+//! Gradients and every optimizer state buffer use the same layout, so one offset addresses a tensor in
+//! all of them, and a range of the arena is a range of every buffer (all-reduce buckets rely on this).
+//! Padding elements are zero and stay zero.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::error::{check_len, Error, Result};
+use crate::{DType, Device};
+
+/// Alignment of every tensor in the arena, in elements (64 bytes of f32).
+pub const ALIGN_ELEMS: usize = 16;
+
+/// Per-group hyperparameters that override the optimizer's.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupOptions {
+    /// Multiplies the optimizer's (scheduled) learning rate for this group.
+    pub lr_scale: f64,
+    /// Replaces the rule's weight-decay coefficient for this group (its style stays the rule's);
+    /// `Some(0.0)` is the usual choice for biases and norms.
+    pub weight_decay: Option<f64>,
+}
+
+impl Default for GroupOptions {
+    fn default() -> Self {
+        GroupOptions {
+            lr_scale: 1.0,
+            weight_decay: None,
+        }
+    }
+}
+
+impl GroupOptions {
+    /// No weight decay in this group (biases, norm scales).
+    pub fn no_decay() -> Self {
+        GroupOptions {
+            weight_decay: Some(0.0),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where one tensor lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub group: usize,
+    /// Offset of the first element in the arena.
+    pub offset: usize,
+    /// Number of elements (the product of `shape`; 1 for a scalar, 0 when a dimension is 0).
+    pub len: usize,
+}
+
+impl TensorInfo {
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// A parameter group: its options and the arena range it owns (its padding included).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GroupInfo {
+    pub name: String,
+    pub options: GroupOptions,
+    pub range: Range<usize>,
+}
+
+/// The shape of a parameter set: names, shapes, groups and offsets. Shared by the parameters, the
+/// gradients and the optimizer state, on every device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layout {
+    tensors: Vec<TensorInfo>,
+    by_name: HashMap<String, usize>,
+    groups: Vec<GroupInfo>,
+    arena_len: usize,
+}
+
+impl Layout {
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    pub fn groups(&self) -> &[GroupInfo] {
+        &self.groups
+    }
+
+    /// Elements in the arena, padding included.
+    pub fn arena_len(&self) -> usize {
+        self.arena_len
+    }
+
+    /// Elements that belong to tensors (padding excluded).
+    pub fn num_params(&self) -> usize {
+        self.tensors.iter().map(|t| t.len).sum()
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
+        self.by_name
+            .get(name)
+            .map(|&i| &self.tensors[i])
+            .ok_or_else(|| Error::UnknownTensor(name.to_string()))
+    }
+
+    pub fn group_index(&self, name: &str) -> Result<usize> {
+        self.groups
+            .iter()
+            .position(|g| g.name == name)
+            .ok_or_else(|| Error::UnknownGroup(name.to_string()))
+    }
+}
+
+struct PendingTensor {
+    name: String,
+    shape: Vec<usize>,
+    len: usize,
+    group: usize,
+    values: Vec<f32>,
+}
+
+/// Collects tensors and groups, then lays them out. Starts with one group, `"default"`.
+pub struct ParamSetBuilder {
+    groups: Vec<(String, GroupOptions)>,
+    tensors: Vec<PendingTensor>,
+}
+
+impl Default for ParamSetBuilder {
+    fn default() -> Self {
+        ParamSetBuilder {
+            groups: vec![("default".to_string(), GroupOptions::default())],
+            tensors: Vec::new(),
+        }
+    }
+}
+
+impl ParamSetBuilder {
+    /// Adds a parameter group; tensors join it with [`ParamSetBuilder::add_to`].
+    pub fn group(&mut self, name: &str, options: GroupOptions) -> Result<&mut Self> {
+        if self.groups.iter().any(|(n, _)| n == name) {
+            return Err(Error::DuplicateName(name.to_string()));
+        }
+        if !(options.lr_scale.is_finite() && options.lr_scale >= 0.0) {
+            return Err(Error::InvalidHyperparameter(format!(
+                "group '{name}': lr_scale must be finite and >= 0, got {}",
+                options.lr_scale
+            )));
+        }
+        self.groups.push((name.to_string(), options));
+        Ok(self)
+    }
+
+    /// Adds a tensor to the default group.
+    pub fn add(&mut self, name: &str, shape: &[usize], values: &[f32]) -> Result<&mut Self> {
+        self.add_to("default", name, shape, values)
+    }
+
+    /// Adds a tensor, row-major `values` of `shape`, to the named group.
+    pub fn add_to(
+        &mut self,
+        group: &str,
+        name: &str,
+        shape: &[usize],
+        values: &[f32],
+    ) -> Result<&mut Self> {
+        let group = self
+            .groups
+            .iter()
+            .position(|(n, _)| n == group)
+            .ok_or_else(|| Error::UnknownGroup(group.to_string()))?;
+        if self.tensors.iter().any(|t| t.name == name) {
+            return Err(Error::DuplicateName(name.to_string()));
+        }
+        let len = shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= isize::MAX as usize / 4)
+            .ok_or_else(|| Error::TooLarge {
+                name: name.to_string(),
+                elements: shape.iter().map(|&d| d as u128).product(),
+            })?;
+        check_len(&format!("values of '{name}'"), len, values.len())?;
+        self.tensors.push(PendingTensor {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            len,
+            group,
+            values: values.to_vec(),
+        });
+        Ok(self)
+    }
+
+    /// Lays the tensors out and copies their values into an arena on `device`.
+    pub fn build(self, device: Device) -> Result<ParamSet> {
+        if self.tensors.is_empty() {
+            return Err(Error::EmptyParamSet);
+        }
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        let mut groups = Vec::with_capacity(self.groups.len());
+        let mut offset = 0usize;
+        for (g, (gname, options)) in self.groups.into_iter().enumerate() {
+            let start = offset;
+            for t in self.tensors.iter().filter(|t| t.group == g) {
+                tensors.push(TensorInfo {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    dtype: DType::F32,
+                    group: g,
+                    offset,
+                    len: t.len,
+                });
+                offset = offset
+                    .checked_add(t.len.next_multiple_of(ALIGN_ELEMS))
+                    .ok_or_else(|| Error::TooLarge {
+                        name: t.name.clone(),
+                        elements: offset as u128 + t.len as u128,
+                    })?;
+            }
+            groups.push(GroupInfo {
+                name: gname,
+                options,
+                range: start..offset,
+            });
+        }
+        let by_name = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let layout = Arc::new(Layout {
+            tensors,
+            by_name,
+            groups,
+            arena_len: offset,
+        });
+        let mut values = zeroed_arena(offset)?;
+        for t in &self.tensors {
+            let info = layout.tensor(&t.name)?;
+            values[info.range()].copy_from_slice(&t.values);
+        }
+        let grads = zeroed_arena(offset)?;
+        device.check()?;
+        Ok(ParamSet {
+            layout,
+            device,
+            values,
+            grads,
+        })
+    }
+}
+
+/// A zero-filled host arena, or a typed error when the memory is not there (never an abort).
+pub(crate) fn zeroed_arena(len: usize) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::OutOfHostMemory {
+        bytes: len.saturating_mul(4),
+    })?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+/// Parameters and their gradients, laid out by one [`Layout`] on one device.
+#[derive(Clone, Debug)]
+pub struct ParamSet {
+    layout: Arc<Layout>,
+    device: Device,
+    values: Vec<f32>,
+    grads: Vec<f32>,
+}
+
+impl ParamSet {
+    pub fn builder() -> ParamSetBuilder {
+        ParamSetBuilder::default()
+    }
+
+    pub fn layout(&self) -> &Arc<Layout> {
+        &self.layout
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// A tensor's values, read in place.
+    pub fn param(&self, name: &str) -> Result<&[f32]> {
+        let r = self.layout.tensor(name)?.range();
+        Ok(&self.values[r])
+    }
+
+    /// A tensor's values, for writing in place (e.g. re-initialisation).
+    pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
+        let r = self.layout.tensor(name)?.range();
+        Ok(&mut self.values[r])
+    }
+
+    pub fn grad(&self, name: &str) -> Result<&[f32]> {
+        let r = self.layout.tensor(name)?.range();
+        Ok(&self.grads[r])
+    }
+
+    /// A tensor's gradient, for the backward pass to write into.
+    pub fn grad_mut(&mut self, name: &str) -> Result<&mut [f32]> {
+        let r = self.layout.tensor(name)?.range();
+        Ok(&mut self.grads[r])
+    }
+
+    /// Copies `values` into a tensor's gradient.
+    pub fn set_grad(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let dst = self.grad_mut(name)?;
+        check_len(&format!("gradient of '{name}'"), dst.len(), values.len())?;
+        dst.copy_from_slice(values);
+        Ok(())
+    }
+
+    pub fn zero_grads(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    /// The whole parameter arena (padding included), in layout order.
+    pub fn values_arena(&self) -> &[f32] {
+        &self.values
+    }
+
+    /// The whole gradient arena: contiguous ranges of it are all-reduce buckets.
+    pub fn grads_arena(&self) -> &[f32] {
+        &self.grads
+    }
+
+    pub fn grads_arena_mut(&mut self) -> &mut [f32] {
+        &mut self.grads
+    }
+
+    pub(crate) fn split_mut(&mut self) -> (&mut [f32], &[f32]) {
+        (&mut self.values, &self.grads)
+    }
+
+    pub(crate) fn values_arena_mut(&mut self) -> &mut [f32] {
+        &mut self.values
+    }
+}

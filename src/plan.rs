@@ -1,0 +1,74 @@
+//! The multi-tensor launch plan: the arena cut into fixed-size chunks, each chunk split where parameter
+//! groups meet. Built once per parameter set; the CPU engine walks it with one task per chunk and the
+//! CUDA engine uploads the same tables and launches one grid over them.
+
+use crate::params::Layout;
+
+/// A run of arena elements inside one chunk that all belong to one parameter group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// Offset of the first element in the arena.
+    pub start: usize,
+    pub len: usize,
+    pub group: usize,
+}
+
+/// Chunk table and segment table for one layout.
+#[derive(Clone, Debug)]
+pub struct LaunchPlan {
+    chunk_elems: usize,
+    /// `segments[chunk_first[i]..chunk_first[i + 1]]` are the segments of chunk `i`.
+    chunk_first: Vec<usize>,
+    segments: Vec<Segment>,
+}
+
+/// CPU chunk: 32 Ki elements keeps Adam's five streams of one chunk inside a core's L2.
+pub const CPU_CHUNK_ELEMS: usize = 1 << 15;
+
+impl LaunchPlan {
+    /// Cuts `layout`'s arena into chunks of `chunk_elems` (a multiple of the layout alignment).
+    pub fn new(layout: &Layout, chunk_elems: usize) -> Self {
+        let chunk_elems = chunk_elems.max(crate::params::ALIGN_ELEMS);
+        let len = layout.arena_len();
+        let n_chunks = len.div_ceil(chunk_elems);
+        let mut chunk_first = Vec::with_capacity(n_chunks + 1);
+        let mut segments = Vec::with_capacity(n_chunks + layout.groups().len());
+        for chunk in 0..n_chunks {
+            chunk_first.push(segments.len());
+            let (lo, hi) = (chunk * chunk_elems, ((chunk + 1) * chunk_elems).min(len));
+            for (group, info) in layout.groups().iter().enumerate() {
+                let (start, end) = (info.range.start.max(lo), info.range.end.min(hi));
+                if start < end {
+                    segments.push(Segment {
+                        start,
+                        len: end - start,
+                        group,
+                    });
+                }
+            }
+        }
+        chunk_first.push(segments.len());
+        LaunchPlan {
+            chunk_elems,
+            chunk_first,
+            segments,
+        }
+    }
+
+    pub fn chunk_elems(&self) -> usize {
+        self.chunk_elems
+    }
+
+    pub fn num_chunks(&self) -> usize {
+        self.chunk_first.len() - 1
+    }
+
+    /// The segments of chunk `chunk`, in arena order.
+    pub fn segments_of(&self, chunk: usize) -> &[Segment] {
+        &self.segments[self.chunk_first[chunk]..self.chunk_first[chunk + 1]]
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+}
