@@ -16,6 +16,7 @@
 //! ```
 
 pub mod clip;
+pub mod conformance;
 pub mod device;
 pub mod dtype;
 pub mod engine;
@@ -23,6 +24,7 @@ pub mod error;
 pub mod optim;
 pub mod params;
 pub mod plan;
+pub mod schedule;
 
 pub use clip::{ClipFormula, GlobalNormClip};
 pub use device::{Device, Selection, Unavailable};

@@ -1,0 +1,842 @@
+//! Conformance cases: trajectories recorded from PyTorch, Keras 3, Optax and TensorFlow 1 (the format
+//! of `shared/conformance/FORMAT.md`), and their replay through the public API.
+//!
+//! The mapping from a framework's constructor arguments to fusedopt's knobs lives here, so a user
+//! porting a model can build the same rule from the same arguments: [`rule_from_framework`] and
+//! [`schedule_from_framework`]. A key the mapping does not understand is an error, never ignored.
+
+use serde_json::{Map, Value};
+
+use crate::clip::GlobalNormClip;
+use crate::error::{Error, Result};
+use crate::optim::{
+    Adagrad, Adam, AmsGrad, EpsPlacement, Flavor, NonFinitePolicy, Optimizer, OptimizerOptions,
+    RmsProp, Rule, Sgd, WeightDecay,
+};
+use crate::schedule::plateau::{Mode, ReduceLrOnPlateau, Variant};
+use crate::schedule::{keras, optax, torch, Counted, LrSchedule};
+use crate::{Device, ParamSet};
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::BadCase(msg.into())
+}
+
+/// A number, or one of the strings FORMAT.md uses for non-finite values.
+pub fn number(v: &Value) -> Result<f64> {
+    match v {
+        Value::Number(n) => n.as_f64().ok_or_else(|| bad("number out of range")),
+        Value::String(s) => match s.as_str() {
+            "NaN" => Ok(f64::NAN),
+            "Infinity" => Ok(f64::INFINITY),
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            _ => Err(bad(format!("'{s}' is not a number"))),
+        },
+        _ => Err(bad(format!("{v} is not a number"))),
+    }
+}
+
+/// The JSON form of a value: non-finite values as FORMAT.md's strings.
+pub fn json_number(x: f64) -> Value {
+    if x.is_nan() {
+        Value::from("NaN")
+    } else if x.is_infinite() {
+        Value::from(if x > 0.0 { "Infinity" } else { "-Infinity" })
+    } else {
+        Value::from(x)
+    }
+}
+
+fn numbers(v: &Value) -> Result<Vec<f64>> {
+    v.as_array()
+        .ok_or_else(|| bad(format!("{v} is not an array")))?
+        .iter()
+        .map(number)
+        .collect()
+}
+
+fn floats(v: &Value) -> Result<Vec<f32>> {
+    Ok(numbers(v)?.into_iter().map(|x| x as f32).collect())
+}
+
+/// Framework constructor arguments, consumed key by key so leftovers can be refused.
+struct Args {
+    map: Map<String, Value>,
+    what: String,
+}
+
+impl Args {
+    fn new(map: &Map<String, Value>, what: &str) -> Self {
+        Args {
+            map: map.clone(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Takes a key; `null` and absence both mean "the framework's default".
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|v| !v.is_null())
+    }
+
+    fn f64(&mut self, key: &str, default: f64) -> Result<f64> {
+        self.take(key).map_or(Ok(default), |v| number(&v))
+    }
+
+    fn opt_f64(&mut self, key: &str) -> Result<Option<f64>> {
+        self.take(key).map(|v| number(&v)).transpose()
+    }
+
+    fn bool(&mut self, key: &str, default: bool) -> Result<bool> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(b),
+            Some(v) => Err(bad(format!("{}: '{key}' must be a boolean, got {v}", self.what))),
+        }
+    }
+
+    fn str(&mut self, key: &str) -> Result<Option<String>> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(bad(format!("{}: '{key}' must be a string, got {v}", self.what))),
+        }
+    }
+
+    fn pair(&mut self, key: &str, default: (f64, f64)) -> Result<(f64, f64)> {
+        match self.take(key) {
+            None => Ok(default),
+            Some(v) => match numbers(&v)?.as_slice() {
+                [a, b] => Ok((*a, *b)),
+                _ => Err(bad(format!("{}: '{key}' must be a pair", self.what))),
+            },
+        }
+    }
+
+    fn finish<T>(self, value: T) -> Result<T> {
+        match self.map.keys().next() {
+            None => Ok(value),
+            Some(k) => Err(bad(format!("{}: unknown argument '{k}'", self.what))),
+        }
+    }
+}
+
+/// Builds the rule a framework's optimizer computes from its own constructor arguments.
+/// `kind` is `sgd`, `adam`, `adamw`, `amsgrad` (Optax), `rmsprop` or `adagrad`;
+/// `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
+pub fn rule_from_framework(
+    flavor: Flavor,
+    kind: &str,
+    args: &Map<String, Value>,
+    add_decayed_weights: Option<f64>,
+) -> Result<Rule> {
+    let mut a = Args::new(args, &format!("{flavor:?} {kind}"));
+    let rule = match (flavor, kind) {
+        (Flavor::PyTorch, "sgd") => {
+            let d = Sgd::preset(flavor);
+            Rule::Sgd(Sgd {
+                lr: a.f64("lr", d.lr)?,
+                momentum: a.f64("momentum", 0.0)?,
+                dampening: a.f64("dampening", 0.0)?,
+                nesterov: a.bool("nesterov", false)?,
+                weight_decay: WeightDecay::L2(a.f64("weight_decay", 0.0)?),
+                maximize: a.bool("maximize", false)?,
+                ..d
+            })
+        }
+        (Flavor::PyTorch, "adam" | "adamw") => {
+            let d = if kind == "adam" {
+                Adam::preset(flavor)
+            } else {
+                Adam::adamw(flavor)
+            };
+            let (beta1, beta2) = a.pair("betas", (d.beta1, d.beta2))?;
+            let lambda = a.f64("weight_decay", d.weight_decay.coefficient())?;
+            let decoupled = a.bool("decoupled_weight_decay", kind == "adamw")?;
+            Rule::Adam(Adam {
+                lr: a.f64("lr", d.lr)?,
+                beta1,
+                beta2,
+                eps: a.f64("eps", d.eps)?,
+                amsgrad: if a.bool("amsgrad", false)? {
+                    AmsGrad::MaxRaw
+                } else {
+                    AmsGrad::Off
+                },
+                maximize: a.bool("maximize", false)?,
+                weight_decay: if decoupled {
+                    WeightDecay::Decoupled(lambda)
+                } else {
+                    WeightDecay::L2(lambda)
+                },
+                ..d
+            })
+        }
+        (Flavor::PyTorch, "rmsprop") => {
+            let d = RmsProp::preset(flavor);
+            Rule::RmsProp(RmsProp {
+                lr: a.f64("lr", d.lr)?,
+                alpha: a.f64("alpha", d.alpha)?,
+                eps: a.f64("eps", d.eps)?,
+                weight_decay: WeightDecay::L2(a.f64("weight_decay", 0.0)?),
+                momentum: a.f64("momentum", 0.0)?,
+                centered: a.bool("centered", false)?,
+                maximize: a.bool("maximize", false)?,
+                ..d
+            })
+        }
+        (Flavor::PyTorch, "adagrad") => {
+            let d = Adagrad::preset(flavor);
+            Rule::Adagrad(Adagrad {
+                lr: a.f64("lr", d.lr)?,
+                lr_decay: a.f64("lr_decay", 0.0)?,
+                weight_decay: WeightDecay::L2(a.f64("weight_decay", 0.0)?),
+                initial_accumulator: a.f64("initial_accumulator_value", 0.0)?,
+                eps: a.f64("eps", d.eps)?,
+                maximize: a.bool("maximize", false)?,
+                ..d
+            })
+        }
+        (Flavor::Keras, _) => {
+            let wd = a.opt_f64("weight_decay")?;
+            let mut rule = keras_rule(&mut a, kind)?;
+            let default = if kind == "adamw" { 0.004 } else { 0.0 };
+            set_weight_decay(&mut rule, WeightDecay::Decoupled(wd.unwrap_or(default)));
+            rule
+        }
+        (Flavor::Optax, _) => optax_rule(&mut a, kind)?,
+        (Flavor::Tf1, _) => tf1_rule(&mut a, kind)?,
+        _ => return Err(bad(format!("{flavor:?} has no optimizer '{kind}'"))),
+    };
+    let mut rule = a.finish(rule)?;
+    if let Some(wd) = add_decayed_weights {
+        if flavor != Flavor::Optax || rule.weight_decay().coefficient() != 0.0 {
+            return Err(bad("add_decayed_weights is Optax's, and only without other decay"));
+        }
+        set_weight_decay(&mut rule, WeightDecay::L2(wd));
+    }
+    rule.validate()?;
+    Ok(rule)
+}
+
+fn set_weight_decay(rule: &mut Rule, wd: WeightDecay) {
+    match rule {
+        Rule::Sgd(r) => r.weight_decay = wd,
+        Rule::Adam(r) => r.weight_decay = wd,
+        Rule::RmsProp(r) => r.weight_decay = wd,
+        Rule::Adagrad(r) => r.weight_decay = wd,
+    }
+}
+
+fn keras_rule(a: &mut Args, kind: &str) -> Result<Rule> {
+    let f = Flavor::Keras;
+    Ok(match kind {
+        "sgd" => {
+            let d = Sgd::preset(f);
+            Rule::Sgd(Sgd {
+                lr: a.f64("learning_rate", d.lr)?,
+                momentum: a.f64("momentum", 0.0)?,
+                nesterov: a.bool("nesterov", false)?,
+                ..d
+            })
+        }
+        "adam" | "adamw" => {
+            let d = Adam::preset(f);
+            Rule::Adam(Adam {
+                lr: a.f64("learning_rate", d.lr)?,
+                beta1: a.f64("beta_1", d.beta1)?,
+                beta2: a.f64("beta_2", d.beta2)?,
+                eps: a.f64("epsilon", d.eps)?,
+                amsgrad: if a.bool("amsgrad", false)? {
+                    AmsGrad::MaxRaw
+                } else {
+                    AmsGrad::Off
+                },
+                ..d
+            })
+        }
+        "rmsprop" => {
+            let d = RmsProp::preset(f);
+            Rule::RmsProp(RmsProp {
+                lr: a.f64("learning_rate", d.lr)?,
+                alpha: a.f64("rho", d.alpha)?,
+                momentum: a.f64("momentum", 0.0)?,
+                eps: a.f64("epsilon", d.eps)?,
+                centered: a.bool("centered", false)?,
+                ..d
+            })
+        }
+        "adagrad" => {
+            let d = Adagrad::preset(f);
+            Rule::Adagrad(Adagrad {
+                lr: a.f64("learning_rate", d.lr)?,
+                initial_accumulator: a.f64("initial_accumulator_value", d.initial_accumulator)?,
+                eps: a.f64("epsilon", d.eps)?,
+                ..d
+            })
+        }
+        _ => return Err(bad(format!("Keras has no optimizer '{kind}'"))),
+    })
+}
+
+fn optax_rule(a: &mut Args, kind: &str) -> Result<Rule> {
+    let f = Flavor::Optax;
+    Ok(match kind {
+        "sgd" => {
+            let d = Sgd::preset(f);
+            Rule::Sgd(Sgd {
+                lr: a.f64("learning_rate", d.lr)?,
+                momentum: a.f64("momentum", 0.0)?,
+                nesterov: a.bool("nesterov", false)?,
+                ..d
+            })
+        }
+        "adam" | "adamw" | "amsgrad" => {
+            let d = match kind {
+                "adam" => Adam::preset(f),
+                "adamw" => Adam::adamw(f),
+                _ => Adam::amsgrad(f),
+            };
+            let weight_decay = if kind == "adamw" {
+                WeightDecay::Decoupled(a.f64("weight_decay", d.weight_decay.coefficient())?)
+            } else {
+                d.weight_decay
+            };
+            Rule::Adam(Adam {
+                lr: a.f64("learning_rate", d.lr)?,
+                beta1: a.f64("b1", d.beta1)?,
+                beta2: a.f64("b2", d.beta2)?,
+                eps: a.f64("eps", d.eps)?,
+                eps_root: a.f64("eps_root", 0.0)?,
+                weight_decay,
+                ..d
+            })
+        }
+        "rmsprop" => {
+            let d = RmsProp::preset(f);
+            Rule::RmsProp(RmsProp {
+                lr: a.f64("learning_rate", d.lr)?,
+                alpha: a.f64("decay", d.alpha)?,
+                eps: a.f64("eps", d.eps)?,
+                initial_square_avg: a.f64("initial_scale", 0.0)?,
+                eps_placement: if a.bool("eps_in_sqrt", true)? {
+                    EpsPlacement::InsideSqrt
+                } else {
+                    EpsPlacement::OutsideSqrt
+                },
+                centered: a.bool("centered", false)?,
+                momentum: a.f64("momentum", 0.0)?,
+                nesterov: a.bool("nesterov", false)?,
+                bias_correction: a.bool("bias_correction", false)?,
+                ..d
+            })
+        }
+        "adagrad" => {
+            let d = Adagrad::preset(f);
+            Rule::Adagrad(Adagrad {
+                lr: a.f64("learning_rate", d.lr)?,
+                initial_accumulator: a.f64("initial_accumulator_value", d.initial_accumulator)?,
+                eps: a.f64("eps", d.eps)?,
+                ..d
+            })
+        }
+        _ => return Err(bad(format!("Optax has no optimizer '{kind}'"))),
+    })
+}
+
+fn tf1_rule(a: &mut Args, kind: &str) -> Result<Rule> {
+    let f = Flavor::Tf1;
+    Ok(match kind {
+        "sgd" => {
+            let d = Sgd::preset(f);
+            Rule::Sgd(Sgd {
+                lr: a.f64("learning_rate", d.lr)?,
+                momentum: a.f64("momentum", 0.0)?,
+                nesterov: a.bool("use_nesterov", false)?,
+                ..d
+            })
+        }
+        "adam" => {
+            let d = Adam::preset(f);
+            Rule::Adam(Adam {
+                lr: a.f64("learning_rate", d.lr)?,
+                beta1: a.f64("beta1", d.beta1)?,
+                beta2: a.f64("beta2", d.beta2)?,
+                eps: a.f64("epsilon", d.eps)?,
+                ..d
+            })
+        }
+        "rmsprop" => {
+            let d = RmsProp::preset(f);
+            Rule::RmsProp(RmsProp {
+                lr: a.f64("learning_rate", d.lr)?,
+                alpha: a.f64("decay", d.alpha)?,
+                momentum: a.f64("momentum", 0.0)?,
+                eps: a.f64("epsilon", d.eps)?,
+                centered: a.bool("centered", false)?,
+                ..d
+            })
+        }
+        "adagrad" => {
+            let d = Adagrad::preset(f);
+            Rule::Adagrad(Adagrad {
+                lr: a.f64("learning_rate", d.lr)?,
+                initial_accumulator: a.f64("initial_accumulator_value", d.initial_accumulator)?,
+                ..d
+            })
+        }
+        _ => return Err(bad(format!("TF1 has no optimizer '{kind}'"))),
+    })
+}
+
+/// A schedule built from a framework's class or function name and its own arguments; `base_lr`
+/// is the optimizer's initial lr where the framework takes it from there.
+#[derive(Debug)]
+pub enum FrameworkSchedule {
+    Stepped(Box<dyn LrSchedule>),
+    Plateau(ReduceLrOnPlateau),
+}
+
+/// Builds a schedule from a FORMAT.md `schedule` object.
+pub fn schedule_from_framework(flavor: Flavor, spec: &Map<String, Value>) -> Result<FrameworkSchedule> {
+    let kind = spec
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("schedule without 'kind'"))?
+        .to_string();
+    let mut a = Args::new(spec, &format!("{flavor:?} {kind}"));
+    a.take("kind");
+    let s = match flavor {
+        Flavor::PyTorch if kind == "ReduceLROnPlateau" => {
+            let base = a.f64("base_lr", 0.1)?;
+            let mut p = ReduceLrOnPlateau::pytorch(base);
+            if a.str("mode")?.as_deref() == Some("max") {
+                p = p.with_mode(Mode::Max);
+            }
+            p.factor = a.f64("factor", 0.1)?;
+            p.patience = a.f64("patience", 10.0)? as u64;
+            p.threshold = a.f64("threshold", 1e-4)?;
+            p.cooldown = a.f64("cooldown", 0.0)? as u64;
+            p.min_lr = a.f64("min_lr", 0.0)?;
+            p.variant = Variant::PyTorch {
+                relative: a.str("threshold_mode")?.as_deref() != Some("abs"),
+                eps: a.f64("eps", 1e-8)?,
+            };
+            FrameworkSchedule::Plateau(p)
+        }
+        Flavor::Keras if kind == "ReduceLROnPlateau" => {
+            let base = a.f64("base_lr", 0.001)?;
+            let mut p = ReduceLrOnPlateau::keras(base);
+            if a.str("mode")?.as_deref() == Some("max") {
+                p = p.with_mode(Mode::Max);
+            }
+            p.factor = a.f64("factor", 0.1)?;
+            p.patience = a.f64("patience", 10.0)? as u64;
+            p.threshold = a.f64("min_delta", 1e-4)?;
+            p.cooldown = a.f64("cooldown", 0.0)? as u64;
+            p.min_lr = a.f64("min_lr", 0.0)?;
+            FrameworkSchedule::Plateau(p)
+        }
+        Flavor::PyTorch => {
+            let base = a.f64("base_lr", 0.1)?;
+            let k = torch_kind(&kind, &mut a)?;
+            FrameworkSchedule::Stepped(Box::new(torch::Scheduler::new(k, base)?))
+        }
+        Flavor::Keras => FrameworkSchedule::Stepped(Box::new(Counted::new(keras_schedule(
+            &kind, &mut a,
+        )?))),
+        Flavor::Optax => FrameworkSchedule::Stepped(Box::new(Counted::new(optax_schedule(
+            &kind, &mut a,
+        )?))),
+        Flavor::Tf1 => return Err(bad("TF1 schedules are not part of the format")),
+    };
+    a.finish(s)
+}
+
+fn int(a: &mut Args, key: &str, default: Option<i64>) -> Result<i64> {
+    match (a.opt_f64(key)?, default) {
+        (Some(x), _) => Ok(x as i64),
+        (None, Some(d)) => Ok(d),
+        (None, None) => Err(bad(format!("{}: '{key}' is required", a.what))),
+    }
+}
+
+fn req(a: &mut Args, key: &str) -> Result<f64> {
+    a.opt_f64(key)?
+        .ok_or_else(|| bad(format!("{}: '{key}' is required", a.what)))
+}
+
+fn torch_kind(kind: &str, a: &mut Args) -> Result<torch::Kind> {
+    use torch::Kind as K;
+    Ok(match kind {
+        "StepLR" => K::StepLR {
+            step_size: int(a, "step_size", None)?,
+            gamma: a.f64("gamma", 0.1)?,
+        },
+        "MultiStepLR" => K::MultiStepLR {
+            milestones: numbers(&a.take("milestones").unwrap_or(Value::Null))?
+                .into_iter()
+                .map(|m| m as i64)
+                .collect(),
+            gamma: a.f64("gamma", 0.1)?,
+        },
+        "ConstantLR" => K::ConstantLR {
+            factor: a.f64("factor", 1.0 / 3.0)?,
+            total_iters: int(a, "total_iters", Some(5))?,
+        },
+        "ExponentialLR" => K::ExponentialLR {
+            gamma: req(a, "gamma")?,
+        },
+        "LinearLR" => K::LinearLR {
+            start_factor: a.f64("start_factor", 1.0 / 3.0)?,
+            end_factor: a.f64("end_factor", 1.0)?,
+            total_iters: int(a, "total_iters", Some(5))?,
+        },
+        "CosineAnnealingLR" => K::CosineAnnealingLR {
+            t_max: int(a, "T_max", None)?,
+            eta_min: a.f64("eta_min", 0.0)?,
+        },
+        "PolynomialLR" => K::PolynomialLR {
+            total_iters: int(a, "total_iters", Some(5))?,
+            power: a.f64("power", 1.0)?,
+        },
+        "CosineAnnealingWarmRestarts" => K::CosineAnnealingWarmRestarts {
+            t_0: int(a, "T_0", None)?,
+            t_mult: int(a, "T_mult", Some(1))?,
+            eta_min: a.f64("eta_min", 0.0)?,
+        },
+        "OneCycleLR" => K::OneCycleLR(torch::OneCycle {
+            max_lr: req(a, "max_lr")?,
+            total_steps: int(a, "total_steps", None)?,
+            pct_start: a.f64("pct_start", 0.3)?,
+            cosine: a.str("anneal_strategy")?.as_deref() != Some("linear"),
+            div_factor: a.f64("div_factor", 25.0)?,
+            final_div_factor: a.f64("final_div_factor", 1e4)?,
+            three_phase: a.bool("three_phase", false)?,
+        }),
+        "SequentialLR" => {
+            let children = a.take("schedulers").unwrap_or(Value::Null);
+            let children = children
+                .as_array()
+                .ok_or_else(|| bad("SequentialLR needs 'schedulers'"))?
+                .iter()
+                .map(|c| {
+                    let map = c.as_object().ok_or_else(|| bad("scheduler must be an object"))?;
+                    let k = map.get("kind").and_then(Value::as_str).unwrap_or_default();
+                    let mut ca = Args::new(map, k);
+                    ca.take("kind");
+                    let kind = torch_kind(k, &mut ca)?;
+                    ca.finish(kind)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            K::SequentialLR {
+                schedulers: children,
+                milestones: numbers(&a.take("milestones").unwrap_or(Value::Null))?
+                    .into_iter()
+                    .map(|m| m as i64)
+                    .collect(),
+            }
+        }
+        _ => return Err(bad(format!("unknown PyTorch scheduler '{kind}'"))),
+    })
+}
+
+fn keras_schedule(kind: &str, a: &mut Args) -> Result<keras::Schedule> {
+    use keras::Schedule as S;
+    Ok(match kind {
+        "ExponentialDecay" => S::ExponentialDecay {
+            initial_learning_rate: req(a, "initial_learning_rate")?,
+            decay_steps: req(a, "decay_steps")?,
+            decay_rate: req(a, "decay_rate")?,
+            staircase: a.bool("staircase", false)?,
+        },
+        "PiecewiseConstantDecay" => S::PiecewiseConstantDecay {
+            boundaries: numbers(&a.take("boundaries").unwrap_or(Value::Null))?,
+            values: numbers(&a.take("values").unwrap_or(Value::Null))?,
+        },
+        "CosineDecay" => S::CosineDecay {
+            initial_learning_rate: req(a, "initial_learning_rate")?,
+            decay_steps: req(a, "decay_steps")?,
+            alpha: a.f64("alpha", 0.0)?,
+            warmup_target: a.opt_f64("warmup_target")?,
+            warmup_steps: a.f64("warmup_steps", 0.0)?,
+        },
+        "CosineDecayRestarts" => S::CosineDecayRestarts {
+            initial_learning_rate: req(a, "initial_learning_rate")?,
+            first_decay_steps: req(a, "first_decay_steps")?,
+            t_mul: a.f64("t_mul", 2.0)?,
+            m_mul: a.f64("m_mul", 1.0)?,
+            alpha: a.f64("alpha", 0.0)?,
+        },
+        "PolynomialDecay" => S::PolynomialDecay {
+            initial_learning_rate: req(a, "initial_learning_rate")?,
+            decay_steps: req(a, "decay_steps")?,
+            end_learning_rate: a.f64("end_learning_rate", 1e-4)?,
+            power: a.f64("power", 1.0)?,
+            cycle: a.bool("cycle", false)?,
+        },
+        "InverseTimeDecay" => S::InverseTimeDecay {
+            initial_learning_rate: req(a, "initial_learning_rate")?,
+            decay_steps: req(a, "decay_steps")?,
+            decay_rate: req(a, "decay_rate")?,
+            staircase: a.bool("staircase", false)?,
+        },
+        _ => return Err(bad(format!("unknown Keras schedule '{kind}'"))),
+    })
+}
+
+fn optax_schedule(kind: &str, a: &mut Args) -> Result<optax::Schedule> {
+    use optax::Schedule as S;
+    Ok(match kind {
+        "exponential_decay" => S::ExponentialDecay {
+            init_value: req(a, "init_value")?,
+            transition_steps: req(a, "transition_steps")?,
+            decay_rate: req(a, "decay_rate")?,
+            transition_begin: a.f64("transition_begin", 0.0)?,
+            staircase: a.bool("staircase", false)?,
+            end_value: a.opt_f64("end_value")?,
+        },
+        "piecewise_constant_schedule" => {
+            let init_value = req(a, "init_value")?;
+            let table = a.take("boundaries_and_scales").unwrap_or(Value::Null);
+            let mut pairs = match table {
+                Value::Null => Vec::new(),
+                Value::Object(m) => m
+                    .iter()
+                    .map(|(k, v)| {
+                        let b: f64 = k.parse().map_err(|_| bad(format!("boundary '{k}'")))?;
+                        Ok((b, number(v)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+                _ => return Err(bad("boundaries_and_scales must be an object")),
+            };
+            pairs.sort_by(|x, y| x.0.total_cmp(&y.0));
+            S::PiecewiseConstant {
+                init_value,
+                boundaries_and_scales: pairs,
+            }
+        }
+        "linear_schedule" => S::linear(
+            req(a, "init_value")?,
+            req(a, "end_value")?,
+            req(a, "transition_steps")?,
+            a.f64("transition_begin", 0.0)?,
+        ),
+        "polynomial_schedule" => S::Polynomial {
+            init_value: req(a, "init_value")?,
+            end_value: req(a, "end_value")?,
+            power: req(a, "power")?,
+            transition_steps: req(a, "transition_steps")?,
+            transition_begin: a.f64("transition_begin", 0.0)?,
+        },
+        "cosine_decay_schedule" => S::CosineDecay {
+            init_value: req(a, "init_value")?,
+            decay_steps: req(a, "decay_steps")?,
+            alpha: a.f64("alpha", 0.0)?,
+            exponent: a.f64("exponent", 1.0)?,
+        },
+        "warmup_cosine_decay_schedule" => S::warmup_cosine_decay(
+            req(a, "init_value")?,
+            req(a, "peak_value")?,
+            req(a, "warmup_steps")?,
+            req(a, "decay_steps")?,
+            a.f64("end_value", 0.0)?,
+            a.f64("exponent", 1.0)?,
+        ),
+        "cosine_onecycle_schedule" => S::cosine_onecycle(
+            req(a, "transition_steps")?,
+            req(a, "peak_value")?,
+            a.f64("pct_start", 0.3)?,
+            a.f64("div_factor", 25.0)?,
+            a.f64("final_div_factor", 1e4)?,
+        ),
+        _ => return Err(bad(format!("unknown Optax schedule '{kind}'"))),
+    })
+}
+
+/// What a replay produced (FORMAT.md's output object).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Replay {
+    pub name: String,
+    /// `params[step][tensor][element]`; empty for schedule cases.
+    pub params: Vec<Vec<Vec<f32>>>,
+    pub global_norm: Option<Vec<f64>>,
+    pub lrs: Vec<f64>,
+}
+
+impl Replay {
+    pub fn to_json(&self) -> Value {
+        let params: Vec<Value> = self
+            .params
+            .iter()
+            .map(|step| {
+                Value::from(
+                    step.iter()
+                        .map(|t| Value::from(t.iter().map(|&x| json_number(x as f64)).collect::<Vec<_>>()))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "params": params,
+            "global_norm": self.global_norm.as_ref().map(|n| n.iter().map(|&x| json_number(x)).collect::<Vec<_>>()),
+            "lrs": self.lrs.iter().map(|&x| json_number(x)).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn field<'a>(case: &'a Map<String, Value>, key: &str) -> Result<&'a Value> {
+    case.get(key).ok_or_else(|| bad(format!("case has no '{key}'")))
+}
+
+/// Runs a case (optimizer trajectory or schedule) through the public API. Expected values are never
+/// read.
+pub fn replay(case: &Value, device: Device) -> Result<Replay> {
+    let case = case.as_object().ok_or_else(|| bad("a case is a JSON object"))?;
+    let name = field(case, "name")?.as_str().unwrap_or_default().to_string();
+    let flavor: Flavor = field(case, "flavor")?
+        .as_str()
+        .ok_or_else(|| bad("flavor must be a string"))?
+        .parse()?;
+    if let Some(spec) = case.get("schedule") {
+        return replay_schedule(name, flavor, spec, case);
+    }
+    let opt_spec = field(case, "optimizer")?
+        .as_object()
+        .ok_or_else(|| bad("optimizer must be an object"))?;
+    let kind = opt_spec.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let mut args = opt_spec.clone();
+    args.remove("kind");
+    let decayed = case.get("add_decayed_weights").filter(|v| !v.is_null()).map(number).transpose()?;
+    let rule = rule_from_framework(flavor, kind, &args, decayed)?;
+    let clip = case.get("clip_global_norm").filter(|v| !v.is_null()).map(number).transpose()?;
+    let lrs = case.get("lrs").filter(|v| !v.is_null()).map(numbers).transpose()?;
+
+    let mut builder = ParamSet::builder();
+    let params0 = field(case, "params0")?.as_array().ok_or_else(|| bad("params0"))?;
+    for (i, t) in params0.iter().enumerate() {
+        let shape: Vec<usize> = numbers(t.get("shape").unwrap_or(&Value::Null))?
+            .into_iter()
+            .map(|d| d as usize)
+            .collect();
+        builder.add(&format!("t{i}"), &shape, &floats(t.get("values").unwrap_or(&Value::Null))?)?;
+    }
+    let options = OptimizerOptions {
+        clip: clip.map(|c| GlobalNormClip::new(c, flavor)),
+        non_finite: NonFinitePolicy::Propagate,
+    };
+    let mut opt = Optimizer::with_options(builder.build(device)?, rule, options)?;
+    let grads = field(case, "grads")?.as_array().ok_or_else(|| bad("grads"))?;
+    let mut out = Replay {
+        name,
+        global_norm: clip.map(|_| Vec::new()),
+        ..Default::default()
+    };
+    for (t, step) in grads.iter().enumerate() {
+        if let Some(lrs) = &lrs {
+            opt.set_lr(*lrs.get(t).ok_or_else(|| bad("fewer lrs than steps"))?)?;
+        }
+        let step = step.as_array().ok_or_else(|| bad("grads[t] must be an array"))?;
+        crate::error::check_len("tensors in grads[t]", params0.len(), step.len())?;
+        for (i, g) in step.iter().enumerate() {
+            opt.params_mut().set_grad(&format!("t{i}"), &floats(g)?)?;
+        }
+        let report = opt.step()?;
+        if let (Some(norms), Some(n)) = (out.global_norm.as_mut(), report.global_norm) {
+            norms.push(n);
+        }
+        out.lrs.push(report.lr);
+        out.params.push(
+            (0..params0.len())
+                .map(|i| opt.params().param(&format!("t{i}")).map(<[f32]>::to_vec))
+                .collect::<Result<_>>()?,
+        );
+    }
+    Ok(out)
+}
+
+fn replay_schedule(
+    name: String,
+    flavor: Flavor,
+    spec: &Value,
+    case: &Map<String, Value>,
+) -> Result<Replay> {
+    let spec = spec.as_object().ok_or_else(|| bad("schedule must be an object"))?;
+    let steps = number(field(case, "steps")?)? as usize;
+    let lrs = match schedule_from_framework(flavor, spec)? {
+        FrameworkSchedule::Stepped(mut s) => (0..steps)
+            .map(|_| {
+                let lr = s.lr();
+                s.step();
+                lr
+            })
+            .collect(),
+        FrameworkSchedule::Plateau(mut p) => numbers(field(case, "metrics")?)?
+            .into_iter()
+            .map(|m| p.observe(m))
+            .collect::<Result<_>>()?,
+    };
+    Ok(Replay {
+        name,
+        lrs,
+        ..Default::default()
+    })
+}
+
+/// Worst `|got − expected| / (1e-6 + 1e-5·|expected|)` over paired values (≤ 1 means agreement);
+/// a NaN where the other side is not NaN, or a differing infinity, counts as infinite.
+pub fn worst_error<'a>(pairs: impl IntoIterator<Item = (f64, f64)> + 'a) -> f64 {
+    pairs
+        .into_iter()
+        .map(|(got, exp)| {
+            if exp.is_nan() || got.is_nan() {
+                if exp.is_nan() && got.is_nan() {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            } else if exp.is_infinite() || got.is_infinite() {
+                if got == exp {
+                    0.0
+                } else {
+                    f64::INFINITY
+                }
+            } else {
+                (got - exp).abs() / (1e-6 + 1e-5 * exp.abs())
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Compares a replay with the case's expectations; returns the worst normalised error.
+pub fn compare(case: &Value, replay: &Replay) -> Result<f64> {
+    let mut worst: f64 = 0.0;
+    if let Some(expected) = case.get("expected_params") {
+        let steps = expected.as_array().ok_or_else(|| bad("expected_params"))?;
+        if steps.len() != replay.params.len() {
+            return Ok(f64::INFINITY);
+        }
+        for (exp_step, got_step) in steps.iter().zip(&replay.params) {
+            let tensors = exp_step.as_array().ok_or_else(|| bad("expected_params[t]"))?;
+            for (exp, got) in tensors.iter().zip(got_step) {
+                let exp = numbers(exp)?;
+                if exp.len() != got.len() {
+                    return Ok(f64::INFINITY);
+                }
+                worst = worst.max(worst_error(got.iter().map(|&g| g as f64).zip(exp)));
+            }
+        }
+        if let (Some(exp), Some(got)) = (
+            case.get("expected_global_norm").filter(|v| !v.is_null()),
+            &replay.global_norm,
+        ) {
+            worst = worst.max(worst_error(got.iter().copied().zip(numbers(exp)?)));
+        }
+    } else {
+        let exp = numbers(field(case.as_object().ok_or_else(|| bad("case"))?, "lrs")?)?;
+        if exp.len() != replay.lrs.len() {
+            return Ok(f64::INFINITY);
+        }
+        worst = worst_error(replay.lrs.iter().copied().zip(exp));
+    }
+    Ok(worst)
+}

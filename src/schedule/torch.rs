@@ -1,0 +1,347 @@
+//! PyTorch's `torch.optim.lr_scheduler`, reproduced with its recursion: `step()` computes the new
+//! lr from the current one exactly as `get_lr()` does, and `SequentialLR` restarts a child with its
+//! closed form at epoch 0 as `scheduler.step(0)` does.
+
+use super::{py_mod, LrSchedule};
+use crate::error::{Error, Result};
+use std::f64::consts::PI;
+
+/// Which scheduler, with PyTorch's constructor arguments.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Kind {
+    StepLR {
+        step_size: i64,
+        gamma: f64,
+    },
+    MultiStepLR {
+        milestones: Vec<i64>,
+        gamma: f64,
+    },
+    ConstantLR {
+        factor: f64,
+        total_iters: i64,
+    },
+    ExponentialLR {
+        gamma: f64,
+    },
+    LinearLR {
+        start_factor: f64,
+        end_factor: f64,
+        total_iters: i64,
+    },
+    CosineAnnealingLR {
+        t_max: i64,
+        eta_min: f64,
+    },
+    PolynomialLR {
+        total_iters: i64,
+        power: f64,
+    },
+    CosineAnnealingWarmRestarts {
+        t_0: i64,
+        t_mult: i64,
+        eta_min: f64,
+    },
+    OneCycleLR(OneCycle),
+    SequentialLR {
+        schedulers: Vec<Kind>,
+        milestones: Vec<i64>,
+    },
+}
+
+/// `OneCycleLR`'s arguments (closed form of `last_epoch`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OneCycle {
+    pub max_lr: f64,
+    pub total_steps: i64,
+    pub pct_start: f64,
+    pub cosine: bool,
+    pub div_factor: f64,
+    pub final_div_factor: f64,
+    pub three_phase: bool,
+}
+
+impl Kind {
+    /// `LinearLR` with PyTorch's defaults (1/3 → 1 over 5 iterations).
+    pub fn linear_default() -> Kind {
+        Kind::LinearLR {
+            start_factor: 1.0 / 3.0,
+            end_factor: 1.0,
+            total_iters: 5,
+        }
+    }
+}
+
+/// One scheduler's state: the epoch counter and, for the children of `SequentialLR`, theirs.
+#[derive(Clone, Debug)]
+struct Node {
+    kind: Kind,
+    last_epoch: i64,
+    /// CosineAnnealingWarmRestarts: position in the current cycle and its length.
+    t_cur: i64,
+    t_i: i64,
+    children: Vec<Node>,
+}
+
+/// A PyTorch scheduler attached to an lr (as if to one parameter group whose initial lr is
+/// `base_lr`).
+#[derive(Clone, Debug)]
+pub struct Scheduler {
+    base_lr: f64,
+    lr: f64,
+    root: Node,
+}
+
+impl Node {
+    fn new(kind: Kind) -> Self {
+        let children = match &kind {
+            Kind::SequentialLR { schedulers, .. } => {
+                schedulers.iter().cloned().map(Node::new).collect()
+            }
+            _ => Vec::new(),
+        };
+        let t_i = match &kind {
+            Kind::CosineAnnealingWarmRestarts { t_0, .. } => *t_0,
+            _ => 0,
+        };
+        Node {
+            kind,
+            last_epoch: -1,
+            t_cur: -1,
+            t_i,
+            children,
+        }
+    }
+
+    /// `scheduler.step()`: advances the epoch and returns the new lr from the current one.
+    fn step(&mut self, lr: f64, base: f64) -> f64 {
+        if let Kind::SequentialLR { milestones, .. } = &self.kind {
+            self.last_epoch += 1;
+            let idx = milestones.partition_point(|&m| m <= self.last_epoch);
+            let restart = idx > 0 && milestones[idx - 1] == self.last_epoch;
+            let child = &mut self.children[idx];
+            return if restart {
+                child.last_epoch = 0;
+                child.closed_form_at_zero(lr, base)
+            } else {
+                child.step(lr, base)
+            };
+        }
+        if let Kind::CosineAnnealingWarmRestarts { t_0, t_mult, .. } = self.kind {
+            if self.last_epoch < 0 {
+                self.t_i = t_0;
+                self.t_cur = 0;
+            } else {
+                self.t_cur += 1;
+                if self.t_cur >= self.t_i {
+                    self.t_cur -= self.t_i;
+                    self.t_i *= t_mult;
+                }
+            }
+        }
+        self.last_epoch += 1;
+        self.get_lr(lr, base)
+    }
+
+    /// `get_lr()` at `self.last_epoch`, recursive on the current `lr`.
+    fn get_lr(&self, lr: f64, base: f64) -> f64 {
+        let e = self.last_epoch;
+        match &self.kind {
+            Kind::StepLR { step_size, gamma } => {
+                if e == 0 || e % step_size != 0 {
+                    lr
+                } else {
+                    lr * gamma
+                }
+            }
+            Kind::MultiStepLR { milestones, gamma } => {
+                let hits = milestones.iter().filter(|&&m| m == e).count() as i32;
+                lr * gamma.powi(hits)
+            }
+            Kind::ConstantLR {
+                factor,
+                total_iters,
+            } => {
+                if e == 0 {
+                    lr * factor
+                } else if e != *total_iters {
+                    lr
+                } else {
+                    lr * (1.0 / factor)
+                }
+            }
+            Kind::ExponentialLR { gamma } => {
+                if e == 0 {
+                    lr
+                } else {
+                    lr * gamma
+                }
+            }
+            Kind::LinearLR {
+                start_factor: s,
+                end_factor: f,
+                total_iters: n,
+            } => {
+                if e == 0 {
+                    lr * s
+                } else if e > *n {
+                    lr
+                } else {
+                    lr * (1.0 + (f - s) / (*n as f64 * s + (e - 1) as f64 * (f - s)))
+                }
+            }
+            Kind::CosineAnnealingLR { t_max, eta_min } => {
+                let (t, eta) = (*t_max as f64, *eta_min);
+                if e == 0 {
+                    lr
+                } else if py_mod(e - 1 - t_max, 2 * t_max) == 0 {
+                    lr + (base - eta) * (1.0 - (PI / t).cos()) / 2.0
+                } else {
+                    (1.0 + (PI * e as f64 / t).cos()) / (1.0 + (PI * (e - 1) as f64 / t).cos())
+                        * (lr - eta)
+                        + eta
+                }
+            }
+            Kind::PolynomialLR { total_iters, power } => {
+                if e == 0 || e > *total_iters {
+                    lr
+                } else {
+                    let n = *total_iters as f64;
+                    let ratio = (1.0 - e as f64 / n) / (1.0 - (e - 1) as f64 / n);
+                    lr * ratio.powf(*power)
+                }
+            }
+            Kind::CosineAnnealingWarmRestarts { eta_min, .. } => {
+                eta_min
+                    + (base - eta_min) * (1.0 + (PI * self.t_cur as f64 / self.t_i as f64).cos())
+                        / 2.0
+            }
+            Kind::OneCycleLR(c) => c.lr_at(e),
+            Kind::SequentialLR { .. } => lr,
+        }
+    }
+
+    /// `scheduler.step(0)`: the closed form at epoch 0 where one exists, else `get_lr()`.
+    fn closed_form_at_zero(&self, lr: f64, base: f64) -> f64 {
+        match &self.kind {
+            Kind::ConstantLR { factor, .. } => base * factor,
+            Kind::LinearLR { start_factor, .. } => base * start_factor,
+            Kind::StepLR { .. }
+            | Kind::MultiStepLR { .. }
+            | Kind::ExponentialLR { .. }
+            | Kind::CosineAnnealingLR { .. }
+            | Kind::PolynomialLR { .. } => base,
+            _ => self.get_lr(lr, base),
+        }
+    }
+}
+
+impl OneCycle {
+    pub fn initial_lr(&self) -> f64 {
+        self.max_lr / self.div_factor
+    }
+
+    fn lr_at(&self, step: i64) -> f64 {
+        let initial = self.initial_lr();
+        let min = initial / self.final_div_factor;
+        let pct_end = self.pct_start * self.total_steps as f64;
+        let last = (self.total_steps - 1) as f64;
+        let phases: &[(f64, f64, f64)] = if self.three_phase {
+            &[
+                (pct_end - 1.0, initial, self.max_lr),
+                (2.0 * pct_end - 2.0, self.max_lr, initial),
+                (last, initial, min),
+            ]
+        } else {
+            &[(pct_end - 1.0, initial, self.max_lr), (last, self.max_lr, min)]
+        };
+        let mut start_step = 0.0;
+        let step = step as f64;
+        for (i, &(end_step, from, to)) in phases.iter().enumerate() {
+            if step <= end_step || i == phases.len() - 1 {
+                let pct = (step - start_step) / (end_step - start_step);
+                return if self.cosine {
+                    to + (from - to) / 2.0 * ((PI * pct).cos() + 1.0)
+                } else {
+                    (to - from) * pct + from
+                };
+            }
+            start_step = end_step;
+        }
+        min // not reached: the last phase always answers
+    }
+}
+
+impl Scheduler {
+    /// Attaches a scheduler to an lr starting at `base_lr`, performing PyTorch's initial step.
+    pub fn new(kind: Kind, base_lr: f64) -> Result<Self> {
+        validate(&kind)?;
+        let lr = match &kind {
+            Kind::OneCycleLR(c) => c.initial_lr(),
+            _ => base_lr,
+        };
+        let base = lr;
+        let mut root = Node::new(kind);
+        // Each child was constructed (and took its initial step) before SequentialLR undid them all
+        // and re-ran the first one's; only the first one's effect remains.
+        let lr = if let Kind::SequentialLR { .. } = root.kind {
+            root.last_epoch = 0;
+            root.children[0].step(lr, base)
+        } else {
+            root.step(lr, base)
+        };
+        Ok(Scheduler {
+            base_lr: base,
+            lr,
+            root,
+        })
+    }
+
+    /// The epoch counter (`last_epoch`).
+    pub fn last_epoch(&self) -> i64 {
+        self.root.last_epoch
+    }
+}
+
+impl LrSchedule for Scheduler {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn step(&mut self) {
+        self.lr = self.root.step(self.lr, self.base_lr);
+    }
+}
+
+fn validate(kind: &Kind) -> Result<()> {
+    let bad = |m: &str| Err(Error::InvalidHyperparameter(m.to_string()));
+    match kind {
+        Kind::StepLR { step_size, .. } if *step_size <= 0 => bad("StepLR step_size must be > 0"),
+        Kind::ConstantLR { factor, .. } if !(0.0..=1.0).contains(factor) || *factor == 0.0 => {
+            bad("ConstantLR factor must be in (0, 1]")
+        }
+        Kind::LinearLR { start_factor, .. } if *start_factor <= 0.0 || *start_factor > 1.0 => {
+            bad("LinearLR start_factor must be in (0, 1]")
+        }
+        Kind::CosineAnnealingLR { t_max, .. } if *t_max <= 0 => bad("T_max must be > 0"),
+        Kind::PolynomialLR { total_iters, .. } if *total_iters <= 0 => {
+            bad("PolynomialLR total_iters must be > 0")
+        }
+        Kind::CosineAnnealingWarmRestarts { t_0, t_mult, .. } if *t_0 <= 0 || *t_mult < 1 => {
+            bad("T_0 must be > 0 and T_mult >= 1")
+        }
+        Kind::OneCycleLR(c) if c.total_steps <= 0 || !(0.0..=1.0).contains(&c.pct_start) => {
+            bad("OneCycleLR needs total_steps > 0 and pct_start in [0, 1]")
+        }
+        Kind::SequentialLR {
+            schedulers,
+            milestones,
+        } => {
+            if schedulers.len() != milestones.len() + 1 {
+                return bad("SequentialLR needs one more scheduler than milestones");
+            }
+            schedulers.iter().try_for_each(validate)
+        }
+        _ => Ok(()),
+    }
+}
