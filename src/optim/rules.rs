@@ -220,11 +220,12 @@ impl AdamStep {
             } else {
                 ctx.lr * bc2.sqrt() / bc1
             } as f32,
-            // Optax maxes v̂ itself, so the running max is already on the corrected scale.
-            v_scale: if corrected && !max_corrected {
-                1.0 / bc2
-            } else {
-                1.0
+            // The running max of Optax's AMSGrad is on the corrected scale (it maxes v̂), so it is
+            // taken back to raw scale when ε sits there.
+            v_scale: match (corrected, max_corrected) {
+                (true, false) => 1.0 / bc2,
+                (false, true) => bc2,
+                _ => 1.0,
             } as f32,
             eps: r.eps as f32,
             eps_root: r.eps_root as f32,
