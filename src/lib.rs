@@ -15,6 +15,7 @@
 //! # Ok::<(), fusedopt::Error>(())
 //! ```
 
+pub mod checkpoint;
 pub mod clip;
 pub mod conformance;
 pub mod device;

@@ -237,8 +237,22 @@ impl Optimizer {
             .ok_or_else(|| Error::UnknownTensor(format!("state buffer '{buffer}'")))
     }
 
-    pub(crate) fn parts_mut(&mut self) -> (&mut ParamSet, &mut Vec<Vec<f32>>, &mut u64) {
-        (&mut self.params, &mut self.state, &mut self.step)
+    /// Replaces everything a checkpoint holds; the caller has validated it against this layout.
+    pub(crate) fn restore(
+        &mut self,
+        rule: Rule,
+        options: OptimizerOptions,
+        lr: f64,
+        step: u64,
+        values: Vec<f32>,
+        state: Vec<Vec<f32>>,
+    ) {
+        self.rule = rule;
+        self.options = options;
+        self.lr = lr;
+        self.step = step;
+        self.params.values_arena_mut().copy_from_slice(&values);
+        self.state = state;
     }
 
     pub(crate) fn state_arenas(&self) -> &[Vec<f32>] {

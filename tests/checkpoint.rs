@@ -1,0 +1,109 @@
+//! Checkpoints round-trip exactly; truncated, corrupt and mismatched files are refused and leave the
+//! optimizer untouched.
+
+mod common;
+
+use common::*;
+use fusedopt::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+fn run(opt: &mut Optimizer, tensors: &[Tensor], rng: &mut StdRng, steps: usize) {
+    for _ in 0..steps {
+        for (t, g) in tensors.iter().zip(random_grads(rng, tensors, 1.0)) {
+            opt.params_mut().set_grad(&t.name, &g).unwrap();
+        }
+        opt.step().unwrap();
+    }
+}
+
+fn rule() -> Rule {
+    Adam::amsgrad(Flavor::PyTorch).into()
+}
+
+fn options() -> OptimizerOptions {
+    OptimizerOptions {
+        clip: Some(GlobalNormClip::new(10.0, Flavor::PyTorch)),
+        ..Default::default()
+    }
+}
+
+fn observable(opt: &Optimizer, tensors: &[Tensor]) -> Vec<Vec<f32>> {
+    let mut out = vec![vec![opt.step_count() as f32, opt.lr() as f32]];
+    for t in tensors {
+        out.push(opt.params().param(&t.name).unwrap().to_vec());
+        for s in opt.state_names() {
+            out.push(opt.state(s, &t.name).unwrap().to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn round_trip_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opt.safetensors");
+    let tensors = awkward_tensors(21);
+    let mut a = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    run(&mut a, &tensors, &mut rng, 3);
+    a.set_lr(3e-4).unwrap();
+    a.save_checkpoint(&path).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+
+    let mut b = Optimizer::new(build(&tensors), Adam::amsgrad(Flavor::PyTorch)).unwrap();
+    b.load_checkpoint(&path).unwrap();
+    assert_eq!(observable(&a, &tensors), observable(&b, &tensors));
+    assert_eq!(b.options(), a.options());
+    let mut rng_b = rng.clone();
+    run(&mut a, &tensors, &mut rng, 2);
+    run(&mut b, &tensors, &mut rng_b, 2);
+    assert_eq!(observable(&a, &tensors), observable(&b, &tensors));
+}
+
+#[test]
+fn bad_checkpoints_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("opt.safetensors");
+    let tensors = many_tensors(5, 50);
+    let mut saved = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    let mut rng = StdRng::seed_from_u64(2);
+    run(&mut saved, &tensors, &mut rng, 2);
+    saved.save_checkpoint(&path).unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    let mut target = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    run(&mut target, &tensors, &mut rng, 1);
+    let before = observable(&target, &tensors);
+
+    let mut flipped = good.clone();
+    let n = flipped.len();
+    flipped[n - 7] ^= 0x10; // a bit inside the last tensor's data
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("empty", Vec::new()),
+        ("garbage", b"not a checkpoint at all".to_vec()),
+        ("bit flip", flipped),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        let err = target.load_checkpoint(&path).unwrap_err();
+        assert!(matches!(err, Error::BadCheckpoint { .. }), "{what}: {err}");
+        assert_eq!(observable(&target, &tensors), before, "{what} changed the optimizer");
+    }
+    assert!(matches!(
+        target.load_checkpoint(dir.path().join("missing")),
+        Err(Error::Io { .. })
+    ));
+
+    // Mismatched layouts and rules.
+    std::fs::write(&path, &good).unwrap();
+    let other_shapes = many_tensors(6, 50);
+    let mut wrong = Optimizer::with_options(build(&other_shapes), rule(), options()).unwrap();
+    assert!(matches!(wrong.load_checkpoint(&path), Err(Error::BadCheckpoint { .. })));
+    let mut wrong_rule = Optimizer::new(build(&tensors), Sgd::preset(Flavor::PyTorch)).unwrap();
+    let before_sgd = observable(&wrong_rule, &tensors);
+    assert!(matches!(wrong_rule.load_checkpoint(&path), Err(Error::BadCheckpoint { .. })));
+    assert_eq!(observable(&wrong_rule, &tensors), before_sgd);
+    assert_eq!(observable(&target, &tensors), before);
+}

@@ -1,0 +1,177 @@
+//! Bad input gets a typed error and changes nothing; non-finite gradients follow the policy.
+
+mod common;
+
+use common::*;
+use fusedopt::*;
+
+fn small() -> Optimizer {
+    let mut b = ParamSet::builder();
+    b.add("w", &[2, 3], &[0.1, -0.2, 0.3, 0.4, -0.5, 0.6]).unwrap();
+    b.add("b", &[3], &[0.0, 1.0, 2.0]).unwrap();
+    let mut opt = Optimizer::with_options(
+        b.build(Device::Cpu).unwrap(),
+        Adam::preset(Flavor::PyTorch),
+        OptimizerOptions {
+            clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
+            non_finite: NonFinitePolicy::Skip,
+        },
+    )
+    .unwrap();
+    opt.params_mut().set_grad("w", &[0.1; 6]).unwrap();
+    opt.params_mut().set_grad("b", &[0.2; 3]).unwrap();
+    opt.step().unwrap();
+    opt
+}
+
+/// Everything observable about an optimizer, for "nothing changed" checks.
+fn snapshot(opt: &Optimizer) -> Vec<Vec<f32>> {
+    let mut out = vec![vec![opt.step_count() as f32]];
+    for t in ["w", "b"] {
+        out.push(opt.params().param(t).unwrap().to_vec());
+        for s in opt.state_names() {
+            out.push(opt.state(s, t).unwrap().to_vec());
+        }
+    }
+    out
+}
+
+#[test]
+fn builder_refuses_bad_tensors() {
+    let mut b = ParamSet::builder();
+    assert!(matches!(
+        b.add("w", &[2, 3], &[0.0; 5]),
+        Err(Error::LengthMismatch { expected: 6, got: 5, .. })
+    ));
+    b.add("w", &[2], &[0.0; 2]).unwrap();
+    assert!(matches!(b.add("w", &[1], &[0.0]), Err(Error::DuplicateName(_))));
+    assert!(matches!(b.add_to("nope", "x", &[1], &[0.0]), Err(Error::UnknownGroup(_))));
+    assert!(matches!(
+        b.add("huge", &[usize::MAX, 2], &[]),
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(matches!(
+        b.group("g", GroupOptions { lr_scale: f64::NAN, weight_decay: None }),
+        Err(Error::InvalidHyperparameter(_))
+    ));
+    assert!(matches!(
+        ParamSet::builder().build(Device::Cpu),
+        Err(Error::EmptyParamSet)
+    ));
+}
+
+#[test]
+fn empty_and_scalar_tensors_are_fine() {
+    let mut b = ParamSet::builder();
+    b.add("empty", &[0, 4], &[]).unwrap();
+    b.add("scalar", &[], &[2.0]).unwrap();
+    let mut opt = Optimizer::new(b.build(Device::Cpu).unwrap(), Sgd::preset(Flavor::PyTorch)).unwrap();
+    opt.params_mut().set_grad("scalar", &[1.0]).unwrap();
+    opt.set_lr(0.5).unwrap();
+    opt.step().unwrap();
+    assert_eq!(opt.params().param("scalar").unwrap(), &[1.5]);
+    assert!(opt.params().param("empty").unwrap().is_empty());
+}
+
+#[test]
+fn bad_access_and_hyperparameters_change_nothing() {
+    let mut opt = small();
+    let before = snapshot(&opt);
+    assert!(matches!(opt.params_mut().set_grad("w", &[1.0; 5]), Err(Error::LengthMismatch { .. })));
+    assert!(matches!(opt.params_mut().set_grad("nope", &[1.0]), Err(Error::UnknownTensor(_))));
+    assert!(matches!(opt.state("nope", "w"), Err(Error::UnknownTensor(_))));
+    assert!(matches!(opt.set_lr(f64::NAN), Err(Error::InvalidHyperparameter(_))));
+    assert!(matches!(opt.set_lr(-1.0), Err(Error::InvalidHyperparameter(_))));
+    assert_eq!(snapshot(&opt), before);
+    let params = opt.params().clone();
+    let bad_rules: Vec<Rule> = vec![
+        Adam { beta1: 1.0, ..Adam::preset(Flavor::PyTorch) }.into(),
+        Adam { eps: -1.0, ..Adam::preset(Flavor::PyTorch) }.into(),
+        Sgd { nesterov: true, ..Sgd::preset(Flavor::PyTorch) }.into(),
+        Sgd { lr: f64::INFINITY, ..Sgd::preset(Flavor::PyTorch) }.into(),
+        RmsProp { alpha: 1.5, ..RmsProp::preset(Flavor::Keras) }.into(),
+        Adagrad { lr_decay: -0.1, ..Adagrad::preset(Flavor::PyTorch) }.into(),
+    ];
+    for rule in bad_rules {
+        assert!(
+            matches!(Optimizer::new(params.clone(), rule.clone()), Err(Error::InvalidHyperparameter(_))),
+            "{rule:?} accepted"
+        );
+    }
+    let bad_clip = OptimizerOptions {
+        clip: Some(GlobalNormClip::new(0.0, Flavor::Keras)),
+        ..Default::default()
+    };
+    assert!(Optimizer::with_options(params, Adam::preset(Flavor::Keras), bad_clip).is_err());
+}
+
+#[test]
+fn non_finite_gradients_follow_the_policy() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        // Skip: parameters, state and step count untouched; the report says so.
+        let mut opt = small();
+        let before = snapshot(&opt);
+        opt.params_mut().set_grad("b", &[0.1, bad, 0.3]).unwrap();
+        let report = opt.step().unwrap();
+        assert!(report.skipped && !report.global_norm.unwrap().is_finite());
+        assert_eq!(snapshot(&opt), before);
+
+        // Error: a typed error, nothing changed.
+        let mut opt = Optimizer::with_options(
+            small().params().clone(),
+            Adam::preset(Flavor::PyTorch),
+            OptimizerOptions { clip: None, non_finite: NonFinitePolicy::Error },
+        )
+        .unwrap();
+        let before = snapshot(&opt);
+        opt.params_mut().set_grad("b", &[0.1, bad, 0.3]).unwrap();
+        assert!(matches!(opt.step(), Err(Error::NonFiniteGradient { .. })));
+        assert_eq!(snapshot(&opt), before);
+
+        // Propagate with PyTorch clipping: NaN norm → every parameter NaN; ∞ norm → finite
+        // gradients become 0 (so Adam's first step leaves those parameters unchanged).
+        let mut opt = Optimizer::with_options(
+            small().params().clone(),
+            Adam::preset(Flavor::PyTorch),
+            OptimizerOptions {
+                clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
+                non_finite: NonFinitePolicy::Propagate,
+            },
+        )
+        .unwrap();
+        opt.params_mut().set_grad("w", &[0.1; 6]).unwrap();
+        opt.params_mut().set_grad("b", &[0.1, bad, 0.3]).unwrap();
+        let w0 = opt.params().param("w").unwrap().to_vec();
+        let report = opt.step().unwrap();
+        assert!(!report.skipped);
+        let w = opt.params().param("w").unwrap();
+        if bad.is_nan() {
+            assert!(w.iter().all(|x| x.is_nan()));
+        } else {
+            assert_eq!(w, &w0[..]);
+            assert!(opt.params().param("b").unwrap()[1].is_nan());
+        }
+    }
+}
+
+#[test]
+fn groups_scale_lr_and_override_decay() {
+    let tensors = awkward_tensors(9);
+    let rule = Rule::Sgd(Sgd { lr: 0.1, weight_decay: WeightDecay::L2(0.5), ..Sgd::preset(Flavor::PyTorch) });
+    let mut opt = Optimizer::new(build(&tensors), rule).unwrap();
+    for t in &tensors {
+        opt.params_mut().set_grad(&t.name, &vec![1.0; t.values.len()]).unwrap();
+    }
+    opt.step().unwrap();
+    for t in &tensors {
+        let got = opt.params().param(&t.name).unwrap();
+        for (&g, &p0) in got.iter().zip(&t.values) {
+            let want = if t.group == "nodecay" {
+                p0 - 0.1 * NODECAY_LR_SCALE as f32
+            } else {
+                p0 - 0.1 * (1.0 + 0.5 * p0)
+            };
+            assert!((g - want).abs() < 1e-6, "{}: {g} vs {want}", t.name);
+        }
+    }
+}
