@@ -175,3 +175,22 @@ fn groups_scale_lr_and_override_decay() {
         }
     }
 }
+
+#[test]
+fn an_attached_schedule_drives_lr_and_skips_do_not_tick_it() {
+    use fusedopt::schedule::{keras::Schedule, Counted};
+    let mut opt = small();
+    let decay = Schedule::ExponentialDecay {
+        initial_learning_rate: 0.1,
+        decay_steps: 1.0,
+        decay_rate: 0.5,
+        staircase: false,
+    };
+    opt.set_schedule(Some(Box::new(Counted::new(decay))));
+    assert_eq!(opt.step().unwrap().lr, 0.1);
+    assert_eq!(opt.step().unwrap().lr, 0.05);
+    opt.params_mut().set_grad("b", &[f32::NAN; 3]).unwrap();
+    assert!(opt.step().unwrap().skipped);
+    opt.params_mut().set_grad("b", &[0.1; 3]).unwrap();
+    assert_eq!(opt.step().unwrap().lr, 0.025);
+}

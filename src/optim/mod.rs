@@ -13,6 +13,7 @@ use crate::engine::cpu::CpuEngine;
 use crate::error::{Error, Result};
 use crate::params::{zeroed_arena, ParamSet};
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
+use crate::schedule::LrSchedule;
 use crate::Device;
 use rules::{StepCoefficients, StepContext};
 
@@ -61,6 +62,13 @@ pub struct Optimizer {
     state: Vec<Vec<f32>>,
     engine: CpuEngine,
     coeffs: Vec<StepCoefficients>,
+    schedule: Option<Box<dyn LrSchedule>>,
+}
+
+impl Clone for Box<dyn LrSchedule> {
+    fn clone(&self) -> Self {
+        self.boxed_clone()
+    }
 }
 
 impl Rule {
@@ -118,12 +126,16 @@ impl Optimizer {
             step: 0,
             state,
             engine,
+            schedule: None,
         })
     }
 
     /// One fused step over all tensors: norm pass (when needed), then the update with clipping,
     /// weight decay and the rule applied element by element.
     pub fn step(&mut self) -> Result<StepReport> {
+        if let Some(s) = &self.schedule {
+            self.set_lr(s.lr())?;
+        }
         let needs_norm =
             self.options.clip.is_some() || self.options.non_finite != NonFinitePolicy::Propagate;
         let norm = needs_norm.then(|| {
@@ -169,6 +181,9 @@ impl Optimizer {
             .update(values, grads, &mut self.state, &self.coeffs);
         self.step = step;
         report.step = step;
+        if let Some(s) = &mut self.schedule {
+            s.step();
+        }
         Ok(report)
     }
 
@@ -202,6 +217,13 @@ impl Optimizer {
         }
         self.lr = lr;
         Ok(())
+    }
+
+    /// Lets `schedule` set the lr of every step; it ticks once per applied step (skipped steps do
+    /// not advance it, as Keras' and Optax's iteration counts do not). PyTorch-style per-epoch
+    /// schedulers are better ticked by the caller with [`Optimizer::set_lr`].
+    pub fn set_schedule(&mut self, schedule: Option<Box<dyn LrSchedule>>) {
+        self.schedule = schedule;
     }
 
     /// Steps applied so far (skipped steps do not count).

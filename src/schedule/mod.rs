@@ -15,13 +15,15 @@ pub mod plateau;
 pub mod torch;
 
 /// A learning-rate schedule: the value in force now, and one tick of its clock.
-pub trait LrSchedule: Send + std::fmt::Debug {
+pub trait LrSchedule: Send + Sync + std::fmt::Debug {
     fn lr(&self) -> f64;
     fn step(&mut self);
+    /// A copy behind a new box (lets an optimizer holding a schedule be cloned).
+    fn boxed_clone(&self) -> Box<dyn LrSchedule>;
 }
 
 /// A schedule that is a pure function of a 0-based step count (Keras, Optax).
-pub trait LrAtStep: Send + std::fmt::Debug {
+pub trait LrAtStep: Send + Sync + std::fmt::Debug {
     fn lr_at(&self, count: u64) -> f64;
 }
 
@@ -38,12 +40,15 @@ impl<S> Counted<S> {
     }
 }
 
-impl<S: LrAtStep> LrSchedule for Counted<S> {
+impl<S: LrAtStep + Clone + 'static> LrSchedule for Counted<S> {
     fn lr(&self) -> f64 {
         self.schedule.lr_at(self.count)
     }
     fn step(&mut self) {
         self.count += 1;
+    }
+    fn boxed_clone(&self) -> Box<dyn LrSchedule> {
+        Box::new(self.clone())
     }
 }
 

@@ -311,6 +311,10 @@ impl LrSchedule for Scheduler {
     fn step(&mut self) {
         self.lr = self.root.step(self.lr, self.base_lr);
     }
+
+    fn boxed_clone(&self) -> Box<dyn LrSchedule> {
+        Box::new(self.clone())
+    }
 }
 
 fn validate(kind: &Kind) -> Result<()> {
