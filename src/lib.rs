@@ -18,6 +18,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod conformance;
+pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod engine;

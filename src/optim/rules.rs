@@ -97,7 +97,7 @@ impl StepCoefficients {
 
     /// Updates one contiguous run of elements. `state` holds the rule's buffers in slot order
     /// ([`Rule::state_names`]), each the same length as `p`.
-    #[inline]
+    #[inline(always)]
     pub fn update(&self, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) {
         match (self, state) {
             (StepCoefficients::Sgd(c), []) => c.update_plain(p, g),
@@ -168,12 +168,14 @@ impl SgdStep {
         *p = p0 - self.outer * d;
     }
 
+    #[inline(always)]
     fn update_plain(&self, p: &mut [f32], g: &[f32]) {
         for (p, &g) in p.iter_mut().zip(g) {
             self.element_plain(p, g);
         }
     }
 
+    #[inline(always)]
     fn update_momentum(&self, p: &mut [f32], g: &[f32], b: &mut [f32]) {
         for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
             self.element_momentum(p, g, b);
@@ -255,6 +257,7 @@ impl AdamStep {
         *p = p0 - self.step_size * *m / denom;
     }
 
+    #[inline(always)]
     fn update<const AMSGRAD: bool>(
         &self,
         p: &mut [f32],
@@ -325,10 +328,10 @@ impl RmsPropStep {
 
     /// The normalised gradient `g/d`, after updating the averages.
     #[inline(always)]
-    fn normalised(&self, g: f32, v: &mut f32, gavg: &mut f32) -> f32 {
+    fn normalised<const CENTERED: bool>(&self, g: f32, v: &mut f32, gavg: &mut f32) -> f32 {
         *v = self.alpha * *v + self.one_minus_alpha * g * g;
         let mut var = *v * self.avg_scale;
-        if self.centered {
+        if CENTERED {
             *gavg += self.one_minus_alpha * (g - *gavg);
             let mean = *gavg * self.avg_scale;
             var -= mean * mean;
@@ -342,15 +345,22 @@ impl RmsPropStep {
     }
 
     #[inline(always)]
-    pub fn element(&self, p: &mut f32, g: f32, v: &mut f32, gavg: &mut f32) {
+    pub fn element<const CENTERED: bool>(&self, p: &mut f32, g: f32, v: &mut f32, gavg: &mut f32) {
         let (p0, g) = self.decay.apply(*p, g * self.gscale);
-        *p = p0 - self.gin * self.normalised(g, v, gavg);
+        *p = p0 - self.gin * self.normalised::<CENTERED>(g, v, gavg);
     }
 
     #[inline(always)]
-    pub fn element_momentum(&self, p: &mut f32, g: f32, v: &mut f32, gavg: &mut f32, b: &mut f32) {
+    pub fn element_momentum<const CENTERED: bool>(
+        &self,
+        p: &mut f32,
+        g: f32,
+        v: &mut f32,
+        gavg: &mut f32,
+        b: &mut f32,
+    ) {
         let (p0, g) = self.decay.apply(*p, g * self.gscale);
-        let step = self.gin * self.normalised(g, v, gavg);
+        let step = self.gin * self.normalised::<CENTERED>(g, v, gavg);
         *b = self.momentum * *b + step;
         let d = if self.nesterov {
             step + self.momentum * *b
@@ -360,22 +370,25 @@ impl RmsPropStep {
         *p = p0 - self.outer * d;
     }
 
+    #[inline(always)]
     fn update(&self, p: &mut [f32], g: &[f32], v: &mut [f32], rest: &mut [&mut [f32]]) {
-        let mut unused = 0.0;
         let pgv = p.iter_mut().zip(g).zip(v.iter_mut());
-        match rest {
-            [] => pgv.for_each(|((p, &g), v)| self.element(p, g, v, &mut unused)),
-            [b] if !self.centered => pgv
-                .zip(b.iter_mut())
-                .for_each(|(((p, &g), v), b)| self.element_momentum(p, g, v, &mut unused, b)),
-            [a] => pgv
+        // `centered` picks the loop at compile time: a scratch average written every iteration
+        // would keep the plain loop from vectorising.
+        let mut unused = 0.0;
+        match (self.centered, rest) {
+            (false, []) => pgv.for_each(|((p, &g), v)| self.element::<false>(p, g, v, &mut unused)),
+            (true, [a]) => pgv
                 .zip(a.iter_mut())
-                .for_each(|(((p, &g), v), a)| self.element(p, g, v, a)),
-            [a, b] => pgv
+                .for_each(|(((p, &g), v), a)| self.element::<true>(p, g, v, a)),
+            (false, [b]) => pgv.zip(b.iter_mut()).for_each(|(((p, &g), v), b)| {
+                self.element_momentum::<false>(p, g, v, &mut unused, b)
+            }),
+            (true, [a, b]) => pgv
                 .zip(a.iter_mut())
                 .zip(b.iter_mut())
-                .for_each(|((((p, &g), v), a), b)| self.element_momentum(p, g, v, a, b)),
-            _ => unreachable!("RMSProp keeps at most three buffers"),
+                .for_each(|((((p, &g), v), a), b)| self.element_momentum::<true>(p, g, v, a, b)),
+            _ => unreachable!("RMSProp's buffers follow Rule::state_names"),
         }
     }
 }
@@ -421,6 +434,7 @@ impl AdagradStep {
         *p = if skip { p0 } else { p0 - delta };
     }
 
+    #[inline(always)]
     fn update(&self, p: &mut [f32], g: &[f32], s: &mut [f32]) {
         for ((p, &g), s) in p.iter_mut().zip(g).zip(s.iter_mut()) {
             self.element(p, g, s);
