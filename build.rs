@@ -17,7 +17,13 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let kernels = manifest.join("kernels");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH", "FUSEDOPT_CUDA_ARCHS", "PATH"] {
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "FUSEDOPT_CUDA_ARCHS",
+        "PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -43,16 +49,37 @@ fn main() {
         Some(nvcc) => {
             let mut report = String::new();
             for unit in &units {
-                let stem = unit.file_stem().and_then(|s| s.to_str()).unwrap_or("kernels");
+                let stem = unit
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("kernels");
                 let dst = out.join(format!("{stem}.fatbin"));
-                let log = compile(&nvcc, unit, &dst, &archs);
-                report.push_str(&log);
-                for line in summarise(&log) {
-                    println!("cargo:warning=ptxas {stem}: {line}");
-                }
+                report.push_str(&compile(&nvcc, unit, &dst, &archs));
                 fatbins.push((stem.to_string(), dst));
             }
-            let _ = std::fs::write(out.join("ptxas-report.txt"), report);
+            let path = out.join("ptxas-report.txt");
+            let _ = std::fs::write(&path, &report);
+            let kernels = resources(&report);
+            for arch in archs.iter().map(|a| format!("sm_{a}")) {
+                let of_arch: Vec<_> = kernels.iter().filter(|k| k.arch == arch).collect();
+                let regs = of_arch.iter().map(|k| k.registers).max().unwrap_or(0);
+                let spills: u32 = of_arch.iter().map(|k| k.spill_bytes).sum();
+                println!(
+                    "cargo:warning=ptxas {arch}: {} kernels, at most {regs} registers, {spills} \
+                     spill bytes (full report: {})",
+                    of_arch.len(),
+                    path.display()
+                );
+                for k in of_arch
+                    .iter()
+                    .filter(|k| k.spill_bytes > 0 || k.registers > 64)
+                {
+                    println!(
+                        "cargo:warning=ptxas {arch}: {} uses {} registers, {} spill bytes",
+                        k.name, k.registers, k.spill_bytes
+                    );
+                }
+            }
             println!("cargo:rustc-env=FUSEDOPT_NVCC={}", nvcc.display());
         }
         None => println!(
@@ -65,13 +92,21 @@ fn main() {
     generated.push_str("/// Fatbins compiled by nvcc at build time, by translation unit.\n");
     generated.push_str("pub const FATBINS: &[(&str, &[u8])] = &[\n");
     for (stem, path) in &fatbins {
-        let _ = writeln!(generated, "    ({stem:?}, include_bytes!({:?})),", path.display().to_string());
+        let _ = writeln!(
+            generated,
+            "    ({stem:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        );
     }
     generated.push_str("];\n/// Kernel sources (translation units and headers) for NVRTC.\n");
     generated.push_str("pub const SOURCES: &[(&str, &str)] = &[\n");
     for src in &sources {
         let name = src.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-        let _ = writeln!(generated, "    ({name:?}, include_str!({:?})),", src.display().to_string());
+        let _ = writeln!(
+            generated,
+            "    ({name:?}, include_str!({:?})),",
+            src.display().to_string()
+        );
     }
     generated.push_str("];\n");
     let _ = writeln!(
@@ -90,10 +125,16 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
                 .iter()
                 .filter_map(|v| env::var_os(v).map(|h| PathBuf::from(h).join("bin/nvcc"))),
         )
-        .chain(std::iter::once(manifest.join(".cuda-toolchain/nvidia/cu13/bin/nvcc")))
+        .chain(std::iter::once(
+            manifest.join(".cuda-toolchain/nvidia/cu13/bin/nvcc"),
+        ))
         .chain(
             env::var_os("PATH")
-                .map(|p| env::split_paths(&p).map(|d| d.join("nvcc")).collect::<Vec<_>>())
+                .map(|p| {
+                    env::split_paths(&p)
+                        .map(|d| d.join("nvcc"))
+                        .collect::<Vec<_>>()
+                })
                 .unwrap_or_default(),
         );
     candidates.into_iter().find(|p| p.is_file())
@@ -115,7 +156,9 @@ fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String]) -> String {
         cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
     }
     if let Some(newest) = archs.iter().max_by_key(|a| a.parse::<u32>().unwrap_or(0)) {
-        cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+        cmd.arg(format!(
+            "-gencode=arch=compute_{newest},code=compute_{newest}"
+        ));
     }
     let output = cmd
         .output()
@@ -128,30 +171,41 @@ fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String]) -> String {
     log
 }
 
-/// One line per kernel and architecture: `name sm_90: 40 registers, 0 spill bytes`.
-fn summarise(log: &str) -> Vec<String> {
-    let mut lines = Vec::new();
-    let (mut kernel, mut arch) = (String::new(), String::new());
+/// What ptxas reported for one kernel on one architecture.
+struct Resources {
+    name: String,
+    arch: String,
+    registers: u32,
+    spill_bytes: u32,
+}
+
+/// Parses `ptxas -v` output: a "Compiling entry function 'k' for 'sm_90'" line, then the spill and
+/// register lines that belong to it.
+fn resources(log: &str) -> Vec<Resources> {
+    let mut kernels: Vec<Resources> = Vec::new();
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            kernel = rest.split('\'').next().unwrap_or_default().to_string();
-            arch = rest.split("for '").nth(1).unwrap_or_default().trim_end_matches('\'').to_string();
-        } else if line.contains("spill stores") {
-            let spills: u32 = line
-                .split_whitespace()
-                .zip(line.split_whitespace().skip(1))
-                .filter(|(_, w)| w.starts_with("bytes"))
-                .filter_map(|(n, _)| n.parse::<u32>().ok())
-                .sum();
-            lines.push(format!("{kernel} {arch}: {spills} spill bytes"));
-        } else if let Some(r) = line.split("Used ").nth(1) {
-            let regs = r.split_whitespace().next().unwrap_or("?");
-            if let Some(last) = lines.last_mut() {
-                if last.starts_with(&format!("{kernel} {arch}:")) {
-                    *last = format!("{kernel} {arch}: {regs} registers, {}", &last[last.find(": ").map_or(0, |i| i + 2)..]);
-                }
+            let mut parts = rest.split('\'');
+            let name = parts.next().unwrap_or_default().to_string();
+            let arch = parts.nth(1).unwrap_or_default().to_string();
+            kernels.push(Resources {
+                name,
+                arch,
+                registers: 0,
+                spill_bytes: 0,
+            });
+        } else if let Some(k) = kernels.last_mut() {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if line.contains("spill stores") {
+                k.spill_bytes = words
+                    .windows(2)
+                    .filter(|w| w[1].starts_with("bytes"))
+                    .filter_map(|w| w[0].parse::<u32>().ok())
+                    .sum();
+            } else if let Some(i) = words.iter().position(|w| *w == "Used") {
+                k.registers = words.get(i + 1).and_then(|r| r.parse().ok()).unwrap_or(0);
             }
         }
     }
-    lines
+    kernels
 }

@@ -54,7 +54,11 @@ fn bench(c: &mut Criterion) {
     let rules: [(&str, Rule, u64); 3] = [
         (
             "sgd_momentum",
-            Sgd { momentum: 0.9, ..Sgd::preset(Flavor::PyTorch) }.into(),
+            Sgd {
+                momentum: 0.9,
+                ..Sgd::preset(Flavor::PyTorch)
+            }
+            .into(),
             20,
         ),
         ("adam", Adam::preset(Flavor::PyTorch).into(), 28),

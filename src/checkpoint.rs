@@ -65,7 +65,11 @@ impl Optimizer {
             tensors.push((format!("param/{}", t.name), values, t.shape.clone()));
             for (slot, buffer) in self.state_names().iter().enumerate() {
                 let values = &self.state_arenas()[slot][t.range()];
-                tensors.push((format!("state/{buffer}/{}", t.name), values, t.shape.clone()));
+                tensors.push((
+                    format!("state/{buffer}/{}", t.name),
+                    values,
+                    t.shape.clone(),
+                ));
             }
         }
         let header = Header {
@@ -127,7 +131,10 @@ impl Optimizer {
         let saved_groups: Vec<&str> = header.groups.iter().map(|(n, _)| n.as_str()).collect();
         let groups: Vec<&str> = layout.groups().iter().map(|g| g.name.as_str()).collect();
         if saved_groups != groups {
-            return Err(bad(path, format!("groups {saved_groups:?}, expected {groups:?}")));
+            return Err(bad(
+                path,
+                format!("groups {saved_groups:?}, expected {groups:?}"),
+            ));
         }
         let names = header.rule.state_names();
         if names != self.state_names() {
@@ -138,7 +145,10 @@ impl Optimizer {
         }
         let expected = layout.tensors().len() * (1 + names.len());
         if file.names().len() != expected {
-            return Err(bad(path, format!("{} tensors, expected {expected}", file.names().len())));
+            return Err(bad(
+                path,
+                format!("{} tensors, expected {expected}", file.names().len()),
+            ));
         }
 
         // Read everything into fresh buffers first; swap in only when all of it is valid.
@@ -178,7 +188,14 @@ impl Optimizer {
         if meta.get("crc32") != Some(&crc) {
             return Err(bad(path, "checksum mismatch: the tensor data is corrupt"));
         }
-        self.restore(header.rule, header.options, header.lr, header.step, values, state);
+        self.restore(
+            header.rule,
+            header.options,
+            header.lr,
+            header.step,
+            values,
+            state,
+        );
         Ok(())
     }
 }

@@ -54,8 +54,10 @@ impl GlobalNormClip {
                 }
             }
             ClipFormula::Keras => {
-                // 1/0 = ∞ gives a factor of 1 at n = 0, as in TensorFlow.
-                max * (1.0 / n).min(1.0 / max) + (n - n)
+                // 1/0 = ∞ gives a factor of 1 at n = 0; TensorFlow adds (n − n), which turns the
+                // factor into NaN when n is not finite.
+                let nan_unless_finite = if n.is_finite() { 0.0 } else { f64::NAN };
+                max * (1.0 / n).min(1.0 / max) + nan_unless_finite
             }
             ClipFormula::Optax => {
                 if n < max {

@@ -89,7 +89,10 @@ impl Args {
         match self.take(key) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(b),
-            Some(v) => Err(bad(format!("{}: '{key}' must be a boolean, got {v}", self.what))),
+            Some(v) => Err(bad(format!(
+                "{}: '{key}' must be a boolean, got {v}",
+                self.what
+            ))),
         }
     }
 
@@ -97,7 +100,10 @@ impl Args {
         match self.take(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(v) => Err(bad(format!("{}: '{key}' must be a string, got {v}", self.what))),
+            Some(v) => Err(bad(format!(
+                "{}: '{key}' must be a string, got {v}",
+                self.what
+            ))),
         }
     }
 
@@ -209,7 +215,9 @@ pub fn rule_from_framework(
     let mut rule = a.finish(rule)?;
     if let Some(wd) = add_decayed_weights {
         if flavor != Flavor::Optax || rule.weight_decay().coefficient() != 0.0 {
-            return Err(bad("add_decayed_weights is Optax's, and only without other decay"));
+            return Err(bad(
+                "add_decayed_weights is Optax's, and only without other decay",
+            ));
         }
         set_weight_decay(&mut rule, WeightDecay::L2(wd));
     }
@@ -396,7 +404,10 @@ pub enum FrameworkSchedule {
 }
 
 /// Builds a schedule from a FORMAT.md `schedule` object.
-pub fn schedule_from_framework(flavor: Flavor, spec: &Map<String, Value>) -> Result<FrameworkSchedule> {
+pub fn schedule_from_framework(
+    flavor: Flavor,
+    spec: &Map<String, Value>,
+) -> Result<FrameworkSchedule> {
     let kind = spec
         .get("kind")
         .and_then(Value::as_str)
@@ -440,12 +451,12 @@ pub fn schedule_from_framework(flavor: Flavor, spec: &Map<String, Value>) -> Res
             let k = torch_kind(&kind, &mut a)?;
             FrameworkSchedule::Stepped(Box::new(torch::Scheduler::new(k, base)?))
         }
-        Flavor::Keras => FrameworkSchedule::Stepped(Box::new(Counted::new(keras_schedule(
-            &kind, &mut a,
-        )?))),
-        Flavor::Optax => FrameworkSchedule::Stepped(Box::new(Counted::new(optax_schedule(
-            &kind, &mut a,
-        )?))),
+        Flavor::Keras => {
+            FrameworkSchedule::Stepped(Box::new(Counted::new(keras_schedule(&kind, &mut a)?)))
+        }
+        Flavor::Optax => {
+            FrameworkSchedule::Stepped(Box::new(Counted::new(optax_schedule(&kind, &mut a)?)))
+        }
         Flavor::Tf1 => return Err(bad("TF1 schedules are not part of the format")),
     };
     a.finish(s)
@@ -519,7 +530,9 @@ fn torch_kind(kind: &str, a: &mut Args) -> Result<torch::Kind> {
                 .ok_or_else(|| bad("SequentialLR needs 'schedulers'"))?
                 .iter()
                 .map(|c| {
-                    let map = c.as_object().ok_or_else(|| bad("scheduler must be an object"))?;
+                    let map = c
+                        .as_object()
+                        .ok_or_else(|| bad("scheduler must be an object"))?;
                     let k = map.get("kind").and_then(Value::as_str).unwrap_or_default();
                     let mut ca = Args::new(map, k);
                     ca.take("kind");
@@ -670,7 +683,11 @@ impl Replay {
             .map(|step| {
                 Value::from(
                     step.iter()
-                        .map(|t| Value::from(t.iter().map(|&x| json_number(x as f64)).collect::<Vec<_>>()))
+                        .map(|t| {
+                            Value::from(
+                                t.iter().map(|&x| json_number(x as f64)).collect::<Vec<_>>(),
+                            )
+                        })
                         .collect::<Vec<_>>(),
                 )
             })
@@ -685,14 +702,20 @@ impl Replay {
 }
 
 fn field<'a>(case: &'a Map<String, Value>, key: &str) -> Result<&'a Value> {
-    case.get(key).ok_or_else(|| bad(format!("case has no '{key}'")))
+    case.get(key)
+        .ok_or_else(|| bad(format!("case has no '{key}'")))
 }
 
 /// Runs a case (optimizer trajectory or schedule) through the public API. Expected values are never
 /// read.
 pub fn replay(case: &Value, device: Device) -> Result<Replay> {
-    let case = case.as_object().ok_or_else(|| bad("a case is a JSON object"))?;
-    let name = field(case, "name")?.as_str().unwrap_or_default().to_string();
+    let case = case
+        .as_object()
+        .ok_or_else(|| bad("a case is a JSON object"))?;
+    let name = field(case, "name")?
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let flavor: Flavor = field(case, "flavor")?
         .as_str()
         .ok_or_else(|| bad("flavor must be a string"))?
@@ -703,29 +726,52 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
     let opt_spec = field(case, "optimizer")?
         .as_object()
         .ok_or_else(|| bad("optimizer must be an object"))?;
-    let kind = opt_spec.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let kind = opt_spec
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let mut args = opt_spec.clone();
     args.remove("kind");
-    let decayed = case.get("add_decayed_weights").filter(|v| !v.is_null()).map(number).transpose()?;
+    let decayed = case
+        .get("add_decayed_weights")
+        .filter(|v| !v.is_null())
+        .map(number)
+        .transpose()?;
     let rule = rule_from_framework(flavor, kind, &args, decayed)?;
-    let clip = case.get("clip_global_norm").filter(|v| !v.is_null()).map(number).transpose()?;
-    let lrs = case.get("lrs").filter(|v| !v.is_null()).map(numbers).transpose()?;
+    let clip = case
+        .get("clip_global_norm")
+        .filter(|v| !v.is_null())
+        .map(number)
+        .transpose()?;
+    let lrs = case
+        .get("lrs")
+        .filter(|v| !v.is_null())
+        .map(numbers)
+        .transpose()?;
 
     let mut builder = ParamSet::builder();
-    let params0 = field(case, "params0")?.as_array().ok_or_else(|| bad("params0"))?;
+    let params0 = field(case, "params0")?
+        .as_array()
+        .ok_or_else(|| bad("params0"))?;
     for (i, t) in params0.iter().enumerate() {
         let shape: Vec<usize> = numbers(t.get("shape").unwrap_or(&Value::Null))?
             .into_iter()
             .map(|d| d as usize)
             .collect();
-        builder.add(&format!("t{i}"), &shape, &floats(t.get("values").unwrap_or(&Value::Null))?)?;
+        builder.add(
+            &format!("t{i}"),
+            &shape,
+            &floats(t.get("values").unwrap_or(&Value::Null))?,
+        )?;
     }
     let options = OptimizerOptions {
         clip: clip.map(|c| GlobalNormClip::new(c, flavor)),
         non_finite: NonFinitePolicy::Propagate,
     };
     let mut opt = Optimizer::with_options(builder.build(device)?, rule, options)?;
-    let grads = field(case, "grads")?.as_array().ok_or_else(|| bad("grads"))?;
+    let grads = field(case, "grads")?
+        .as_array()
+        .ok_or_else(|| bad("grads"))?;
     let mut out = Replay {
         name,
         global_norm: clip.map(|_| Vec::new()),
@@ -735,7 +781,9 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
         if let Some(lrs) = &lrs {
             opt.set_lr(*lrs.get(t).ok_or_else(|| bad("fewer lrs than steps"))?)?;
         }
-        let step = step.as_array().ok_or_else(|| bad("grads[t] must be an array"))?;
+        let step = step
+            .as_array()
+            .ok_or_else(|| bad("grads[t] must be an array"))?;
         crate::error::check_len("tensors in grads[t]", params0.len(), step.len())?;
         for (i, g) in step.iter().enumerate() {
             opt.params_mut().set_grad(&format!("t{i}"), &floats(g)?)?;
@@ -760,7 +808,9 @@ fn replay_schedule(
     spec: &Value,
     case: &Map<String, Value>,
 ) -> Result<Replay> {
-    let spec = spec.as_object().ok_or_else(|| bad("schedule must be an object"))?;
+    let spec = spec
+        .as_object()
+        .ok_or_else(|| bad("schedule must be an object"))?;
     let steps = number(field(case, "steps")?)? as usize;
     let lrs = match schedule_from_framework(flavor, spec)? {
         FrameworkSchedule::Stepped(mut s) => (0..steps)
@@ -816,7 +866,9 @@ pub fn compare(case: &Value, replay: &Replay) -> Result<f64> {
             return Ok(f64::INFINITY);
         }
         for (exp_step, got_step) in steps.iter().zip(&replay.params) {
-            let tensors = exp_step.as_array().ok_or_else(|| bad("expected_params[t]"))?;
+            let tensors = exp_step
+                .as_array()
+                .ok_or_else(|| bad("expected_params[t]"))?;
             for (exp, got) in tensors.iter().zip(got_step) {
                 let exp = numbers(exp)?;
                 if exp.len() != got.len() {

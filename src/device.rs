@@ -36,7 +36,9 @@ pub enum Unavailable {
     NoSuchDevice { ordinal: usize, count: usize },
     #[error("FUSEDOPT_DEVICE=cpu asks for the CPU engine")]
     DisabledByEnvironment,
-    #[error("this build of fusedopt has no CUDA engine yet; the CPU engine computes the same step")]
+    #[error(
+        "this build of fusedopt has no CUDA engine yet; the CPU engine computes the same step"
+    )]
     NoCudaEngine,
 }
 

@@ -33,7 +33,7 @@ pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
-    AdamEps, Adagrad, Adam, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit,
+    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit,
     NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport, WeightDecay,
 };
 pub use params::{GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};

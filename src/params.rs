@@ -257,9 +257,10 @@ impl ParamSetBuilder {
 /// A zero-filled host arena, or a typed error when the memory is not there (never an abort).
 pub(crate) fn zeroed_arena(len: usize) -> Result<Vec<f32>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| Error::OutOfHostMemory {
-        bytes: len.saturating_mul(4),
-    })?;
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::OutOfHostMemory {
+            bytes: len.saturating_mul(4),
+        })?;
     v.resize(len, 0.0);
     Ok(v)
 }

@@ -49,7 +49,11 @@ fn round_trip_resumes_bit_identically() {
     run(&mut a, &tensors, &mut rng, 3);
     a.set_lr(3e-4).unwrap();
     a.save_checkpoint(&path).unwrap();
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "temp file left behind"
+    );
 
     let mut b = Optimizer::new(build(&tensors), Adam::amsgrad(Flavor::PyTorch)).unwrap();
     b.load_checkpoint(&path).unwrap();
@@ -89,7 +93,11 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
         std::fs::write(&path, &bytes).unwrap();
         let err = target.load_checkpoint(&path).unwrap_err();
         assert!(matches!(err, Error::BadCheckpoint { .. }), "{what}: {err}");
-        assert_eq!(observable(&target, &tensors), before, "{what} changed the optimizer");
+        assert_eq!(
+            observable(&target, &tensors),
+            before,
+            "{what} changed the optimizer"
+        );
     }
     assert!(matches!(
         target.load_checkpoint(dir.path().join("missing")),
@@ -100,10 +108,16 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     std::fs::write(&path, &good).unwrap();
     let other_shapes = many_tensors(6, 50);
     let mut wrong = Optimizer::with_options(build(&other_shapes), rule(), options()).unwrap();
-    assert!(matches!(wrong.load_checkpoint(&path), Err(Error::BadCheckpoint { .. })));
+    assert!(matches!(
+        wrong.load_checkpoint(&path),
+        Err(Error::BadCheckpoint { .. })
+    ));
     let mut wrong_rule = Optimizer::new(build(&tensors), Sgd::preset(Flavor::PyTorch)).unwrap();
     let before_sgd = observable(&wrong_rule, &tensors);
-    assert!(matches!(wrong_rule.load_checkpoint(&path), Err(Error::BadCheckpoint { .. })));
+    assert!(matches!(
+        wrong_rule.load_checkpoint(&path),
+        Err(Error::BadCheckpoint { .. })
+    ));
     assert_eq!(observable(&wrong_rule, &tensors), before_sgd);
     assert_eq!(observable(&target, &tensors), before);
 }

@@ -31,7 +31,15 @@ fn every_committed_case_agrees_on_cpu() {
     }
     println!("cases replayed: {per_flavor:?}");
     for flavor in ["pytorch", "keras", "optax", "tf1"] {
-        assert!(per_flavor[&format!("{flavor} optimizers")] >= 30, "{flavor}: too few cases");
+        assert!(
+            per_flavor[&format!("{flavor} optimizers")] >= 30,
+            "{flavor}: too few cases"
+        );
     }
-    assert!(failures.is_empty(), "{} cases disagree:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} cases disagree:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -7,7 +7,8 @@ use fusedopt::*;
 
 fn small() -> Optimizer {
     let mut b = ParamSet::builder();
-    b.add("w", &[2, 3], &[0.1, -0.2, 0.3, 0.4, -0.5, 0.6]).unwrap();
+    b.add("w", &[2, 3], &[0.1, -0.2, 0.3, 0.4, -0.5, 0.6])
+        .unwrap();
     b.add("b", &[3], &[0.0, 1.0, 2.0]).unwrap();
     let mut opt = Optimizer::with_options(
         b.build(Device::Cpu).unwrap(),
@@ -41,17 +42,33 @@ fn builder_refuses_bad_tensors() {
     let mut b = ParamSet::builder();
     assert!(matches!(
         b.add("w", &[2, 3], &[0.0; 5]),
-        Err(Error::LengthMismatch { expected: 6, got: 5, .. })
+        Err(Error::LengthMismatch {
+            expected: 6,
+            got: 5,
+            ..
+        })
     ));
     b.add("w", &[2], &[0.0; 2]).unwrap();
-    assert!(matches!(b.add("w", &[1], &[0.0]), Err(Error::DuplicateName(_))));
-    assert!(matches!(b.add_to("nope", "x", &[1], &[0.0]), Err(Error::UnknownGroup(_))));
+    assert!(matches!(
+        b.add("w", &[1], &[0.0]),
+        Err(Error::DuplicateName(_))
+    ));
+    assert!(matches!(
+        b.add_to("nope", "x", &[1], &[0.0]),
+        Err(Error::UnknownGroup(_))
+    ));
     assert!(matches!(
         b.add("huge", &[usize::MAX, 2], &[]),
         Err(Error::TooLarge { .. })
     ));
     assert!(matches!(
-        b.group("g", GroupOptions { lr_scale: f64::NAN, weight_decay: None }),
+        b.group(
+            "g",
+            GroupOptions {
+                lr_scale: f64::NAN,
+                weight_decay: None
+            }
+        ),
         Err(Error::InvalidHyperparameter(_))
     ));
     assert!(matches!(
@@ -65,7 +82,8 @@ fn empty_and_scalar_tensors_are_fine() {
     let mut b = ParamSet::builder();
     b.add("empty", &[0, 4], &[]).unwrap();
     b.add("scalar", &[], &[2.0]).unwrap();
-    let mut opt = Optimizer::new(b.build(Device::Cpu).unwrap(), Sgd::preset(Flavor::PyTorch)).unwrap();
+    let mut opt =
+        Optimizer::new(b.build(Device::Cpu).unwrap(), Sgd::preset(Flavor::PyTorch)).unwrap();
     opt.params_mut().set_grad("scalar", &[1.0]).unwrap();
     opt.set_lr(0.5).unwrap();
     opt.step().unwrap();
@@ -77,24 +95,66 @@ fn empty_and_scalar_tensors_are_fine() {
 fn bad_access_and_hyperparameters_change_nothing() {
     let mut opt = small();
     let before = snapshot(&opt);
-    assert!(matches!(opt.params_mut().set_grad("w", &[1.0; 5]), Err(Error::LengthMismatch { .. })));
-    assert!(matches!(opt.params_mut().set_grad("nope", &[1.0]), Err(Error::UnknownTensor(_))));
-    assert!(matches!(opt.state("nope", "w"), Err(Error::UnknownTensor(_))));
-    assert!(matches!(opt.set_lr(f64::NAN), Err(Error::InvalidHyperparameter(_))));
-    assert!(matches!(opt.set_lr(-1.0), Err(Error::InvalidHyperparameter(_))));
+    assert!(matches!(
+        opt.params_mut().set_grad("w", &[1.0; 5]),
+        Err(Error::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        opt.params_mut().set_grad("nope", &[1.0]),
+        Err(Error::UnknownTensor(_))
+    ));
+    assert!(matches!(
+        opt.state("nope", "w"),
+        Err(Error::UnknownTensor(_))
+    ));
+    assert!(matches!(
+        opt.set_lr(f64::NAN),
+        Err(Error::InvalidHyperparameter(_))
+    ));
+    assert!(matches!(
+        opt.set_lr(-1.0),
+        Err(Error::InvalidHyperparameter(_))
+    ));
     assert_eq!(snapshot(&opt), before);
     let params = opt.params().clone();
     let bad_rules: Vec<Rule> = vec![
-        Adam { beta1: 1.0, ..Adam::preset(Flavor::PyTorch) }.into(),
-        Adam { eps: -1.0, ..Adam::preset(Flavor::PyTorch) }.into(),
-        Sgd { nesterov: true, ..Sgd::preset(Flavor::PyTorch) }.into(),
-        Sgd { lr: f64::INFINITY, ..Sgd::preset(Flavor::PyTorch) }.into(),
-        RmsProp { alpha: 1.5, ..RmsProp::preset(Flavor::Keras) }.into(),
-        Adagrad { lr_decay: -0.1, ..Adagrad::preset(Flavor::PyTorch) }.into(),
+        Adam {
+            beta1: 1.0,
+            ..Adam::preset(Flavor::PyTorch)
+        }
+        .into(),
+        Adam {
+            eps: -1.0,
+            ..Adam::preset(Flavor::PyTorch)
+        }
+        .into(),
+        Sgd {
+            nesterov: true,
+            ..Sgd::preset(Flavor::PyTorch)
+        }
+        .into(),
+        Sgd {
+            lr: f64::INFINITY,
+            ..Sgd::preset(Flavor::PyTorch)
+        }
+        .into(),
+        RmsProp {
+            alpha: 1.5,
+            ..RmsProp::preset(Flavor::Keras)
+        }
+        .into(),
+        Adagrad {
+            lr_decay: -0.1,
+            ..Adagrad::preset(Flavor::PyTorch)
+        }
+        .into(),
     ];
     for rule in bad_rules {
         assert!(
-            matches!(Optimizer::new(params.clone(), rule.clone()), Err(Error::InvalidHyperparameter(_))),
+            matches!(
+                Optimizer::new(params.clone(), rule.clone()),
+                Err(Error::InvalidHyperparameter(_))
+            ),
             "{rule:?} accepted"
         );
     }
@@ -120,7 +180,10 @@ fn non_finite_gradients_follow_the_policy() {
         let mut opt = Optimizer::with_options(
             small().params().clone(),
             Adam::preset(Flavor::PyTorch),
-            OptimizerOptions { clip: None, non_finite: NonFinitePolicy::Error },
+            OptimizerOptions {
+                clip: None,
+                non_finite: NonFinitePolicy::Error,
+            },
         )
         .unwrap();
         let before = snapshot(&opt);
@@ -157,10 +220,16 @@ fn non_finite_gradients_follow_the_policy() {
 #[test]
 fn groups_scale_lr_and_override_decay() {
     let tensors = awkward_tensors(9);
-    let rule = Rule::Sgd(Sgd { lr: 0.1, weight_decay: WeightDecay::L2(0.5), ..Sgd::preset(Flavor::PyTorch) });
+    let rule = Rule::Sgd(Sgd {
+        lr: 0.1,
+        weight_decay: WeightDecay::L2(0.5),
+        ..Sgd::preset(Flavor::PyTorch)
+    });
     let mut opt = Optimizer::new(build(&tensors), rule).unwrap();
     for t in &tensors {
-        opt.params_mut().set_grad(&t.name, &vec![1.0; t.values.len()]).unwrap();
+        opt.params_mut()
+            .set_grad(&t.name, &vec![1.0; t.values.len()])
+            .unwrap();
     }
     opt.step().unwrap();
     for t in &tensors {

@@ -19,9 +19,12 @@ fn sgd_variants() -> Vec<Rule> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
-            for (momentum, dampening, nesterov) in
-                [(0.0, 0.0, false), (0.9, 0.0, false), (0.9, 0.3, false), (0.8, 0.0, true)]
-            {
+            for (momentum, dampening, nesterov) in [
+                (0.0, 0.0, false),
+                (0.9, 0.0, false),
+                (0.9, 0.3, false),
+                (0.8, 0.0, true),
+            ] {
                 v.push(Rule::Sgd(Sgd {
                     lr: 0.05,
                     momentum,
@@ -62,7 +65,11 @@ fn rmsprop_variants() -> Vec<Rule> {
     for f in FLAVORS {
         for centered in [false, true] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
-                for wd in [WeightDecay::None, WeightDecay::L2(0.05), WeightDecay::Decoupled(0.1)] {
+                for wd in [
+                    WeightDecay::None,
+                    WeightDecay::L2(0.05),
+                    WeightDecay::Decoupled(0.1),
+                ] {
                     v.push(Rule::RmsProp(RmsProp {
                         lr: 0.002,
                         centered,
@@ -70,7 +77,11 @@ fn rmsprop_variants() -> Vec<Rule> {
                         nesterov,
                         weight_decay: wd,
                         bias_correction: f == Flavor::Optax && centered,
-                        initial_square_avg: if f == Flavor::Optax { 0.3 } else { RmsProp::preset(f).initial_square_avg },
+                        initial_square_avg: if f == Flavor::Optax {
+                            0.3
+                        } else {
+                            RmsProp::preset(f).initial_square_avg
+                        },
                         maximize: wd == WeightDecay::L2(0.05) && !centered,
                         ..RmsProp::preset(f)
                     }));
@@ -90,7 +101,11 @@ fn adagrad_variants() -> Vec<Rule> {
                     lr: 0.02,
                     lr_decay,
                     weight_decay: wd,
-                    eps: if f == Flavor::Tf1 { 1e-10 } else { Adagrad::preset(f).eps },
+                    eps: if f == Flavor::Tf1 {
+                        1e-10
+                    } else {
+                        Adagrad::preset(f).eps
+                    },
                     maximize: lr_decay > 0.0 && wd == WeightDecay::None,
                     ..Adagrad::preset(f)
                 }));
@@ -110,7 +125,10 @@ fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64
     let mut oracle = Oracle::new(rule.clone(), clip, tensors);
     let mut rng = StdRng::seed_from_u64(seed);
     let base = rule.lr();
-    for (step, lr) in [base, base, 0.4 * base, 0.4 * base, 0.2 * base].into_iter().enumerate() {
+    for (step, lr) in [base, base, 0.4 * base, 0.4 * base, 0.2 * base]
+        .into_iter()
+        .enumerate()
+    {
         let grads = random_grads(&mut rng, tensors, 1.0);
         for (t, g) in tensors.iter().zip(&grads) {
             opt.params_mut().set_grad(&t.name, g).unwrap();
@@ -119,7 +137,10 @@ fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64
         let report = opt.step().unwrap();
         let norm = oracle.step(&grads, lr);
         let got = report.global_norm.unwrap();
-        assert!((got - norm).abs() <= 1e-9 * norm.max(1.0), "norm {got} vs {norm}");
+        assert!(
+            (got - norm).abs() <= 1e-9 * norm.max(1.0),
+            "norm {got} vs {norm}"
+        );
         for (i, t) in tensors.iter().enumerate() {
             assert_close(
                 &format!("{rule:?} clip={clip:?} step {step} tensor {}", t.name),
@@ -146,7 +167,12 @@ fn check_all(rules: Vec<Rule>) {
     for (i, rule) in rules.into_iter().enumerate() {
         let formula = [ClipFormula::PyTorch, ClipFormula::Keras, ClipFormula::Optax][i % 3];
         check(rule.clone(), None, &awkward, i as u64);
-        check(rule.clone(), clip_below_norm(&awkward, formula), &awkward, i as u64 + 7);
+        check(
+            rule.clone(),
+            clip_below_norm(&awkward, formula),
+            &awkward,
+            i as u64 + 7,
+        );
         check(rule, clip_below_norm(&many, formula), &many, i as u64 + 11);
     }
 }
@@ -200,7 +226,13 @@ fn oracle_detects_a_wrong_knob() {
         oracle.step(&grads, lr);
     }
     for (i, t) in tensors.iter().enumerate() {
-        for (&g, &w) in opt.params().param(&t.name).unwrap().iter().zip(&oracle.params[i]) {
+        for (&g, &w) in opt
+            .params()
+            .param(&t.name)
+            .unwrap()
+            .iter()
+            .zip(&oracle.params[i])
+        {
             worst = worst.max((g as f64 - w).abs());
         }
     }

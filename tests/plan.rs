@@ -24,7 +24,10 @@ fn every_element_is_covered_once_by_its_group() {
                     }
                 }
             }
-            assert!(owner.iter().all(|&g| g != usize::MAX), "element not covered");
+            assert!(
+                owner.iter().all(|&g| g != usize::MAX),
+                "element not covered"
+            );
             for t in layout.tensors() {
                 assert_eq!(t.offset % ALIGN_ELEMS, 0, "{} unaligned", t.name);
                 assert!(owner[t.range()].iter().all(|&g| g == t.group));

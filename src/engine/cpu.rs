@@ -55,7 +55,12 @@ impl CpuEngine {
                 for (view, buf) in views.iter_mut().zip(s.iter_mut()) {
                     *view = &mut buf[r.clone()];
                 }
-                update_segment(&coeffs[seg.group], &mut p[r.clone()], &g[r], &mut views[..n]);
+                update_segment(
+                    &coeffs[seg.group],
+                    &mut p[r.clone()],
+                    &g[r],
+                    &mut views[..n],
+                );
             }
         };
         let pg = values.par_chunks_mut(c).zip(grads.par_chunks(c));
@@ -99,6 +104,10 @@ fn chunk_sum_of_squares(g: &[f32]) -> f64 {
             *acc += x * x;
         }
     }
-    let tail: f64 = it.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum();
     lanes.iter().sum::<f64>() + tail
 }

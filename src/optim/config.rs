@@ -399,9 +399,10 @@ impl Rule {
             Rule::Sgd(r) => {
                 check_nonneg("momentum", r.momentum)?;
                 check_nonneg("dampening", r.dampening)?;
-                check(!r.nesterov || (r.momentum > 0.0 && r.dampening == 0.0), || {
-                    "nesterov needs momentum > 0 and zero dampening".into()
-                })
+                check(
+                    !r.nesterov || (r.momentum > 0.0 && r.dampening == 0.0),
+                    || "nesterov needs momentum > 0 and zero dampening".into(),
+                )
             }
             Rule::Adam(r) => {
                 check_unit("beta1", r.beta1)?;
@@ -411,7 +412,9 @@ impl Rule {
             }
             Rule::RmsProp(r) => {
                 check_nonneg("alpha", r.alpha)?;
-                check(r.alpha <= 1.0, || format!("alpha must be <= 1, got {}", r.alpha))?;
+                check(r.alpha <= 1.0, || {
+                    format!("alpha must be <= 1, got {}", r.alpha)
+                })?;
                 check_nonneg("eps", r.eps)?;
                 check_nonneg("momentum", r.momentum)?;
                 check_nonneg("initial_square_avg", r.initial_square_avg)?;

@@ -4,8 +4,8 @@ pub mod config;
 pub mod rules;
 
 pub use config::{
-    AdamEps, Adagrad, Adam, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit, RmsProp, Rule,
-    Sgd, WeightDecay,
+    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit, RmsProp,
+    Rule, Sgd, WeightDecay,
 };
 
 use crate::clip::GlobalNormClip;
@@ -138,11 +138,7 @@ impl Optimizer {
         }
         let needs_norm =
             self.options.clip.is_some() || self.options.non_finite != NonFinitePolicy::Propagate;
-        let norm = needs_norm.then(|| {
-            self.engine
-                .sum_of_squares(self.params.grads_arena())
-                .sqrt()
-        });
+        let norm = needs_norm.then(|| self.engine.sum_of_squares(self.params.grads_arena()).sqrt());
         let mut report = StepReport {
             step: self.step,
             lr: self.lr,
@@ -170,7 +166,10 @@ impl Optimizer {
             let wd = self.rule.weight_decay();
             let ctx = StepContext {
                 lr: self.lr * group.options.lr_scale,
-                weight_decay: group.options.weight_decay.map_or(wd, |l| wd.with_coefficient(l)),
+                weight_decay: group
+                    .options
+                    .weight_decay
+                    .map_or(wd, |l| wd.with_coefficient(l)),
                 step,
                 grad_scale: report.clip_factor * sign,
             };

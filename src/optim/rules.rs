@@ -7,7 +7,7 @@
 //! values and compile to selects.
 
 use super::config::{
-    AdamEps, Adagrad, Adam, AmsGrad, EpsPlacement, LrPlacement, MomentumInit, RmsProp, Rule, Sgd,
+    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, LrPlacement, MomentumInit, RmsProp, Rule, Sgd,
     WeightDecay,
 };
 
@@ -60,7 +60,11 @@ impl Decay {
             0.0
         };
         let g = if self.l2 != 0.0 { g + self.l2 * p } else { g };
-        let g = if self.l1 != 0.0 { g + self.l1 * sign } else { g };
+        let g = if self.l1 != 0.0 {
+            g + self.l1 * sign
+        } else {
+            g
+        };
         let p = if self.keep != 1.0 { p * self.keep } else { p };
         (p, g)
     }
@@ -430,7 +434,7 @@ impl AdagradStep {
         };
         let delta = self.clr * g / d;
         // Optax's `where(s > 0, …, 0)` is false for NaN too.
-        let skip = self.zero_where_empty && !(*s > 0.0);
+        let skip = self.zero_where_empty && (s.is_nan() || *s <= 0.0);
         *p = if skip { p0 } else { p0 - delta };
     }
 

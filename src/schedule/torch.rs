@@ -253,7 +253,10 @@ impl OneCycle {
                 (last, initial, min),
             ]
         } else {
-            &[(pct_end - 1.0, initial, self.max_lr), (last, self.max_lr, min)]
+            &[
+                (pct_end - 1.0, initial, self.max_lr),
+                (last, self.max_lr, min),
+            ]
         };
         let mut start_step = 0.0;
         let step = step as f64;

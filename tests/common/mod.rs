@@ -73,7 +73,8 @@ pub fn build(tensors: &[Tensor]) -> ParamSet {
     )
     .unwrap();
     for t in tensors {
-        b.add_to(t.group, &t.name, &[t.values.len()], &t.values).unwrap();
+        b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
+            .unwrap();
     }
     b.build(Device::Cpu).unwrap()
 }
@@ -113,18 +114,10 @@ pub struct Oracle {
 
 impl Oracle {
     pub fn new(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor]) -> Self {
-        let zeros = || -> Vec<Vec<f64>> {
-            tensors
-                .iter()
-                .map(|t| vec![0.0; t.values.len()])
-                .collect()
-        };
-        let fill = |x: f64| -> Vec<Vec<f64>> {
-            tensors
-                .iter()
-                .map(|t| vec![x; t.values.len()])
-                .collect()
-        };
+        let zeros =
+            || -> Vec<Vec<f64>> { tensors.iter().map(|t| vec![0.0; t.values.len()]).collect() };
+        let fill =
+            |x: f64| -> Vec<Vec<f64>> { tensors.iter().map(|t| vec![x; t.values.len()]).collect() };
         let s1 = match &rule {
             Rule::RmsProp(r) => fill(r.initial_square_avg),
             Rule::Adagrad(r) => fill(r.initial_accumulator),
@@ -145,7 +138,9 @@ impl Oracle {
         }
     }
 
-    /// One step with `lr` (before group scaling); returns the pre-clip norm.
+    /// One step with `lr` (before group scaling); returns the pre-clip norm. Indexes five parallel
+    /// arrays per element, which reads more plainly than five zipped iterators.
+    #[allow(clippy::needless_range_loop)]
     pub fn step(&mut self, grads: &[Vec<f32>], lr: f64) -> f64 {
         let norm = grads
             .iter()
@@ -223,7 +218,16 @@ impl Oracle {
 
 /// The textbook update of one element; `a`, `b`, `c` are the rule's state in slot order.
 #[allow(clippy::too_many_arguments)]
-fn update(rule: &Rule, p: f64, g: f64, lr: f64, t: i32, a: &mut f64, b: &mut f64, c: &mut f64) -> f64 {
+fn update(
+    rule: &Rule,
+    p: f64,
+    g: f64,
+    lr: f64,
+    t: i32,
+    a: &mut f64,
+    b: &mut f64,
+    c: &mut f64,
+) -> f64 {
     match rule {
         Rule::Sgd(r) => {
             if r.momentum == 0.0 {
