@@ -125,6 +125,77 @@ impl Args {
     }
 }
 
+/// A knob that frameworks expose as a constructor argument, under their own names.
+#[derive(Clone, Copy)]
+enum Knob {
+    Lr,
+    Momentum,
+    Dampening,
+    Nesterov,
+    Maximize,
+    Beta1,
+    Beta2,
+    Eps,
+    EpsRoot,
+    AmsGrad,
+    Decay,
+    Centered,
+    InitialScale,
+    EpsInSqrt,
+    BiasCorrection,
+    LrDecay,
+    InitialAccumulator,
+    WeightDecay,
+}
+
+/// The argument name of `knob` in `flavor`'s constructors, if it has one.
+fn key(flavor: Flavor, knob: Knob) -> Option<&'static str> {
+    use Flavor::*;
+    use Knob::*;
+    Some(match (knob, flavor) {
+        (Lr, PyTorch) => "lr",
+        (Lr, _) => "learning_rate",
+        (Momentum, _) => "momentum",
+        (Dampening | Maximize | LrDecay, PyTorch) => match knob {
+            Dampening => "dampening",
+            Maximize => "maximize",
+            _ => "lr_decay",
+        },
+        (Nesterov, Tf1) => "use_nesterov",
+        (Nesterov, _) => "nesterov",
+        (Beta1, Keras) => "beta_1",
+        (Beta1, Optax) => "b1",
+        (Beta1, Tf1) => "beta1",
+        (Beta2, Keras) => "beta_2",
+        (Beta2, Optax) => "b2",
+        (Beta2, Tf1) => "beta2",
+        (Eps, PyTorch | Optax) => "eps",
+        (Eps, Keras | Tf1) => "epsilon",
+        (EpsRoot, Optax) => "eps_root",
+        (AmsGrad, PyTorch | Keras) => "amsgrad",
+        (Decay, PyTorch) => "alpha",
+        (Decay, Keras) => "rho",
+        (Decay, Optax | Tf1) => "decay",
+        (Centered, _) => "centered",
+        (InitialScale, Optax) => "initial_scale",
+        (EpsInSqrt, Optax) => "eps_in_sqrt",
+        (BiasCorrection, Optax) => "bias_correction",
+        (InitialAccumulator, _) => "initial_accumulator_value",
+        (WeightDecay, PyTorch | Keras | Optax) => "weight_decay",
+        _ => return None,
+    })
+}
+
+impl Args {
+    fn knob(&mut self, flavor: Flavor, knob: Knob, default: f64) -> Result<f64> {
+        key(flavor, knob).map_or(Ok(default), |k| self.f64(k, default))
+    }
+
+    fn flag(&mut self, flavor: Flavor, knob: Knob, default: bool) -> Result<bool> {
+        key(flavor, knob).map_or(Ok(default), |k| self.bool(k, default))
+    }
+}
+
 /// Builds the rule a framework's optimizer computes from its own constructor arguments.
 /// `kind` is `sgd`, `adam`, `adamw`, `amsgrad` (Optax), `rmsprop` or `adagrad`;
 /// `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
@@ -134,84 +205,112 @@ pub fn rule_from_framework(
     args: &Map<String, Value>,
     add_decayed_weights: Option<f64>,
 ) -> Result<Rule> {
+    let f = flavor;
     let mut a = Args::new(args, &format!("{flavor:?} {kind}"));
-    let rule = match (flavor, kind) {
-        (Flavor::PyTorch, "sgd") => {
-            let d = Sgd::preset(flavor);
+    let mut rule = match kind {
+        "sgd" => {
+            let d = Sgd::preset(f);
             Rule::Sgd(Sgd {
-                lr: a.f64("lr", d.lr)?,
-                momentum: a.f64("momentum", 0.0)?,
-                dampening: a.f64("dampening", 0.0)?,
-                nesterov: a.bool("nesterov", false)?,
-                weight_decay: WeightDecay::L2(a.f64("weight_decay", 0.0)?),
-                maximize: a.bool("maximize", false)?,
+                lr: a.knob(f, Knob::Lr, d.lr)?,
+                momentum: a.knob(f, Knob::Momentum, 0.0)?,
+                dampening: a.knob(f, Knob::Dampening, 0.0)?,
+                nesterov: a.flag(f, Knob::Nesterov, false)?,
+                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
-        (Flavor::PyTorch, "adam" | "adamw") => {
-            let d = if kind == "adam" {
-                Adam::preset(flavor)
-            } else {
-                Adam::adamw(flavor)
+        "adam" | "adamw" | "amsgrad" => {
+            let d = match kind {
+                "adam" => Adam::preset(f),
+                "adamw" => Adam::adamw(f),
+                _ => Adam::amsgrad(f),
             };
-            let (beta1, beta2) = a.pair("betas", (d.beta1, d.beta2))?;
-            let lambda = a.f64("weight_decay", d.weight_decay.coefficient())?;
-            let decoupled = a.bool("decoupled_weight_decay", kind == "adamw")?;
+            let (beta1, beta2) = if f == Flavor::PyTorch {
+                a.pair("betas", (d.beta1, d.beta2))?
+            } else {
+                (
+                    a.knob(f, Knob::Beta1, d.beta1)?,
+                    a.knob(f, Knob::Beta2, d.beta2)?,
+                )
+            };
+            let amsgrad = match a.flag(f, Knob::AmsGrad, d.amsgrad != AmsGrad::Off)? {
+                true if d.amsgrad == AmsGrad::Off => AmsGrad::MaxRaw,
+                true => d.amsgrad,
+                false => AmsGrad::Off,
+            };
             Rule::Adam(Adam {
-                lr: a.f64("lr", d.lr)?,
+                lr: a.knob(f, Knob::Lr, d.lr)?,
                 beta1,
                 beta2,
-                eps: a.f64("eps", d.eps)?,
-                amsgrad: if a.bool("amsgrad", false)? {
-                    AmsGrad::MaxRaw
-                } else {
-                    AmsGrad::Off
-                },
-                maximize: a.bool("maximize", false)?,
-                weight_decay: if decoupled {
-                    WeightDecay::Decoupled(lambda)
-                } else {
-                    WeightDecay::L2(lambda)
-                },
+                eps: a.knob(f, Knob::Eps, d.eps)?,
+                eps_root: a.knob(f, Knob::EpsRoot, 0.0)?,
+                amsgrad,
+                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
-        (Flavor::PyTorch, "rmsprop") => {
-            let d = RmsProp::preset(flavor);
+        "rmsprop" => {
+            let d = RmsProp::preset(f);
             Rule::RmsProp(RmsProp {
-                lr: a.f64("lr", d.lr)?,
-                alpha: a.f64("alpha", d.alpha)?,
-                eps: a.f64("eps", d.eps)?,
-                weight_decay: WeightDecay::L2(a.f64("weight_decay", 0.0)?),
-                momentum: a.f64("momentum", 0.0)?,
-                centered: a.bool("centered", false)?,
-                maximize: a.bool("maximize", false)?,
+                lr: a.knob(f, Knob::Lr, d.lr)?,
+                alpha: a.knob(f, Knob::Decay, d.alpha)?,
+                eps: a.knob(f, Knob::Eps, d.eps)?,
+                eps_placement: match a.flag(
+                    f,
+                    Knob::EpsInSqrt,
+                    d.eps_placement == EpsPlacement::InsideSqrt,
+                )? {
+                    true => EpsPlacement::InsideSqrt,
+                    false => EpsPlacement::OutsideSqrt,
+                },
+                centered: a.flag(f, Knob::Centered, false)?,
+                momentum: a.knob(f, Knob::Momentum, 0.0)?,
+                nesterov: if f == Flavor::Optax {
+                    a.flag(f, Knob::Nesterov, false)?
+                } else {
+                    false
+                },
+                initial_square_avg: a.knob(f, Knob::InitialScale, d.initial_square_avg)?,
+                bias_correction: a.flag(f, Knob::BiasCorrection, false)?,
+                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
-        (Flavor::PyTorch, "adagrad") => {
-            let d = Adagrad::preset(flavor);
+        "adagrad" => {
+            let d = Adagrad::preset(f);
             Rule::Adagrad(Adagrad {
-                lr: a.f64("lr", d.lr)?,
-                lr_decay: a.f64("lr_decay", 0.0)?,
-                weight_decay: WeightDecay::L2(a.f64("weight_decay", 0.0)?),
-                initial_accumulator: a.f64("initial_accumulator_value", 0.0)?,
-                eps: a.f64("eps", d.eps)?,
-                maximize: a.bool("maximize", false)?,
+                lr: a.knob(f, Knob::Lr, d.lr)?,
+                lr_decay: a.knob(f, Knob::LrDecay, 0.0)?,
+                initial_accumulator: a.knob(f, Knob::InitialAccumulator, d.initial_accumulator)?,
+                eps: a.knob(f, Knob::Eps, d.eps)?,
+                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
-        (Flavor::Keras, _) => {
-            let wd = a.opt_f64("weight_decay")?;
-            let mut rule = keras_rule(&mut a, kind)?;
-            let default = if kind == "adamw" { 0.004 } else { 0.0 };
-            set_weight_decay(&mut rule, WeightDecay::Decoupled(wd.unwrap_or(default)));
-            rule
-        }
-        (Flavor::Optax, _) => optax_rule(&mut a, kind)?,
-        (Flavor::Tf1, _) => tf1_rule(&mut a, kind)?,
         _ => return Err(bad(format!("{flavor:?} has no optimizer '{kind}'"))),
     };
+    // Weight decay: PyTorch couples it (L2) unless AdamW or `decoupled_weight_decay`; Keras
+    // decouples it for every optimizer; Optax has it only in `adamw` (decoupled).
+    let has_decay = match f {
+        Flavor::Optax => kind == "adamw",
+        Flavor::Tf1 => false,
+        _ => true,
+    };
+    if has_decay {
+        let lambda = a.knob(f, Knob::WeightDecay, rule.weight_decay().coefficient())?;
+        let decoupled = match f {
+            Flavor::PyTorch => a.bool("decoupled_weight_decay", kind == "adamw")?,
+            _ => true,
+        };
+        set_weight_decay(
+            &mut rule,
+            if decoupled {
+                WeightDecay::Decoupled(lambda)
+            } else {
+                WeightDecay::L2(lambda)
+            },
+        );
+    }
     let mut rule = a.finish(rule)?;
     if let Some(wd) = add_decayed_weights {
         if flavor != Flavor::Optax || rule.weight_decay().coefficient() != 0.0 {
@@ -232,167 +331,6 @@ fn set_weight_decay(rule: &mut Rule, wd: WeightDecay) {
         Rule::RmsProp(r) => r.weight_decay = wd,
         Rule::Adagrad(r) => r.weight_decay = wd,
     }
-}
-
-fn keras_rule(a: &mut Args, kind: &str) -> Result<Rule> {
-    let f = Flavor::Keras;
-    Ok(match kind {
-        "sgd" => {
-            let d = Sgd::preset(f);
-            Rule::Sgd(Sgd {
-                lr: a.f64("learning_rate", d.lr)?,
-                momentum: a.f64("momentum", 0.0)?,
-                nesterov: a.bool("nesterov", false)?,
-                ..d
-            })
-        }
-        "adam" | "adamw" => {
-            let d = Adam::preset(f);
-            Rule::Adam(Adam {
-                lr: a.f64("learning_rate", d.lr)?,
-                beta1: a.f64("beta_1", d.beta1)?,
-                beta2: a.f64("beta_2", d.beta2)?,
-                eps: a.f64("epsilon", d.eps)?,
-                amsgrad: if a.bool("amsgrad", false)? {
-                    AmsGrad::MaxRaw
-                } else {
-                    AmsGrad::Off
-                },
-                ..d
-            })
-        }
-        "rmsprop" => {
-            let d = RmsProp::preset(f);
-            Rule::RmsProp(RmsProp {
-                lr: a.f64("learning_rate", d.lr)?,
-                alpha: a.f64("rho", d.alpha)?,
-                momentum: a.f64("momentum", 0.0)?,
-                eps: a.f64("epsilon", d.eps)?,
-                centered: a.bool("centered", false)?,
-                ..d
-            })
-        }
-        "adagrad" => {
-            let d = Adagrad::preset(f);
-            Rule::Adagrad(Adagrad {
-                lr: a.f64("learning_rate", d.lr)?,
-                initial_accumulator: a.f64("initial_accumulator_value", d.initial_accumulator)?,
-                eps: a.f64("epsilon", d.eps)?,
-                ..d
-            })
-        }
-        _ => return Err(bad(format!("Keras has no optimizer '{kind}'"))),
-    })
-}
-
-fn optax_rule(a: &mut Args, kind: &str) -> Result<Rule> {
-    let f = Flavor::Optax;
-    Ok(match kind {
-        "sgd" => {
-            let d = Sgd::preset(f);
-            Rule::Sgd(Sgd {
-                lr: a.f64("learning_rate", d.lr)?,
-                momentum: a.f64("momentum", 0.0)?,
-                nesterov: a.bool("nesterov", false)?,
-                ..d
-            })
-        }
-        "adam" | "adamw" | "amsgrad" => {
-            let d = match kind {
-                "adam" => Adam::preset(f),
-                "adamw" => Adam::adamw(f),
-                _ => Adam::amsgrad(f),
-            };
-            let weight_decay = if kind == "adamw" {
-                WeightDecay::Decoupled(a.f64("weight_decay", d.weight_decay.coefficient())?)
-            } else {
-                d.weight_decay
-            };
-            Rule::Adam(Adam {
-                lr: a.f64("learning_rate", d.lr)?,
-                beta1: a.f64("b1", d.beta1)?,
-                beta2: a.f64("b2", d.beta2)?,
-                eps: a.f64("eps", d.eps)?,
-                eps_root: a.f64("eps_root", 0.0)?,
-                weight_decay,
-                ..d
-            })
-        }
-        "rmsprop" => {
-            let d = RmsProp::preset(f);
-            Rule::RmsProp(RmsProp {
-                lr: a.f64("learning_rate", d.lr)?,
-                alpha: a.f64("decay", d.alpha)?,
-                eps: a.f64("eps", d.eps)?,
-                initial_square_avg: a.f64("initial_scale", 0.0)?,
-                eps_placement: if a.bool("eps_in_sqrt", true)? {
-                    EpsPlacement::InsideSqrt
-                } else {
-                    EpsPlacement::OutsideSqrt
-                },
-                centered: a.bool("centered", false)?,
-                momentum: a.f64("momentum", 0.0)?,
-                nesterov: a.bool("nesterov", false)?,
-                bias_correction: a.bool("bias_correction", false)?,
-                ..d
-            })
-        }
-        "adagrad" => {
-            let d = Adagrad::preset(f);
-            Rule::Adagrad(Adagrad {
-                lr: a.f64("learning_rate", d.lr)?,
-                initial_accumulator: a.f64("initial_accumulator_value", d.initial_accumulator)?,
-                eps: a.f64("eps", d.eps)?,
-                ..d
-            })
-        }
-        _ => return Err(bad(format!("Optax has no optimizer '{kind}'"))),
-    })
-}
-
-fn tf1_rule(a: &mut Args, kind: &str) -> Result<Rule> {
-    let f = Flavor::Tf1;
-    Ok(match kind {
-        "sgd" => {
-            let d = Sgd::preset(f);
-            Rule::Sgd(Sgd {
-                lr: a.f64("learning_rate", d.lr)?,
-                momentum: a.f64("momentum", 0.0)?,
-                nesterov: a.bool("use_nesterov", false)?,
-                ..d
-            })
-        }
-        "adam" => {
-            let d = Adam::preset(f);
-            Rule::Adam(Adam {
-                lr: a.f64("learning_rate", d.lr)?,
-                beta1: a.f64("beta1", d.beta1)?,
-                beta2: a.f64("beta2", d.beta2)?,
-                eps: a.f64("epsilon", d.eps)?,
-                ..d
-            })
-        }
-        "rmsprop" => {
-            let d = RmsProp::preset(f);
-            Rule::RmsProp(RmsProp {
-                lr: a.f64("learning_rate", d.lr)?,
-                alpha: a.f64("decay", d.alpha)?,
-                momentum: a.f64("momentum", 0.0)?,
-                eps: a.f64("epsilon", d.eps)?,
-                centered: a.bool("centered", false)?,
-                ..d
-            })
-        }
-        "adagrad" => {
-            let d = Adagrad::preset(f);
-            Rule::Adagrad(Adagrad {
-                lr: a.f64("learning_rate", d.lr)?,
-                initial_accumulator: a.f64("initial_accumulator_value", d.initial_accumulator)?,
-                ..d
-            })
-        }
-        _ => return Err(bad(format!("TF1 has no optimizer '{kind}'"))),
-    })
 }
 
 /// A schedule built from a framework's class or function name and its own arguments; `base_lr`

@@ -263,3 +263,55 @@ fn an_attached_schedule_drives_lr_and_skips_do_not_tick_it() {
     opt.params_mut().set_grad("b", &[0.1; 3]).unwrap();
     assert_eq!(opt.step().unwrap().lr, 0.025);
 }
+
+#[test]
+fn framework_arguments_are_mapped_or_refused() {
+    use fusedopt::conformance::rule_from_framework;
+    let args = |v: serde_json::Value| v.as_object().unwrap().clone();
+    // A key the framework does not have is an error, never ignored.
+    for (flavor, kind, a) in [
+        (
+            Flavor::PyTorch,
+            "adam",
+            args(serde_json::json!({"lr": 0.1, "bogus": 1})),
+        ),
+        (
+            Flavor::Tf1,
+            "adam",
+            args(serde_json::json!({"amsgrad": true})),
+        ),
+        (
+            Flavor::Keras,
+            "sgd",
+            args(serde_json::json!({"dampening": 0.1})),
+        ),
+        (
+            Flavor::Optax,
+            "sgd",
+            args(serde_json::json!({"weight_decay": 0.1})),
+        ),
+    ] {
+        assert!(
+            matches!(
+                rule_from_framework(flavor, kind, &a, None),
+                Err(Error::BadCase(_))
+            ),
+            "{flavor:?} {kind} {a:?}"
+        );
+    }
+    // Names map onto knobs: Keras' rho is RMSProp's decay, and its weight decay is decoupled.
+    let rule = rule_from_framework(
+        Flavor::Keras,
+        "rmsprop",
+        &args(serde_json::json!({"rho": 0.8, "weight_decay": 0.1})),
+        None,
+    )
+    .unwrap();
+    let Rule::RmsProp(r) = rule else {
+        panic!("not RMSProp")
+    };
+    assert_eq!(
+        (r.alpha, r.weight_decay),
+        (0.8, WeightDecay::Decoupled(0.1))
+    );
+}
