@@ -20,7 +20,8 @@ fn param_set(tensors: usize) -> ParamSet {
         b.add(&format!("p{t}"), &[per], &values).unwrap();
     }
     let mut set = b.build(Device::Cpu).unwrap();
-    for (i, g) in set.grads_arena_mut().iter_mut().enumerate() {
+    let grads = set.grads_arena_mut().typed_mut::<f32>("gradients").unwrap();
+    for (i, g) in grads.iter_mut().enumerate() {
         *g = ((i % 89) as f32 - 44.0) * 1e-3;
     }
     set

@@ -12,8 +12,11 @@ use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use std::borrow::Cow;
+
+use crate::arena::Arena;
 use crate::error::{Error, Result};
-use crate::optim::{Optimizer, OptimizerOptions, Rule};
+use crate::optim::{Optimizer, Saved};
 use crate::params::GroupOptions;
 
 const FORMAT: &str = "fusedopt-checkpoint-1";
@@ -47,10 +50,7 @@ fn checksum<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Strin
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Header {
-    rule: Rule,
-    options: OptimizerOptions,
-    lr: f64,
-    step: u64,
+    optimizer: Saved,
     groups: Vec<(String, GroupOptions)>,
 }
 
@@ -59,24 +59,24 @@ impl Optimizer {
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let layout = self.params().layout();
-        let mut tensors: Vec<(String, &[f32], Vec<usize>)> = Vec::new();
+        // State is saved as f32 whatever its storage dtype (bf16 widens exactly and narrows back
+        // to the same bits).
+        let mut tensors: Vec<(String, Cow<[f32]>, Vec<usize>)> = Vec::new();
         for t in layout.tensors() {
             let values = &self.params().values_arena()[t.range()];
-            tensors.push((format!("param/{}", t.name), values, t.shape.clone()));
+            tensors.push((
+                format!("param/{}", t.name),
+                Cow::Borrowed(values),
+                t.shape.clone(),
+            ));
             for (slot, buffer) in self.state_names().iter().enumerate() {
-                let values = &self.state_arenas()[slot][t.range()];
-                tensors.push((
-                    format!("state/{buffer}/{}", t.name),
-                    values,
-                    t.shape.clone(),
-                ));
+                let values = self.state_arenas()[slot].to_f32(t.range());
+                let name = format!("state/{buffer}/{}", t.name);
+                tensors.push((name, Cow::Owned(values), t.shape.clone()));
             }
         }
         let header = Header {
-            rule: self.rule().clone(),
-            options: *self.options(),
-            lr: self.lr(),
-            step: self.step_count(),
+            optimizer: self.saved(),
             groups: layout
                 .groups()
                 .iter()
@@ -125,7 +125,8 @@ impl Optimizer {
         }
         let header: Header = serde_json::from_str(meta.get("header").map_or("", String::as_str))
             .map_err(|e| bad(path, format!("header: {e}")))?;
-        header.rule.validate()?;
+        let saved = header.optimizer;
+        saved.rule.validate()?;
 
         let layout = self.params().layout().clone();
         let saved_groups: Vec<&str> = header.groups.iter().map(|(n, _)| n.as_str()).collect();
@@ -136,7 +137,13 @@ impl Optimizer {
                 format!("groups {saved_groups:?}, expected {groups:?}"),
             ));
         }
-        let names = header.rule.state_names();
+        let names = saved.rule.state_names();
+        if saved.options.state_dtype != self.options().state_dtype {
+            return Err(bad(
+                path,
+                "optimizer state dtype differs from this optimizer's",
+            ));
+        }
         if names != self.state_names() {
             return Err(bad(
                 path,
@@ -153,16 +160,15 @@ impl Optimizer {
 
         // Read everything into fresh buffers first; swap in only when all of it is valid.
         let mut values = self.params().values_arena().to_vec();
-        let mut state: Vec<Vec<f32>> = self.state_arenas().to_vec();
+        let mut state: Vec<Arena> = self.state_arenas().to_vec();
+        let mut scratch = Vec::new();
         let mut seen = Vec::with_capacity(expected);
         for t in layout.tensors() {
-            let targets = std::iter::once((format!("param/{}", t.name), &mut values)).chain(
-                names
-                    .iter()
-                    .zip(state.iter_mut())
-                    .map(|(b, s)| (format!("state/{b}/{}", t.name), s)),
-            );
-            for (name, arena) in targets {
+            for slot in 0..=names.len() {
+                let name = match slot {
+                    0 => format!("param/{}", t.name),
+                    _ => format!("state/{}/{}", names[slot - 1], t.name),
+                };
                 let view = file
                     .tensor(&name)
                     .map_err(|_| bad(path, format!("missing tensor '{name}'")))?;
@@ -177,9 +183,15 @@ impl Optimizer {
                         ),
                     ));
                 }
-                let dst = &mut arena[t.range()];
-                for (d, chunk) in dst.iter_mut().zip(view.data().chunks_exact(4)) {
-                    *d = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                scratch.clear();
+                scratch.extend(
+                    view.data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                );
+                match slot {
+                    0 => values[t.range()].copy_from_slice(&scratch),
+                    _ => state[slot - 1].write_f32(t.offset, &scratch),
                 }
                 seen.push((name, view.data()));
             }
@@ -188,14 +200,7 @@ impl Optimizer {
         if meta.get("crc32") != Some(&crc) {
             return Err(bad(path, "checksum mismatch: the tensor data is corrupt"));
         }
-        self.restore(
-            header.rule,
-            header.options,
-            header.lr,
-            header.step,
-            values,
-            state,
-        );
+        self.restore(saved, values, state);
         Ok(())
     }
 }

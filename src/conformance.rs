@@ -705,6 +705,7 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
     let options = OptimizerOptions {
         clip: clip.map(|c| GlobalNormClip::new(c, flavor)),
         non_finite: NonFinitePolicy::Propagate,
+        ..Default::default()
     };
     let mut opt = Optimizer::with_options(builder.build(device)?, rule, options)?;
     let grads = field(case, "grads")?

@@ -2,6 +2,8 @@
 
 use half::{bf16, f16};
 
+use crate::arena::Arena;
+
 /// A storage element type. Arithmetic is always fp32; these are what the arenas hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,14 +34,35 @@ impl std::fmt::Display for DType {
 
 /// A Rust type that can live in an arena, with its conversions to and from fp32 arithmetic.
 /// Conversions round to nearest even, as the CUDA intrinsics do.
-pub trait Element: Copy + Send + Sync + bytemuck::Pod + 'static {
+pub trait Element: Copy + Send + Sync + bytemuck::Pod + std::fmt::Debug + 'static {
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// The arena's elements, when it holds this type.
+    fn view(arena: &Arena) -> Option<&[Self]>;
+    fn view_mut(arena: &mut Arena) -> Option<&mut [Self]>;
+}
+
+macro_rules! arena_views {
+    ($variant:ident) => {
+        fn view(arena: &Arena) -> Option<&[Self]> {
+            match arena {
+                Arena::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+        fn view_mut(arena: &mut Arena) -> Option<&mut [Self]> {
+            match arena {
+                Arena::$variant(v) => Some(v),
+                _ => None,
+            }
+        }
+    };
 }
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
+    arena_views!(F32);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -52,6 +75,7 @@ impl Element for f32 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    arena_views!(BF16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -64,6 +88,7 @@ impl Element for bf16 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    arena_views!(F16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

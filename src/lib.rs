@@ -15,6 +15,7 @@
 //! # Ok::<(), fusedopt::Error>(())
 //! ```
 
+pub mod arena;
 pub mod checkpoint;
 pub mod clip;
 pub mod conformance;
@@ -28,12 +29,13 @@ pub mod params;
 pub mod plan;
 pub mod schedule;
 
+pub use arena::Arena;
 pub use clip::{ClipFormula, GlobalNormClip};
 pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
-    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit,
+    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, Flavor, LossScale, LrPlacement, MomentumInit,
     NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport, WeightDecay,
 };
 pub use params::{GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};

@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::arena::Arena;
 use crate::error::{check_len, Error, Result};
-use crate::{DType, Device};
+use crate::{DType, Device, Element};
 
 /// Alignment of every tensor in the arena, in elements (64 bytes of f32).
 pub const ALIGN_ELEMS: usize = 16;
@@ -124,10 +125,13 @@ struct PendingTensor {
     values: Vec<f32>,
 }
 
-/// Collects tensors and groups, then lays them out. Starts with one group, `"default"`.
+/// Collects tensors and groups, then lays them out. Starts with one group, `"default"`, fp32
+/// gradients and no model copy.
 pub struct ParamSetBuilder {
     groups: Vec<(String, GroupOptions)>,
     tensors: Vec<PendingTensor>,
+    grad_dtype: DType,
+    model_dtype: Option<DType>,
 }
 
 impl Default for ParamSetBuilder {
@@ -135,11 +139,31 @@ impl Default for ParamSetBuilder {
         ParamSetBuilder {
             groups: vec![("default".to_string(), GroupOptions::default())],
             tensors: Vec::new(),
+            grad_dtype: DType::F32,
+            model_dtype: None,
         }
     }
 }
 
 impl ParamSetBuilder {
+    /// The dtype the backward pass writes gradients in (f32, bf16 or f16).
+    pub fn grad_dtype(&mut self, dtype: DType) -> &mut Self {
+        self.grad_dtype = dtype;
+        self
+    }
+
+    /// Keep a low-precision copy of the parameters (the model's weights) beside the fp32 masters,
+    /// rewritten by every step in the same pass (round to nearest even).
+    pub fn model_copy(&mut self, dtype: DType) -> Result<&mut Self> {
+        if dtype == DType::F32 {
+            return Err(Error::InvalidHyperparameter(
+                "the model copy is for bf16 or f16; fp32 weights are the masters themselves".into(),
+            ));
+        }
+        self.model_dtype = Some(dtype);
+        Ok(self)
+    }
+
     /// Adds a parameter group; tensors join it with [`ParamSetBuilder::add_to`].
     pub fn group(&mut self, name: &str, options: GroupOptions) -> Result<&mut Self> {
         if self.groups.iter().any(|(n, _)| n == name) {
@@ -238,18 +262,27 @@ impl ParamSetBuilder {
             groups,
             arena_len: offset,
         });
+        device.check()?;
         let mut values = zeroed_arena(offset)?;
         for t in &self.tensors {
             let info = layout.tensor(&t.name)?;
             values[info.range()].copy_from_slice(&t.values);
         }
-        let grads = zeroed_arena(offset)?;
-        device.check()?;
+        let grads = Arena::filled(self.grad_dtype, offset, 0.0)?;
+        let model = match self.model_dtype {
+            Some(dtype) => {
+                let mut m = Arena::filled(dtype, offset, 0.0)?;
+                m.write_f32(0, &values);
+                Some(m)
+            }
+            None => None,
+        };
         Ok(ParamSet {
             layout,
             device,
             values,
             grads,
+            model,
         })
     }
 }
@@ -265,13 +298,15 @@ pub(crate) fn zeroed_arena(len: usize) -> Result<Vec<f32>> {
     Ok(v)
 }
 
-/// Parameters and their gradients, laid out by one [`Layout`] on one device.
+/// Parameters (fp32 masters), their gradients and the optional low-precision model copy, laid out
+/// by one [`Layout`] on one device.
 #[derive(Clone, Debug)]
 pub struct ParamSet {
     layout: Arc<Layout>,
     device: Device,
     values: Vec<f32>,
-    grads: Vec<f32>,
+    grads: Arena,
+    model: Option<Arena>,
 }
 
 impl ParamSet {
@@ -287,34 +322,53 @@ impl ParamSet {
         self.device
     }
 
-    /// A tensor's values, read in place.
+    pub fn grad_dtype(&self) -> DType {
+        self.grads.dtype()
+    }
+
+    pub fn model_dtype(&self) -> Option<DType> {
+        self.model.as_ref().map(Arena::dtype)
+    }
+
+    /// A tensor's fp32 master values, read in place.
     pub fn param(&self, name: &str) -> Result<&[f32]> {
         let r = self.layout.tensor(name)?.range();
         Ok(&self.values[r])
     }
 
-    /// A tensor's values, for writing in place (e.g. re-initialisation).
+    /// A tensor's master values, for writing in place (e.g. re-initialisation). The model copy is
+    /// refreshed from the masters at the next step.
     pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
         let r = self.layout.tensor(name)?.range();
         Ok(&mut self.values[r])
     }
 
-    pub fn grad(&self, name: &str) -> Result<&[f32]> {
+    /// A tensor's low-precision model copy (`T` must be the copy's dtype).
+    pub fn model_param<T: Element>(&self, name: &str) -> Result<&[T]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&self.grads[r])
+        let model = self.model.as_ref().ok_or_else(|| {
+            Error::InvalidHyperparameter("this parameter set keeps no model copy".into())
+        })?;
+        Ok(&model.typed::<T>(name)?[r])
     }
 
-    /// A tensor's gradient, for the backward pass to write into.
-    pub fn grad_mut(&mut self, name: &str) -> Result<&mut [f32]> {
+    /// A tensor's gradient as stored (`T` must be the gradient dtype).
+    pub fn grad<T: Element>(&self, name: &str) -> Result<&[T]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&mut self.grads[r])
+        Ok(&self.grads.typed::<T>(name)?[r])
     }
 
-    /// Copies `values` into a tensor's gradient.
+    /// A tensor's gradient, for the backward pass to write into (`T` must be the gradient dtype).
+    pub fn grad_mut<T: Element>(&mut self, name: &str) -> Result<&mut [T]> {
+        let r = self.layout.tensor(name)?.range();
+        Ok(&mut self.grads.typed_mut::<T>(name)?[r])
+    }
+
+    /// Copies f32 `values` into a tensor's gradient, rounding to the gradient dtype.
     pub fn set_grad(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        let dst = self.grad_mut(name)?;
-        check_len(&format!("gradient of '{name}'"), dst.len(), values.len())?;
-        dst.copy_from_slice(values);
+        let t = self.layout.tensor(name)?;
+        check_len(&format!("gradient of '{name}'"), t.len, values.len())?;
+        self.grads.write_f32(t.offset, values);
         Ok(())
     }
 
@@ -328,19 +382,26 @@ impl ParamSet {
     }
 
     /// The whole gradient arena: contiguous ranges of it are all-reduce buckets.
-    pub fn grads_arena(&self) -> &[f32] {
+    pub fn grads_arena(&self) -> &Arena {
         &self.grads
     }
 
-    pub fn grads_arena_mut(&mut self) -> &mut [f32] {
+    pub fn grads_arena_mut(&mut self) -> &mut Arena {
         &mut self.grads
     }
 
-    pub(crate) fn split_mut(&mut self) -> (&mut [f32], &[f32]) {
-        (&mut self.values, &self.grads)
+    pub(crate) fn split_mut(&mut self) -> (&mut [f32], &Arena, Option<&mut Arena>) {
+        (&mut self.values, &self.grads, self.model.as_mut())
     }
 
     pub(crate) fn values_arena_mut(&mut self) -> &mut [f32] {
         &mut self.values
+    }
+
+    /// Rewrites the model copy from the masters (after a checkpoint load or `param_mut`).
+    pub(crate) fn refresh_model_copy(&mut self) {
+        if let Some(m) = &mut self.model {
+            m.write_f32(0, &self.values);
+        }
     }
 }

@@ -16,6 +16,7 @@ fn small() -> Optimizer {
         OptimizerOptions {
             clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
             non_finite: NonFinitePolicy::Skip,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -183,6 +184,7 @@ fn non_finite_gradients_follow_the_policy() {
             OptimizerOptions {
                 clip: None,
                 non_finite: NonFinitePolicy::Error,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -199,6 +201,7 @@ fn non_finite_gradients_follow_the_policy() {
             OptimizerOptions {
                 clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
                 non_finite: NonFinitePolicy::Propagate,
+                ..Default::default()
             },
         )
         .unwrap();

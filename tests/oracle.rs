@@ -120,6 +120,7 @@ fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64
     let options = OptimizerOptions {
         clip,
         non_finite: NonFinitePolicy::Skip,
+        ..Default::default()
     };
     let mut opt = Optimizer::with_options(build(tensors), rule.clone(), options).unwrap();
     let mut oracle = Oracle::new(rule.clone(), clip, tensors);

@@ -1,19 +1,51 @@
 //! The CPU engine: the launch plan's chunks spread over the cores of rayon's pool.
 //!
 //! A step allocates nothing: chunk partial sums live in a buffer sized once, and the per-chunk work
-//! is rayon's allocation-free fork-join over zipped `par_chunks`. The norm is the square root of the
-//! per-chunk f64 partials summed in chunk order, so it has the same bits on every run and thread
-//! count.
+//! is rayon's fork-join over zipped `par_chunks`. Every arena is chunked as bytes, so one zip serves
+//! every dtype; each segment then views its bytes as the arena's element type. The norm is the
+//! square root of the per-chunk f64 partials summed in chunk order: the same bits on every run and
+//! thread count.
 
+use half::{bf16, f16};
+use rayon::iter::Either;
 use rayon::prelude::*;
 
+use crate::arena::Arena;
 use crate::optim::rules::StepCoefficients;
 use crate::plan::LaunchPlan;
+use crate::{DType, Element};
 
 #[derive(Clone, Debug)]
 pub struct CpuEngine {
     plan: LaunchPlan,
     partials: Vec<f64>,
+}
+
+/// An arena's bytes, for chunking independently of its dtype.
+fn bytes(arena: &Arena) -> &[u8] {
+    match arena {
+        Arena::F32(v) => bytemuck::cast_slice(v),
+        Arena::BF16(v) => bytemuck::cast_slice(v),
+        Arena::F16(v) => bytemuck::cast_slice(v),
+    }
+}
+
+fn bytes_mut(arena: &mut Arena) -> &mut [u8] {
+    match arena {
+        Arena::F32(v) => bytemuck::cast_slice_mut(v),
+        Arena::BF16(v) => bytemuck::cast_slice_mut(v),
+        Arena::F16(v) => bytemuck::cast_slice_mut(v),
+    }
+}
+
+/// The elements of `T` in `range` of a chunk's bytes. Chunks start at multiples of the chunk size
+/// in an arena of `T`, so the bytes are always aligned for `T`.
+fn view<T: Element>(chunk: &[u8], range: std::ops::Range<usize>) -> &[T] {
+    &bytemuck::cast_slice::<u8, T>(chunk)[range]
+}
+
+fn view_mut<T: Element>(chunk: &mut [u8], range: std::ops::Range<usize>) -> &mut [T] {
+    &mut bytemuck::cast_slice_mut::<u8, T>(chunk)[range]
 }
 
 impl CpuEngine {
@@ -27,7 +59,15 @@ impl CpuEngine {
     }
 
     /// Σ g² over the arena in f64, deterministic.
-    pub fn sum_of_squares(&mut self, grads: &[f32]) -> f64 {
+    pub fn sum_of_squares(&mut self, grads: &Arena) -> f64 {
+        match grads {
+            Arena::F32(g) => self.sum_of_squares_typed(g),
+            Arena::BF16(g) => self.sum_of_squares_typed(g),
+            Arena::F16(g) => self.sum_of_squares_typed(g),
+        }
+    }
+
+    fn sum_of_squares_typed<G: Element>(&mut self, grads: &[G]) -> f64 {
         let c = self.plan.chunk_elems();
         self.partials
             .par_iter_mut()
@@ -36,51 +76,117 @@ impl CpuEngine {
         self.partials.iter().sum()
     }
 
-    /// Applies `coeffs[group]` to every segment of the plan.
+    /// Applies `coeffs[group]` to every segment of the plan, and rewrites the model copy from the
+    /// updated masters while each chunk is still in cache. All state arenas share one dtype.
     pub fn update(
         &self,
         values: &mut [f32],
-        grads: &[f32],
-        state: &mut [Vec<f32>],
+        grads: &Arena,
+        state: &mut [Arena],
+        model: Option<&mut Arena>,
+        coeffs: &[StepCoefficients],
+    ) {
+        let state_dtype = state.first().map_or(DType::F32, Arena::dtype);
+        match (grads.dtype(), state_dtype) {
+            (DType::F32, DType::F32) => {
+                self.update_typed::<f32, f32>(values, grads, state, model, coeffs)
+            }
+            (DType::BF16, DType::F32) => {
+                self.update_typed::<bf16, f32>(values, grads, state, model, coeffs)
+            }
+            (DType::F16, DType::F32) => {
+                self.update_typed::<f16, f32>(values, grads, state, model, coeffs)
+            }
+            (DType::F32, DType::BF16) => {
+                self.update_typed::<f32, bf16>(values, grads, state, model, coeffs)
+            }
+            (DType::BF16, DType::BF16) => {
+                self.update_typed::<bf16, bf16>(values, grads, state, model, coeffs)
+            }
+            (DType::F16, DType::BF16) => {
+                self.update_typed::<f16, bf16>(values, grads, state, model, coeffs)
+            }
+            (DType::F32, DType::F16) => {
+                self.update_typed::<f32, f16>(values, grads, state, model, coeffs)
+            }
+            (DType::BF16, DType::F16) => {
+                self.update_typed::<bf16, f16>(values, grads, state, model, coeffs)
+            }
+            (DType::F16, DType::F16) => {
+                self.update_typed::<f16, f16>(values, grads, state, model, coeffs)
+            }
+        }
+    }
+
+    fn update_typed<G: Element, S: Element>(
+        &self,
+        values: &mut [f32],
+        grads: &Arena,
+        state: &mut [Arena],
+        model: Option<&mut Arena>,
         coeffs: &[StepCoefficients],
     ) {
         let c = self.plan.chunk_elems();
         let plan = &self.plan;
-        let run = |chunk: usize, p: &mut [f32], g: &[f32], s: &mut [&mut [f32]]| {
+        let model_dtype = model.as_ref().map(|m| m.dtype());
+        let run = |chunk: usize,
+                   p: &mut [f32],
+                   g: &[u8],
+                   s: &mut [&mut [u8]],
+                   mut m: Option<&mut [u8]>| {
             let base = chunk * c;
             let n = s.len();
             for seg in plan.segments_of(chunk) {
                 let r = seg.start - base..seg.start - base + seg.len;
-                let mut views: [&mut [f32]; 3] = [&mut [], &mut [], &mut []];
-                for (view, buf) in views.iter_mut().zip(s.iter_mut()) {
-                    *view = &mut buf[r.clone()];
+                let mut views: [&mut [S]; 3] = [&mut [], &mut [], &mut []];
+                for (v, buf) in views.iter_mut().zip(s.iter_mut()) {
+                    *v = view_mut::<S>(buf, r.clone());
                 }
-                update_segment(
+                let p = &mut p[r.clone()];
+                update_segment::<G, S>(
                     &coeffs[seg.group],
-                    &mut p[r.clone()],
-                    &g[r],
+                    p,
+                    view::<G>(g, r.clone()),
                     &mut views[..n],
                 );
+                match (model_dtype, m.as_deref_mut()) {
+                    (Some(DType::BF16), Some(m)) => round_into::<bf16>(p, view_mut(m, r)),
+                    (Some(DType::F16), Some(m)) => round_into::<f16>(p, view_mut(m, r)),
+                    _ => {}
+                }
             }
         };
-        let pg = values.par_chunks_mut(c).zip(grads.par_chunks(c));
+        let model_chunks = match model {
+            Some(m) => {
+                let width = c * m.dtype().size_bytes();
+                Either::Left(bytes_mut(m).par_chunks_mut(width).map(Some))
+            }
+            None => Either::Right((0..plan.num_chunks()).into_par_iter().map(|_| None)),
+        };
+        let pgm = values
+            .par_chunks_mut(c)
+            .zip(bytes(grads).par_chunks(c * G::DTYPE.size_bytes()))
+            .zip(model_chunks);
+        let sw = c * S::DTYPE.size_bytes();
         match state {
-            [] => pg.enumerate().for_each(|(i, (p, g))| run(i, p, g, &mut [])),
-            [a] => pg
-                .zip(a.par_chunks_mut(c))
+            [] => pgm
                 .enumerate()
-                .for_each(|(i, ((p, g), a))| run(i, p, g, &mut [a])),
-            [a, b] => pg
-                .zip(a.par_chunks_mut(c))
-                .zip(b.par_chunks_mut(c))
+                .for_each(|(i, ((p, g), m))| run(i, p, g, &mut [], m)),
+            [a] => pgm
+                .zip(bytes_mut(a).par_chunks_mut(sw))
                 .enumerate()
-                .for_each(|(i, (((p, g), a), b))| run(i, p, g, &mut [a, b])),
-            [a, b, d] => pg
-                .zip(a.par_chunks_mut(c))
-                .zip(b.par_chunks_mut(c))
-                .zip(d.par_chunks_mut(c))
+                .for_each(|(i, (((p, g), m), a))| run(i, p, g, &mut [a], m)),
+            [a, b] => pgm
+                .zip(bytes_mut(a).par_chunks_mut(sw))
+                .zip(bytes_mut(b).par_chunks_mut(sw))
                 .enumerate()
-                .for_each(|(i, ((((p, g), a), b), d))| run(i, p, g, &mut [a, b, d])),
+                .for_each(|(i, ((((p, g), m), a), b))| run(i, p, g, &mut [a, b], m)),
+            [a, b, d] => pgm
+                .zip(bytes_mut(a).par_chunks_mut(sw))
+                .zip(bytes_mut(b).par_chunks_mut(sw))
+                .zip(bytes_mut(d).par_chunks_mut(sw))
+                .enumerate()
+                .for_each(|(i, (((((p, g), m), a), b), d))| run(i, p, g, &mut [a, b, d], m)),
             _ => unreachable!("no rule keeps more than three state buffers"),
         }
     }
@@ -90,24 +196,34 @@ impl CpuEngine {
 /// (wider vectors halve the cost of Adam's and RMSProp's square roots and divisions). Only vector
 /// width changes: no FMA contraction, so results are the same bits on every path.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+avx", "x86_64+avx2+avx"))]
-fn update_segment(c: &StepCoefficients, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) {
+fn update_segment<G: Element, S: Element>(
+    c: &StepCoefficients,
+    p: &mut [f32],
+    g: &[G],
+    state: &mut [&mut [S]],
+) {
     c.update(p, g, state)
 }
 
+/// Writes the masters into the model copy, rounding to nearest even.
+fn round_into<M: Element>(p: &[f32], m: &mut [M]) {
+    m.iter_mut().zip(p).for_each(|(m, &p)| *m = M::from_f32(p));
+}
+
 /// Σ g² of one chunk: eight f64 lanes so the loop vectorises and large chunks lose no precision.
-fn chunk_sum_of_squares(g: &[f32]) -> f64 {
+fn chunk_sum_of_squares<G: Element>(g: &[G]) -> f64 {
     let mut lanes = [0.0f64; 8];
     let mut it = g.chunks_exact(8);
     for block in &mut it {
         for (acc, &x) in lanes.iter_mut().zip(block) {
-            let x = x as f64;
+            let x = x.to_f32() as f64;
             *acc += x * x;
         }
     }
     let tail: f64 = it
         .remainder()
         .iter()
-        .map(|&x| (x as f64) * (x as f64))
+        .map(|&x| (x.to_f32() as f64) * (x.to_f32() as f64))
         .sum();
     lanes.iter().sum::<f64>() + tail
 }

@@ -8,13 +8,14 @@ pub use config::{
     Rule, Sgd, WeightDecay,
 };
 
+use crate::arena::Arena;
 use crate::clip::GlobalNormClip;
 use crate::engine::cpu::CpuEngine;
 use crate::error::{Error, Result};
-use crate::params::{zeroed_arena, ParamSet};
+use crate::params::ParamSet;
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
 use crate::schedule::LrSchedule;
-use crate::Device;
+use crate::{DType, Device};
 use rules::{StepCoefficients, StepContext};
 
 /// What a step does when the gradients hold NaN or ±∞ (detected in the norm pass).
@@ -29,11 +30,63 @@ pub enum NonFinitePolicy {
     Error,
 }
 
-/// Step-wide options beside the rule.
+/// Loss scaling for low-precision training: gradients arrive multiplied by the scale, and the step
+/// divides it out on the fly (fused into the update, no extra pass).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum LossScale {
+    #[default]
+    None,
+    Static(f64),
+    /// PyTorch `GradScaler`'s policy: a step with non-finite gradients is skipped and the scale
+    /// multiplied by `backoff_factor`; after `growth_interval` applied steps in a row it is
+    /// multiplied by `growth_factor`.
+    Dynamic {
+        init_scale: f64,
+        growth_factor: f64,
+        backoff_factor: f64,
+        growth_interval: u64,
+    },
+}
+
+impl LossScale {
+    /// `GradScaler`'s defaults: 2^16, ×2 every 2000 good steps, ×0.5 on overflow.
+    pub fn dynamic() -> Self {
+        LossScale::Dynamic {
+            init_scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+        }
+    }
+
+    fn initial(&self) -> f64 {
+        match *self {
+            LossScale::None => 1.0,
+            LossScale::Static(s) => s,
+            LossScale::Dynamic { init_scale, .. } => init_scale,
+        }
+    }
+}
+
+/// Step-wide options beside the rule.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OptimizerOptions {
     pub clip: Option<GlobalNormClip>,
     pub non_finite: NonFinitePolicy,
+    /// Storage dtype of the optimizer state (moments): f32, or bf16 to halve its memory.
+    pub state_dtype: DType,
+    pub loss_scale: LossScale,
+}
+
+impl Default for OptimizerOptions {
+    fn default() -> Self {
+        OptimizerOptions {
+            clip: None,
+            non_finite: NonFinitePolicy::Skip,
+            state_dtype: DType::F32,
+            loss_scale: LossScale::None,
+        }
+    }
 }
 
 /// What one call of [`Optimizer::step`] did.
@@ -49,6 +102,49 @@ pub struct StepReport {
     /// The factor the gradients were multiplied by (1 without clipping).
     pub clip_factor: f64,
     pub skipped: bool,
+    /// The loss scale the gradients of this step were divided by (1 without loss scaling).
+    pub loss_scale: f64,
+}
+
+/// The scalar part of an optimizer, as checkpoints record it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Saved {
+    pub rule: Rule,
+    pub options: OptimizerOptions,
+    pub lr: f64,
+    pub step: u64,
+    pub loss_scale: f64,
+    pub good_steps: u64,
+}
+
+fn validate_loss_scale(options: &OptimizerOptions) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidHyperparameter(m));
+    match options.loss_scale {
+        LossScale::None => Ok(()),
+        LossScale::Static(s) if s.is_finite() && s > 0.0 => Ok(()),
+        LossScale::Static(s) => bad(format!("loss scale must be finite and > 0, got {s}")),
+        LossScale::Dynamic {
+            init_scale,
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+        } => {
+            if !(init_scale.is_finite() && init_scale > 0.0)
+                || growth_factor < 1.0
+                || !(backoff_factor > 0.0 && backoff_factor < 1.0)
+                || growth_interval == 0
+            {
+                bad("dynamic loss scale needs init > 0, growth >= 1, backoff in (0, 1), interval > 0".into())
+            } else if options.non_finite != NonFinitePolicy::Skip {
+                bad(
+                    "dynamic loss scaling skips overflowing steps: use NonFinitePolicy::Skip"
+                        .into(),
+                )
+            } else {
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Runs one update rule over every tensor of a parameter set as one fused step.
@@ -59,7 +155,10 @@ pub struct Optimizer {
     options: OptimizerOptions,
     lr: f64,
     step: u64,
-    state: Vec<Vec<f32>>,
+    state: Vec<Arena>,
+    /// Current loss scale and the applied steps since it last changed (dynamic scaling).
+    loss_scale: f64,
+    good_steps: u64,
     engine: CpuEngine,
     coeffs: Vec<StepCoefficients>,
     schedule: Option<Box<dyn LrSchedule>>,
@@ -103,6 +202,13 @@ impl Optimizer {
                 )));
             }
         }
+        validate_loss_scale(&options)?;
+        if options.state_dtype == DType::F16 {
+            return Err(Error::InvalidHyperparameter(
+                "optimizer state is f32 or bf16 (f16's range is too narrow for second moments)"
+                    .into(),
+            ));
+        }
         if params.device() != Device::Cpu {
             params.device().check()?;
         }
@@ -110,11 +216,7 @@ impl Optimizer {
         let state = rule
             .state_names()
             .iter()
-            .map(|name| {
-                let mut buf = zeroed_arena(len)?;
-                buf.fill(rule.state_initial_value(name));
-                Ok(buf)
-            })
+            .map(|name| Arena::filled(options.state_dtype, len, rule.state_initial_value(name)))
             .collect::<Result<Vec<_>>>()?;
         let engine = CpuEngine::new(LaunchPlan::new(params.layout(), CPU_CHUNK_ELEMS));
         Ok(Optimizer {
@@ -125,6 +227,8 @@ impl Optimizer {
             options,
             step: 0,
             state,
+            loss_scale: options.loss_scale.initial(),
+            good_steps: 0,
             engine,
             schedule: None,
         })
@@ -136,17 +240,27 @@ impl Optimizer {
         if let Some(s) = &self.schedule {
             self.set_lr(s.lr())?;
         }
-        let needs_norm =
-            self.options.clip.is_some() || self.options.non_finite != NonFinitePolicy::Propagate;
-        let norm = needs_norm.then(|| self.engine.sum_of_squares(self.params.grads_arena()).sqrt());
+        let needs_norm = self.options.clip.is_some()
+            || self.options.non_finite != NonFinitePolicy::Propagate
+            || matches!(self.options.loss_scale, LossScale::Dynamic { .. });
+        let inv_scale = 1.0 / self.loss_scale;
+        let norm = needs_norm
+            .then(|| self.engine.sum_of_squares(self.params.grads_arena()).sqrt() * inv_scale);
         let mut report = StepReport {
             step: self.step,
             lr: self.lr,
             global_norm: norm,
             clip_factor: 1.0,
             skipped: false,
+            loss_scale: self.loss_scale,
         };
         if let Some(n) = norm.filter(|n| !n.is_finite()) {
+            if let LossScale::Dynamic { backoff_factor, .. } = self.options.loss_scale {
+                self.loss_scale *= backoff_factor;
+                self.good_steps = 0;
+                report.skipped = true;
+                return Ok(report);
+            }
             match self.options.non_finite {
                 NonFinitePolicy::Skip => {
                     report.skipped = true;
@@ -171,15 +285,27 @@ impl Optimizer {
                     .weight_decay
                     .map_or(wd, |l| wd.with_coefficient(l)),
                 step,
-                grad_scale: report.clip_factor * sign,
+                grad_scale: report.clip_factor * inv_scale * sign,
             };
             self.coeffs.push(StepCoefficients::new(&self.rule, &ctx));
         }
-        let (values, grads) = self.params.split_mut();
+        let (values, grads, model) = self.params.split_mut();
         self.engine
-            .update(values, grads, &mut self.state, &self.coeffs);
+            .update(values, grads, &mut self.state, model, &self.coeffs);
         self.step = step;
         report.step = step;
+        if let LossScale::Dynamic {
+            growth_factor,
+            growth_interval,
+            ..
+        } = self.options.loss_scale
+        {
+            self.good_steps += 1;
+            if self.good_steps >= growth_interval {
+                self.loss_scale *= growth_factor;
+                self.good_steps = 0;
+            }
+        }
         if let Some(s) = &mut self.schedule {
             s.step();
         }
@@ -235,11 +361,16 @@ impl Optimizer {
         self.rule.state_names()
     }
 
-    /// One tensor's slice of a state buffer.
-    pub fn state(&self, buffer: &str, tensor: &str) -> Result<&[f32]> {
+    /// One tensor's part of a state buffer, widened to f32.
+    pub fn state(&self, buffer: &str, tensor: &str) -> Result<Vec<f32>> {
         let slot = self.state_slot(buffer)?;
         let r = self.params.layout().tensor(tensor)?.range();
-        Ok(&self.state[slot][r])
+        Ok(self.state[slot].to_f32(r))
+    }
+
+    /// The loss scale the next step divides gradients by.
+    pub fn loss_scale(&self) -> f64 {
+        self.loss_scale
     }
 
     pub fn device(&self) -> Device {
@@ -259,24 +390,31 @@ impl Optimizer {
     }
 
     /// Replaces everything a checkpoint holds; the caller has validated it against this layout.
-    pub(crate) fn restore(
-        &mut self,
-        rule: Rule,
-        options: OptimizerOptions,
-        lr: f64,
-        step: u64,
-        values: Vec<f32>,
-        state: Vec<Vec<f32>>,
-    ) {
-        self.rule = rule;
-        self.options = options;
-        self.lr = lr;
-        self.step = step;
+    pub(crate) fn restore(&mut self, saved: Saved, values: Vec<f32>, state: Vec<Arena>) {
+        self.rule = saved.rule;
+        self.options = saved.options;
+        self.lr = saved.lr;
+        self.step = saved.step;
+        self.loss_scale = saved.loss_scale;
+        self.good_steps = saved.good_steps;
         self.params.values_arena_mut().copy_from_slice(&values);
+        self.params.refresh_model_copy();
         self.state = state;
     }
 
-    pub(crate) fn state_arenas(&self) -> &[Vec<f32>] {
+    /// The scalar part of the optimizer that a checkpoint records.
+    pub(crate) fn saved(&self) -> Saved {
+        Saved {
+            rule: self.rule.clone(),
+            options: self.options,
+            lr: self.lr,
+            step: self.step,
+            loss_scale: self.loss_scale,
+            good_steps: self.good_steps,
+        }
+    }
+
+    pub(crate) fn state_arenas(&self) -> &[Arena] {
         &self.state
     }
 }

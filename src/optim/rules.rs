@@ -6,6 +6,8 @@
 //! Loops are plain zipped slices so the compiler vectorises them; mode checks are on loop-invariant
 //! values and compile to selects.
 
+use crate::Element;
+
 use super::config::{
     Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, LrPlacement, MomentumInit, RmsProp, Rule, Sgd,
     WeightDecay,
@@ -70,6 +72,15 @@ impl Decay {
     }
 }
 
+/// Runs `f` on a state element widened to f32, then stores it back rounded to its dtype (the
+/// identity for f32 state, which compiles away).
+#[inline(always)]
+fn stored<S: Element>(x: &mut S, f: impl FnOnce(&mut f32)) {
+    let mut wide = x.to_f32();
+    f(&mut wide);
+    *x = S::from_f32(wide);
+}
+
 /// `max` that propagates NaN from either side, like `torch.maximum` and `jnp.maximum`.
 #[inline(always)]
 fn max_nan(a: f32, b: f32) -> f32 {
@@ -102,12 +113,12 @@ impl StepCoefficients {
     /// Updates one contiguous run of elements. `state` holds the rule's buffers in slot order
     /// ([`Rule::state_names`]), each the same length as `p`.
     #[inline(always)]
-    pub fn update(&self, p: &mut [f32], g: &[f32], state: &mut [&mut [f32]]) {
+    pub fn update<G: Element, S: Element>(&self, p: &mut [f32], g: &[G], state: &mut [&mut [S]]) {
         match (self, state) {
             (StepCoefficients::Sgd(c), []) => c.update_plain(p, g),
             (StepCoefficients::Sgd(c), [b]) => c.update_momentum(p, g, b),
-            (StepCoefficients::Adam(c), [m, v]) => c.update::<false>(p, g, m, v, &mut []),
-            (StepCoefficients::Adam(c), [m, v, vmax]) => c.update::<true>(p, g, m, v, vmax),
+            (StepCoefficients::Adam(c), [m, v]) => c.update::<false, G, S>(p, g, m, v, &mut []),
+            (StepCoefficients::Adam(c), [m, v, vmax]) => c.update::<true, G, S>(p, g, m, v, vmax),
             (StepCoefficients::RmsProp(c), [v, rest @ ..]) => c.update(p, g, v, rest),
             (StepCoefficients::Adagrad(c), [s]) => c.update(p, g, s),
             // The optimizer allocates exactly `state_names().len()` buffers for its rule.
@@ -173,16 +184,16 @@ impl SgdStep {
     }
 
     #[inline(always)]
-    fn update_plain(&self, p: &mut [f32], g: &[f32]) {
+    fn update_plain<G: Element>(&self, p: &mut [f32], g: &[G]) {
         for (p, &g) in p.iter_mut().zip(g) {
-            self.element_plain(p, g);
+            self.element_plain(p, g.to_f32());
         }
     }
 
     #[inline(always)]
-    fn update_momentum(&self, p: &mut [f32], g: &[f32], b: &mut [f32]) {
+    fn update_momentum<G: Element, S: Element>(&self, p: &mut [f32], g: &[G], b: &mut [S]) {
         for ((p, &g), b) in p.iter_mut().zip(g).zip(b.iter_mut()) {
-            self.element_momentum(p, g, b);
+            stored(b, |b| self.element_momentum(p, g.to_f32(), b));
         }
     }
 }
@@ -262,23 +273,31 @@ impl AdamStep {
     }
 
     #[inline(always)]
-    fn update<const AMSGRAD: bool>(
+    fn update<const AMSGRAD: bool, G: Element, S: Element>(
         &self,
         p: &mut [f32],
-        g: &[f32],
-        m: &mut [f32],
-        v: &mut [f32],
-        vmax: &mut [f32],
+        g: &[G],
+        m: &mut [S],
+        v: &mut [S],
+        vmax: &mut [S],
     ) {
+        let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
         if AMSGRAD {
-            let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
             for ((((p, &g), m), v), vmax) in it.zip(vmax.iter_mut()) {
-                self.element::<true>(p, g, m, v, vmax);
+                stored(m, |m| {
+                    stored(v, |v| {
+                        stored(vmax, |x| self.element::<true>(p, g.to_f32(), m, v, x))
+                    })
+                });
             }
         } else {
             let mut unused = 0.0;
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                self.element::<false>(p, g, m, v, &mut unused);
+            for (((p, &g), m), v) in it {
+                stored(m, |m| {
+                    stored(v, |v| {
+                        self.element::<false>(p, g.to_f32(), m, v, &mut unused)
+                    })
+                });
             }
         }
     }
@@ -375,23 +394,44 @@ impl RmsPropStep {
     }
 
     #[inline(always)]
-    fn update(&self, p: &mut [f32], g: &[f32], v: &mut [f32], rest: &mut [&mut [f32]]) {
+    fn update<G: Element, S: Element>(
+        &self,
+        p: &mut [f32],
+        g: &[G],
+        v: &mut [S],
+        rest: &mut [&mut [S]],
+    ) {
         let pgv = p.iter_mut().zip(g).zip(v.iter_mut());
         // `centered` picks the loop at compile time: a scratch average written every iteration
         // would keep the plain loop from vectorising.
         let mut unused = 0.0;
         match (self.centered, rest) {
-            (false, []) => pgv.for_each(|((p, &g), v)| self.element::<false>(p, g, v, &mut unused)),
-            (true, [a]) => pgv
-                .zip(a.iter_mut())
-                .for_each(|(((p, &g), v), a)| self.element::<true>(p, g, v, a)),
-            (false, [b]) => pgv.zip(b.iter_mut()).for_each(|(((p, &g), v), b)| {
-                self.element_momentum::<false>(p, g, v, &mut unused, b)
+            (false, []) => pgv.for_each(|((p, &g), v)| {
+                stored(v, |v| self.element::<false>(p, g.to_f32(), v, &mut unused))
             }),
-            (true, [a, b]) => pgv
-                .zip(a.iter_mut())
-                .zip(b.iter_mut())
-                .for_each(|((((p, &g), v), a), b)| self.element_momentum::<true>(p, g, v, a, b)),
+            (true, [a]) => pgv.zip(a.iter_mut()).for_each(|(((p, &g), v), a)| {
+                stored(v, |v| {
+                    stored(a, |a| self.element::<true>(p, g.to_f32(), v, a))
+                })
+            }),
+            (false, [b]) => pgv.zip(b.iter_mut()).for_each(|(((p, &g), v), b)| {
+                stored(v, |v| {
+                    stored(b, |b| {
+                        self.element_momentum::<false>(p, g.to_f32(), v, &mut unused, b)
+                    })
+                })
+            }),
+            (true, [a, b]) => {
+                pgv.zip(a.iter_mut())
+                    .zip(b.iter_mut())
+                    .for_each(|((((p, &g), v), a), b)| {
+                        stored(v, |v| {
+                            stored(a, |a| {
+                                stored(b, |b| self.element_momentum::<true>(p, g.to_f32(), v, a, b))
+                            })
+                        })
+                    })
+            }
             _ => unreachable!("RMSProp's buffers follow Rule::state_names"),
         }
     }
@@ -439,9 +479,9 @@ impl AdagradStep {
     }
 
     #[inline(always)]
-    fn update(&self, p: &mut [f32], g: &[f32], s: &mut [f32]) {
+    fn update<G: Element, S: Element>(&self, p: &mut [f32], g: &[G], s: &mut [S]) {
         for ((p, &g), s) in p.iter_mut().zip(g).zip(s.iter_mut()) {
-            self.element(p, g, s);
+            stored(s, |s| self.element(p, g.to_f32(), s));
         }
     }
 }

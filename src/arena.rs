@@ -1,0 +1,113 @@
+//! Typed arenas: one contiguous buffer of one element type, laid out by a [`crate::Layout`].
+//! Parameters (fp32 masters), gradients, optimizer state and the low-precision model copy are each
+//! one arena, in the dtype the user chose for them.
+
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+use crate::{DType, Element};
+
+/// A host arena of one dtype.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arena {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+fn filled<T: Element>(len: usize, value: f32) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::OutOfHostMemory {
+            bytes: len.saturating_mul(std::mem::size_of::<T>()),
+        })?;
+    v.resize(len, T::from_f32(value));
+    Ok(v)
+}
+
+impl Arena {
+    /// `len` elements of `dtype`, all `value` (rounded to nearest even); a typed error when the
+    /// memory is not there, never an abort.
+    pub fn filled(dtype: DType, len: usize, value: f32) -> Result<Self> {
+        Ok(match dtype {
+            DType::F32 => Arena::F32(filled(len, value)?),
+            DType::BF16 => Arena::BF16(filled(len, value)?),
+            DType::F16 => Arena::F16(filled(len, value)?),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Arena::F32(_) => DType::F32,
+            Arena::BF16(_) => DType::BF16,
+            Arena::F16(_) => DType::F16,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Arena::F32(v) => v.len(),
+            Arena::BF16(v) => v.len(),
+            Arena::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as `T`, or a dtype mismatch naming `what`.
+    pub fn typed<T: Element>(&self, what: &str) -> Result<&[T]> {
+        T::view(self).ok_or_else(|| self.mismatch::<T>(what))
+    }
+
+    pub fn typed_mut<T: Element>(&mut self, what: &str) -> Result<&mut [T]> {
+        let dtype = self.dtype();
+        T::view_mut(self).ok_or_else(|| Error::DTypeMismatch {
+            what: what.to_string(),
+            expected: dtype,
+            got: T::DTYPE,
+        })
+    }
+
+    fn mismatch<T: Element>(&self, what: &str) -> Error {
+        Error::DTypeMismatch {
+            what: what.to_string(),
+            expected: self.dtype(),
+            got: T::DTYPE,
+        }
+    }
+
+    /// Reads `range` as f32.
+    pub fn to_f32(&self, range: std::ops::Range<usize>) -> Vec<f32> {
+        match self {
+            Arena::F32(v) => v[range].to_vec(),
+            Arena::BF16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
+            Arena::F16(v) => v[range].iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    /// Writes f32 `values` into `range`, rounding to nearest even.
+    pub fn write_f32(&mut self, start: usize, values: &[f32]) {
+        fn put<T: Element>(dst: &mut [T], src: &[f32]) {
+            dst.iter_mut()
+                .zip(src)
+                .for_each(|(d, &s)| *d = T::from_f32(s));
+        }
+        let end = start + values.len();
+        match self {
+            Arena::F32(v) => v[start..end].copy_from_slice(values),
+            Arena::BF16(v) => put(&mut v[start..end], values),
+            Arena::F16(v) => put(&mut v[start..end], values),
+        }
+    }
+
+    /// Sets every element to `value` (rounded to the dtype).
+    pub fn fill(&mut self, value: f32) {
+        match self {
+            Arena::F32(v) => v.fill(value),
+            Arena::BF16(v) => v.fill(bf16::from_f32(value)),
+            Arena::F16(v) => v.fill(f16::from_f32(value)),
+        }
+    }
+}
