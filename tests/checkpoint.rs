@@ -121,3 +121,52 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     assert_eq!(observable(&wrong_rule, &tensors), before_sgd);
     assert_eq!(observable(&target, &tensors), before);
 }
+
+#[test]
+fn bf16_state_and_model_copy_round_trip() {
+    use half::bf16;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.safetensors");
+    let tensors = awkward_tensors(8);
+    let build_mixed = || {
+        let mut b = ParamSet::builder();
+        b.group("nodecay", GroupOptions::no_decay()).unwrap();
+        b.grad_dtype(DType::BF16).model_copy(DType::BF16).unwrap();
+        for t in &tensors {
+            b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
+                .unwrap();
+        }
+        b.build(Device::Cpu).unwrap()
+    };
+    let options = OptimizerOptions {
+        state_dtype: DType::BF16,
+        loss_scale: LossScale::dynamic(),
+        ..Default::default()
+    };
+    let mut a = Optimizer::with_options(build_mixed(), rule(), options).unwrap();
+    let mut rng = StdRng::seed_from_u64(4);
+    run(&mut a, &tensors, &mut rng, 3);
+    a.save_checkpoint(&path).unwrap();
+    let mut b = Optimizer::with_options(build_mixed(), rule(), options).unwrap();
+    b.load_checkpoint(&path).unwrap();
+    assert_eq!(observable(&a, &tensors), observable(&b, &tensors));
+    assert_eq!(a.loss_scale(), b.loss_scale());
+    for t in &tensors {
+        let (ca, cb) = (
+            a.params().model_param::<bf16>(&t.name).unwrap(),
+            b.params().model_param::<bf16>(&t.name).unwrap(),
+        );
+        assert_eq!(ca, cb, "model copy of {}", t.name);
+    }
+    // A checkpoint of f32 state does not load into bf16 state.
+    let mut f32_state = Optimizer::with_options(build_mixed(), rule(), options).unwrap();
+    let f32_path = dir.path().join("f32.safetensors");
+    Optimizer::new(build(&tensors), rule())
+        .unwrap()
+        .save_checkpoint(&f32_path)
+        .unwrap();
+    assert!(matches!(
+        f32_state.load_checkpoint(&f32_path),
+        Err(Error::BadCheckpoint { .. })
+    ));
+}

@@ -110,6 +110,8 @@ pub struct Oracle {
     s2: Vec<Vec<f64>>,
     s3: Vec<Vec<f64>>,
     pub t: u64,
+    /// Rounds state after every update, as storage in a narrower dtype does.
+    pub state_round: fn(f64) -> f64,
 }
 
 impl Oracle {
@@ -135,6 +137,7 @@ impl Oracle {
             t: 0,
             rule,
             clip,
+            state_round: |x| x,
         }
     }
 
@@ -192,6 +195,10 @@ impl Oracle {
                 }
                 let (a, b, c) = (&mut self.s1[i][j], &mut self.s2[i][j], &mut self.s3[i][j]);
                 self.params[i][j] = update(&self.rule, p, g, lr, t, a, b, c);
+                let round = self.state_round;
+                for x in [a, b, c] {
+                    *x = round(*x);
+                }
             }
         }
         norm
