@@ -147,6 +147,8 @@ fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String]) -> String {
     cmd.arg("--fatbin")
         .arg("-O3")
         .arg("-std=c++17")
+        // No FMA contraction: the same roundings as the CPU engine, which never contracts.
+        .arg("--fmad=false")
         .arg("--extended-lambda")
         .arg("-Xptxas=-v,-warn-spills")
         .arg("-o")

@@ -20,7 +20,11 @@ fn param_set(tensors: usize) -> ParamSet {
         b.add(&format!("p{t}"), &[per], &values).unwrap();
     }
     let mut set = b.build(Device::Cpu).unwrap();
-    let grads = set.grads_arena_mut().typed_mut::<f32>("gradients").unwrap();
+    let grads = set
+        .grads_arena_mut()
+        .unwrap()
+        .typed_mut::<f32>("gradients")
+        .unwrap();
     for (i, g) in grads.iter_mut().enumerate() {
         *g = ((i % 89) as f32 - 44.0) * 1e-3;
     }

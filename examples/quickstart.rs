@@ -200,7 +200,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let yb: Vec<usize> = batch.iter().map(|&i| y[i]).collect();
             loss_sum += train_batch(&mut opt, &xb, &yb)?;
             let t = Instant::now();
-            let report = opt.step()?;
+            opt.step()?;
+            let report = opt.report()?;
             step_time += t.elapsed().as_secs_f64();
             clipped += (report.clip_factor < 1.0) as usize;
         }
@@ -215,9 +216,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "done: {} fused steps in {:.2} s ({:.1} µs per optimizer step), final test accuracy {:.2}%",
-        opt.step_count(),
+        opt.step_count().unwrap(),
         start.elapsed().as_secs_f64(),
-        1e6 * step_time / opt.step_count() as f64,
+        1e6 * step_time / opt.step_count().unwrap() as f64,
         100.0 * accuracy(&opt, &x_test, &y_test)?
     );
     Ok(())

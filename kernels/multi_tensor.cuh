@@ -2,7 +2,8 @@
 // elements inside one chunk and one parameter group), built once per parameter set and kept in
 // device memory, so a step is one launch whatever the number of tensors.
 #pragma once
-#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 struct Segment {
     unsigned long long start;  // 64-bit: arenas may pass 2^31 elements
@@ -10,13 +11,61 @@ struct Segment {
     unsigned int group;
 };
 
-// The step-wide scalars the norm pass leaves in device memory for the update to read: nothing is
-// synchronised with the host during a step.
-struct StepScalars {
-    double norm;        // pre-clip global L2 norm
-    float grad_scale;   // clip factor × loss-scale inverse × ±1 (maximize)
-    int skip;           // non-zero: leave params and state untouched
+// Everything that changes from step to step lives in device memory, so a captured CUDA graph
+// replays with new values and no step synchronises with the host. The host writes `lr` (stream
+// ordered, before the step) into its own scalar; the norm pass's last block writes this state.
+// Mirrors src/cuda/abi.rs::StepState.
+struct StepState {
+    unsigned long long step;       // applied steps, including the one in flight once decided
+    double loss_scale;             // gradients arrive multiplied by this
+    unsigned long long good_steps; // applied steps since the loss scale last changed
+    double norm;                   // pre-clip global L2 norm of the unscaled gradients
+    double grad_scale;             // clip factor / loss scale: what every gradient is multiplied by
+    double clip_factor;
+    double step_loss_scale;        // the scale this step's gradients were divided by
+    unsigned int skip;             // non-zero: this step leaves params and state untouched
+    unsigned int done;             // norm-pass block counter (reset by its last block)
 };
+
+// Widening loads and narrowing stores (round to nearest even) for every storage dtype.
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+
+// Four consecutive elements as fp32: one 16-byte load for f32, one 8-byte load for 2-byte types.
+template <typename T> struct Quad;
+template <> struct Quad<float> {
+    static __device__ __forceinline__ float4 load(const float* p) {
+        return *reinterpret_cast<const float4*>(p);
+    }
+    static __device__ __forceinline__ void store(float* p, float4 v) {
+        *reinterpret_cast<float4*>(p) = v;
+    }
+};
+template <typename H> struct QuadHalf {
+    static __device__ __forceinline__ float4 load(const H* p) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(p);
+        const H* h = reinterpret_cast<const H*>(&raw);
+        return make_float4(to_f32(h[0]), to_f32(h[1]), to_f32(h[2]), to_f32(h[3]));
+    }
+    static __device__ __forceinline__ void store(H* p, float4 v) {
+        uint2 raw;
+        H* h = reinterpret_cast<H*>(&raw);
+        h[0] = from_f32<H>(v.x); h[1] = from_f32<H>(v.y);
+        h[2] = from_f32<H>(v.z); h[3] = from_f32<H>(v.w);
+        *reinterpret_cast<uint2*>(p) = raw;
+    }
+};
+template <> struct Quad<__nv_bfloat16> : QuadHalf<__nv_bfloat16> {};
+template <> struct Quad<__half> : QuadHalf<__half> {};
+
+__device__ __forceinline__ float& lane(float4& v, int k) { return (&v.x)[k]; }
 
 // Applies `f(i)` to every element of a segment: 4-wide for the aligned body (every tensor starts
 // on a 64-byte boundary), scalar for the tail.

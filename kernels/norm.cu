@@ -1,15 +1,19 @@
-// Global norm and non-finite detection in one deterministic pass: each block writes the f64 sum of
-// squares of its chunk; the last block to finish adds the partials in chunk order (same bits every
-// run), then computes the clip factor and the skip decision into device memory.
+// Global norm and non-finite detection in one deterministic pass. Each block writes the f64 sum of
+// squares of its chunk; the last block to finish adds the partials in chunk order (the same bits
+// every run) and decides the step in device memory: the norm, whether to skip, the clip factor, the
+// loss scaler's update and the step count. No host synchronisation.
 #include "multi_tensor.cuh"
 
-// Clip formulas, as src/clip.rs: 0 none, 1 PyTorch, 2 Keras/TF, 3 Optax.
-// Non-finite policy: 0 skip, 1 propagate, 2 error (reported as skip plus a non-finite norm).
+// Step-wide options (src/cuda/abi.rs::NormParams), passed by value to every launch.
 struct NormParams {
-    int clip_formula;
     double max_norm;
-    float sign;  // -1 for maximize
-    int policy;
+    double growth_factor;
+    double backoff_factor;
+    unsigned long long growth_interval;
+    int clip_formula;  // 0 none, 1 PyTorch, 2 Keras/TF, 3 Optax (src/clip.rs)
+    int policy;        // 0 skip, 1 propagate, 2 error (the host reads the skip back)
+    int dynamic_scale; // 1: dynamic loss scaling
+    int pad;
 };
 
 __device__ double clip_factor(const NormParams& q, double n) {
@@ -18,23 +22,48 @@ __device__ double clip_factor(const NormParams& q, double n) {
             const double c = q.max_norm / (n + 1e-6);
             return c != c ? c : fmin(c, 1.0);
         }
-        case 2: return q.max_norm * fmin(1.0 / n, 1.0 / q.max_norm) + (n - n);
+        case 2: return q.max_norm * fmin(1.0 / n, 1.0 / q.max_norm) + (isfinite(n) ? 0.0 : nan(""));
         case 3: return n < q.max_norm ? 1.0 : q.max_norm / n;
         default: return 1.0;
     }
 }
 
-extern "C" __global__ void chunk_sum_of_squares(const float* g, unsigned long long len,
-                                                unsigned int chunk_elems, double* partials,
-                                                unsigned int* done, NormParams q,
-                                                StepScalars* out) {
+// Decides the step from Σg² (of the scaled gradients); `have_norm` is false when no norm was
+// needed (no clipping, non-finite values propagate, no dynamic scaling).
+__device__ void decide_step(StepState* st, const NormParams& q, double sum_sq, bool have_norm) {
+    st->step_loss_scale = st->loss_scale;
+    const double inv_scale = 1.0 / st->loss_scale;
+    const double n = have_norm ? sqrt(sum_sq) * inv_scale : 0.0;
+    st->norm = have_norm ? n : nan("");
+    const bool finite = !have_norm || isfinite(n);
+    if (!finite && (q.dynamic_scale || q.policy != 1)) {
+        st->skip = 1;
+        if (q.dynamic_scale) {
+            st->loss_scale *= q.backoff_factor;
+            st->good_steps = 0;
+        }
+        return;
+    }
+    st->skip = 0;
+    st->clip_factor = have_norm ? clip_factor(q, n) : 1.0;
+    st->grad_scale = st->clip_factor * inv_scale;
+    st->step += 1;
+    if (q.dynamic_scale && ++st->good_steps >= q.growth_interval) {
+        st->loss_scale *= q.growth_factor;
+        st->good_steps = 0;
+    }
+}
+
+template <typename G>
+__device__ void sum_of_squares(const G* g, unsigned long long len, unsigned int chunk_elems,
+                               double* partials, StepState* st, NormParams q) {
     __shared__ double warp_sums[32];
     __shared__ bool last;
     const unsigned long long lo = (unsigned long long)blockIdx.x * chunk_elems;
     const unsigned long long hi = min(lo + chunk_elems, len);
     double acc = 0.0;
     for (unsigned long long i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-        const double x = g[i];
+        const double x = to_f32(g[i]);
         acc += x * x;
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
@@ -45,17 +74,29 @@ extern "C" __global__ void chunk_sum_of_squares(const float* g, unsigned long lo
         for (unsigned int w = 0; w < (blockDim.x + 31) / 32; ++w) sum += warp_sums[w];
         partials[blockIdx.x] = sum;
         __threadfence();
-        last = atomicAdd(done, 1u) == gridDim.x - 1;
+        last = atomicAdd(&st->done, 1u) == gridDim.x - 1;
     }
     __syncthreads();
     if (last && threadIdx.x == 0) {
+        __threadfence();
         double total = 0.0;
         for (unsigned int c = 0; c < gridDim.x; ++c) total += partials[c];
-        const double n = sqrt(total);
-        const bool finite = isfinite(n);
-        out->norm = n;
-        out->skip = (!finite && q.policy != 1) ? 1 : 0;
-        out->grad_scale = (float)(clip_factor(q, n) * q.sign);
-        *done = 0;  // ready for the next step (and for graph replay)
+        decide_step(st, q, total, true);
+        st->done = 0;  // ready for the next step and for graph replay
     }
+}
+
+#define NORM_ENTRY(G, GN)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) norm_##GN(                                 \
+        const G* g, unsigned long long len, unsigned int chunk_elems, double* partials,          \
+        StepState* st, NormParams q) {                                                           \
+        sum_of_squares<G>(g, len, chunk_elems, partials, st, q);                                 \
+    }
+NORM_ENTRY(float, f32)
+NORM_ENTRY(__nv_bfloat16, bf16)
+NORM_ENTRY(__half, f16)
+
+// For steps that need no norm: one thread decides the step.
+extern "C" __global__ void advance_step(StepState* st, NormParams q) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) decide_step(st, q, 0.0, false);
 }

@@ -3,6 +3,29 @@
 // element arithmetic is fp32 with no fast-math, as in the frameworks.
 #pragma once
 
+// A parameter group's rule and hyperparameters, uploaded once (src/cuda/abi.rs::GroupConfig).
+enum : unsigned int {
+    NESTEROV = 1u << 0,
+    COPY_FIRST = 1u << 1,       // SGD: the first buffer is a copy of g (PyTorch)
+    LR_INSIDE = 1u << 2,        // lr inside the momentum buffer (Keras, Optax/TF1 RMSProp)
+    EPS_RAW = 1u << 3,          // Adam: ε on the raw scale (Keras, TF1)
+    AMS_CORRECTED = 1u << 4,    // AMSGrad maxes v̂ (Optax)
+    EPS_INSIDE = 1u << 5,       // √(v + ε)
+    CENTERED = 1u << 6,
+    BIAS_CORRECTION = 1u << 7,  // RMSProp averages ÷ (1 − αᵗ) (Optax)
+    ZERO_WHERE_EMPTY = 1u << 8, // Adagrad: no update where s ≤ 0 (Optax)
+};
+enum : unsigned int { DECAY_NONE = 0, DECAY_L2 = 1, DECAY_L1 = 2, DECAY_DECOUPLED = 3 };
+
+struct GroupConfig {
+    double lr_scale;
+    double decay;  // λ
+    double sign;   // −1 for maximize
+    double momentum, dampening, beta1, beta2, eps, eps_root, alpha, lr_decay;
+    unsigned int decay_kind;
+    unsigned int flags;
+};
+
 struct Decay {
     float l2, l1, keep;
 };
@@ -37,6 +60,14 @@ struct AdagradStep {
     int eps_inside, zero_where_empty;
 };
 
+__device__ __forceinline__ Decay make_decay(const GroupConfig& c, double lr) {
+    Decay d{0.0f, 0.0f, 1.0f};
+    if (c.decay_kind == DECAY_L2) d.l2 = (float)c.decay;
+    if (c.decay_kind == DECAY_L1) d.l1 = (float)c.decay;
+    if (c.decay_kind == DECAY_DECOUPLED) d.keep = (float)(1.0 - lr * c.decay);
+    return d;
+}
+
 // g += l2·θ + l1·sign θ; θ *= keep.
 __device__ __forceinline__ void apply_decay(const Decay& d, float& p, float& g) {
     const float sign = p > 0.0f ? 1.0f : (p < 0.0f ? -1.0f : 0.0f);
@@ -51,6 +82,24 @@ __device__ __forceinline__ float max_nan(float a, float b) {
 }
 
 // ---------------------------------------------------------------- SGD
+
+__device__ __forceinline__ SgdStep make_sgd_step(const GroupConfig& c, double lr,
+                                                 unsigned long long t, float gscale) {
+    const bool first_copy = t == 1 && (c.flags & COPY_FIRST);
+    const bool inside = c.flags & LR_INSIDE;
+    const double lr_in = inside ? lr : 1.0;
+    SgdStep s;
+    s.gscale = gscale;
+    s.decay = make_decay(c, lr);
+    s.lr = (float)lr;
+    s.momentum = (float)c.momentum;
+    s.keep = first_copy ? 0.0f : (float)c.momentum;
+    s.gin = (float)((first_copy ? 1.0 : 1.0 - c.dampening) * lr_in);
+    s.ng = (float)lr_in;
+    s.outer = inside ? 1.0f : (float)lr;
+    s.nesterov = (c.flags & NESTEROV) != 0;
+    return s;
+}
 
 __device__ __forceinline__ void sgd_plain(const SgdStep& c, float& p, float g) {
     g = g * c.gscale;
@@ -67,6 +116,26 @@ __device__ __forceinline__ void sgd_momentum(const SgdStep& c, float& p, float g
 }
 
 // ---------------------------------------------------------------- Adam
+
+__device__ __forceinline__ AdamStep make_adam_step(const GroupConfig& c, double lr,
+                                                   unsigned long long t, float gscale) {
+    const double bc1 = 1.0 - pow(c.beta1, (double)t);
+    const double bc2 = 1.0 - pow(c.beta2, (double)t);
+    const bool corrected = !(c.flags & EPS_RAW);
+    const bool max_corrected = c.flags & AMS_CORRECTED;
+    AdamStep s;
+    s.gscale = gscale;
+    s.decay = make_decay(c, lr);
+    s.one_minus_beta1 = (float)(1.0 - c.beta1);
+    s.beta2 = (float)c.beta2;
+    s.one_minus_beta2 = (float)(1.0 - c.beta2);
+    s.step_size = (float)(corrected ? lr / bc1 : lr * sqrt(bc2) / bc1);
+    s.v_scale = (float)(corrected && !max_corrected ? 1.0 / bc2 : (!corrected && max_corrected ? bc2 : 1.0));
+    s.eps = (float)c.eps;
+    s.eps_root = (float)c.eps_root;
+    s.max_scale = (float)(max_corrected ? 1.0 / bc2 : 1.0);
+    return s;
+}
 
 template <bool AMSGRAD>
 __device__ __forceinline__ void adam(const AdamStep& c, float& p, float g, float& m, float& v,
@@ -85,6 +154,25 @@ __device__ __forceinline__ void adam(const AdamStep& c, float& p, float g, float
 }
 
 // ---------------------------------------------------------------- RMSProp
+
+__device__ __forceinline__ RmsPropStep make_rmsprop_step(const GroupConfig& c, double lr,
+                                                         unsigned long long t, float gscale) {
+    const bool inside = (c.flags & LR_INSIDE) || c.momentum == 0.0;
+    RmsPropStep s;
+    s.gscale = gscale;
+    s.decay = make_decay(c, lr);
+    s.alpha = (float)c.alpha;
+    s.one_minus_alpha = (float)(1.0 - c.alpha);
+    s.avg_scale = (float)((c.flags & BIAS_CORRECTION) ? 1.0 / (1.0 - pow(c.alpha, (double)t)) : 1.0);
+    s.eps = (float)c.eps;
+    s.eps_inside = (c.flags & EPS_INSIDE) != 0;
+    s.centered = (c.flags & CENTERED) != 0;
+    s.momentum = (float)c.momentum;
+    s.nesterov = (c.flags & NESTEROV) != 0;
+    s.gin = (float)(inside ? lr : 1.0);
+    s.outer = (float)(inside ? 1.0 : lr);
+    return s;
+}
 
 template <bool CENTERED>
 __device__ __forceinline__ float rmsprop_normalised(const RmsPropStep& c, float g, float& v,
@@ -120,6 +208,18 @@ __device__ __forceinline__ void rmsprop_momentum(const RmsPropStep& c, float& p,
 }
 
 // ---------------------------------------------------------------- Adagrad
+
+__device__ __forceinline__ AdagradStep make_adagrad_step(const GroupConfig& c, double lr,
+                                                         unsigned long long t, float gscale) {
+    AdagradStep s;
+    s.gscale = gscale;
+    s.decay = make_decay(c, lr);
+    s.clr = (float)(lr / (1.0 + (double)(t > 0 ? t - 1 : 0) * c.lr_decay));
+    s.eps = (float)c.eps;
+    s.eps_inside = (c.flags & EPS_INSIDE) != 0;
+    s.zero_where_empty = (c.flags & ZERO_WHERE_EMPTY) != 0;
+    return s;
+}
 
 __device__ __forceinline__ void adagrad(const AdagradStep& c, float& p, float g, float& s) {
     g = g * c.gscale;

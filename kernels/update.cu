@@ -1,137 +1,125 @@
-// Fused update kernels: one launch walks every segment of the plan and applies the group's
-// per-step coefficients to parameters, gradients and state in one pass. Modes are template
-// parameters so inner loops carry no runtime mode branches.
+// The fused update: one launch walks every segment of the launch plan and applies its group's
+// rule to parameters, gradients and state in one pass, writing the optional bf16/f16 model copy
+// in the same pass. Coefficients are built per block from the group's config and the step state
+// in device memory (so a captured graph replays with the current lr and step). The rule and the
+// gradient and state dtypes are template parameters; every entry point has the same signature.
 #include "multi_tensor.cuh"
 #include "rules.cuh"
 
-#define LOAD4(ptr, i) (*reinterpret_cast<float4*>((ptr) + (i)))
-#define CLOAD4(ptr, i) (*reinterpret_cast<const float4*>((ptr) + (i)))
+enum Rule {
+    SGD_PLAIN, SGD_MOMENTUM, ADAM, ADAM_AMSGRAD, RMSPROP, RMSPROP_CENTERED, RMSPROP_MOMENTUM,
+    RMSPROP_CENTERED_MOMENTUM, ADAGRAD
+};
 
-template <typename C>
-__device__ __forceinline__ C with_scale(const C* coeffs, unsigned int group, const StepScalars* s) {
-    C c = coeffs[group];
-    c.gscale = c.gscale * s->grad_scale;
-    return c;
+// State buffers each rule keeps, in the slot order of Rule::state_names on the host.
+template <int RULE> __host__ __device__ constexpr int state_count() {
+    return RULE == SGD_PLAIN ? 0
+         : (RULE == SGD_MOMENTUM || RULE == RMSPROP || RULE == ADAGRAD) ? 1
+         : (RULE == ADAM_AMSGRAD || RULE == RMSPROP_CENTERED_MOMENTUM) ? 3
+         : 2;
 }
 
-extern "C" __global__ void sgd_plain_f32(const Segment* segs, const SgdStep* coeffs,
-                                         const StepScalars* scalars, float* p, const float* g) {
-    if (scalars->skip) return;
-    const Segment s = segs[blockIdx.x];
-    const SgdStep c = with_scale(coeffs, s.group, scalars);
-    for_each_element(
-        s,
-        [&](unsigned long long i) {
-            float4 pv = LOAD4(p, i);
-            const float4 gv = CLOAD4(g, i);
-            sgd_plain(c, pv.x, gv.x); sgd_plain(c, pv.y, gv.y);
-            sgd_plain(c, pv.z, gv.z); sgd_plain(c, pv.w, gv.w);
-            LOAD4(p, i) = pv;
-        },
-        [&](unsigned long long i) { sgd_plain(c, p[i], g[i]); });
+struct Coeffs {
+    SgdStep sgd;
+    AdamStep adam;
+    RmsPropStep rms;
+    AdagradStep ada;
+};
+
+template <int RULE>
+__device__ __forceinline__ void make_coeffs(Coeffs& k, const GroupConfig& c, double lr,
+                                            unsigned long long t, float gscale) {
+    if constexpr (RULE == SGD_PLAIN || RULE == SGD_MOMENTUM) k.sgd = make_sgd_step(c, lr, t, gscale);
+    else if constexpr (RULE == ADAM || RULE == ADAM_AMSGRAD) k.adam = make_adam_step(c, lr, t, gscale);
+    else if constexpr (RULE == ADAGRAD) k.ada = make_adagrad_step(c, lr, t, gscale);
+    else k.rms = make_rmsprop_step(c, lr, t, gscale);
 }
 
-extern "C" __global__ void sgd_momentum_f32(const Segment* segs, const SgdStep* coeffs,
-                                            const StepScalars* scalars, float* p, const float* g,
-                                            float* b) {
-    if (scalars->skip) return;
-    const Segment s = segs[blockIdx.x];
-    const SgdStep c = with_scale(coeffs, s.group, scalars);
-    for_each_element(
-        s,
-        [&](unsigned long long i) {
-            float4 pv = LOAD4(p, i), bv = LOAD4(b, i);
-            const float4 gv = CLOAD4(g, i);
-            sgd_momentum(c, pv.x, gv.x, bv.x); sgd_momentum(c, pv.y, gv.y, bv.y);
-            sgd_momentum(c, pv.z, gv.z, bv.z); sgd_momentum(c, pv.w, gv.w, bv.w);
-            LOAD4(p, i) = pv; LOAD4(b, i) = bv;
-        },
-        [&](unsigned long long i) { sgd_momentum(c, p[i], g[i], b[i]); });
+// One element: `a`, `b`, `x` are the state slots 0, 1, 2 (unused ones are scratch).
+template <int RULE>
+__device__ __forceinline__ void apply(const Coeffs& k, float& p, float g, float& a, float& b,
+                                      float& x) {
+    if constexpr (RULE == SGD_PLAIN) sgd_plain(k.sgd, p, g);
+    else if constexpr (RULE == SGD_MOMENTUM) sgd_momentum(k.sgd, p, g, a);
+    else if constexpr (RULE == ADAM) adam<false>(k.adam, p, g, a, b, x);
+    else if constexpr (RULE == ADAM_AMSGRAD) adam<true>(k.adam, p, g, a, b, x);
+    else if constexpr (RULE == RMSPROP) rmsprop<false>(k.rms, p, g, a, x);
+    else if constexpr (RULE == RMSPROP_CENTERED) rmsprop<true>(k.rms, p, g, a, b);
+    else if constexpr (RULE == RMSPROP_MOMENTUM) rmsprop_momentum<false>(k.rms, p, g, a, x, b);
+    else if constexpr (RULE == RMSPROP_CENTERED_MOMENTUM) rmsprop_momentum<true>(k.rms, p, g, a, b, x);
+    else adagrad(k.ada, p, g, a);
 }
 
-template <bool AMSGRAD>
-__device__ void adam_kernel(const Segment* segs, const AdamStep* coeffs, const StepScalars* scalars,
-                            float* p, const float* g, float* m, float* v, float* vmax) {
-    if (scalars->skip) return;
-    const Segment s = segs[blockIdx.x];
-    const AdamStep c = with_scale(coeffs, s.group, scalars);
-    float unused = 0.0f;
+// model_kind: 0 none, 1 bf16, 2 f16.
+__device__ __forceinline__ void store_model4(void* model, int kind, unsigned long long i, float4 v) {
+    if (kind == 1) Quad<__nv_bfloat16>::store(static_cast<__nv_bfloat16*>(model) + i, v);
+    else if (kind == 2) Quad<__half>::store(static_cast<__half*>(model) + i, v);
+}
+__device__ __forceinline__ void store_model1(void* model, int kind, unsigned long long i, float v) {
+    if (kind == 1) static_cast<__nv_bfloat16*>(model)[i] = __float2bfloat16_rn(v);
+    else if (kind == 2) static_cast<__half*>(model)[i] = __float2half_rn(v);
+}
+
+template <int RULE, typename G, typename S>
+__device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepState* st,
+                       const double* lr, float* p, const G* g, S* s0, S* s1, S* s2, void* model,
+                       int model_kind) {
+    if (st->skip) return;
+    const Segment seg = segs[blockIdx.x];
+    const GroupConfig cfg = cfgs[seg.group];
+    Coeffs k;
+    make_coeffs<RULE>(k, cfg, *lr * cfg.lr_scale, st->step, (float)(st->grad_scale * cfg.sign));
+    constexpr int n = state_count<RULE>();
     for_each_element(
-        s,
+        seg,
         [&](unsigned long long i) {
-            float4 pv = LOAD4(p, i), mv = LOAD4(m, i), vv = LOAD4(v, i);
-            float4 xv = AMSGRAD ? LOAD4(vmax, i) : make_float4(0.f, 0.f, 0.f, 0.f);
-            const float4 gv = CLOAD4(g, i);
-            adam<AMSGRAD>(c, pv.x, gv.x, mv.x, vv.x, xv.x);
-            adam<AMSGRAD>(c, pv.y, gv.y, mv.y, vv.y, xv.y);
-            adam<AMSGRAD>(c, pv.z, gv.z, mv.z, vv.z, xv.z);
-            adam<AMSGRAD>(c, pv.w, gv.w, mv.w, vv.w, xv.w);
-            LOAD4(p, i) = pv; LOAD4(m, i) = mv; LOAD4(v, i) = vv;
-            if (AMSGRAD) LOAD4(vmax, i) = xv;
+            float4 pv = Quad<float>::load(p + i);
+            float4 gv = Quad<G>::load(g + i);
+            float4 av = n > 0 ? Quad<S>::load(s0 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 bv = n > 1 ? Quad<S>::load(s1 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 xv = n > 2 ? Quad<S>::load(s2 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                apply<RULE>(k, lane(pv, j), lane(gv, j), lane(av, j), lane(bv, j), lane(xv, j));
+            Quad<float>::store(p + i, pv);
+            if (n > 0) Quad<S>::store(s0 + i, av);
+            if (n > 1) Quad<S>::store(s1 + i, bv);
+            if (n > 2) Quad<S>::store(s2 + i, xv);
+            store_model4(model, model_kind, i, pv);
         },
         [&](unsigned long long i) {
-            adam<AMSGRAD>(c, p[i], g[i], m[i], v[i], AMSGRAD ? vmax[i] : unused);
+            float pe = p[i];
+            float a = n > 0 ? to_f32(s0[i]) : 0.f, b = n > 1 ? to_f32(s1[i]) : 0.f;
+            float x = n > 2 ? to_f32(s2[i]) : 0.f;
+            apply<RULE>(k, pe, to_f32(g[i]), a, b, x);
+            p[i] = pe;
+            if (n > 0) s0[i] = from_f32<S>(a);
+            if (n > 1) s1[i] = from_f32<S>(b);
+            if (n > 2) s2[i] = from_f32<S>(x);
+            store_model1(model, model_kind, i, pe);
         });
 }
 
-extern "C" __global__ void adam_f32(const Segment* segs, const AdamStep* coeffs,
-                                    const StepScalars* scalars, float* p, const float* g, float* m,
-                                    float* v) {
-    adam_kernel<false>(segs, coeffs, scalars, p, g, m, v, nullptr);
-}
-
-extern "C" __global__ void adam_amsgrad_f32(const Segment* segs, const AdamStep* coeffs,
-                                            const StepScalars* scalars, float* p, const float* g,
-                                            float* m, float* v, float* vmax) {
-    adam_kernel<true>(segs, coeffs, scalars, p, g, m, v, vmax);
-}
-
-template <bool CENTERED, bool MOMENTUM>
-__device__ void rmsprop_kernel(const Segment* segs, const RmsPropStep* coeffs,
-                               const StepScalars* scalars, float* p, const float* g, float* v,
-                               float* gavg, float* b) {
-    if (scalars->skip) return;
-    const Segment s = segs[blockIdx.x];
-    const RmsPropStep c = with_scale(coeffs, s.group, scalars);
-    float ua = 0.0f, ub = 0.0f;
-    for_each_element(s, [&](unsigned long long i) {
-        for (int k = 0; k < 4; ++k) {
-            float& a = CENTERED ? gavg[i + k] : ua;
-            if (MOMENTUM) rmsprop_momentum<CENTERED>(c, p[i + k], g[i + k], v[i + k], a, b[i + k]);
-            else rmsprop<CENTERED>(c, p[i + k], g[i + k], v[i + k], a);
-        }
-    }, [&](unsigned long long i) {
-        float& a = CENTERED ? gavg[i] : ua;
-        if (MOMENTUM) rmsprop_momentum<CENTERED>(c, p[i], g[i], v[i], a, MOMENTUM ? b[i] : ub);
-        else rmsprop<CENTERED>(c, p[i], g[i], v[i], a);
-    });
-}
-
-#define RMSPROP_ENTRY(NAME, CENTERED, MOMENTUM)                                                   \
-    extern "C" __global__ void NAME(const Segment* segs, const RmsPropStep* coeffs,              \
-                                    const StepScalars* scalars, float* p, const float* g,        \
-                                    float* v, float* gavg, float* b) {                           \
-        rmsprop_kernel<CENTERED, MOMENTUM>(segs, coeffs, scalars, p, g, v, gavg, b);            \
+#define ENTRY(NAME, RULE, G, GN, S, SN)                                                          \
+    extern "C" __global__ void __launch_bounds__(256) update_##NAME##_##GN##_##SN(                \
+        const Segment* segs, const GroupConfig* cfgs, const StepState* st, const double* lr,     \
+        float* p, const G* g, S* s0, S* s1, S* s2, void* model, int model_kind) {                \
+        update<RULE, G, S>(segs, cfgs, st, lr, p, g, s0, s1, s2, model, model_kind);             \
     }
-RMSPROP_ENTRY(rmsprop_f32, false, false)
-RMSPROP_ENTRY(rmsprop_centered_f32, true, false)
-RMSPROP_ENTRY(rmsprop_momentum_f32, false, true)
-RMSPROP_ENTRY(rmsprop_centered_momentum_f32, true, true)
+#define ENTRIES(NAME, RULE)                                     \
+    ENTRY(NAME, RULE, float, f32, float, f32)                   \
+    ENTRY(NAME, RULE, __nv_bfloat16, bf16, float, f32)          \
+    ENTRY(NAME, RULE, __half, f16, float, f32)                  \
+    ENTRY(NAME, RULE, float, f32, __nv_bfloat16, bf16)          \
+    ENTRY(NAME, RULE, __nv_bfloat16, bf16, __nv_bfloat16, bf16) \
+    ENTRY(NAME, RULE, __half, f16, __nv_bfloat16, bf16)
 
-extern "C" __global__ void adagrad_f32(const Segment* segs, const AdagradStep* coeffs,
-                                       const StepScalars* scalars, float* p, const float* g,
-                                       float* sum) {
-    if (scalars->skip) return;
-    const Segment s = segs[blockIdx.x];
-    const AdagradStep c = with_scale(coeffs, s.group, scalars);
-    for_each_element(
-        s,
-        [&](unsigned long long i) {
-            float4 pv = LOAD4(p, i), sv = LOAD4(sum, i);
-            const float4 gv = CLOAD4(g, i);
-            adagrad(c, pv.x, gv.x, sv.x); adagrad(c, pv.y, gv.y, sv.y);
-            adagrad(c, pv.z, gv.z, sv.z); adagrad(c, pv.w, gv.w, sv.w);
-            LOAD4(p, i) = pv; LOAD4(sum, i) = sv;
-        },
-        [&](unsigned long long i) { adagrad(c, p[i], g[i], sum[i]); });
-}
+ENTRIES(sgd_plain, SGD_PLAIN)
+ENTRIES(sgd_momentum, SGD_MOMENTUM)
+ENTRIES(adam, ADAM)
+ENTRIES(adam_amsgrad, ADAM_AMSGRAD)
+ENTRIES(rmsprop, RMSPROP)
+ENTRIES(rmsprop_centered, RMSPROP_CENTERED)
+ENTRIES(rmsprop_momentum, RMSPROP_MOMENTUM)
+ENTRIES(rmsprop_centered_momentum, RMSPROP_CENTERED_MOMENTUM)
+ENTRIES(adagrad, ADAGRAD)

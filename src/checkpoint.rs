@@ -61,22 +61,24 @@ impl Optimizer {
         let layout = self.params().layout();
         // State is saved as f32 whatever its storage dtype (bf16 widens exactly and narrows back
         // to the same bits).
+        let all_values = self.params().values_snapshot()?;
+        let state = self.state_snapshot()?;
         let mut tensors: Vec<(String, Cow<[f32]>, Vec<usize>)> = Vec::new();
         for t in layout.tensors() {
-            let values = &self.params().values_arena()[t.range()];
+            let values = &all_values[t.range()];
             tensors.push((
                 format!("param/{}", t.name),
                 Cow::Borrowed(values),
                 t.shape.clone(),
             ));
             for (slot, buffer) in self.state_names().iter().enumerate() {
-                let values = self.state_arenas()[slot].to_f32(t.range());
+                let values = state[slot].to_f32(t.range());
                 let name = format!("state/{buffer}/{}", t.name);
                 tensors.push((name, Cow::Owned(values), t.shape.clone()));
             }
         }
         let header = Header {
-            optimizer: self.saved(),
+            optimizer: self.saved()?,
             groups: layout
                 .groups()
                 .iter()
@@ -159,8 +161,8 @@ impl Optimizer {
         }
 
         // Read everything into fresh buffers first; swap in only when all of it is valid.
-        let mut values = self.params().values_arena().to_vec();
-        let mut state: Vec<Arena> = self.state_arenas().to_vec();
+        let mut values = self.params().values_snapshot()?.into_owned();
+        let mut state: Vec<Arena> = self.state_snapshot()?;
         let mut scratch = Vec::new();
         let mut seen = Vec::with_capacity(expected);
         for t in layout.tensors() {
@@ -200,8 +202,7 @@ impl Optimizer {
         if meta.get("crc32") != Some(&crc) {
             return Err(bad(path, "checksum mismatch: the tensor data is corrupt"));
         }
-        self.restore(saved, values, state);
-        Ok(())
+        self.restore(saved, &values, state)
     }
 }
 

@@ -727,14 +727,15 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
         for (i, g) in step.iter().enumerate() {
             opt.params_mut().set_grad(&format!("t{i}"), &floats(g)?)?;
         }
-        let report = opt.step()?;
+        opt.step()?;
+        let report = opt.report()?;
         if let (Some(norms), Some(n)) = (out.global_norm.as_mut(), report.global_norm) {
             norms.push(n);
         }
         out.lrs.push(report.lr);
         out.params.push(
             (0..params0.len())
-                .map(|i| opt.params().param(&format!("t{i}")).map(<[f32]>::to_vec))
+                .map(|i| opt.params().read_param(&format!("t{i}")))
                 .collect::<Result<_>>()?,
         );
     }

@@ -50,8 +50,8 @@ pub struct Selection {
 }
 
 impl Device {
-    /// Picks the best usable device: CUDA device 0 when a driver, a device and the CUDA engine are all
-    /// present, else the CPU with the reason. `FUSEDOPT_DEVICE=cpu` forces the CPU.
+    /// Picks the best usable device: CUDA device 0 when a driver and a device are present, else the
+    /// CPU with the reason. `FUSEDOPT_DEVICE=cpu` forces the CPU.
     pub fn auto() -> Selection {
         let gpu = if std::env::var("FUSEDOPT_DEVICE").is_ok_and(|v| v.eq_ignore_ascii_case("cpu")) {
             Err(Unavailable::DisabledByEnvironment)
@@ -76,14 +76,11 @@ impl Device {
             Device::Cpu => Ok(()),
             Device::Cuda(ordinal) => {
                 let count = cuda_device_count()?;
-                if ordinal >= count {
-                    return Err(if count == 0 {
-                        Unavailable::NoDevices
-                    } else {
-                        Unavailable::NoSuchDevice { ordinal, count }
-                    });
+                match count {
+                    0 => Err(Unavailable::NoDevices),
+                    _ if ordinal >= count => Err(Unavailable::NoSuchDevice { ordinal, count }),
+                    _ => Ok(()),
                 }
-                Err(Unavailable::NoCudaEngine)
             }
         }
     }

@@ -11,6 +11,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::arena::Arena;
+use crate::cuda::arena::DeviceArena;
+use crate::cuda::engine::DeviceParams;
+use crate::cuda::runtime::{driver_error, CudaRuntime};
 use crate::error::{check_len, Error, Result};
 use crate::{DType, Device, Element};
 
@@ -277,14 +280,47 @@ impl ParamSetBuilder {
             }
             None => None,
         };
+        let storage = match device {
+            Device::Cpu => Storage::Host {
+                values,
+                grads,
+                model,
+            },
+            Device::Cuda(ordinal) => {
+                Storage::Cuda(upload(ordinal, &values, &grads, model.as_ref())?)
+            }
+        };
         Ok(ParamSet {
             layout,
             device,
-            values,
-            grads,
-            model,
+            storage,
         })
     }
+}
+
+/// Copies host arenas to a new device allocation; on any failure nothing stays allocated.
+fn upload(
+    ordinal: usize,
+    values: &[f32],
+    grads: &Arena,
+    model: Option<&Arena>,
+) -> Result<DeviceParams> {
+    let rt = CudaRuntime::new(ordinal)?;
+    let dev = rt.device;
+    let values = rt
+        .stream
+        .clone_htod(values)
+        .map_err(driver_error(dev, std::mem::size_of_val(values)))?;
+    let grads = DeviceArena::upload(&rt.stream, grads, dev)?;
+    let model = model
+        .map(|m| DeviceArena::upload(&rt.stream, m, dev))
+        .transpose()?;
+    Ok(DeviceParams {
+        rt,
+        values,
+        grads,
+        model,
+    })
 }
 
 /// A zero-filled host arena, or a typed error when the memory is not there (never an abort).
@@ -298,15 +334,25 @@ pub(crate) fn zeroed_arena(len: usize) -> Result<Vec<f32>> {
     Ok(v)
 }
 
+/// Where a parameter set's arenas live.
+#[derive(Debug)]
+pub(crate) enum Storage {
+    Host {
+        values: Vec<f32>,
+        grads: Arena,
+        model: Option<Arena>,
+    },
+    Cuda(DeviceParams),
+}
+
 /// Parameters (fp32 masters), their gradients and the optional low-precision model copy, laid out
-/// by one [`Layout`] on one device.
-#[derive(Clone, Debug)]
+/// by one [`Layout`] on one device. Reading and writing by name works on every device; in-place
+/// slices (`param`, `grad_mut`, …) exist for host memory only.
+#[derive(Debug)]
 pub struct ParamSet {
     layout: Arc<Layout>,
     device: Device,
-    values: Vec<f32>,
-    grads: Arena,
-    model: Option<Arena>,
+    storage: Storage,
 }
 
 impl ParamSet {
@@ -323,85 +369,222 @@ impl ParamSet {
     }
 
     pub fn grad_dtype(&self) -> DType {
-        self.grads.dtype()
+        match &self.storage {
+            Storage::Host { grads, .. } => grads.dtype(),
+            Storage::Cuda(d) => d.grads.dtype(),
+        }
     }
 
     pub fn model_dtype(&self) -> Option<DType> {
-        self.model.as_ref().map(Arena::dtype)
+        match &self.storage {
+            Storage::Host { model, .. } => model.as_ref().map(Arena::dtype),
+            Storage::Cuda(d) => d.model.as_ref().map(DeviceArena::dtype),
+        }
     }
 
-    /// A tensor's fp32 master values, read in place.
+    fn host(&self) -> Result<(&[f32], &Arena, Option<&Arena>)> {
+        match &self.storage {
+            Storage::Host {
+                values,
+                grads,
+                model,
+            } => Ok((values, grads, model.as_ref())),
+            Storage::Cuda(_) => Err(Error::NotHostMemory(self.device)),
+        }
+    }
+
+    fn host_mut(&mut self) -> Result<(&mut Vec<f32>, &mut Arena, Option<&mut Arena>)> {
+        match &mut self.storage {
+            Storage::Host {
+                values,
+                grads,
+                model,
+            } => Ok((values, grads, model.as_mut())),
+            Storage::Cuda(_) => Err(Error::NotHostMemory(self.device)),
+        }
+    }
+
+    /// A tensor's fp32 master values, read in place (host memory only; see [`ParamSet::read_param`]).
     pub fn param(&self, name: &str) -> Result<&[f32]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&self.values[r])
+        Ok(&self.host()?.0[r])
     }
 
-    /// A tensor's master values, for writing in place (e.g. re-initialisation). The model copy is
+    /// A tensor's master values, for writing in place (host memory only). The model copy is
     /// refreshed from the masters at the next step.
     pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&mut self.values[r])
+        Ok(&mut self.host_mut()?.0[r])
     }
 
-    /// A tensor's low-precision model copy (`T` must be the copy's dtype).
+    /// A tensor's fp32 master values, copied out (from the device if they live there).
+    pub fn read_param(&self, name: &str) -> Result<Vec<f32>> {
+        let r = self.layout.tensor(name)?.range();
+        match &self.storage {
+            Storage::Host { values, .. } => Ok(values[r].to_vec()),
+            Storage::Cuda(d) => {
+                d.rt.stream
+                    .clone_dtoh(&d.values.slice(r))
+                    .map_err(driver_error(self.device, 0))
+            }
+        }
+    }
+
+    /// A tensor's low-precision model copy, in place (host memory only; `T` is the copy's dtype).
     pub fn model_param<T: Element>(&self, name: &str) -> Result<&[T]> {
         let r = self.layout.tensor(name)?.range();
-        let model = self.model.as_ref().ok_or_else(|| {
-            Error::InvalidHyperparameter("this parameter set keeps no model copy".into())
-        })?;
+        let model = self.host()?.2.ok_or_else(no_model_copy)?;
         Ok(&model.typed::<T>(name)?[r])
     }
 
-    /// A tensor's gradient as stored (`T` must be the gradient dtype).
+    /// A tensor's model copy, widened to f32 and copied out (any device).
+    pub fn read_model_param(&self, name: &str) -> Result<Vec<f32>> {
+        let r = self.layout.tensor(name)?.range();
+        match &self.storage {
+            Storage::Host { model, .. } => Ok(model.as_ref().ok_or_else(no_model_copy)?.to_f32(r)),
+            Storage::Cuda(d) => {
+                d.model
+                    .as_ref()
+                    .ok_or_else(no_model_copy)?
+                    .read(&d.rt.stream, r, self.device)
+            }
+        }
+    }
+
+    /// A tensor's gradient as stored (host memory only; `T` is the gradient dtype).
     pub fn grad<T: Element>(&self, name: &str) -> Result<&[T]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&self.grads.typed::<T>(name)?[r])
+        Ok(&self.host()?.1.typed::<T>(name)?[r])
     }
 
-    /// A tensor's gradient, for the backward pass to write into (`T` must be the gradient dtype).
+    /// A tensor's gradient, for the backward pass to write into (host memory only).
     pub fn grad_mut<T: Element>(&mut self, name: &str) -> Result<&mut [T]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&mut self.grads.typed_mut::<T>(name)?[r])
+        Ok(&mut self.host_mut()?.1.typed_mut::<T>(name)?[r])
     }
 
-    /// Copies f32 `values` into a tensor's gradient, rounding to the gradient dtype.
+    /// Copies f32 `values` into a tensor's gradient, rounding to the gradient dtype (any device).
     pub fn set_grad(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(name)?;
         check_len(&format!("gradient of '{name}'"), t.len, values.len())?;
-        self.grads.write_f32(t.offset, values);
-        Ok(())
-    }
-
-    pub fn zero_grads(&mut self) {
-        self.grads.fill(0.0);
-    }
-
-    /// The whole parameter arena (padding included), in layout order.
-    pub fn values_arena(&self) -> &[f32] {
-        &self.values
-    }
-
-    /// The whole gradient arena: contiguous ranges of it are all-reduce buckets.
-    pub fn grads_arena(&self) -> &Arena {
-        &self.grads
-    }
-
-    pub fn grads_arena_mut(&mut self) -> &mut Arena {
-        &mut self.grads
-    }
-
-    pub(crate) fn split_mut(&mut self) -> (&mut [f32], &Arena, Option<&mut Arena>) {
-        (&mut self.values, &self.grads, self.model.as_mut())
-    }
-
-    pub(crate) fn values_arena_mut(&mut self) -> &mut [f32] {
-        &mut self.values
-    }
-
-    /// Rewrites the model copy from the masters (after a checkpoint load or `param_mut`).
-    pub(crate) fn refresh_model_copy(&mut self) {
-        if let Some(m) = &mut self.model {
-            m.write_f32(0, &self.values);
+        let device = self.device;
+        match &mut self.storage {
+            Storage::Host { grads, .. } => {
+                grads.write_f32(t.offset, values);
+                Ok(())
+            }
+            Storage::Cuda(d) => d.grads.write(&d.rt.stream, t.offset, values, device),
         }
     }
+
+    /// A tensor's gradient widened to f32 and copied out (any device).
+    pub fn read_grad(&self, name: &str) -> Result<Vec<f32>> {
+        let r = self.layout.tensor(name)?.range();
+        match &self.storage {
+            Storage::Host { grads, .. } => Ok(grads.to_f32(r)),
+            Storage::Cuda(d) => d.grads.read(&d.rt.stream, r, self.device),
+        }
+    }
+
+    pub fn zero_grads(&mut self) -> Result<()> {
+        let device = self.device;
+        match &mut self.storage {
+            Storage::Host { grads, .. } => {
+                grads.fill(0.0);
+                Ok(())
+            }
+            Storage::Cuda(d) => d.grads.zero(&d.rt.stream, device),
+        }
+    }
+
+    /// The whole parameter arena (padding included), in layout order (host memory only).
+    pub fn values_arena(&self) -> Result<&[f32]> {
+        Ok(self.host()?.0)
+    }
+
+    /// The whole gradient arena (host memory only): contiguous ranges of it are all-reduce buckets.
+    pub fn grads_arena(&self) -> Result<&Arena> {
+        Ok(self.host()?.1)
+    }
+
+    pub fn grads_arena_mut(&mut self) -> Result<&mut Arena> {
+        Ok(self.host_mut()?.1)
+    }
+
+    /// A copy of the set on the same device.
+    pub fn try_clone(&self) -> Result<Self> {
+        let storage = match &self.storage {
+            Storage::Host {
+                values,
+                grads,
+                model,
+            } => Storage::Host {
+                values: values.clone(),
+                grads: grads.clone(),
+                model: model.clone(),
+            },
+            Storage::Cuda(d) => {
+                let (s, dev) = (&d.rt.stream, self.device);
+                Storage::Cuda(DeviceParams {
+                    rt: d.rt.clone(),
+                    values: s.clone_dtod(&d.values).map_err(driver_error(dev, 0))?,
+                    grads: d.grads.try_clone(s, dev)?,
+                    model: d.model.as_ref().map(|m| m.try_clone(s, dev)).transpose()?,
+                })
+            }
+        };
+        Ok(ParamSet {
+            layout: self.layout.clone(),
+            device: self.device,
+            storage,
+        })
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    pub(crate) fn storage_mut(&mut self) -> &mut Storage {
+        &mut self.storage
+    }
+
+    /// The fp32 masters of the whole arena, copied to the host when they live on a device.
+    pub(crate) fn values_snapshot(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match &self.storage {
+            Storage::Host { values, .. } => Ok(std::borrow::Cow::Borrowed(values)),
+            Storage::Cuda(d) => {
+                d.rt.stream
+                    .clone_dtoh(&d.values)
+                    .map(std::borrow::Cow::Owned)
+                    .map_err(driver_error(self.device, 0))
+            }
+        }
+    }
+
+    /// Replaces the masters (checkpoint restore) and rewrites the model copy from them.
+    pub(crate) fn restore_values(&mut self, new: &[f32]) -> Result<()> {
+        let device = self.device;
+        match &mut self.storage {
+            Storage::Host { values, model, .. } => {
+                values.copy_from_slice(new);
+                if let Some(m) = model {
+                    m.write_f32(0, new);
+                }
+                Ok(())
+            }
+            Storage::Cuda(d) => {
+                d.rt.stream
+                    .memcpy_htod(new, &mut d.values)
+                    .map_err(driver_error(device, 0))?;
+                if let Some(m) = &mut d.model {
+                    m.write(&d.rt.stream, 0, new, device)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn no_model_copy() -> Error {
+    Error::InvalidHyperparameter("this parameter set keeps no model copy".into())
 }

@@ -25,6 +25,14 @@ pub struct LaunchPlan {
 /// CPU chunk: 32 Ki elements keeps Adam's five streams of one chunk inside a core's L2.
 pub const CPU_CHUNK_ELEMS: usize = 1 << 15;
 
+/// GPU chunk size for `total` arena elements on a card with `sm_count` multiprocessors: small
+/// enough that the plan has about eight blocks per SM (a small model still fills the card), within
+/// 4 Ki..64 Ki elements (each block's share of work stays long enough to amortise its setup).
+pub fn cuda_chunk_elems(total: usize, sm_count: usize) -> usize {
+    let target = total.div_ceil(sm_count.max(1) * 8);
+    target.next_power_of_two().clamp(1 << 12, 1 << 16)
+}
+
 impl LaunchPlan {
     /// Cuts `layout`'s arena into chunks of `chunk_elems` (a multiple of the layout alignment).
     pub fn new(layout: &Layout, chunk_elems: usize) -> Self {

@@ -28,7 +28,7 @@ fn small() -> Optimizer {
 
 /// Everything observable about an optimizer, for "nothing changed" checks.
 fn snapshot(opt: &Optimizer) -> Vec<Vec<f32>> {
-    let mut out = vec![vec![opt.step_count() as f32]];
+    let mut out = vec![vec![opt.step_count().unwrap() as f32]];
     for t in ["w", "b"] {
         out.push(opt.params().param(t).unwrap().to_vec());
         for s in opt.state_names() {
@@ -117,7 +117,7 @@ fn bad_access_and_hyperparameters_change_nothing() {
         Err(Error::InvalidHyperparameter(_))
     ));
     assert_eq!(snapshot(&opt), before);
-    let params = opt.params().clone();
+    let params = opt.params().try_clone().unwrap();
     let bad_rules: Vec<Rule> = vec![
         Adam {
             beta1: 1.0,
@@ -153,7 +153,7 @@ fn bad_access_and_hyperparameters_change_nothing() {
     for rule in bad_rules {
         assert!(
             matches!(
-                Optimizer::new(params.clone(), rule.clone()),
+                Optimizer::new(params.try_clone().unwrap(), rule.clone()),
                 Err(Error::InvalidHyperparameter(_))
             ),
             "{rule:?} accepted"
@@ -173,13 +173,14 @@ fn non_finite_gradients_follow_the_policy() {
         let mut opt = small();
         let before = snapshot(&opt);
         opt.params_mut().set_grad("b", &[0.1, bad, 0.3]).unwrap();
-        let report = opt.step().unwrap();
+        opt.step().unwrap();
+        let report = opt.report().unwrap();
         assert!(report.skipped && !report.global_norm.unwrap().is_finite());
         assert_eq!(snapshot(&opt), before);
 
         // Error: a typed error, nothing changed.
         let mut opt = Optimizer::with_options(
-            small().params().clone(),
+            small().params().try_clone().unwrap(),
             Adam::preset(Flavor::PyTorch),
             OptimizerOptions {
                 clip: None,
@@ -196,7 +197,7 @@ fn non_finite_gradients_follow_the_policy() {
         // Propagate with PyTorch clipping: NaN norm → every parameter NaN; ∞ norm → finite
         // gradients become 0 (so Adam's first step leaves those parameters unchanged).
         let mut opt = Optimizer::with_options(
-            small().params().clone(),
+            small().params().try_clone().unwrap(),
             Adam::preset(Flavor::PyTorch),
             OptimizerOptions {
                 clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
@@ -208,7 +209,8 @@ fn non_finite_gradients_follow_the_policy() {
         opt.params_mut().set_grad("w", &[0.1; 6]).unwrap();
         opt.params_mut().set_grad("b", &[0.1, bad, 0.3]).unwrap();
         let w0 = opt.params().param("w").unwrap().to_vec();
-        let report = opt.step().unwrap();
+        opt.step().unwrap();
+        let report = opt.report().unwrap();
         assert!(!report.skipped);
         let w = opt.params().param("w").unwrap();
         if bad.is_nan() {
@@ -259,12 +261,16 @@ fn an_attached_schedule_drives_lr_and_skips_do_not_tick_it() {
         staircase: false,
     };
     opt.set_schedule(Some(Box::new(Counted::new(decay))));
-    assert_eq!(opt.step().unwrap().lr, 0.1);
-    assert_eq!(opt.step().unwrap().lr, 0.05);
+    opt.step().unwrap();
+    assert_eq!(opt.report().unwrap().lr, 0.1);
+    opt.step().unwrap();
+    assert_eq!(opt.report().unwrap().lr, 0.05);
     opt.params_mut().set_grad("b", &[f32::NAN; 3]).unwrap();
-    assert!(opt.step().unwrap().skipped);
+    opt.step().unwrap();
+    assert!(opt.report().unwrap().skipped);
     opt.params_mut().set_grad("b", &[0.1; 3]).unwrap();
-    assert_eq!(opt.step().unwrap().lr, 0.025);
+    opt.step().unwrap();
+    assert_eq!(opt.report().unwrap().lr, 0.025);
 }
 
 #[test]

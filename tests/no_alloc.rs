@@ -38,7 +38,7 @@ fn steps_do_not_allocate() {
             .unwrap();
     }
     let mut set = b.build(Device::Cpu).unwrap();
-    set.grads_arena_mut().fill(0.01);
+    set.grads_arena_mut().unwrap().fill(0.01);
     let options = OptimizerOptions {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         ..Default::default()

@@ -1,5 +1,10 @@
-//! The CUDA side: the kernels build.rs embedded. The device runtime (context, streams, module
-//! loading, launches) builds on these.
+//! The CUDA side: kernels embedded by build.rs, the device runtime, device arenas and the engine
+//! that runs a step on the GPU. Raw `unsafe` launches live here and nowhere else.
+
+pub mod abi;
+pub mod arena;
+pub mod engine;
+pub mod runtime;
 
 /// Fatbins and kernel sources embedded at build time.
 pub mod kernels {

@@ -10,9 +10,11 @@ pub use config::{
 
 use crate::arena::Arena;
 use crate::clip::GlobalNormClip;
+use crate::cuda::abi::StepState;
+use crate::cuda::engine::CudaEngine;
 use crate::engine::cpu::CpuEngine;
 use crate::error::{Error, Result};
-use crate::params::ParamSet;
+use crate::params::{ParamSet, Storage};
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
 use crate::schedule::LrSchedule;
 use crate::{DType, Device};
@@ -147,20 +149,35 @@ fn validate_loss_scale(options: &OptimizerOptions) -> Result<()> {
     }
 }
 
-/// Runs one update rule over every tensor of a parameter set as one fused step.
-#[derive(Clone, Debug)]
+/// The CPU engine with the state and bookkeeping a CPU step keeps on the host.
+#[derive(Debug)]
+struct CpuSteps {
+    engine: CpuEngine,
+    state: Vec<Arena>,
+    coeffs: Vec<StepCoefficients>,
+    step: u64,
+    /// Current loss scale and the applied steps since it last changed (dynamic scaling).
+    loss_scale: f64,
+    good_steps: u64,
+    report: StepReport,
+}
+
+/// Where a step runs.
+#[derive(Debug)]
+enum Engine {
+    Cpu(CpuSteps),
+    Cuda(Box<CudaEngine>),
+}
+
+/// Runs one update rule over every tensor of a parameter set as one fused step, on the device the
+/// parameter set lives on.
+#[derive(Debug)]
 pub struct Optimizer {
     params: ParamSet,
     rule: Rule,
     options: OptimizerOptions,
     lr: f64,
-    step: u64,
-    state: Vec<Arena>,
-    /// Current loss scale and the applied steps since it last changed (dynamic scaling).
-    loss_scale: f64,
-    good_steps: u64,
-    engine: CpuEngine,
-    coeffs: Vec<StepCoefficients>,
+    engine: Engine,
     schedule: Option<Box<dyn LrSchedule>>,
 }
 
@@ -188,7 +205,7 @@ impl Optimizer {
     }
 
     pub fn with_options(
-        params: ParamSet,
+        mut params: ParamSet,
         rule: impl Into<Rule>,
         options: OptimizerOptions,
     ) -> Result<Self> {
@@ -209,107 +226,111 @@ impl Optimizer {
                     .into(),
             ));
         }
-        if params.device() != Device::Cpu {
-            params.device().check()?;
-        }
-        let len = params.layout().arena_len();
-        let state = rule
-            .state_names()
-            .iter()
-            .map(|name| Arena::filled(options.state_dtype, len, rule.state_initial_value(name)))
-            .collect::<Result<Vec<_>>>()?;
-        let engine = CpuEngine::new(LaunchPlan::new(params.layout(), CPU_CHUNK_ELEMS));
+        let lr = rule.lr();
+        let layout = params.layout().clone();
+        let engine = match params.storage_mut() {
+            Storage::Host { .. } => {
+                let len = layout.arena_len();
+                let state = rule
+                    .state_names()
+                    .iter()
+                    .map(|n| Arena::filled(options.state_dtype, len, rule.state_initial_value(n)))
+                    .collect::<Result<Vec<_>>>()?;
+                let loss_scale = options.loss_scale.initial();
+                Engine::Cpu(CpuSteps {
+                    engine: CpuEngine::new(LaunchPlan::new(&layout, CPU_CHUNK_ELEMS)),
+                    state,
+                    coeffs: Vec::with_capacity(layout.groups().len()),
+                    step: 0,
+                    loss_scale,
+                    good_steps: 0,
+                    report: StepReport {
+                        step: 0,
+                        lr,
+                        global_norm: None,
+                        clip_factor: 1.0,
+                        skipped: false,
+                        loss_scale,
+                    },
+                })
+            }
+            Storage::Cuda(d) => {
+                Engine::Cuda(Box::new(CudaEngine::new(d, &layout, &rule, &options, lr)?))
+            }
+        };
         Ok(Optimizer {
-            lr: rule.lr(),
-            coeffs: Vec::with_capacity(params.layout().groups().len()),
+            lr,
             params,
             rule,
             options,
-            step: 0,
-            state,
-            loss_scale: options.loss_scale.initial(),
-            good_steps: 0,
             engine,
             schedule: None,
         })
     }
 
     /// One fused step over all tensors: norm pass (when needed), then the update with clipping,
-    /// weight decay and the rule applied element by element.
-    pub fn step(&mut self) -> Result<StepReport> {
+    /// loss-scale unscaling, weight decay and the rule applied element by element. On a GPU this
+    /// only enqueues work: nothing waits for the device (except with [`NonFinitePolicy::Error`],
+    /// which must read the verdict back); [`Optimizer::report`] reads the outcome when asked.
+    pub fn step(&mut self) -> Result<()> {
         if let Some(s) = &self.schedule {
             self.set_lr(s.lr())?;
         }
-        let needs_norm = self.options.clip.is_some()
-            || self.options.non_finite != NonFinitePolicy::Propagate
-            || matches!(self.options.loss_scale, LossScale::Dynamic { .. });
-        let inv_scale = 1.0 / self.loss_scale;
-        let norm = needs_norm
-            .then(|| self.engine.sum_of_squares(self.params.grads_arena()).sqrt() * inv_scale);
-        let mut report = StepReport {
-            step: self.step,
-            lr: self.lr,
-            global_norm: norm,
-            clip_factor: 1.0,
-            skipped: false,
-            loss_scale: self.loss_scale,
-        };
-        if let Some(n) = norm.filter(|n| !n.is_finite()) {
-            if let LossScale::Dynamic { backoff_factor, .. } = self.options.loss_scale {
-                self.loss_scale *= backoff_factor;
-                self.good_steps = 0;
-                report.skipped = true;
-                return Ok(report);
-            }
-            match self.options.non_finite {
-                NonFinitePolicy::Skip => {
-                    report.skipped = true;
-                    return Ok(report);
+        let applied = match &mut self.engine {
+            Engine::Cpu(cpu) => cpu.step(&mut self.params, &self.rule, &self.options, self.lr)?,
+            Engine::Cuda(engine) => {
+                let Storage::Cuda(d) = self.params.storage_mut() else {
+                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                };
+                engine.step(d)?;
+                if self.options.non_finite == NonFinitePolicy::Error {
+                    let st = engine.read_state()?;
+                    if st.skip != 0 {
+                        return Err(Error::NonFiniteGradient { norm: st.norm });
+                    }
                 }
-                NonFinitePolicy::Error => return Err(Error::NonFiniteGradient { norm: n }),
-                NonFinitePolicy::Propagate => {}
+                // The host cannot know about a skip without synchronising: on a GPU an attached
+                // schedule ticks on every call.
+                true
+            }
+        };
+        if applied {
+            if let Some(s) = &mut self.schedule {
+                s.step();
             }
         }
-        if let (Some(clip), Some(n)) = (self.options.clip, norm) {
-            report.clip_factor = clip.factor(n);
+        Ok(())
+    }
+
+    /// Captures the whole step (norm pass + update) as a CUDA graph; every later
+    /// [`Optimizer::step`] replays it, reading the current lr, step count and loss scale from
+    /// device memory. CUDA only.
+    pub fn capture_graph(&mut self) -> Result<()> {
+        match (&mut self.engine, self.params.storage_mut()) {
+            (Engine::Cuda(engine), Storage::Cuda(d)) => engine.capture(d),
+            _ => Err(Error::InvalidHyperparameter(
+                "CUDA graphs need a parameter set on a CUDA device".into(),
+            )),
         }
-        let sign = if self.rule.maximize() { -1.0 } else { 1.0 };
-        let step = self.step + 1;
-        self.coeffs.clear();
-        for group in self.params.layout().groups() {
-            let wd = self.rule.weight_decay();
-            let ctx = StepContext {
-                lr: self.lr * group.options.lr_scale,
-                weight_decay: group
-                    .options
-                    .weight_decay
-                    .map_or(wd, |l| wd.with_coefficient(l)),
-                step,
-                grad_scale: report.clip_factor * inv_scale * sign,
-            };
-            self.coeffs.push(StepCoefficients::new(&self.rule, &ctx));
-        }
-        let (values, grads, model) = self.params.split_mut();
-        self.engine
-            .update(values, grads, &mut self.state, model, &self.coeffs);
-        self.step = step;
-        report.step = step;
-        if let LossScale::Dynamic {
-            growth_factor,
-            growth_interval,
-            ..
-        } = self.options.loss_scale
-        {
-            self.good_steps += 1;
-            if self.good_steps >= growth_interval {
-                self.loss_scale *= growth_factor;
-                self.good_steps = 0;
+    }
+
+    /// What the last step did (the initial state before any). On a GPU this reads device memory
+    /// and so waits for the queued work.
+    pub fn report(&self) -> Result<StepReport> {
+        match &self.engine {
+            Engine::Cpu(cpu) => Ok(cpu.report),
+            Engine::Cuda(engine) => {
+                let st = engine.read_state()?;
+                Ok(StepReport {
+                    step: st.step,
+                    lr: self.lr,
+                    global_norm: (!st.norm.is_nan() || st.skip != 0).then_some(st.norm),
+                    clip_factor: st.clip_factor,
+                    skipped: st.skip != 0,
+                    loss_scale: st.step_loss_scale,
+                })
             }
         }
-        if let Some(s) = &mut self.schedule {
-            s.step();
-        }
-        Ok(report)
     }
 
     pub fn params(&self) -> &ParamSet {
@@ -333,27 +354,37 @@ impl Optimizer {
         self.lr
     }
 
-    /// Sets the learning rate for the next steps; a scalar change, nothing is rebuilt.
+    /// Sets the learning rate for the next steps; a scalar write (to device memory on a GPU, in
+    /// stream order), nothing is rebuilt and a captured graph stays valid.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(Error::InvalidHyperparameter(format!(
                 "lr must be finite and >= 0, got {lr}"
             )));
         }
+        if let Engine::Cuda(engine) = &mut self.engine {
+            engine.set_lr(lr)?;
+        }
         self.lr = lr;
         Ok(())
     }
 
     /// Lets `schedule` set the lr of every step; it ticks once per applied step (skipped steps do
-    /// not advance it, as Keras' and Optax's iteration counts do not). PyTorch-style per-epoch
-    /// schedulers are better ticked by the caller with [`Optimizer::set_lr`].
+    /// not advance it, as Keras' and Optax's iteration counts do not; on a GPU it ticks on every
+    /// call). PyTorch-style per-epoch schedulers are better ticked by the caller with
+    /// [`Optimizer::set_lr`].
     pub fn set_schedule(&mut self, schedule: Option<Box<dyn LrSchedule>>) {
         self.schedule = schedule;
     }
 
-    /// Steps applied so far (skipped steps do not count).
-    pub fn step_count(&self) -> u64 {
-        self.step
+    /// Steps applied so far (skipped steps do not count). Reads device memory on a GPU.
+    pub fn step_count(&self) -> Result<u64> {
+        Ok(self.saved()?.step)
+    }
+
+    /// The loss scale the next step divides gradients by. Reads device memory on a GPU.
+    pub fn loss_scale(&self) -> Result<f64> {
+        Ok(self.saved()?.loss_scale)
     }
 
     /// Names of the state buffers this optimizer keeps.
@@ -361,16 +392,19 @@ impl Optimizer {
         self.rule.state_names()
     }
 
-    /// One tensor's part of a state buffer, widened to f32.
+    /// One tensor's part of a state buffer, widened to f32 and copied out.
     pub fn state(&self, buffer: &str, tensor: &str) -> Result<Vec<f32>> {
         let slot = self.state_slot(buffer)?;
         let r = self.params.layout().tensor(tensor)?.range();
-        Ok(self.state[slot].to_f32(r))
-    }
-
-    /// The loss scale the next step divides gradients by.
-    pub fn loss_scale(&self) -> f64 {
-        self.loss_scale
+        match &self.engine {
+            Engine::Cpu(cpu) => Ok(cpu.state[slot].to_f32(r)),
+            Engine::Cuda(engine) => {
+                let Storage::Cuda(d) = self.params.storage() else {
+                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                };
+                engine.state[slot].read(&d.rt.stream, r, self.device())
+            }
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -378,7 +412,10 @@ impl Optimizer {
     }
 
     pub fn plan(&self) -> &LaunchPlan {
-        self.engine.plan()
+        match &self.engine {
+            Engine::Cpu(cpu) => cpu.engine.plan(),
+            Engine::Cuda(engine) => engine.plan(),
+        }
     }
 
     fn state_slot(&self, buffer: &str) -> Result<usize> {
@@ -389,32 +426,175 @@ impl Optimizer {
             .ok_or_else(|| Error::UnknownTensor(format!("state buffer '{buffer}'")))
     }
 
-    /// Replaces everything a checkpoint holds; the caller has validated it against this layout.
-    pub(crate) fn restore(&mut self, saved: Saved, values: Vec<f32>, state: Vec<Arena>) {
-        self.rule = saved.rule;
-        self.options = saved.options;
-        self.lr = saved.lr;
-        self.step = saved.step;
-        self.loss_scale = saved.loss_scale;
-        self.good_steps = saved.good_steps;
-        self.params.values_arena_mut().copy_from_slice(&values);
-        self.params.refresh_model_copy();
-        self.state = state;
-    }
-
     /// The scalar part of the optimizer that a checkpoint records.
-    pub(crate) fn saved(&self) -> Saved {
-        Saved {
+    pub(crate) fn saved(&self) -> Result<Saved> {
+        let (step, loss_scale, good_steps) = match &self.engine {
+            Engine::Cpu(cpu) => (cpu.step, cpu.loss_scale, cpu.good_steps),
+            Engine::Cuda(engine) => {
+                let st = engine.read_state()?;
+                (st.step, st.loss_scale, st.good_steps)
+            }
+        };
+        Ok(Saved {
             rule: self.rule.clone(),
             options: self.options,
             lr: self.lr,
-            step: self.step,
-            loss_scale: self.loss_scale,
-            good_steps: self.good_steps,
+            step,
+            loss_scale,
+            good_steps,
+        })
+    }
+
+    /// Every state buffer, on the host (copied from the device on a GPU).
+    pub(crate) fn state_snapshot(&self) -> Result<Vec<Arena>> {
+        match &self.engine {
+            Engine::Cpu(cpu) => Ok(cpu.state.clone()),
+            Engine::Cuda(engine) => {
+                let Storage::Cuda(d) = self.params.storage() else {
+                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                };
+                let len = self.params.layout().arena_len();
+                engine
+                    .state
+                    .iter()
+                    .map(|a| {
+                        let mut host = Arena::filled(a.dtype(), len, 0.0)?;
+                        host.write_f32(0, &a.read(&d.rt.stream, 0..len, self.device())?);
+                        Ok(host)
+                    })
+                    .collect()
+            }
         }
     }
 
-    pub(crate) fn state_arenas(&self) -> &[Arena] {
-        &self.state
+    /// Replaces everything a checkpoint holds; the caller has validated it against this layout
+    /// and rule. Device buffers are overwritten in place, so a captured graph stays valid.
+    pub(crate) fn restore(
+        &mut self,
+        saved: Saved,
+        values: &[f32],
+        state: Vec<Arena>,
+    ) -> Result<()> {
+        self.params.restore_values(values)?;
+        match &mut self.engine {
+            Engine::Cpu(cpu) => {
+                cpu.state = state;
+                cpu.step = saved.step;
+                cpu.loss_scale = saved.loss_scale;
+                cpu.good_steps = saved.good_steps;
+            }
+            Engine::Cuda(engine) => {
+                let len = self.params.layout().arena_len();
+                let Storage::Cuda(d) = self.params.storage_mut() else {
+                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                };
+                for (dst, src) in engine.state.iter_mut().zip(&state) {
+                    dst.write(&d.rt.stream, 0, &src.to_f32(0..len), d.rt.device)?;
+                }
+                engine.write_state(StepState {
+                    step: saved.step,
+                    loss_scale: saved.loss_scale,
+                    good_steps: saved.good_steps,
+                    grad_scale: 1.0,
+                    clip_factor: 1.0,
+                    step_loss_scale: saved.loss_scale,
+                    ..Default::default()
+                })?;
+                engine.set_lr(saved.lr)?;
+            }
+        }
+        self.rule = saved.rule;
+        self.options = saved.options;
+        self.lr = saved.lr;
+        Ok(())
+    }
+}
+
+impl CpuSteps {
+    /// One step on the host; returns whether it was applied.
+    fn step(
+        &mut self,
+        params: &mut ParamSet,
+        rule: &Rule,
+        options: &OptimizerOptions,
+        lr: f64,
+    ) -> Result<bool> {
+        let needs_norm = options.clip.is_some()
+            || options.non_finite != NonFinitePolicy::Propagate
+            || matches!(options.loss_scale, LossScale::Dynamic { .. });
+        let inv_scale = 1.0 / self.loss_scale;
+        let layout = params.layout().clone();
+        let Storage::Host {
+            values,
+            grads,
+            model,
+        } = params.storage_mut()
+        else {
+            return Err(Error::NotHostMemory(Device::Cpu));
+        };
+        let norm = needs_norm.then(|| self.engine.sum_of_squares(grads).sqrt() * inv_scale);
+        let mut report = StepReport {
+            step: self.step,
+            lr,
+            global_norm: norm,
+            clip_factor: 1.0,
+            skipped: false,
+            loss_scale: self.loss_scale,
+        };
+        if let Some(n) = norm.filter(|n| !n.is_finite()) {
+            if let LossScale::Dynamic { backoff_factor, .. } = options.loss_scale {
+                self.loss_scale *= backoff_factor;
+                self.good_steps = 0;
+                report.skipped = true;
+                self.report = report;
+                return Ok(false);
+            }
+            match options.non_finite {
+                NonFinitePolicy::Skip => {
+                    report.skipped = true;
+                    self.report = report;
+                    return Ok(false);
+                }
+                NonFinitePolicy::Error => return Err(Error::NonFiniteGradient { norm: n }),
+                NonFinitePolicy::Propagate => {}
+            }
+        }
+        if let (Some(clip), Some(n)) = (options.clip, norm) {
+            report.clip_factor = clip.factor(n);
+        }
+        let sign = if rule.maximize() { -1.0 } else { 1.0 };
+        let step = self.step + 1;
+        self.coeffs.clear();
+        for group in layout.groups() {
+            let wd = rule.weight_decay();
+            let ctx = StepContext {
+                lr: lr * group.options.lr_scale,
+                weight_decay: group
+                    .options
+                    .weight_decay
+                    .map_or(wd, |l| wd.with_coefficient(l)),
+                step,
+                grad_scale: report.clip_factor * inv_scale * sign,
+            };
+            self.coeffs.push(StepCoefficients::new(rule, &ctx));
+        }
+        self.engine
+            .update(values, grads, &mut self.state, model.as_mut(), &self.coeffs);
+        self.step = step;
+        report.step = step;
+        if let LossScale::Dynamic {
+            growth_factor,
+            growth_interval,
+            ..
+        } = options.loss_scale
+        {
+            self.good_steps += 1;
+            if self.good_steps >= growth_interval {
+                self.loss_scale *= growth_factor;
+                self.good_steps = 0;
+            }
+        }
+        self.report = report;
+        Ok(true)
     }
 }

@@ -1,0 +1,205 @@
+//! Host mirrors of the structs the kernels read (kernels/multi_tensor.cuh, rules.cuh, norm.cu),
+//! field for field, `#[repr(C)]`.
+
+use cudarc::driver::DeviceRepr;
+
+use crate::clip::ClipFormula;
+use crate::optim::{
+    AdamEps, AmsGrad, EpsPlacement, LossScale, LrPlacement, MomentumInit, NonFinitePolicy,
+    OptimizerOptions, Rule, WeightDecay,
+};
+use crate::params::GroupOptions;
+use crate::plan::Segment;
+
+/// `Segment` in multi_tensor.cuh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DeviceSegment {
+    pub start: u64,
+    pub len: u32,
+    pub group: u32,
+}
+
+impl From<&Segment> for DeviceSegment {
+    fn from(s: &Segment) -> Self {
+        // Segments are at most one chunk long and groups are few: both fit in u32 (the plan is
+        // built with chunks of at most 2^20 elements).
+        DeviceSegment {
+            start: s.start as u64,
+            len: s.len as u32,
+            group: s.group as u32,
+        }
+    }
+}
+
+pub const NESTEROV: u32 = 1 << 0;
+pub const COPY_FIRST: u32 = 1 << 1;
+pub const LR_INSIDE: u32 = 1 << 2;
+pub const EPS_RAW: u32 = 1 << 3;
+pub const AMS_CORRECTED: u32 = 1 << 4;
+pub const EPS_INSIDE: u32 = 1 << 5;
+pub const CENTERED: u32 = 1 << 6;
+pub const BIAS_CORRECTION: u32 = 1 << 7;
+pub const ZERO_WHERE_EMPTY: u32 = 1 << 8;
+
+/// `GroupConfig` in rules.cuh: one parameter group's rule, uploaded once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GroupConfig {
+    pub lr_scale: f64,
+    pub decay: f64,
+    pub sign: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub eps_root: f64,
+    pub alpha: f64,
+    pub lr_decay: f64,
+    pub decay_kind: u32,
+    pub flags: u32,
+}
+
+impl GroupConfig {
+    pub fn new(rule: &Rule, group: &GroupOptions) -> Self {
+        let wd = rule.weight_decay();
+        let wd = group.weight_decay.map_or(wd, |l| wd.with_coefficient(l));
+        let mut c = GroupConfig {
+            lr_scale: group.lr_scale,
+            decay: wd.coefficient(),
+            decay_kind: match wd {
+                WeightDecay::None => 0,
+                WeightDecay::L2(_) => 1,
+                WeightDecay::L1(_) => 2,
+                WeightDecay::Decoupled(_) => 3,
+            },
+            sign: 1.0,
+            ..Default::default()
+        };
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+        match rule {
+            Rule::Sgd(r) => {
+                c.sign = if r.maximize { -1.0 } else { 1.0 };
+                c.momentum = r.momentum;
+                c.dampening = r.dampening;
+                c.flags = flag(r.nesterov, NESTEROV)
+                    | flag(r.momentum_init == MomentumInit::CopyGrad, COPY_FIRST)
+                    | flag(r.lr_placement == LrPlacement::Inside, LR_INSIDE);
+            }
+            Rule::Adam(r) => {
+                c.sign = if r.maximize { -1.0 } else { 1.0 };
+                c.beta1 = r.beta1;
+                c.beta2 = r.beta2;
+                c.eps = r.eps;
+                c.eps_root = r.eps_root;
+                c.flags = flag(r.eps_scale == AdamEps::Raw, EPS_RAW)
+                    | flag(r.amsgrad == AmsGrad::MaxCorrected, AMS_CORRECTED);
+            }
+            Rule::RmsProp(r) => {
+                c.sign = if r.maximize { -1.0 } else { 1.0 };
+                c.alpha = r.alpha;
+                c.eps = r.eps;
+                c.momentum = r.momentum;
+                c.flags = flag(r.nesterov, NESTEROV)
+                    | flag(r.lr_placement == LrPlacement::Inside, LR_INSIDE)
+                    | flag(r.eps_placement == EpsPlacement::InsideSqrt, EPS_INSIDE)
+                    | flag(r.centered, CENTERED)
+                    | flag(r.bias_correction, BIAS_CORRECTION);
+            }
+            Rule::Adagrad(r) => {
+                c.sign = if r.maximize { -1.0 } else { 1.0 };
+                c.eps = r.eps;
+                c.lr_decay = r.lr_decay;
+                c.flags = flag(r.eps_placement == EpsPlacement::InsideSqrt, EPS_INSIDE)
+                    | flag(r.zero_where_empty, ZERO_WHERE_EMPTY);
+            }
+        }
+        c
+    }
+}
+
+/// `StepState` in multi_tensor.cuh: everything that changes from step to step, in device memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepState {
+    pub step: u64,
+    pub loss_scale: f64,
+    pub good_steps: u64,
+    pub norm: f64,
+    pub grad_scale: f64,
+    pub clip_factor: f64,
+    pub step_loss_scale: f64,
+    pub skip: u32,
+    pub done: u32,
+}
+
+/// `NormParams` in norm.cu: the step-wide options, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NormParams {
+    pub max_norm: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u64,
+    pub clip_formula: i32,
+    pub policy: i32,
+    pub dynamic_scale: i32,
+    pub pad: i32,
+}
+
+impl NormParams {
+    pub fn new(o: &OptimizerOptions) -> Self {
+        let mut q = NormParams {
+            policy: match o.non_finite {
+                NonFinitePolicy::Skip => 0,
+                NonFinitePolicy::Propagate => 1,
+                NonFinitePolicy::Error => 2,
+            },
+            ..Default::default()
+        };
+        if let Some(clip) = o.clip {
+            q.max_norm = clip.max_norm;
+            q.clip_formula = match clip.formula {
+                ClipFormula::PyTorch => 1,
+                ClipFormula::Keras => 2,
+                ClipFormula::Optax => 3,
+            };
+        }
+        if let LossScale::Dynamic {
+            growth_factor,
+            backoff_factor,
+            growth_interval,
+            ..
+        } = o.loss_scale
+        {
+            q.dynamic_scale = 1;
+            q.growth_factor = growth_factor;
+            q.backoff_factor = backoff_factor;
+            q.growth_interval = growth_interval;
+        }
+        q
+    }
+}
+
+// SAFETY: each type is `#[repr(C)]`, made only of plain integers and floats, and laid out field for
+// field like its CUDA counterpart named above; the kernels read them by value or through pointers
+// to device copies, so passing their bytes is exactly what the kernels expect.
+unsafe impl DeviceRepr for DeviceSegment {}
+unsafe impl DeviceRepr for GroupConfig {}
+unsafe impl DeviceRepr for StepState {}
+unsafe impl DeviceRepr for NormParams {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_cuda_structs() {
+        // Sizes the CUDA compiler gives these structs (natural alignment, no packing).
+        assert_eq!(std::mem::size_of::<DeviceSegment>(), 16);
+        assert_eq!(std::mem::size_of::<GroupConfig>(), 11 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<StepState>(), 7 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
+    }
+}

@@ -1,0 +1,332 @@
+//! The CUDA engine: the launch plan resident on the device, the per-group configs, the step state
+//! in device memory, and the two launches of a step (norm pass, fused update), optionally captured
+//! as a CUDA graph. Nothing in a step synchronises with the host.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::abi::{DeviceSegment, GroupConfig, NormParams, StepState};
+use super::arena::DeviceArena;
+use super::runtime::{driver_error, CudaRuntime};
+use crate::error::{Error, Result};
+use crate::optim::{AmsGrad, LossScale, NonFinitePolicy, OptimizerOptions, Rule};
+use crate::params::Layout;
+use crate::plan::{cuda_chunk_elems, LaunchPlan};
+use crate::DType;
+
+const BLOCK: u32 = 256;
+
+/// The device-side parameter storage a step reads and writes (owned by the parameter set).
+#[derive(Debug)]
+pub struct DeviceParams {
+    pub(crate) rt: Arc<CudaRuntime>,
+    pub(crate) values: CudaSlice<f32>,
+    pub(crate) grads: DeviceArena,
+    pub(crate) model: Option<DeviceArena>,
+}
+
+pub struct CudaEngine {
+    rt: Arc<CudaRuntime>,
+    update: CudaFunction,
+    norm: CudaFunction,
+    advance: CudaFunction,
+    plan: LaunchPlan,
+    segments: CudaSlice<DeviceSegment>,
+    configs: CudaSlice<GroupConfig>,
+    step_state: CudaSlice<StepState>,
+    lr: CudaSlice<f64>,
+    partials: CudaSlice<f64>,
+    norm_params: NormParams,
+    needs_norm: bool,
+    pub(crate) state: Vec<DeviceArena>,
+    graph: Option<CudaGraph>,
+}
+
+/// The kernel family of a rule (kernels/update.cu).
+fn kernel_family(rule: &Rule) -> &'static str {
+    match rule {
+        Rule::Sgd(r) if r.momentum != 0.0 => "sgd_momentum",
+        Rule::Sgd(_) => "sgd_plain",
+        Rule::Adam(r) if r.amsgrad != AmsGrad::Off => "adam_amsgrad",
+        Rule::Adam(_) => "adam",
+        Rule::RmsProp(r) => match (r.centered, r.momentum != 0.0) {
+            (false, false) => "rmsprop",
+            (true, false) => "rmsprop_centered",
+            (false, true) => "rmsprop_momentum",
+            (true, true) => "rmsprop_centered_momentum",
+        },
+        Rule::Adagrad(_) => "adagrad",
+    }
+}
+
+fn dtype_suffix(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+    }
+}
+
+/// Pushes an arena's device pointer, whatever its dtype.
+fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
+    match a {
+        DeviceArena::F32(s) => b.arg(s),
+        DeviceArena::BF16(s) => b.arg(s),
+        DeviceArena::F16(s) => b.arg(s),
+    };
+}
+
+impl CudaEngine {
+    pub fn new(
+        params: &DeviceParams,
+        layout: &Layout,
+        rule: &Rule,
+        options: &OptimizerOptions,
+        lr: f64,
+    ) -> Result<Self> {
+        let rt = params.rt.clone();
+        let dev = rt.device;
+        let stream = &rt.stream;
+        let update_module = rt.module("update")?;
+        let norm_module = rt.module("norm")?;
+        let name = format!(
+            "update_{}_{}_{}",
+            kernel_family(rule),
+            dtype_suffix(params.grads.dtype()),
+            dtype_suffix(options.state_dtype)
+        );
+        let update = rt.function(&update_module, &name)?;
+        let norm = rt.function(
+            &norm_module,
+            &format!("norm_{}", dtype_suffix(params.grads.dtype())),
+        )?;
+        let advance = rt.function(&norm_module, "advance_step")?;
+
+        let plan = LaunchPlan::new(layout, cuda_chunk_elems(layout.arena_len(), rt.sm_count));
+        let segments: Vec<DeviceSegment> = plan.segments().iter().map(Into::into).collect();
+        let configs: Vec<GroupConfig> = layout
+            .groups()
+            .iter()
+            .map(|g| GroupConfig::new(rule, &g.options))
+            .collect();
+        let initial = StepState {
+            loss_scale: match options.loss_scale {
+                LossScale::None => 1.0,
+                LossScale::Static(s) => s,
+                LossScale::Dynamic { init_scale, .. } => init_scale,
+            },
+            grad_scale: 1.0,
+            clip_factor: 1.0,
+            ..Default::default()
+        };
+        let bytes = |n: usize, size: usize| n.saturating_mul(size);
+        let err = |n| driver_error(dev, n);
+        let state = rule
+            .state_names()
+            .iter()
+            .map(|n| {
+                DeviceArena::filled(
+                    stream,
+                    options.state_dtype,
+                    layout.arena_len(),
+                    rule.state_initial_value(n),
+                    dev,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // `clone_htod` of an empty slice is a zero-length allocation, which CUDA refuses: keep
+        // one element in every table.
+        let segments_dev = stream
+            .clone_htod(&nonempty(segments))
+            .map_err(err(bytes(plan.segments().len(), 16)))?;
+        let configs_dev = stream.clone_htod(&configs).map_err(err(0))?;
+        let step_state = stream.clone_htod(&[initial]).map_err(err(0))?;
+        let lr_dev = stream.clone_htod(&[lr]).map_err(err(0))?;
+        let partials = stream
+            .alloc_zeros::<f64>(plan.num_chunks().max(1))
+            .map_err(err(bytes(plan.num_chunks(), 8)))?;
+        Ok(CudaEngine {
+            needs_norm: options.clip.is_some()
+                || options.non_finite != NonFinitePolicy::Propagate
+                || matches!(options.loss_scale, LossScale::Dynamic { .. }),
+            norm_params: NormParams::new(options),
+            rt,
+            update,
+            norm,
+            advance,
+            plan,
+            segments: segments_dev,
+            configs: configs_dev,
+            step_state,
+            lr: lr_dev,
+            partials,
+            state,
+            graph: None,
+        })
+    }
+
+    pub fn plan(&self) -> &LaunchPlan {
+        &self.plan
+    }
+
+    /// Sets the lr the next step reads, in stream order (a replayed graph reads it too).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.rt
+            .stream
+            .memcpy_htod(&[lr], &mut self.lr)
+            .map_err(driver_error(self.rt.device, 0))
+    }
+
+    /// Enqueues one step (or replays the captured graph).
+    pub fn step(&mut self, p: &mut DeviceParams) -> Result<()> {
+        match &self.graph {
+            Some(graph) => graph.launch().map_err(driver_error(self.rt.device, 0)),
+            None => self.enqueue(p),
+        }
+    }
+
+    /// Captures the whole step (norm pass + update) as a CUDA graph; later steps replay it.
+    pub fn capture(&mut self, p: &mut DeviceParams) -> Result<()> {
+        let dev = self.rt.device;
+        self.graph = None;
+        self.rt
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_error(dev, 0))?;
+        let enqueued = self.enqueue(p);
+        let graph = self
+            .rt
+            .stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .map_err(driver_error(dev, 0))?;
+        enqueued?;
+        self.graph =
+            Some(graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?);
+        Ok(())
+    }
+
+    pub fn has_graph(&self) -> bool {
+        self.graph.is_some()
+    }
+
+    fn enqueue(&mut self, p: &mut DeviceParams) -> Result<()> {
+        let dev = self.rt.device;
+        let stream = &self.rt.stream;
+        let len = self.plan.num_chunks() as u64 * self.plan.chunk_elems() as u64;
+        let arena_len = match &p.grads {
+            DeviceArena::F32(s) => s.len(),
+            DeviceArena::BF16(s) => s.len(),
+            DeviceArena::F16(s) => s.len(),
+        } as u64;
+        debug_assert!(arena_len <= len);
+        if self.needs_norm && self.plan.num_chunks() > 0 {
+            let chunk = self.plan.chunk_elems() as u32;
+            let mut b = stream.launch_builder(&self.norm);
+            push_arena(&mut b, &p.grads);
+            b.arg(&arena_len)
+                .arg(&chunk)
+                .arg(&mut self.partials)
+                .arg(&mut self.step_state)
+                .arg(&self.norm_params);
+            let cfg = LaunchConfig {
+                grid_dim: (self.plan.num_chunks() as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `norm_<dtype>` in kernels/norm.cu in order and type:
+            // the gradient arena of the dtype named by this kernel, its length, the chunk size,
+            // `num_chunks` f64 partials, the step state and the norm parameters by value.
+            unsafe { b.launch(cfg) }.map_err(driver_error(dev, 0))?;
+        } else {
+            let mut b = stream.launch_builder(&self.advance);
+            b.arg(&mut self.step_state).arg(&self.norm_params);
+            // SAFETY: matches `advance_step(StepState*, NormParams)` in kernels/norm.cu.
+            unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(driver_error(dev, 0))?;
+        }
+        let segments = self.plan.segments().len() as u32;
+        if segments == 0 {
+            return Ok(());
+        }
+        let null = 0u64;
+        let (model_kind, model): (i32, Option<&DeviceArena>) = match &p.model {
+            Some(m @ DeviceArena::BF16(_)) => (1, Some(m)),
+            Some(m @ DeviceArena::F16(_)) => (2, Some(m)),
+            _ => (0, None),
+        };
+        let mut b = stream.launch_builder(&self.update);
+        b.arg(&self.segments)
+            .arg(&self.configs)
+            .arg(&self.step_state)
+            .arg(&self.lr)
+            .arg(&mut p.values);
+        push_arena(&mut b, &p.grads);
+        for slot in 0..3 {
+            match self.state.get(slot) {
+                Some(a) => push_arena(&mut b, a),
+                None => {
+                    b.arg(&null);
+                }
+            }
+        }
+        match model {
+            Some(m) => push_arena(&mut b, m),
+            None => {
+                b.arg(&null);
+            }
+        }
+        b.arg(&model_kind);
+        let cfg = LaunchConfig {
+            grid_dim: (segments, 1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match `update_<rule>_<grad>_<state>` in kernels/update.cu, chosen
+        // in `new` from this rule and these dtypes: segment table, group configs, step state, lr,
+        // fp32 masters, gradients, the rule's state buffers in slot order (null pointers for slots
+        // the rule does not use, which the kernel never touches), the model copy or null, and its
+        // kind. Every segment lies inside the arenas, which all have the layout's length.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(driver_error(dev, 0))
+    }
+
+    /// Reads the step state back (synchronises the stream).
+    pub fn read_state(&self) -> Result<StepState> {
+        let v = self
+            .rt
+            .stream
+            .clone_dtoh(&self.step_state)
+            .map_err(driver_error(self.rt.device, 0))?;
+        v.into_iter()
+            .next()
+            .ok_or_else(|| Error::Cuda("empty step state".into()))
+    }
+
+    /// Overwrites the step state (checkpoint restore), in stream order.
+    pub fn write_state(&mut self, state: StepState) -> Result<()> {
+        self.rt
+            .stream
+            .memcpy_htod(&[state], &mut self.step_state)
+            .map_err(driver_error(self.rt.device, 0))
+    }
+}
+
+impl std::fmt::Debug for CudaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaEngine")
+            .field("device", &self.rt.device)
+            .field("segments", &self.plan.segments().len())
+            .field("chunk_elems", &self.plan.chunk_elems())
+            .field("graph", &self.graph.is_some())
+            .finish()
+    }
+}
+
+fn nonempty(mut v: Vec<DeviceSegment>) -> Vec<DeviceSegment> {
+    if v.is_empty() {
+        v.push(DeviceSegment::default());
+    }
+    v
+}

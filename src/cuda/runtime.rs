@@ -1,0 +1,148 @@
+//! A CUDA device as fusedopt uses it: the primary context, one stream for everything, and the
+//! kernels, loaded from the fatbin build.rs embedded or JIT-compiled from the embedded sources
+//! with NVRTC.
+
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUdevice_attribute, CUresult};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::kernels;
+use crate::device::{cuda_device_count, Unavailable};
+use crate::error::{Error, Result};
+use crate::Device;
+
+/// Maps a driver error, telling out-of-memory apart.
+pub(crate) fn driver_error(device: Device, bytes: usize) -> impl FnOnce(DriverError) -> Error {
+    move |e| {
+        if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::OutOfDeviceMemory { device, bytes }
+        } else {
+            Error::Cuda(format!("{device}: {e:?}"))
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CudaRuntime {
+    pub(crate) device: Device,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) sm_count: usize,
+    pub(crate) capability: (i32, i32),
+}
+
+impl CudaRuntime {
+    /// Opens device `ordinal` after probing that the driver and the device exist (cudarc panics
+    /// when the driver library is missing, so nothing is called before the probe).
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        let device = Device::Cuda(ordinal);
+        let count = cuda_device_count()?;
+        if ordinal >= count {
+            return Err(Unavailable::NoSuchDevice { ordinal, count }.into());
+        }
+        let err = driver_error(device, 0);
+        let ctx = CudaContext::new(ordinal).map_err(err)?;
+        // SAFETY: every buffer of this runtime is used on its one stream only, so the stream order
+        // already orders all accesses; cudarc's cross-stream event tracking would add nothing but
+        // per-launch event records (which must not end up inside a captured graph).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver_error(device, 0))?;
+        let sm_count = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_error(device, 0))? as usize;
+        let capability = ctx.compute_capability().map_err(driver_error(device, 0))?;
+        Ok(Arc::new(CudaRuntime {
+            device,
+            ctx,
+            stream,
+            sm_count,
+            capability,
+        }))
+    }
+
+    /// Loads a translation unit's module: its fatbin when one was embedded, else NVRTC.
+    pub(crate) fn module(&self, unit: &str) -> Result<Arc<CudaModule>> {
+        let image = kernels::FATBINS.iter().find(|(n, _)| *n == unit);
+        let ptx = match image {
+            Some((_, bytes)) => Ptx::from_binary(bytes.to_vec()),
+            None => self.jit(unit)?,
+        };
+        self.ctx.load_module(ptx).map_err(|e| {
+            Error::KernelLoad(format!(
+                "{unit} on {} (sm_{}{}): {e:?}; {}",
+                self.device,
+                self.capability.0,
+                self.capability.1,
+                kernels::provenance()
+            ))
+        })
+    }
+
+    /// Compiles `unit.cu` with NVRTC for this device, headers inlined.
+    fn jit(&self, unit: &str) -> Result<Ptx> {
+        // SAFETY: only tries to dlopen NVRTC by its usual names; nothing runs when it is absent.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::KernelLoad(format!(
+                "no fatbin was embedded for '{unit}' (built without nvcc) and NVRTC is not installed"
+            )));
+        }
+        let source = inline_headers(&format!("{unit}.cu"))?;
+        let arch: &'static str = match self.capability {
+            (9, _) => "sm_90",
+            (8, 9) => "sm_89",
+            (8, 6) => "sm_86",
+            (8, _) => "sm_80",
+            _ => "sm_75",
+        };
+        let options = CompileOptions {
+            fmad: Some(false),
+            arch: Some(arch),
+            options: vec!["-std=c++17".into()],
+            name: Some(format!("{unit}.cu")),
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(source, options)
+            .map_err(|e| Error::KernelLoad(format!("NVRTC failed on {unit}.cu: {e:?}")))
+    }
+
+    pub(crate) fn function(&self, module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
+        module
+            .load_function(name)
+            .map_err(|e| Error::KernelLoad(format!("kernel {name}: {e:?}")))
+    }
+}
+
+/// The embedded source of `file` with its `#include "…"` lines replaced by the headers' text, for
+/// NVRTC, which sees one string.
+fn inline_headers(file: &str) -> Result<String> {
+    let text = kernels::SOURCES
+        .iter()
+        .find(|(n, _)| *n == file)
+        .map(|(_, t)| *t)
+        .ok_or_else(|| Error::KernelLoad(format!("no embedded source '{file}'")))?;
+    let mut out = String::new();
+    for line in text.lines() {
+        match line
+            .trim()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'))
+        {
+            Some(header) => out.push_str(&inline_headers(header)?),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn headers_are_inlined_for_nvrtc() {
+        let src = super::inline_headers("update.cu").unwrap();
+        assert!(!src.contains("#include \""));
+        assert!(src.contains("struct GroupConfig") && src.contains("struct StepState"));
+    }
+}
