@@ -10,8 +10,8 @@
 //! b.add("b", &[3], &[0.0; 3])?;
 //! let mut opt = Optimizer::new(b.build(Device::Cpu)?, Adam::preset(Flavor::PyTorch))?;
 //! opt.params_mut().set_grad("w", &[0.01, 0.02, 0.03, 0.0, -0.3, 2.5])?;
-//! let report = opt.step()?;
-//! assert!(!report.skipped && opt.params().param("w")?[0] < 0.1);
+//! opt.step()?;
+//! assert!(!opt.report()?.skipped && opt.params().read_param("w")?[0] < 0.1);
 //! # Ok::<(), fusedopt::Error>(())
 //! ```
 
