@@ -1,10 +1,17 @@
-//! GPU checks. Where no usable GPU exists they say so loudly and pass; with FUSEDOPT_REQUIRE_GPU=1
-//! a skip is a failure.
+//! GPU checks: the CUDA engine against the CPU engine (itself checked against the oracle and the
+//! frameworks) for every rule, option and flavor and every dtype mix, on awkward sizes. Where no
+//! usable GPU exists each test says so loudly and passes; with FUSEDOPT_REQUIRE_GPU=1 a skip is a
+//! failure.
+
+mod common;
 
 use std::io::Write;
 
+use common::*;
 use fusedopt::cuda::kernels;
-use fusedopt::Device;
+use fusedopt::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 fn gpu_or_skip(test: &str) -> bool {
     match Device::Cuda(0).check() {
@@ -19,6 +26,354 @@ fn gpu_or_skip(test: &str) -> bool {
             false
         }
     }
+}
+
+const FLAVORS: [Flavor; 4] = [Flavor::PyTorch, Flavor::Keras, Flavor::Optax, Flavor::Tf1];
+
+/// Every rule with every mode switch, in every flavor.
+fn all_rules() -> Vec<Rule> {
+    let mut v: Vec<Rule> = Vec::new();
+    for f in FLAVORS {
+        for wd in [
+            WeightDecay::None,
+            WeightDecay::L2(0.05),
+            WeightDecay::L1(0.01),
+            WeightDecay::Decoupled(0.1),
+        ] {
+            for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.8, true)] {
+                v.push(
+                    Sgd {
+                        lr: 0.05,
+                        momentum,
+                        nesterov,
+                        weight_decay: wd,
+                        ..Sgd::preset(f)
+                    }
+                    .into(),
+                );
+            }
+            for ams in [AmsGrad::Off, AmsGrad::MaxRaw, AmsGrad::MaxCorrected] {
+                v.push(
+                    Adam {
+                        lr: 0.01,
+                        amsgrad: ams,
+                        weight_decay: wd,
+                        ..Adam::preset(f)
+                    }
+                    .into(),
+                );
+            }
+            v.push(
+                Adagrad {
+                    lr: 0.02,
+                    weight_decay: wd,
+                    lr_decay: 0.1,
+                    ..Adagrad::preset(f)
+                }
+                .into(),
+            );
+        }
+        for centered in [false, true] {
+            for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
+                v.push(
+                    RmsProp {
+                        lr: 0.002,
+                        centered,
+                        momentum,
+                        nesterov,
+                        bias_correction: f == Flavor::Optax,
+                        ..RmsProp::preset(f)
+                    }
+                    .into(),
+                );
+            }
+        }
+        v.push(
+            Sgd {
+                lr: 0.05,
+                momentum: 0.9,
+                dampening: 0.3,
+                maximize: true,
+                ..Sgd::preset(f)
+            }
+            .into(),
+        );
+    }
+    v
+}
+
+struct Mix {
+    grads: DType,
+    state: DType,
+    model: Option<DType>,
+}
+
+const MIXES: [Mix; 4] = [
+    Mix {
+        grads: DType::F32,
+        state: DType::F32,
+        model: None,
+    },
+    Mix {
+        grads: DType::BF16,
+        state: DType::F32,
+        model: Some(DType::BF16),
+    },
+    Mix {
+        grads: DType::F16,
+        state: DType::F32,
+        model: Some(DType::F16),
+    },
+    Mix {
+        grads: DType::BF16,
+        state: DType::BF16,
+        model: Some(DType::BF16),
+    },
+];
+
+fn build_on(device: Device, tensors: &[Tensor], mix: &Mix) -> ParamSet {
+    let mut b = ParamSet::builder();
+    b.group(
+        "nodecay",
+        GroupOptions {
+            lr_scale: NODECAY_LR_SCALE,
+            weight_decay: Some(0.0),
+        },
+    )
+    .unwrap();
+    b.grad_dtype(mix.grads);
+    if let Some(m) = mix.model {
+        b.model_copy(m).unwrap();
+    }
+    for t in tensors {
+        b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
+            .unwrap();
+    }
+    b.build(device).unwrap()
+}
+
+/// Everything a step leaves behind, read back as f32.
+fn observe(opt: &Optimizer, tensors: &[Tensor], mix: &Mix) -> Vec<Vec<f32>> {
+    let mut out = vec![vec![opt.step_count().unwrap() as f32]];
+    for t in tensors {
+        out.push(opt.params().read_param(&t.name).unwrap());
+        if mix.model.is_some() {
+            out.push(opt.params().read_model_param(&t.name).unwrap());
+        }
+        for s in opt.state_names() {
+            out.push(opt.state(s, &t.name).unwrap());
+        }
+    }
+    out
+}
+
+/// Runs the same steps on `device`; `lrs` changes the lr between steps; `graph` captures after
+/// the first step.
+fn run(
+    device: Device,
+    rule: &Rule,
+    options: OptimizerOptions,
+    tensors: &[Tensor],
+    mix: &Mix,
+    graph: bool,
+) -> Vec<Vec<f32>> {
+    let mut opt =
+        Optimizer::with_options(build_on(device, tensors, mix), rule.clone(), options).unwrap();
+    let mut rng = StdRng::seed_from_u64(17);
+    let base = rule.lr();
+    for (step, lr) in [base, base, 0.4 * base, 0.2 * base].into_iter().enumerate() {
+        for (t, g) in tensors.iter().zip(random_grads(&mut rng, tensors, 1.0)) {
+            opt.params_mut().set_grad(&t.name, &g).unwrap();
+        }
+        opt.set_lr(lr).unwrap();
+        opt.step().unwrap();
+        if graph && step == 0 {
+            opt.capture_graph().unwrap();
+        }
+    }
+    observe(&opt, tensors, mix)
+}
+
+fn assert_agree(what: &str, gpu: &[Vec<f32>], cpu: &[Vec<f32>]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}");
+    for (k, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let want: Vec<f64> = c.iter().map(|&x| x as f64).collect();
+        assert_close(&format!("{what} buffer {k}"), g, &want, 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_for_every_rule_and_dtype_mix() {
+    if !gpu_or_skip("gpu_matches_cpu_for_every_rule_and_dtype_mix") {
+        return;
+    }
+    let tensors = awkward_tensors(41);
+    for (i, rule) in all_rules().iter().enumerate() {
+        for mix in &MIXES {
+            let clip = [
+                None,
+                Some(GlobalNormClip::new(
+                    20.0,
+                    [Flavor::PyTorch, Flavor::Keras, Flavor::Optax][i % 3],
+                )),
+            ][i % 2];
+            let options = OptimizerOptions {
+                clip,
+                state_dtype: mix.state,
+                ..Default::default()
+            };
+            let what = format!(
+                "{rule:?} grads {} state {} clip {clip:?}",
+                mix.grads, mix.state
+            );
+            let cpu = run(Device::Cpu, rule, options, &tensors, mix, false);
+            let gpu = run(Device::Cuda(0), rule, options, &tensors, mix, false);
+            assert_agree(&what, &gpu, &cpu);
+        }
+    }
+}
+
+#[test]
+fn graph_replay_equals_eager_steps_with_changing_lr() {
+    if !gpu_or_skip("graph_replay_equals_eager_steps_with_changing_lr") {
+        return;
+    }
+    let tensors = many_tensors(42, 500);
+    for rule in [
+        Rule::from(Adam::adamw(Flavor::PyTorch)),
+        Sgd {
+            momentum: 0.9,
+            ..Sgd::preset(Flavor::Keras)
+        }
+        .into(),
+    ] {
+        let options = OptimizerOptions {
+            clip: Some(GlobalNormClip::new(5.0, Flavor::PyTorch)),
+            loss_scale: LossScale::dynamic(),
+            ..Default::default()
+        };
+        let eager = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[1], false);
+        let graph = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[1], true);
+        assert_eq!(
+            eager, graph,
+            "{rule:?}: graph replay differs from eager steps"
+        );
+    }
+}
+
+#[test]
+fn steps_are_deterministic() {
+    if !gpu_or_skip("steps_are_deterministic") {
+        return;
+    }
+    let tensors = awkward_tensors(43);
+    let rule: Rule = Adam::amsgrad(Flavor::Optax).into();
+    let options = OptimizerOptions {
+        clip: Some(GlobalNormClip::new(3.0, Flavor::Optax)),
+        ..Default::default()
+    };
+    let a = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[0], false);
+    let b = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[0], false);
+    assert_eq!(a, b, "two runs differ");
+}
+
+#[test]
+fn non_finite_gradients_skip_bit_identically() {
+    if !gpu_or_skip("non_finite_gradients_skip_bit_identically") {
+        return;
+    }
+    let tensors = awkward_tensors(44);
+    let mix = &MIXES[3];
+    let mut opt = Optimizer::new(
+        build_on(Device::Cuda(0), &tensors, mix),
+        Adam::preset(Flavor::PyTorch),
+    )
+    .unwrap();
+    let mut rng = StdRng::seed_from_u64(5);
+    for (t, g) in tensors.iter().zip(random_grads(&mut rng, &tensors, 1.0)) {
+        opt.params_mut().set_grad(&t.name, &g).unwrap();
+    }
+    opt.step().unwrap();
+    let before = observe(&opt, &tensors, mix);
+    let mut g = vec![0.5; tensors[3].values.len()];
+    g[100] = f32::NAN;
+    opt.params_mut().set_grad(&tensors[3].name, &g).unwrap();
+    opt.step().unwrap();
+    let report = opt.report().unwrap();
+    assert!(report.skipped && !report.global_norm.unwrap().is_finite());
+    assert_eq!(
+        observe(&opt, &tensors, mix),
+        before,
+        "a skipped step changed something"
+    );
+}
+
+#[test]
+fn ten_thousand_tiny_tensors() {
+    if !gpu_or_skip("ten_thousand_tiny_tensors") {
+        return;
+    }
+    let tensors = many_tensors(45, 10_000);
+    let rule: Rule = RmsProp {
+        centered: true,
+        momentum: 0.9,
+        ..RmsProp::preset(Flavor::PyTorch)
+    }
+    .into();
+    let cpu = run(
+        Device::Cpu,
+        &rule,
+        OptimizerOptions::default(),
+        &tensors,
+        &MIXES[0],
+        false,
+    );
+    let gpu = run(
+        Device::Cuda(0),
+        &rule,
+        OptimizerOptions::default(),
+        &tensors,
+        &MIXES[0],
+        false,
+    );
+    assert_agree("10,000 tensors", &gpu, &cpu);
+}
+
+#[test]
+fn a_tensor_beyond_two_to_the_31_elements() {
+    if !gpu_or_skip("a_tensor_beyond_two_to_the_31_elements") {
+        return;
+    }
+    // SGD keeps no state: masters + gradients of 2^31 + 17 f32 elements need 17.2 GB.
+    let n = (1usize << 31) + 17;
+    let mut b = ParamSet::builder();
+    b.add("big", &[n], &vec![1.0; n]).unwrap();
+    let set = match b.build(Device::Cuda(0)) {
+        Ok(s) => s,
+        Err(Error::OutOfDeviceMemory { .. }) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "GPU TEST SKIPPED: not enough device memory for 2^31 elements"
+            );
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let mut opt = Optimizer::new(
+        set,
+        Sgd {
+            lr: 0.5,
+            ..Sgd::preset(Flavor::PyTorch)
+        },
+    )
+    .unwrap();
+    let mut g = vec![0.0; n];
+    g[n - 1] = 2.0;
+    g[(1 << 31) - 1] = 4.0;
+    opt.params_mut().set_grad("big", &g).unwrap();
+    opt.step().unwrap();
+    let p = opt.params().read_param("big").unwrap();
+    assert_eq!((p[0], p[(1 << 31) - 1], p[n - 1]), (1.0, -1.0, 0.0));
 }
 
 #[test]

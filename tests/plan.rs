@@ -53,3 +53,25 @@ fn tensors_do_not_overlap_and_padding_stays_zero() {
         }
     }
 }
+
+#[test]
+fn gpu_chunk_size_fills_the_card_within_bounds() {
+    use fusedopt::plan::cuda_chunk_elems;
+    for sms in [1, 80, 108, 132] {
+        for total in [0, 1, 4097, 1 << 20, 350_000_000, 1 << 34] {
+            let c = cuda_chunk_elems(total, sms);
+            assert!(
+                (1 << 12..=1 << 16).contains(&c),
+                "{total} on {sms} SMs: {c}"
+            );
+            assert_eq!(c % ALIGN_ELEMS, 0);
+            // Unless clamped, the plan has at least eight chunks per SM.
+            if c > 1 << 12 && c < 1 << 16 {
+                assert!(total.div_ceil(c) >= sms * 4, "{total} on {sms} SMs: {c}");
+            }
+        }
+    }
+    // A 350M-parameter model on an H100 (132 SMs) uses the largest chunk; a small one the smallest.
+    assert_eq!(cuda_chunk_elems(350_000_000, 132), 1 << 16);
+    assert_eq!(cuda_chunk_elems(100_000, 132), 1 << 12);
+}
