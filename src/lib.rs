@@ -18,6 +18,7 @@
 pub mod arena;
 pub mod checkpoint;
 pub mod clip;
+pub mod comm;
 pub mod conformance;
 pub mod cuda;
 pub mod device;
@@ -25,6 +26,7 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod optim;
+pub mod parallel;
 pub mod params;
 pub mod plan;
 pub mod schedule;

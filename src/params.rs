@@ -112,6 +112,14 @@ impl Layout {
             .ok_or_else(|| Error::UnknownTensor(name.to_string()))
     }
 
+    /// Position of a tensor in [`Layout::tensors`].
+    pub fn tensor_index(&self, name: &str) -> Result<usize> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::UnknownTensor(name.to_string()))
+    }
+
     pub fn group_index(&self, name: &str) -> Result<usize> {
         self.groups
             .iter()
@@ -509,6 +517,13 @@ impl ParamSet {
 
     pub fn grads_arena_mut(&mut self) -> Result<&mut Arena> {
         Ok(self.host_mut()?.1)
+    }
+
+    /// The masters (read) and the gradient arena (write) at once, host memory only: what a
+    /// data-parallel replica's backward pass needs.
+    pub(crate) fn values_and_grads_mut(&mut self) -> Result<(&[f32], &mut Arena)> {
+        let (values, grads, _) = self.host_mut()?;
+        Ok((values.as_slice(), grads))
     }
 
     /// A copy of the set on the same device.

@@ -41,8 +41,16 @@ pub struct CudaEngine {
     norm_params: NormParams,
     needs_norm: bool,
     pub(crate) state: Vec<DeviceArena>,
-    graph: Option<CudaGraph>,
+    graph: Option<CapturedGraph>,
 }
+
+/// A captured step. cudarc's graph holds raw CUDA handles and so is not `Send`.
+struct CapturedGraph(CudaGraph);
+
+// SAFETY: moving the graph to another thread is sound: cudarc makes the context current on the
+// calling thread before every launch, and the optimizer that owns the graph is used from one thread
+// at a time (it is not `Sync`), so the executable graph is never launched concurrently.
+unsafe impl Send for CapturedGraph {}
 
 /// The kernel family of a rule (kernels/update.cu).
 fn kernel_family(rule: &Rule) -> &'static str {
@@ -182,7 +190,7 @@ impl CudaEngine {
     /// Enqueues one step (or replays the captured graph).
     pub fn step(&mut self, p: &mut DeviceParams) -> Result<()> {
         match &self.graph {
-            Some(graph) => graph.launch().map_err(driver_error(self.rt.device, 0)),
+            Some(graph) => graph.0.launch().map_err(driver_error(self.rt.device, 0)),
             None => self.enqueue(p),
         }
     }
@@ -202,8 +210,8 @@ impl CudaEngine {
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
             .map_err(driver_error(dev, 0))?;
         enqueued?;
-        self.graph =
-            Some(graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?);
+        let graph = graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+        self.graph = Some(CapturedGraph(graph));
         Ok(())
     }
 

@@ -137,6 +137,37 @@ fn inline_headers(file: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Device-to-device copy bandwidth of CUDA device `ordinal`, in bytes read + written per second:
+/// the median of `reps` copies of `bytes / 2` bytes, timed with events on one stream.
+pub fn copy_bandwidth(ordinal: usize, bytes: usize, reps: usize) -> Result<f64> {
+    let rt = CudaRuntime::new(ordinal)?;
+    let dev = rt.device;
+    let n = (bytes / 2 / 4).max(1);
+    let src = rt
+        .stream
+        .alloc_zeros::<f32>(n)
+        .map_err(driver_error(dev, n * 4))?;
+    let mut dst = rt
+        .stream
+        .alloc_zeros::<f32>(n)
+        .map_err(driver_error(dev, n * 4))?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) + 2 {
+        let start = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
+        let end = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
+        start.record(&rt.stream).map_err(driver_error(dev, 0))?;
+        rt.stream
+            .memcpy_dtod(&src, &mut dst)
+            .map_err(driver_error(dev, 0))?;
+        end.record(&rt.stream).map_err(driver_error(dev, 0))?;
+        end.synchronize().map_err(driver_error(dev, 0))?;
+        times.push(start.elapsed_ms(&end).map_err(driver_error(dev, 0))? as f64 / 1e3);
+    }
+    times.drain(..2);
+    times.sort_by(f64::total_cmp);
+    Ok((2 * n * 4) as f64 / times[times.len() / 2])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

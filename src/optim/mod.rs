@@ -314,6 +314,18 @@ impl Optimizer {
         }
     }
 
+    /// Waits until every queued step has finished on the device (a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self.params.storage() {
+            Storage::Host { .. } => Ok(()),
+            Storage::Cuda(d) => {
+                d.rt.stream
+                    .synchronize()
+                    .map_err(crate::cuda::runtime::driver_error(d.rt.device, 0))
+            }
+        }
+    }
+
     /// What the last step did (the initial state before any). On a GPU this reads device memory
     /// and so waits for the queued work.
     pub fn report(&self) -> Result<StepReport> {

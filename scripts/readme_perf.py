@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Regenerates the README's performance section from benches/results/*-fusedopt.json and the
+matching *-torch.json (the newest pair per device), between the perf:begin / perf:end markers.
+
+Usage: python3 scripts/readme_perf.py
+"""
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benches", "results")
+
+ROWS = [  # (label, rule, dtypes, profile, clip, PyTorch implementation)
+    ("Adam fp32, 10M params in 100 tensors", "adam", "fp32", "10Mx100", False, "torch_fused"),
+    ("Adam fp32, 10M params in 5,000 tensors", "adam", "fp32", "10Mx5000", False, "torch_fused"),
+    ("Adam fp32, 10,000 tensors of 4,096", "adam", "fp32", "10000x4096", False, "torch_fused"),
+    ("clip + Adam fp32, 10M in 100 tensors", "adam", "fp32", "10Mx100", True, "torch_fused"),
+    ("Adam, bf16 grads + fp32 masters, 10M in 100", "adam", "bf16+fp32master", "10Mx100", False, "torch_fused"),
+    ("SGD momentum fp32, 10M in 100 tensors", "sgd_momentum", "fp32", "10Mx100", False, "torch_fused"),
+    ("RMSProp fp32, 10M in 100 tensors", "rmsprop", "fp32", "10Mx100", False, "torch_foreach"),
+    ("RMSProp fp32, 10M in 5,000 tensors", "rmsprop", "fp32", "10Mx5000", False, "torch_foreach"),
+    ("Adagrad fp32, 10M in 100 tensors", "adagrad", "fp32", "10Mx100", False, "torch_foreach"),
+    ("Adam fp32, 256M params", "adam", "fp32", "256M", False, "torch_fused"),
+    ("Adam fp32, GPT-2-medium shapes", "adam", "fp32", "gpt2-medium", False, "torch_fused"),
+]
+
+
+def section():
+    lines = []
+    for ours_path in sorted(glob.glob(os.path.join(RESULTS, "*-fusedopt.json"))):
+        torch_path = ours_path.replace("-fusedopt.json", "-torch.json")
+        if not os.path.exists(torch_path):
+            continue
+        ours, torch = json.load(open(ours_path)), json.load(open(torch_path))
+        name = os.path.basename(ours_path).replace("-fusedopt.json", "")
+        lines.append(f"**{ours['device']}** — `benches/results/{name}.md`, commit {ours['git_commit']}, "
+                     f"PyTorch {torch.get('torch', '?')}; same-run copy {ours['copy_gbps']:.0f} GB/s.\n")
+        lines.append("| step | fusedopt | ÷ copy | PyTorch | speedup |")
+        lines.append("|---|---|---|---|---|")
+        for label, rule, dt, prof, clip, impl in ROWS:
+            o = [r for r in ours["results"] if (r["rule"], r["dtypes"], r["profile"], r["clip"]) == (rule, dt, prof, clip)]
+            t = [r for r in torch["results"] if (r["rule"], r["dtypes"], r["profile"], r["clip"], r["impl"]) == (rule, dt, prof, clip, impl)]
+            if o and t:
+                best = min(o, key=lambda r: r["step_ms"])
+                lines.append(f"| {label} | {best['step_ms']:.2f} ms ({best['gbps']:.0f} GB/s) | "
+                             f"{best['frac_of_copy']:.2f} | {t[0]['step_ms']:.2f} ms ({impl.replace('torch_', '')}) | "
+                             f"{t[0]['step_ms'] / best['step_ms']:.1f}× |")
+        lines.append("")
+    return "\n".join(lines) if lines else "No benchmark results are committed yet.\n"
+
+
+readme_path = os.path.join(ROOT, "README.md")
+readme = open(readme_path).read()
+new = re.sub(r"(<!-- perf:begin -->\n).*?(<!-- perf:end -->)",
+             lambda m: m.group(1) + section() + m.group(2), readme, flags=re.S)
+open(readme_path, "w").write(new)
+print(section())

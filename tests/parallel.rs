@@ -1,0 +1,308 @@
+//! The CPU communicator and the data-parallel engine: collectives against direct computation,
+//! N replicas against one replica with the whole batch, bit-identical replicas, overlap that does
+//! not change results, and failures that end every replica's step with an error and no step.
+
+use std::time::{Duration, Instant};
+
+use fusedopt::comm::cpu::CpuCommunicator;
+use fusedopt::comm::{Communicator, HostBuffer, ReduceOp};
+use fusedopt::parallel::{DataParallel, DataParallelOptions, Gradients};
+use fusedopt::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Runs `f(rank, comm)` on one thread per rank and collects the results in rank order.
+fn on_ranks<T: Send>(
+    comms: Vec<CpuCommunicator>,
+    f: impl Fn(usize, &CpuCommunicator) -> T + Sync,
+) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let f = &f;
+                s.spawn(move || f(r, c))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn data(rank: usize, n: usize) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(rank as u64);
+    (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect()
+}
+
+#[test]
+fn collectives_compute_the_right_values_identically_on_every_rank() {
+    let size = 3;
+    let n = 1001;
+    let results = on_ranks(
+        CpuCommunicator::group(size, Duration::from_secs(10)).unwrap(),
+        |r, c| {
+            let mut sum = data(r, n);
+            c.all_reduce(HostBuffer::F32(&mut sum), ReduceOp::Sum)
+                .unwrap();
+            let mut avg = data(r, n);
+            c.all_reduce(HostBuffer::F32(&mut avg), ReduceOp::Average)
+                .unwrap();
+            let mut b = data(r, n);
+            c.broadcast(HostBuffer::F32(&mut b), 1).unwrap();
+            let mut send = data(r, 4);
+            let mut all = vec![0.0; 4 * size];
+            c.all_gather(HostBuffer::F32(&mut send), HostBuffer::F32(&mut all))
+                .unwrap();
+            let mut big = data(r, 6 * size);
+            let mut shard = vec![0.0; 6];
+            c.reduce_scatter(
+                HostBuffer::F32(&mut big),
+                HostBuffer::F32(&mut shard),
+                ReduceOp::Sum,
+            )
+            .unwrap();
+            (sum, avg, b, all, shard)
+        },
+    );
+    for i in 0..n {
+        let want: f64 = (0..size).map(|r| data(r, n)[i] as f64).sum();
+        assert!((results[0].0[i] as f64 - want).abs() < 1e-6);
+        assert!((results[0].1[i] as f64 - want / size as f64).abs() < 1e-6);
+    }
+    assert_eq!(results[0].2, data(1, n));
+    let gathered: Vec<f32> = (0..size).flat_map(|r| data(r, 4)).collect();
+    for (r, res) in results.iter().enumerate() {
+        assert_eq!(res.0, results[0].0, "rank {r} sum differs");
+        assert_eq!(res.1, results[0].1, "rank {r} average differs");
+        assert_eq!(res.2, results[0].2);
+        assert_eq!(res.3, gathered);
+        for k in 0..6 {
+            let want: f64 = (0..size).map(|q| data(q, 6 * size)[r * 6 + k] as f64).sum();
+            assert!((res.4[k] as f64 - want).abs() < 1e-6);
+        }
+    }
+}
+
+#[test]
+fn mismatched_sizes_fail_on_every_rank() {
+    let results = on_ranks(
+        CpuCommunicator::group(3, Duration::from_secs(10)).unwrap(),
+        |r, c| {
+            let mut buf = vec![1.0; if r == 2 { 5 } else { 4 }];
+            c.all_reduce(HostBuffer::F32(&mut buf), ReduceOp::Sum)
+        },
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(Error::Communicator(_)))),
+        "{results:?}"
+    );
+}
+
+#[test]
+fn a_rank_that_never_arrives_does_not_hang_the_others() {
+    let timeout = Duration::from_millis(300);
+    let start = Instant::now();
+    let results = on_ranks(CpuCommunicator::group(3, timeout).unwrap(), |r, c| {
+        if r == 1 {
+            std::thread::sleep(timeout * 4); // stalls, then tries too late
+        }
+        let mut buf = vec![1.0; 8];
+        c.all_reduce(HostBuffer::F32(&mut buf), ReduceOp::Sum)
+    });
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+    // A hang guard, not a performance claim: the group gave up instead of waiting forever.
+    assert!(start.elapsed() < timeout * 20);
+}
+
+// ---------------------------------------------------------------- data-parallel training
+
+const DIM: usize = 37;
+
+/// Linear least squares: loss = mean over the batch of ½(w·x + b − y)².
+struct Problem {
+    x: Vec<Vec<f32>>,
+    y: Vec<f32>,
+}
+
+impl Problem {
+    fn new(n: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(7);
+        let truth: Vec<f32> = (0..DIM).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let x: Vec<Vec<f32>> = (0..n)
+            .map(|_| (0..DIM).map(|_| rng.gen_range(-1.0..1.0)).collect())
+            .collect();
+        let y = x
+            .iter()
+            .map(|xi| xi.iter().zip(&truth).map(|(a, b)| a * b).sum::<f32>() + 0.3)
+            .collect();
+        Problem { x, y }
+    }
+
+    /// Mean gradient over `rows` for parameters `w`, `b`, computed in f64.
+    fn grad(&self, w: &[f32], b: f32, rows: std::ops::Range<usize>) -> (Vec<f32>, f32) {
+        let n = rows.len() as f64;
+        let (mut gw, mut gb) = (vec![0.0f64; DIM], 0.0f64);
+        for i in rows {
+            let pred: f64 = self.x[i]
+                .iter()
+                .zip(w)
+                .map(|(&a, &c)| a as f64 * c as f64)
+                .sum::<f64>()
+                + b as f64;
+            let err = pred - self.y[i] as f64;
+            gw.iter_mut()
+                .zip(&self.x[i])
+                .for_each(|(g, &a)| *g += err * a as f64);
+            gb += err;
+        }
+        (gw.iter().map(|g| (g / n) as f32).collect(), (gb / n) as f32)
+    }
+}
+
+fn optimizer(seed: u64) -> Optimizer {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let w: Vec<f32> = (0..DIM).map(|_| rng.gen_range(-0.5..0.5)).collect();
+    let mut b = ParamSet::builder();
+    b.group("no_decay", GroupOptions::no_decay()).unwrap();
+    b.add("w", &[DIM], &w).unwrap();
+    b.add_to("no_decay", "b", &[1], &[0.0]).unwrap();
+    let options = OptimizerOptions {
+        clip: Some(GlobalNormClip::new(0.5, Flavor::PyTorch)),
+        ..Default::default()
+    };
+    Optimizer::with_options(
+        b.build(Device::Cpu).unwrap(),
+        Adam {
+            lr: 0.05,
+            ..Adam::adamw(Flavor::PyTorch)
+        },
+        options,
+    )
+    .unwrap()
+}
+
+fn small_buckets() -> DataParallelOptions {
+    DataParallelOptions {
+        bucket_bytes: 64,
+        first_bucket_bytes: 16,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// Replica `rank`'s backward pass over its share of `batch`: reads its parameters, writes the
+/// mean gradient of its rows, last tensor first, marking each ready as soon as it is written when
+/// `overlap` (else the engine reduces everything after the pass).
+fn backward<'p>(
+    problem: &'p Problem,
+    batch: std::ops::Range<usize>,
+    replicas: usize,
+    overlap: bool,
+) -> impl Fn(usize, &Gradients<'_>) -> Result<()> + Sync + 'p {
+    move |rank, grads| {
+        let share = batch.len() / replicas;
+        let rows = batch.start + rank * share..batch.start + (rank + 1) * share;
+        let (gw, gb) = problem.grad(grads.param("w")?, grads.param("b")?[0], rows);
+        grads.set("b", &[gb])?;
+        if overlap {
+            grads.mark_ready("b")?;
+        }
+        grads.set("w", &gw)?;
+        if overlap {
+            grads.mark_ready("w")?;
+        }
+        Ok(())
+    }
+}
+
+fn params_of(opt: &Optimizer) -> Vec<f32> {
+    let mut p = opt.params().read_param("w").unwrap();
+    p.extend(opt.params().read_param("b").unwrap());
+    p
+}
+
+/// Trains `replicas` replicas for `steps` steps on batches of 24 rows.
+fn train(replicas: usize, steps: usize, overlap: bool) -> Vec<Vec<f32>> {
+    let problem = Problem::new(24 * steps);
+    // Every replica starts from its own random parameters: the engine broadcasts rank 0's.
+    let opts = (0..replicas).map(|r| optimizer(100 + r as u64)).collect();
+    let mut dp = DataParallel::cpu(opts, small_buckets()).unwrap();
+    assert!(dp.buckets().len() >= 2, "the test needs several buckets");
+    for s in 0..steps {
+        dp.step(backward(&problem, 24 * s..24 * (s + 1), replicas, overlap))
+            .unwrap();
+    }
+    dp.replicas().map(params_of).collect()
+}
+
+#[test]
+fn n_replicas_match_one_replica_and_stay_bit_identical() {
+    let single = train(1, 6, true);
+    for n in [2, 3, 4] {
+        let many = train(n, 6, true);
+        for (r, p) in many.iter().enumerate() {
+            assert_eq!(
+                p, &many[0],
+                "{n} replicas: replica {r} differs from replica 0"
+            );
+        }
+        for (a, b) in many[0].iter().zip(&single[0]) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{n} replicas vs one: {a} vs {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn overlap_does_not_change_results() {
+    assert_eq!(train(3, 4, true), train(3, 4, false));
+}
+
+#[test]
+fn a_failing_or_panicking_replica_fails_every_replica_and_nobody_steps() {
+    let problem = Problem::new(48);
+    for panic in [false, true] {
+        let opts = (0..3).map(optimizer).collect();
+        let mut dp = DataParallel::cpu(opts, small_buckets()).unwrap();
+        dp.step(backward(&problem, 0..24, 3, true)).unwrap();
+        let before: Vec<Vec<f32>> = dp.replicas().map(params_of).collect();
+        let ok = backward(&problem, 24..48, 3, true);
+        let result = dp.step(|rank, grads| {
+            if rank == 1 {
+                grads.set("b", &[1.0])?;
+                grads.mark_ready("b")?;
+                if panic {
+                    panic!("replica 1 crashed");
+                }
+                return Err(Error::InvalidHyperparameter("replica 1 failed".into()));
+            }
+            ok(rank, grads)
+        });
+        assert!(result.is_err(), "panic={panic}: the step succeeded");
+        let after: Vec<Vec<f32>> = dp.replicas().map(params_of).collect();
+        assert_eq!(after, before, "panic={panic}: a replica stepped");
+        for opt in dp.replicas() {
+            assert_eq!(opt.step_count().unwrap(), 1);
+        }
+    }
+}
+
+#[test]
+fn mismatched_replicas_are_refused_at_setup() {
+    let mut b = ParamSet::builder();
+    b.add("w", &[DIM + 1], &[0.0; DIM + 1]).unwrap();
+    b.add("b", &[1], &[0.0]).unwrap();
+    let other =
+        Optimizer::new(b.build(Device::Cpu).unwrap(), Adam::adamw(Flavor::PyTorch)).unwrap();
+    let err = DataParallel::cpu(vec![optimizer(1), other], small_buckets()).unwrap_err();
+    assert!(matches!(err, Error::Communicator(_)), "{err}");
+    let sgd = Optimizer::new(
+        optimizer(2).params().try_clone().unwrap(),
+        Sgd::preset(Flavor::PyTorch),
+    )
+    .unwrap();
+    assert!(DataParallel::cpu(vec![optimizer(1), sgd], small_buckets()).is_err());
+}
