@@ -46,7 +46,7 @@ def section():
                 best = min(o, key=lambda r: r["step_ms"])
                 lines.append(f"| {label} | {best['step_ms']:.2f} ms ({best['gbps']:.0f} GB/s) | "
                              f"{best['frac_of_copy']:.2f} | {t[0]['step_ms']:.2f} ms ({impl.replace('torch_', '')}) | "
-                             f"{t[0]['step_ms'] / best['step_ms']:.1f}× |")
+                             f"{t[0]['step_ms'] / best['step_ms']:.2f}× |")
         lines.append("")
     return "\n".join(lines) if lines else "No benchmark results are committed yet.\n"
 

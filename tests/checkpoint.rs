@@ -128,16 +128,7 @@ fn bf16_state_and_model_copy_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mixed.safetensors");
     let tensors = awkward_tensors(8);
-    let build_mixed = || {
-        let mut b = ParamSet::builder();
-        b.group("nodecay", GroupOptions::no_decay()).unwrap();
-        b.grad_dtype(DType::BF16).model_copy(DType::BF16).unwrap();
-        for t in &tensors {
-            b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
-                .unwrap();
-        }
-        b.build(Device::Cpu).unwrap()
-    };
+    let build_mixed = || build_with(Device::Cpu, &tensors, DType::BF16, Some(DType::BF16));
     let options = OptimizerOptions {
         state_dtype: DType::BF16,
         loss_scale: LossScale::dynamic(),

@@ -132,24 +132,7 @@ const MIXES: [Mix; 4] = [
 ];
 
 fn build_on(device: Device, tensors: &[Tensor], mix: &Mix) -> ParamSet {
-    let mut b = ParamSet::builder();
-    b.group(
-        "nodecay",
-        GroupOptions {
-            lr_scale: NODECAY_LR_SCALE,
-            weight_decay: Some(0.0),
-        },
-    )
-    .unwrap();
-    b.grad_dtype(mix.grads);
-    if let Some(m) = mix.model {
-        b.model_copy(m).unwrap();
-    }
-    for t in tensors {
-        b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
-            .unwrap();
-    }
-    b.build(device).unwrap()
+    build_with(device, tensors, mix.grads, mix.model)
 }
 
 /// Everything a step leaves behind, read back as f32.

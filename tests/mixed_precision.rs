@@ -55,23 +55,7 @@ fn rules() -> Vec<Rule> {
 /// a model copy of `model`, and checks masters against the oracle and the copy bit for bit.
 fn check(rule: Rule, grad_dtype: DType, state_dtype: DType, model: Option<DType>, scale: f64) {
     let tensors = awkward_tensors(31);
-    let mut b = ParamSet::builder();
-    b.group(
-        "nodecay",
-        GroupOptions {
-            lr_scale: NODECAY_LR_SCALE,
-            weight_decay: Some(0.0),
-        },
-    )
-    .unwrap();
-    b.grad_dtype(grad_dtype);
-    if let Some(m) = model {
-        b.model_copy(m).unwrap();
-    }
-    for t in &tensors {
-        b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
-            .unwrap();
-    }
+    let set = build_with(Device::Cpu, &tensors, grad_dtype, model);
     let options = OptimizerOptions {
         state_dtype,
         loss_scale: if scale == 1.0 {
@@ -81,8 +65,7 @@ fn check(rule: Rule, grad_dtype: DType, state_dtype: DType, model: Option<DType>
         },
         ..Default::default()
     };
-    let mut opt =
-        Optimizer::with_options(b.build(Device::Cpu).unwrap(), rule.clone(), options).unwrap();
+    let mut opt = Optimizer::with_options(set, rule.clone(), options).unwrap();
     let mut oracle = Oracle::new(rule.clone(), None, &tensors);
     if state_dtype == DType::BF16 {
         oracle.state_round = |x| bf16::from_f64(x).to_f64();

@@ -46,6 +46,16 @@ pub enum Schedule {
     },
 }
 
+/// `step / decay_steps`, floored when `staircase`.
+fn progress(step: f64, decay_steps: f64, staircase: bool) -> f64 {
+    let p = step / decay_steps;
+    if staircase {
+        p.floor()
+    } else {
+        p
+    }
+}
+
 fn cosine_decay(step: f64, decay_steps: f64, from: f64, alpha: f64) -> f64 {
     let cosine = 0.5 * (1.0 + (PI * step / decay_steps).cos());
     from * ((1.0 - alpha) * cosine + alpha)
@@ -60,11 +70,7 @@ impl LrAtStep for Schedule {
                 decay_steps,
                 decay_rate,
                 staircase,
-            } => {
-                let p = step / decay_steps;
-                let p = if *staircase { p.floor() } else { p };
-                initial_learning_rate * decay_rate.powf(p)
-            }
+            } => initial_learning_rate * decay_rate.powf(progress(step, *decay_steps, *staircase)),
             Schedule::PiecewiseConstantDecay { boundaries, values } => {
                 let i = boundaries.partition_point(|&b| b < step);
                 values[i.min(values.len() - 1)]
@@ -132,9 +138,8 @@ impl LrAtStep for Schedule {
                 decay_rate,
                 staircase,
             } => {
-                let p = step / decay_steps;
-                let p = if *staircase { p.floor() } else { p };
-                initial_learning_rate / (1.0 + decay_rate * p)
+                initial_learning_rate
+                    / (1.0 + decay_rate * progress(step, *decay_steps, *staircase))
             }
         }
     }

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use fusedopt::{
-    AdamEps, AmsGrad, ClipFormula, Device, EpsPlacement, GlobalNormClip, GroupOptions, LrPlacement,
-    MomentumInit, ParamSet, Rule, WeightDecay,
+    AdamEps, AmsGrad, ClipFormula, DType, Device, EpsPlacement, GlobalNormClip, GroupOptions,
+    LrPlacement, MomentumInit, ParamSet, Rule, WeightDecay,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,6 +63,17 @@ pub fn many_tensors(seed: u64, count: usize) -> Vec<Tensor> {
 pub const NODECAY_LR_SCALE: f64 = 0.5;
 
 pub fn build(tensors: &[Tensor]) -> ParamSet {
+    build_with(Device::Cpu, tensors, DType::F32, None)
+}
+
+/// The test tensors on `device`, in the default group and a "nodecay" group with its own lr scale,
+/// with gradients of `grads` and an optional model copy.
+pub fn build_with(
+    device: Device,
+    tensors: &[Tensor],
+    grads: DType,
+    model: Option<DType>,
+) -> ParamSet {
     let mut b = ParamSet::builder();
     b.group(
         "nodecay",
@@ -72,11 +83,15 @@ pub fn build(tensors: &[Tensor]) -> ParamSet {
         },
     )
     .unwrap();
+    b.grad_dtype(grads);
+    if let Some(m) = model {
+        b.model_copy(m).unwrap();
+    }
     for t in tensors {
         b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
             .unwrap();
     }
-    b.build(Device::Cpu).unwrap()
+    b.build(device).unwrap()
 }
 
 /// Gradients of magnitude in [scale/2, scale] with random sign: bounded away from zero so that no
