@@ -187,9 +187,9 @@ struct Measured {
     host_us: f64,
 }
 
-/// Device time per step (median over batches of steps, synchronised at the end of each batch) and
-/// host time per `step()` call. Several optimizers are stepped in turn when one set is small, so
-/// caches do not flatter.
+/// Device time per step (median over batches of steps: events on the device's one stream on a GPU,
+/// the wall clock on the CPU) and host time per `step()` call. Several optimizers are stepped in
+/// turn when one set is small, so caches do not flatter.
 fn measure(opts: &mut [Optimizer], quick: bool) -> fusedopt::Result<Measured> {
     let (warm, batches, per_batch) = if quick { (2, 3, 3) } else { (5, 7, 10) };
     for _ in 0..warm {
@@ -199,19 +199,29 @@ fn measure(opts: &mut [Optimizer], quick: bool) -> fusedopt::Result<Measured> {
     }
     opts.iter().try_for_each(Optimizer::synchronize)?;
     let (mut step, mut host) = (Vec::new(), Vec::new());
+    let device = opts[0].device();
     for _ in 0..batches {
         let start = Instant::now();
         let mut calls = 0.0;
-        for _ in 0..per_batch {
-            for o in opts.iter_mut() {
-                let t = Instant::now();
-                o.step()?;
-                calls += t.elapsed().as_secs_f64();
+        let mut run = || -> fusedopt::Result<()> {
+            for _ in 0..per_batch {
+                for o in opts.iter_mut() {
+                    let t = Instant::now();
+                    o.step()?;
+                    calls += t.elapsed().as_secs_f64();
+                }
             }
-        }
-        opts.iter().try_for_each(Optimizer::synchronize)?;
+            Ok(())
+        };
+        let seconds = match device {
+            Device::Cuda(i) => fusedopt::cuda::runtime::time_on_device(i, run)?,
+            Device::Cpu => {
+                run()?;
+                start.elapsed().as_secs_f64()
+            }
+        };
         let n = (per_batch * opts.len()) as f64;
-        step.push(start.elapsed().as_secs_f64() / n);
+        step.push(seconds / n);
         host.push(calls / n);
     }
     Ok(Measured {

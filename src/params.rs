@@ -313,7 +313,7 @@ fn upload(
     grads: &Arena,
     model: Option<&Arena>,
 ) -> Result<DeviceParams> {
-    let rt = CudaRuntime::new(ordinal)?;
+    let rt = CudaRuntime::shared(ordinal)?;
     let dev = rt.device;
     let values = rt
         .stream

@@ -33,7 +33,30 @@ pub struct CudaRuntime {
     pub(crate) capability: (i32, i32),
 }
 
+/// One runtime per device, shared by every parameter set on it: all work on a device goes through
+/// one stream, in order (so rotated benchmark sets do not overlap, and events time exactly it).
+static RUNTIMES: std::sync::Mutex<Vec<std::sync::Weak<CudaRuntime>>> =
+    std::sync::Mutex::new(Vec::new());
+
 impl CudaRuntime {
+    /// The runtime of device `ordinal`, opened on first use.
+    pub fn shared(ordinal: usize) -> Result<Arc<Self>> {
+        let mut all = RUNTIMES
+            .lock()
+            .map_err(|_| Error::Cuda("runtime registry poisoned".into()))?;
+        if let Some(rt) = all
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|r| r.device == Device::Cuda(ordinal))
+        {
+            return Ok(rt);
+        }
+        let rt = Self::new(ordinal)?;
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&rt));
+        Ok(rt)
+    }
+
     /// Opens device `ordinal` after probing that the driver and the device exist (cudarc panics
     /// when the driver library is missing, so nothing is called before the probe).
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
@@ -137,10 +160,24 @@ fn inline_headers(file: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Device time of the work `f` enqueues on device `ordinal`'s stream, in seconds, measured with
+/// events recorded before and after it.
+pub fn time_on_device(ordinal: usize, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let rt = CudaRuntime::shared(ordinal)?;
+    let dev = rt.device;
+    let start = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
+    let end = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
+    start.record(&rt.stream).map_err(driver_error(dev, 0))?;
+    f()?;
+    end.record(&rt.stream).map_err(driver_error(dev, 0))?;
+    end.synchronize().map_err(driver_error(dev, 0))?;
+    Ok(start.elapsed_ms(&end).map_err(driver_error(dev, 0))? as f64 / 1e3)
+}
+
 /// Device-to-device copy bandwidth of CUDA device `ordinal`, in bytes read + written per second:
 /// the median of `reps` copies of `bytes / 2` bytes, timed with events on one stream.
 pub fn copy_bandwidth(ordinal: usize, bytes: usize, reps: usize) -> Result<f64> {
-    let rt = CudaRuntime::new(ordinal)?;
+    let rt = CudaRuntime::shared(ordinal)?;
     let dev = rt.device;
     let n = (bytes / 2 / 4).max(1);
     let src = rt
