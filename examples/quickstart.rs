@@ -151,17 +151,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let bound = (6.0 / fan_in as f32).sqrt();
         (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
     };
-    let mut b = ParamSet::builder();
-    b.group("no_decay", GroupOptions::no_decay())?;
-    b.add("fc1.weight", &[HIDDEN, 64], &init(HIDDEN * 64, 64))?;
-    b.add(
-        "fc2.weight",
-        &[CLASSES, HIDDEN],
-        &init(CLASSES * HIDDEN, HIDDEN),
-    )?;
-    b.add_to("no_decay", "fc1.bias", &[HIDDEN], &[0.0; HIDDEN])?;
-    b.add_to("no_decay", "fc2.bias", &[CLASSES], &[0.0; CLASSES])?;
-    let params = b.build(device)?;
+    let (fc1, fc2) = (init(HIDDEN * 64, 64), init(CLASSES * HIDDEN, HIDDEN));
+    let build = |device: Device| -> fusedopt::Result<ParamSet> {
+        let mut b = ParamSet::builder();
+        b.group("no_decay", GroupOptions::no_decay())?;
+        b.add("fc1.weight", &[HIDDEN, 64], &fc1)?;
+        b.add("fc2.weight", &[CLASSES, HIDDEN], &fc2)?;
+        b.add_to("no_decay", "fc1.bias", &[HIDDEN], &[0.0; HIDDEN])?;
+        b.add_to("no_decay", "fc2.bias", &[CLASSES], &[0.0; CLASSES])?;
+        b.build(device)
+    };
+    let params = build(device)?;
     println!(
         "model: MLP 64-{HIDDEN}-10, {} parameters in 4 tensors, 2 groups",
         params.layout().num_params()
@@ -177,7 +177,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(params, rule, options)?;
+    let mut opt = match Optimizer::with_options(params, rule.clone(), options) {
+        Ok(opt) => opt,
+        Err(e) if device != Device::Cpu => {
+            println!("device: cpu (the CUDA engine could not start: {e})");
+            Optimizer::with_options(build(Device::Cpu)?, rule, options)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     opt.set_schedule(Some(Box::new(Counted::new(Schedule::warmup_cosine_decay(
         0.0,
         3e-3,
