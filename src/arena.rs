@@ -4,6 +4,7 @@
 
 use half::{bf16, f16};
 
+use crate::dtype::round_into;
 use crate::error::{Error, Result};
 use crate::{DType, Element};
 
@@ -15,7 +16,9 @@ pub enum Arena {
     F16(Vec<f16>),
 }
 
-fn filled<T: Element>(len: usize, value: f32) -> Result<Vec<T>> {
+/// A vector of `len` copies of `value` rounded to `T`, or a typed error when the memory is not
+/// there (never an abort).
+pub(crate) fn filled<T: Element>(len: usize, value: f32) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
         .map_err(|_| Error::OutOfHostMemory {
@@ -89,16 +92,11 @@ impl Arena {
 
     /// Writes f32 `values` into `range`, rounding to nearest even.
     pub fn write_f32(&mut self, start: usize, values: &[f32]) {
-        fn put<T: Element>(dst: &mut [T], src: &[f32]) {
-            dst.iter_mut()
-                .zip(src)
-                .for_each(|(d, &s)| *d = T::from_f32(s));
-        }
         let end = start + values.len();
         match self {
-            Arena::F32(v) => v[start..end].copy_from_slice(values),
-            Arena::BF16(v) => put(&mut v[start..end], values),
-            Arena::F16(v) => put(&mut v[start..end], values),
+            Arena::F32(v) => round_into(&mut v[start..end], values),
+            Arena::BF16(v) => round_into(&mut v[start..end], values),
+            Arena::F16(v) => round_into(&mut v[start..end], values),
         }
     }
 

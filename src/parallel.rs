@@ -14,8 +14,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use half::{bf16, f16};
-
 use crate::arena::Arena;
 use crate::comm::cpu::CpuCommunicator;
 use crate::comm::{Communicator, HostBuffer, ReduceOp};
@@ -156,21 +154,6 @@ impl Gradients<'_> {
 }
 
 impl<'a> HostBuffer<'a> {
-    fn write_range(&mut self, at: usize, values: &[f32]) {
-        let end = at + values.len();
-        match self {
-            HostBuffer::F32(b) => b[at..end].copy_from_slice(values),
-            HostBuffer::BF16(b) => b[at..end]
-                .iter_mut()
-                .zip(values)
-                .for_each(|(d, &s)| *d = bf16::from_f32(s)),
-            HostBuffer::F16(b) => b[at..end]
-                .iter_mut()
-                .zip(values)
-                .for_each(|(d, &s)| *d = f16::from_f32(s)),
-        }
-    }
-
     fn reborrow(&mut self) -> HostBuffer<'_> {
         match self {
             HostBuffer::F32(b) => HostBuffer::F32(b),

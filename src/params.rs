@@ -274,7 +274,7 @@ impl ParamSetBuilder {
             arena_len: offset,
         });
         device.check()?;
-        let mut values = zeroed_arena(offset)?;
+        let mut values: Vec<f32> = crate::arena::filled(offset, 0.0)?;
         for t in &self.tensors {
             let info = layout.tensor(&t.name)?;
             values[info.range()].copy_from_slice(&t.values);
@@ -329,17 +329,6 @@ fn upload(
         grads,
         model,
     })
-}
-
-/// A zero-filled host arena, or a typed error when the memory is not there (never an abort).
-pub(crate) fn zeroed_arena(len: usize) -> Result<Vec<f32>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::OutOfHostMemory {
-            bytes: len.saturating_mul(4),
-        })?;
-    v.resize(len, 0.0);
-    Ok(v)
 }
 
 /// Where a parameter set's arenas live.

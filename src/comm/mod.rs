@@ -11,6 +11,7 @@ pub mod cpu;
 
 use half::{bf16, f16};
 
+use crate::dtype::round_into;
 use crate::error::Result;
 use crate::DType;
 
@@ -63,16 +64,16 @@ impl HostBuffer<'_> {
 
     /// Overwrites the elements from f32 `values`, rounding to nearest even.
     pub(crate) fn write_from(&mut self, values: &[f32]) {
+        self.write_range(0, values);
+    }
+
+    /// Overwrites the elements from `at` on with f32 `values`, rounding to nearest even.
+    pub(crate) fn write_range(&mut self, at: usize, values: &[f32]) {
+        let end = at + values.len();
         match self {
-            HostBuffer::F32(b) => b.copy_from_slice(values),
-            HostBuffer::BF16(b) => b
-                .iter_mut()
-                .zip(values)
-                .for_each(|(d, &s)| *d = bf16::from_f32(s)),
-            HostBuffer::F16(b) => b
-                .iter_mut()
-                .zip(values)
-                .for_each(|(d, &s)| *d = f16::from_f32(s)),
+            HostBuffer::F32(b) => round_into(&mut b[at..end], values),
+            HostBuffer::BF16(b) => round_into(&mut b[at..end], values),
+            HostBuffer::F16(b) => round_into(&mut b[at..end], values),
         }
     }
 }

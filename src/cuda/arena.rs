@@ -97,7 +97,8 @@ impl DeviceArena {
             values: &[f32],
             device: Device,
         ) -> Result<()> {
-            let host: Vec<T> = values.iter().map(|&x| T::from_f32(x)).collect();
+            let mut host = vec![T::from_f32(0.0); values.len()];
+            crate::dtype::round_into(&mut host, values);
             stream
                 .memcpy_htod(&host, &mut dst.slice_mut(start..start + values.len()))
                 .map_err(driver_error(device, 0))
@@ -121,16 +122,15 @@ impl DeviceArena {
 
     /// A copy on the device.
     pub fn try_clone(&self, stream: &Arc<CudaStream>, device: Device) -> Result<Self> {
-        let bytes = 0;
         Ok(match self {
             DeviceArena::F32(s) => {
-                DeviceArena::F32(stream.clone_dtod(s).map_err(driver_error(device, bytes))?)
+                DeviceArena::F32(stream.clone_dtod(s).map_err(driver_error(device, 0))?)
             }
             DeviceArena::BF16(s) => {
-                DeviceArena::BF16(stream.clone_dtod(s).map_err(driver_error(device, bytes))?)
+                DeviceArena::BF16(stream.clone_dtod(s).map_err(driver_error(device, 0))?)
             }
             DeviceArena::F16(s) => {
-                DeviceArena::F16(stream.clone_dtod(s).map_err(driver_error(device, bytes))?)
+                DeviceArena::F16(stream.clone_dtod(s).map_err(driver_error(device, 0))?)
             }
         })
     }

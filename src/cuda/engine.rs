@@ -11,7 +11,7 @@ use super::abi::{DeviceSegment, GroupConfig, NormParams, StepState};
 use super::arena::DeviceArena;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
-use crate::optim::{AmsGrad, LossScale, NonFinitePolicy, OptimizerOptions, Rule};
+use crate::optim::{AmsGrad, OptimizerOptions, Rule};
 use crate::params::Layout;
 use crate::plan::{cuda_chunk_elems, LaunchPlan};
 use crate::DType;
@@ -120,11 +120,7 @@ impl CudaEngine {
             .map(|g| GroupConfig::new(rule, &g.options))
             .collect();
         let initial = StepState {
-            loss_scale: match options.loss_scale {
-                LossScale::None => 1.0,
-                LossScale::Static(s) => s,
-                LossScale::Dynamic { init_scale, .. } => init_scale,
-            },
+            loss_scale: options.loss_scale.initial(),
             grad_scale: 1.0,
             clip_factor: 1.0,
             ..Default::default()
@@ -156,9 +152,7 @@ impl CudaEngine {
             .alloc_zeros::<f64>(plan.num_chunks().max(1))
             .map_err(err(bytes(plan.num_chunks(), 8)))?;
         Ok(CudaEngine {
-            needs_norm: options.clip.is_some()
-                || options.non_finite != NonFinitePolicy::Propagate
-                || matches!(options.loss_scale, LossScale::Dynamic { .. }),
+            needs_norm: options.needs_norm(),
             norm_params: NormParams::new(options),
             rt,
             update,

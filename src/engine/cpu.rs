@@ -11,6 +11,7 @@ use rayon::iter::Either;
 use rayon::prelude::*;
 
 use crate::arena::Arena;
+use crate::dtype::round_into;
 use crate::optim::rules::StepCoefficients;
 use crate::plan::LaunchPlan;
 use crate::{DType, Element};
@@ -150,8 +151,8 @@ impl CpuEngine {
                     &mut views[..n],
                 );
                 match (model_dtype, m.as_deref_mut()) {
-                    (Some(DType::BF16), Some(m)) => round_into::<bf16>(p, view_mut(m, r)),
-                    (Some(DType::F16), Some(m)) => round_into::<f16>(p, view_mut(m, r)),
+                    (Some(DType::BF16), Some(m)) => round_into::<bf16>(view_mut(m, r), p),
+                    (Some(DType::F16), Some(m)) => round_into::<f16>(view_mut(m, r), p),
                     _ => {}
                 }
             }
@@ -203,11 +204,6 @@ fn update_segment<G: Element, S: Element>(
     state: &mut [&mut [S]],
 ) {
     c.update(p, g, state)
-}
-
-/// Writes the masters into the model copy, rounding to nearest even.
-fn round_into<M: Element>(p: &[f32], m: &mut [M]) {
-    m.iter_mut().zip(p).for_each(|(m, &p)| *m = M::from_f32(p));
 }
 
 /// Σ g² of one chunk: eight f64 lanes so the loop vectorises and large chunks lose no precision.

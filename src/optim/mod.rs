@@ -61,7 +61,8 @@ impl LossScale {
         }
     }
 
-    fn initial(&self) -> f64 {
+    /// The scale before any step.
+    pub(crate) fn initial(&self) -> f64 {
         match *self {
             LossScale::None => 1.0,
             LossScale::Static(s) => s,
@@ -78,6 +79,16 @@ pub struct OptimizerOptions {
     /// Storage dtype of the optimizer state (moments): f32, or bf16 to halve its memory.
     pub state_dtype: DType,
     pub loss_scale: LossScale,
+}
+
+impl OptimizerOptions {
+    /// Whether a step needs the gradients' norm: to clip, to detect non-finite values, or to let
+    /// the dynamic loss scaler see an overflow.
+    pub(crate) fn needs_norm(&self) -> bool {
+        self.clip.is_some()
+            || self.non_finite != NonFinitePolicy::Propagate
+            || matches!(self.loss_scale, LossScale::Dynamic { .. })
+    }
 }
 
 impl Default for OptimizerOptions {
@@ -147,6 +158,11 @@ fn validate_loss_scale(options: &OptimizerOptions) -> Result<()> {
             }
         }
     }
+}
+
+/// A CUDA engine always sits beside device storage; this is the error if that invariant broke.
+fn no_device_storage() -> Error {
+    Error::Cuda("CUDA engine without device storage".into())
 }
 
 /// The CPU engine with the state and bookkeeping a CPU step keeps on the host.
@@ -280,7 +296,7 @@ impl Optimizer {
             Engine::Cpu(cpu) => cpu.step(&mut self.params, &self.rule, &self.options, self.lr)?,
             Engine::Cuda(engine) => {
                 let Storage::Cuda(d) = self.params.storage_mut() else {
-                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                    return Err(no_device_storage());
                 };
                 engine.step(d)?;
                 if self.options.non_finite == NonFinitePolicy::Error {
@@ -412,7 +428,7 @@ impl Optimizer {
             Engine::Cpu(cpu) => Ok(cpu.state[slot].to_f32(r)),
             Engine::Cuda(engine) => {
                 let Storage::Cuda(d) = self.params.storage() else {
-                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                    return Err(no_device_storage());
                 };
                 engine.state[slot].read(&d.rt.stream, r, self.device())
             }
@@ -463,7 +479,7 @@ impl Optimizer {
             Engine::Cpu(cpu) => Ok(cpu.state.clone()),
             Engine::Cuda(engine) => {
                 let Storage::Cuda(d) = self.params.storage() else {
-                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                    return Err(no_device_storage());
                 };
                 let len = self.params.layout().arena_len();
                 engine
@@ -498,7 +514,7 @@ impl Optimizer {
             Engine::Cuda(engine) => {
                 let len = self.params.layout().arena_len();
                 let Storage::Cuda(d) = self.params.storage_mut() else {
-                    return Err(Error::Cuda("CUDA engine without device storage".into()));
+                    return Err(no_device_storage());
                 };
                 for (dst, src) in engine.state.iter_mut().zip(&state) {
                     dst.write(&d.rt.stream, 0, &src.to_f32(0..len), d.rt.device)?;
@@ -531,9 +547,7 @@ impl CpuSteps {
         options: &OptimizerOptions,
         lr: f64,
     ) -> Result<bool> {
-        let needs_norm = options.clip.is_some()
-            || options.non_finite != NonFinitePolicy::Propagate
-            || matches!(options.loss_scale, LossScale::Dynamic { .. });
+        let needs_norm = options.needs_norm();
         let inv_scale = 1.0 / self.loss_scale;
         let layout = params.layout().clone();
         let Storage::Host {

@@ -34,21 +34,24 @@ pub struct Decay {
 
 impl Decay {
     fn new(wd: WeightDecay, lr: f64) -> Self {
-        let (mut d, l) = (
-            Decay {
-                l2: 0.0,
-                l1: 0.0,
-                keep: 1.0,
+        let lambda = wd.coefficient();
+        Decay {
+            l2: if matches!(wd, WeightDecay::L2(_)) {
+                lambda as f32
+            } else {
+                0.0
             },
-            wd.coefficient() as f32,
-        );
-        match wd {
-            WeightDecay::None => {}
-            WeightDecay::L2(_) => d.l2 = l,
-            WeightDecay::L1(_) => d.l1 = l,
-            WeightDecay::Decoupled(lambda) => d.keep = (1.0 - lr * lambda) as f32,
+            l1: if matches!(wd, WeightDecay::L1(_)) {
+                lambda as f32
+            } else {
+                0.0
+            },
+            keep: if matches!(wd, WeightDecay::Decoupled(_)) {
+                (1.0 - lr * lambda) as f32
+            } else {
+                1.0
+            },
         }
-        d
     }
 
     /// Returns the decayed parameter and the gradient with coupled decay added.
