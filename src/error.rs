@@ -62,6 +62,14 @@ pub enum Error {
     BadCase(String),
     #[error("communicator failure: {0}")]
     Communicator(String),
+    #[error("rendezvous failed: {0}")]
+    Rendezvous(String),
+    #[error("NCCL error {code} ({name}): {message}")]
+    Nccl {
+        code: i32,
+        name: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

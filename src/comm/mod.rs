@@ -8,6 +8,7 @@
 //! are summed.
 
 pub mod cpu;
+pub mod rendezvous;
 
 use half::{bf16, f16};
 

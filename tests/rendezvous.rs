@@ -1,0 +1,141 @@
+//! The rendezvous across real processes on loopback: this test binary re-runs itself as the ranks.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use fusedopt::comm::rendezvous::{Rendezvous, RendezvousConfig};
+
+const CHILD: &str = "FUSEDOPT_RENDEZVOUS_CHILD";
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Starts `ranks` of a group of `world` processes, each running `rank_process` below.
+fn launch(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)> {
+    let port = free_port().to_string();
+    let children: Vec<_> = ranks
+        .iter()
+        .map(|&rank| {
+            let child = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "rank_process", "--nocapture", "--ignored"])
+                .env(CHILD, timeout_ms.to_string())
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .spawn_piped();
+            (rank, child)
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|(rank, c)| (rank, c.wait_with_output().unwrap()))
+        .collect()
+}
+
+trait SpawnPiped {
+    fn spawn_piped(&mut self) -> std::process::Child;
+}
+
+impl SpawnPiped for Command {
+    fn spawn_piped(&mut self) -> std::process::Child {
+        self.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn result_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            panic!(
+                "no result; stdout: {text}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// One rank: joins, gathers "rank-N" from everyone, receives rank 2's blob, prints what it got.
+#[test]
+#[ignore = "run by the other tests as a child process"]
+fn rank_process() {
+    let Ok(timeout_ms) = std::env::var(CHILD) else {
+        return;
+    };
+    let timeout = Duration::from_millis(timeout_ms.parse().unwrap());
+    let result = (|| -> fusedopt::Result<String> {
+        let mut r = Rendezvous::connect(&RendezvousConfig::from_env(timeout)?)?;
+        let mine = format!("rank-{}", r.rank());
+        let all = r.all_gather(mine.as_bytes())?;
+        let root = r.broadcast(b"id-from-root", 2.min(r.world_size() - 1))?;
+        r.barrier()?;
+        let all: Vec<String> = all
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        Ok(format!(
+            "{}|{}",
+            all.join(","),
+            String::from_utf8_lossy(&root)
+        ))
+    })();
+    match result {
+        Ok(s) => println!("RESULT ok {s}"),
+        Err(e) => println!("RESULT err {e}"),
+    }
+}
+
+#[test]
+fn processes_exchange_blobs_over_loopback() {
+    // Started in reverse so that rank 0 is usually last: the others must retry until it listens.
+    let outs = launch(4, &[3, 2, 1, 0], 20_000);
+    for (rank, out) in outs {
+        assert_eq!(
+            result_line(&out),
+            "ok rank-0,rank-1,rank-2,rank-3|id-from-root",
+            "rank {rank}"
+        );
+    }
+}
+
+#[test]
+fn a_missing_rank_fails_the_others_within_the_timeout() {
+    let start = Instant::now();
+    let outs = launch(3, &[0, 1], 1_500);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        start.elapsed()
+    );
+    for (rank, out) in outs {
+        let line = result_line(&out);
+        assert!(
+            line.starts_with("err rendezvous failed"),
+            "rank {rank}: {line}"
+        );
+    }
+    let rank0 = launch(2, &[0], 500);
+    assert!(result_line(&rank0[0].1).contains("ranks [1] did not arrive"));
+}
+
+#[test]
+fn conflicting_world_sizes_are_refused() {
+    let port = free_port();
+    let config = move |rank, world| RendezvousConfig {
+        rank,
+        world_size: world,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        timeout: Duration::from_secs(5),
+    };
+    let joiner = std::thread::spawn(move || Rendezvous::connect(&config(1, 3)).map(|_| ()));
+    let e = Rendezvous::connect(&config(0, 2)).unwrap_err();
+    assert!(e.to_string().contains("WORLD_SIZE=3"), "{e}");
+    assert!(joiner.join().unwrap().is_err());
+}
