@@ -1,18 +1,44 @@
 //! All-reduce bandwidth in nccl-tests terms: algbw = bytes / time, busbw = algbw · 2(n−1)/n.
 //!
-//! cargo bench --bench allreduce -- [--ranks N] [--max-bytes B] [--json FILE]
+//! cargo bench --bench allreduce -- [--device cpu|cuda] [--ranks N] [--max-bytes B] [--json FILE]
 //!
-//! Measures the in-process CPU communicator (ranks are threads), f32 sum, sizes from 4 KB doubling
-//! to `--max-bytes` (default 1 GB), median of several iterations after a warm-up.
+//! Measures the in-process CPU communicator (ranks are threads, host buffers) or, with
+//! `--device cuda`, the single-device communicator (replicas sharing GPU 0, device buffers), f32
+//! sum, sizes from 4 KB doubling to `--max-bytes` (default 1 GB), median of several iterations
+//! after a warm-up. Each timed iteration ends with the communicator's barrier, which on a GPU waits
+//! for the device, so host barrier latency (tens of µs) is included: small sizes read low.
 
 use std::time::{Duration, Instant};
 
 use fusedopt::comm::cpu::CpuCommunicator;
-use fusedopt::comm::{Communicator, HostBuffer, ReduceOp};
+use fusedopt::comm::single_device::SingleDeviceCommunicator;
+use fusedopt::comm::{Buffer, Communicator, HostBuffer, ReduceOp};
+use fusedopt::cuda::arena::DeviceArena;
+use fusedopt::cuda::runtime::CudaRuntime;
+use fusedopt::{DType, Device};
 use serde_json::json;
+
+/// Times `iters` all-reduces of `buf` on one rank (fewer when the group failed).
+fn time_rank<C: Communicator>(c: &C, mut buf: Buffer<'_>, iters: usize) -> Vec<f64> {
+    let mut t = Vec::with_capacity(iters);
+    for i in 0..iters + 2 {
+        if c.barrier().is_err() {
+            break;
+        }
+        let start = Instant::now();
+        if c.all_reduce(buf.reborrow(), ReduceOp::Sum).is_err() || c.barrier().is_err() {
+            break;
+        }
+        if i >= 2 {
+            t.push(start.elapsed().as_secs_f64());
+        }
+    }
+    t
+}
 
 fn main() {
     let mut ranks = 2usize;
+    let mut cuda = false;
     let mut max_bytes = 1usize << 30;
     let mut json_path: Option<String> = None;
     let mut args = std::env::args().skip(1);
@@ -26,14 +52,27 @@ fn main() {
                     .unwrap_or(max_bytes)
             }
             "--json" => json_path = args.next(),
+            "--device" => cuda = args.next().as_deref() == Some("cuda"),
             "--bench" => {}
             other => {
-                eprintln!("unknown argument {other}\nusage: allreduce [--ranks N] [--max-bytes B] [--json FILE]");
+                eprintln!("unknown argument {other}\nusage: allreduce [--device cpu|cuda] [--ranks N] [--max-bytes B] [--json FILE]");
                 std::process::exit(2);
             }
         }
     }
-    println!("in-process CPU communicator, {ranks} ranks, f32 sum");
+    let name = if cuda { "single-device" } else { "cpu" };
+    let rt = if cuda {
+        match CudaRuntime::shared(0) {
+            Ok(rt) => Some(rt),
+            Err(e) => {
+                eprintln!("--device cuda: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+    println!("{name} communicator, {ranks} ranks, f32 sum");
     println!(
         "{:>12} {:>10} {:>12} {:>12}",
         "bytes", "time µs", "algbw GB/s", "busbw GB/s"
@@ -43,41 +82,27 @@ fn main() {
     while bytes <= max_bytes {
         let n = bytes / 4;
         let iters = (64usize << 20).div_ceil(bytes).clamp(3, 200);
-        let comms = match CpuCommunicator::group(ranks, Duration::from_secs(120)) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{e}");
-                std::process::exit(1);
+        let timeout = Duration::from_secs(120);
+        let times: Vec<Vec<f64>> = match &rt {
+            None => {
+                let comms = CpuCommunicator::group(ranks, timeout).unwrap_or_else(|e| exit(e));
+                on_threads(&comms, |c| {
+                    let mut buf = vec![1.0f32; n];
+                    time_rank(c, HostBuffer::F32(&mut buf).into(), iters)
+                })
+            }
+            Some(rt) => {
+                let comms =
+                    SingleDeviceCommunicator::group(0, ranks, timeout).unwrap_or_else(|e| exit(e));
+                on_threads(&comms, |c| {
+                    let mut arena =
+                        DeviceArena::filled(rt.stream(), DType::F32, n, 1.0, Device::Cuda(0))
+                            .unwrap_or_else(|e| exit(e));
+                    let mut bufs = arena.split_buffers(rt, &[n]).unwrap_or_else(|e| exit(e));
+                    time_rank(c, bufs.remove(0).into(), iters)
+                })
             }
         };
-        let times: Vec<Vec<f64>> = std::thread::scope(|s| {
-            let handles: Vec<_> = comms
-                .iter()
-                .map(|c| {
-                    s.spawn(move || {
-                        let mut buf = vec![1.0f32; n];
-                        let mut t = Vec::with_capacity(iters);
-                        for i in 0..iters + 2 {
-                            let _ = c.barrier();
-                            let start = Instant::now();
-                            if c.all_reduce(HostBuffer::F32(&mut buf), ReduceOp::Sum)
-                                .is_err()
-                            {
-                                break;
-                            }
-                            if i >= 2 {
-                                t.push(start.elapsed().as_secs_f64());
-                            }
-                        }
-                        t
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        });
         // A collective ends when its slowest rank does: the per-iteration maximum, then the median.
         let mut per_iter: Vec<f64> = (0..iters)
             .map(|i| {
@@ -98,7 +123,7 @@ fn main() {
         bytes *= 2;
     }
     if let Some(path) = json_path {
-        let report = json!({"communicator": "cpu", "ranks": ranks, "dtype": "f32", "op": "sum", "results": rows});
+        let report = json!({"communicator": name, "ranks": ranks, "dtype": "f32", "op": "sum", "results": rows});
         if let Err(e) = std::fs::write(
             &path,
             serde_json::to_string_pretty(&report).unwrap_or_default(),
@@ -106,4 +131,26 @@ fn main() {
             eprintln!("cannot write {path}: {e}");
         }
     }
+}
+
+fn exit(e: fusedopt::Error) -> ! {
+    eprintln!("{e}");
+    std::process::exit(1)
+}
+
+/// Runs `f` for every rank on its own thread; a rank whose thread panicked reports no times.
+fn on_threads<C: Communicator>(comms: &[C], f: impl Fn(&C) -> Vec<f64> + Sync) -> Vec<Vec<f64>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .map(|c| {
+                let f = &f;
+                s.spawn(move || f(c))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }

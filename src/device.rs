@@ -34,6 +34,8 @@ pub enum Unavailable {
     NoDevices,
     #[error("CUDA device {ordinal} does not exist ({count} present)")]
     NoSuchDevice { ordinal: usize, count: usize },
+    #[error("no NCCL library (libnccl.so.2) could be loaded; install NCCL to reduce across GPUs")]
+    NoNccl,
     #[error("FUSEDOPT_DEVICE=cpu asks for the CPU engine")]
     DisabledByEnvironment,
     #[error(

@@ -86,3 +86,16 @@ pub(crate) fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
         })
     }
 }
+
+/// Checks that `got` elements written from element `at` fit in `len`, naming `what` in the error.
+pub(crate) fn check_range(what: &str, at: usize, got: usize, len: usize) -> Result<()> {
+    if at.checked_add(got).is_some_and(|end| end <= len) {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            what: format!("{what} at element {at}"),
+            expected: len.saturating_sub(at),
+            got,
+        })
+    }
+}

@@ -14,12 +14,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-use crate::arena::Arena;
 use crate::comm::cpu::CpuCommunicator;
-use crate::comm::{Communicator, HostBuffer, ReduceOp};
+use crate::comm::nccl::NcclCommunicator;
+use crate::comm::single_device::SingleDeviceCommunicator;
+use crate::comm::{Buffer, Communicator, HostBuffer, ReduceOp};
 use crate::error::{Error, Result};
 use crate::params::Layout;
-use crate::Optimizer;
+use crate::{Device, Optimizer};
 
 /// Bucketing and failure detection.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -85,9 +86,11 @@ pub fn buckets(layout: &Layout, elem_bytes: usize, options: &DataParallelOptions
 /// and its gradients, to write and mark ready.
 pub struct Gradients<'a> {
     layout: &'a Layout,
-    values: &'a [f32],
-    /// Each bucket's slice of the gradient arena.
-    buckets: Vec<Mutex<HostBuffer<'a>>>,
+    /// The masters, when they live on the host.
+    values: Option<&'a [f32]>,
+    device: crate::Device,
+    /// Each bucket's range of the gradient arena.
+    buckets: Vec<Mutex<Buffer<'a>>>,
     starts: Vec<usize>,
     bucket_of: Vec<usize>,
     /// Tensors not yet marked ready, per bucket.
@@ -103,9 +106,10 @@ impl Gradients<'_> {
         Ok((b, t.offset - self.starts[b], t.len))
     }
 
-    /// A tensor's current parameters (fp32 masters).
+    /// A tensor's current parameters (fp32 masters), when they live on the host.
     pub fn param(&self, name: &str) -> Result<&[f32]> {
-        Ok(&self.values[self.layout.tensor(name)?.range()])
+        let values = self.values.ok_or(Error::NotHostMemory(self.device))?;
+        Ok(&values[self.layout.tensor(name)?.range()])
     }
 
     /// Writes a tensor's gradient (rounded to the gradient dtype).
@@ -115,8 +119,7 @@ impl Gradients<'_> {
         let mut bucket = self.buckets[b]
             .lock()
             .map_err(|_| Error::Communicator("bucket lock poisoned".into()))?;
-        bucket.write_range(at, values);
-        Ok(())
+        bucket.write_range(at, values)
     }
 
     /// Declares a tensor's gradient final; its bucket is all-reduced once all its tensors are.
@@ -153,46 +156,6 @@ impl Gradients<'_> {
     }
 }
 
-impl<'a> HostBuffer<'a> {
-    fn reborrow(&mut self) -> HostBuffer<'_> {
-        match self {
-            HostBuffer::F32(b) => HostBuffer::F32(b),
-            HostBuffer::BF16(b) => HostBuffer::BF16(b),
-            HostBuffer::F16(b) => HostBuffer::F16(b),
-        }
-    }
-
-    /// Splits into consecutive pieces of the given lengths.
-    fn split(self, lens: &[usize]) -> Vec<HostBuffer<'a>> {
-        fn go<'a, T>(
-            mut s: &'a mut [T],
-            lens: &[usize],
-            wrap: fn(&'a mut [T]) -> HostBuffer<'a>,
-        ) -> Vec<HostBuffer<'a>> {
-            let mut out = Vec::with_capacity(lens.len());
-            for &n in lens {
-                let (head, tail) = std::mem::take(&mut s).split_at_mut(n);
-                out.push(wrap(head));
-                s = tail;
-            }
-            out
-        }
-        match self {
-            HostBuffer::F32(b) => go(b, lens, HostBuffer::F32),
-            HostBuffer::BF16(b) => go(b, lens, HostBuffer::BF16),
-            HostBuffer::F16(b) => go(b, lens, HostBuffer::F16),
-        }
-    }
-}
-
-fn arena_buffer(a: &mut Arena) -> HostBuffer<'_> {
-    match a {
-        Arena::F32(v) => HostBuffer::F32(v),
-        Arena::BF16(v) => HostBuffer::BF16(v),
-        Arena::F16(v) => HostBuffer::F16(v),
-    }
-}
-
 /// FNV-1a of everything replicas must agree on: tensors, shapes, groups, dtypes and state.
 fn fingerprint(opt: &Optimizer) -> u64 {
     let layout = opt.params().layout();
@@ -223,6 +186,53 @@ impl DataParallel<CpuCommunicator> {
     }
 }
 
+impl DataParallel<SingleDeviceCommunicator> {
+    /// Replicas sharing one GPU (every parameter set on the same CUDA device), reduced by a kernel.
+    pub fn single_device(optimizers: Vec<Optimizer>, options: DataParallelOptions) -> Result<Self> {
+        let ordinal = common_cuda_device(&optimizers)?;
+        if optimizers
+            .iter()
+            .any(|o| o.params().device() != Device::Cuda(ordinal))
+        {
+            return Err(Error::Communicator(
+                "single-device replicas must all live on the same CUDA device".into(),
+            ));
+        }
+        let comms = SingleDeviceCommunicator::group(ordinal, optimizers.len(), options.timeout)?;
+        Self::new(optimizers, comms, options)
+    }
+}
+
+impl DataParallel<NcclCommunicator> {
+    /// One replica per GPU of this process, joined by NCCL (replica i on its own device). For one
+    /// replica per process, join with [`NcclCommunicator::from_rendezvous`] and call [`Self::new`].
+    pub fn nccl(optimizers: Vec<Optimizer>, options: DataParallelOptions) -> Result<Self> {
+        common_cuda_device(&optimizers)?;
+        let ordinals = optimizers
+            .iter()
+            .map(|o| match o.params().device() {
+                Device::Cuda(i) => Ok(i),
+                d => Err(Error::Communicator(format!(
+                    "NCCL replicas live on GPUs, not {d}"
+                ))),
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        let comms = NcclCommunicator::group(&ordinals, options.timeout)?;
+        Self::new(optimizers, comms, options)
+    }
+}
+
+/// The CUDA device of the first replica (an error when there is none or it is on the CPU).
+fn common_cuda_device(optimizers: &[Optimizer]) -> Result<usize> {
+    match optimizers.first().map(|o| o.params().device()) {
+        Some(Device::Cuda(i)) => Ok(i),
+        Some(d) => Err(Error::Communicator(format!(
+            "GPU replicas expected, got {d}"
+        ))),
+        None => Err(Error::Communicator("no replicas".into())),
+    }
+}
+
 impl<C: Communicator> DataParallel<C> {
     /// Checks that every replica has the same parameter set and rule (through the communicators,
     /// so mismatches are refused at setup), then broadcasts rank 0's parameters to all.
@@ -244,14 +254,17 @@ impl<C: Communicator> DataParallel<C> {
             let h = fingerprint(opt);
             let mut mine: Vec<f32> = (0..4).map(|k| ((h >> (16 * k)) & 0xffff) as f32).collect();
             let mut all = vec![0.0f32; 4 * comm.world_size()];
-            comm.all_gather(HostBuffer::F32(&mut mine), HostBuffer::F32(&mut all))?;
+            comm.all_gather(
+                HostBuffer::F32(&mut mine).into(),
+                HostBuffer::F32(&mut all).into(),
+            )?;
             if all.chunks(4).any(|c| c != mine.as_slice()) {
                 let reason = "replicas have different parameter sets, rules or dtypes";
                 comm.abort(reason);
                 return Err(Error::Communicator(reason.into()));
             }
             let mut values = opt.params().values_snapshot()?.into_owned();
-            comm.broadcast(HostBuffer::F32(&mut values), 0)?;
+            comm.broadcast(HostBuffer::F32(&mut values).into(), 0)?;
             opt.params_mut().restore_values(&values)
         })?;
         let layout = replicas[0].0.params().layout().clone();
@@ -291,13 +304,10 @@ impl<C: Communicator> DataParallel<C> {
             let rank = comm.rank();
             // The gradient views end here, before the step.
             {
-                let (values, arena) = opt.params_mut().values_and_grads_mut()?;
-                let mut pieces: Vec<Option<HostBuffer<'_>>> = arena_buffer(arena)
-                    .split(&lens)
-                    .into_iter()
-                    .map(Some)
-                    .collect();
-                let mut ordered: Vec<HostBuffer<'_>> = Vec::with_capacity(buckets.len());
+                let device = opt.params().device();
+                let (values, pieces) = opt.params_mut().grad_buffers_mut(&lens)?;
+                let mut pieces: Vec<Option<Buffer<'_>>> = pieces.into_iter().map(Some).collect();
+                let mut ordered: Vec<Buffer<'_>> = Vec::with_capacity(buckets.len());
                 for b in 0..buckets.len() {
                     let pos = by_start.iter().position(|&x| x == b).unwrap_or(0);
                     if let Some(p) = pieces[pos].take() {
@@ -307,6 +317,7 @@ impl<C: Communicator> DataParallel<C> {
                 let grads = Gradients {
                     layout: &layout,
                     values,
+                    device,
                     starts: buckets.iter().map(|b| b.range.start).collect(),
                     buckets: ordered.into_iter().map(Mutex::new).collect(),
                     bucket_of,

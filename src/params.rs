@@ -510,9 +510,24 @@ impl ParamSet {
 
     /// The masters (read) and the gradient arena (write) at once, host memory only: what a
     /// data-parallel replica's backward pass needs.
-    pub(crate) fn values_and_grads_mut(&mut self) -> Result<(&[f32], &mut Arena)> {
-        let (values, grads, _) = self.host_mut()?;
-        Ok((values.as_slice(), grads))
+    /// The masters (when on the host) and the gradient arena cut into consecutive buffers of
+    /// `lens` elements, for collectives.
+    pub(crate) fn grad_buffers_mut(
+        &mut self,
+        lens: &[usize],
+    ) -> Result<(Option<&[f32]>, Vec<crate::comm::Buffer<'_>>)> {
+        use crate::comm::{Buffer, HostBuffer};
+        match &mut self.storage {
+            Storage::Host { values, grads, .. } => {
+                check_len("gradient buffer split", grads.len(), lens.iter().sum())?;
+                let pieces = HostBuffer::from(grads).split(lens);
+                Ok((Some(values), pieces.into_iter().map(Buffer::Host).collect()))
+            }
+            Storage::Cuda(d) => {
+                let pieces = d.grads.split_buffers(&d.rt, lens)?;
+                Ok((None, pieces.into_iter().map(Buffer::Device).collect()))
+            }
+        }
     }
 
     /// A copy of the set on the same device.

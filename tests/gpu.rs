@@ -13,21 +13,6 @@ use fusedopt::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-fn gpu_or_skip(test: &str) -> bool {
-    match Device::Cuda(0).check() {
-        Ok(()) => true,
-        Err(why) => {
-            let msg = format!("GPU TEST SKIPPED: {test}: {why}");
-            if std::env::var("FUSEDOPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("{msg} (FUSEDOPT_REQUIRE_GPU=1)");
-            }
-            // Straight to the stderr handle: the harness captures eprintln!, and a skip must show.
-            let _ = writeln!(std::io::stderr(), "{msg}");
-            false
-        }
-    }
-}
-
 const FLAVORS: [Flavor; 4] = [Flavor::PyTorch, Flavor::Keras, Flavor::Optax, Flavor::Tf1];
 
 /// Every rule with every mode switch, in every flavor.
@@ -379,12 +364,13 @@ fn conformance_cases_replay_on_cuda() {
 #[test]
 fn kernel_sources_and_fatbins_are_embedded() {
     let names: Vec<&str> = kernels::SOURCES.iter().map(|(n, _)| *n).collect();
-    for needed in ["rules.cuh", "multi_tensor.cuh", "update.cu", "norm.cu"] {
-        assert!(names.contains(&needed), "{needed} not embedded: {names:?}");
+    let units = ["update.cu", "norm.cu", "all_reduce.cu"];
+    for needed in ["rules.cuh", "multi_tensor.cuh"].iter().chain(&units) {
+        assert!(names.contains(needed), "{needed} not embedded: {names:?}");
     }
     match option_env!("FUSEDOPT_NVCC") {
         Some(nvcc) => {
-            assert_eq!(kernels::FATBINS.len(), 2, "built with {nvcc}");
+            assert_eq!(kernels::FATBINS.len(), units.len(), "built with {nvcc}");
             for (name, bytes) in kernels::FATBINS {
                 // Fatbin files start with the magic 0xBA55ED50 (little-endian).
                 assert_eq!(

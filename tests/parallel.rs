@@ -2,6 +2,8 @@
 //! N replicas against one replica with the whole batch, bit-identical replicas, overlap that does
 //! not change results, and failures that end every replica's step with an error and no step.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use fusedopt::comm::cpu::CpuCommunicator;
@@ -42,22 +44,25 @@ fn collectives_compute_the_right_values_identically_on_every_rank() {
         CpuCommunicator::group(size, Duration::from_secs(10)).unwrap(),
         |r, c| {
             let mut sum = data(r, n);
-            c.all_reduce(HostBuffer::F32(&mut sum), ReduceOp::Sum)
+            c.all_reduce(HostBuffer::F32(&mut sum).into(), ReduceOp::Sum)
                 .unwrap();
             let mut avg = data(r, n);
-            c.all_reduce(HostBuffer::F32(&mut avg), ReduceOp::Average)
+            c.all_reduce(HostBuffer::F32(&mut avg).into(), ReduceOp::Average)
                 .unwrap();
             let mut b = data(r, n);
-            c.broadcast(HostBuffer::F32(&mut b), 1).unwrap();
+            c.broadcast(HostBuffer::F32(&mut b).into(), 1).unwrap();
             let mut send = data(r, 4);
             let mut all = vec![0.0; 4 * size];
-            c.all_gather(HostBuffer::F32(&mut send), HostBuffer::F32(&mut all))
-                .unwrap();
+            c.all_gather(
+                HostBuffer::F32(&mut send).into(),
+                HostBuffer::F32(&mut all).into(),
+            )
+            .unwrap();
             let mut big = data(r, 6 * size);
             let mut shard = vec![0.0; 6];
             c.reduce_scatter(
-                HostBuffer::F32(&mut big),
-                HostBuffer::F32(&mut shard),
+                HostBuffer::F32(&mut big).into(),
+                HostBuffer::F32(&mut shard).into(),
                 ReduceOp::Sum,
             )
             .unwrap();
@@ -89,7 +94,7 @@ fn mismatched_sizes_fail_on_every_rank() {
         CpuCommunicator::group(3, Duration::from_secs(10)).unwrap(),
         |r, c| {
             let mut buf = vec![1.0; if r == 2 { 5 } else { 4 }];
-            c.all_reduce(HostBuffer::F32(&mut buf), ReduceOp::Sum)
+            c.all_reduce(HostBuffer::F32(&mut buf).into(), ReduceOp::Sum)
         },
     );
     assert!(
@@ -109,7 +114,7 @@ fn a_rank_that_never_arrives_does_not_hang_the_others() {
             std::thread::sleep(timeout * 4); // stalls, then tries too late
         }
         let mut buf = vec![1.0; 8];
-        c.all_reduce(HostBuffer::F32(&mut buf), ReduceOp::Sum)
+        c.all_reduce(HostBuffer::F32(&mut buf).into(), ReduceOp::Sum)
     });
     assert!(results.iter().all(|r| r.is_err()), "{results:?}");
     // A hang guard, not a performance claim: the group gave up instead of waiting forever.
@@ -162,6 +167,10 @@ impl Problem {
 }
 
 fn optimizer(seed: u64) -> Optimizer {
+    optimizer_on(seed, Device::Cpu)
+}
+
+fn optimizer_on(seed: u64, device: Device) -> Optimizer {
     let mut rng = StdRng::seed_from_u64(seed);
     let w: Vec<f32> = (0..DIM).map(|_| rng.gen_range(-0.5..0.5)).collect();
     let mut b = ParamSet::builder();
@@ -173,7 +182,7 @@ fn optimizer(seed: u64) -> Optimizer {
         ..Default::default()
     };
     Optimizer::with_options(
-        b.build(Device::Cpu).unwrap(),
+        b.build(device).unwrap(),
         Adam {
             lr: 0.05,
             ..Adam::adamw(Flavor::PyTorch)
@@ -305,4 +314,117 @@ fn mismatched_replicas_are_refused_at_setup() {
     )
     .unwrap();
     assert!(DataParallel::cpu(vec![optimizer(1), sgd], small_buckets()).is_err());
+}
+
+// ---------------------------------------------------------------- GPU communicators
+
+#[test]
+fn without_nccl_every_entry_point_says_so() {
+    use fusedopt::comm::nccl::{nccl_available, NcclCommunicator, NcclId};
+    if nccl_available().is_ok() {
+        return; // covered by nccl_with_one_rank_reduces_and_steps
+    }
+    let is_no_nccl = |e: Error| matches!(e, Error::DeviceUnavailable(Unavailable::NoNccl));
+    assert!(is_no_nccl(NcclId::new().unwrap_err()));
+    let id = NcclId::from_bytes(&[0; 128]).unwrap();
+    let e = NcclCommunicator::new(0, 0, 1, &id, Duration::from_secs(1)).unwrap_err();
+    assert!(is_no_nccl(e));
+    assert!(NcclId::from_bytes(&[0; 12]).is_err());
+}
+
+/// Trains `replicas` replicas on CUDA device 0 (one data-parallel engine made by `make`) and
+/// returns each replica's parameters and averaged gradients after every step.
+fn train_on_gpu<C: Communicator>(
+    replicas: usize,
+    steps: usize,
+    make: impl Fn(Vec<Optimizer>) -> Result<DataParallel<C>>,
+) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let problem = Problem::new(24 * steps);
+    let opts = (0..replicas)
+        .map(|r| optimizer_on(100 + r as u64, Device::Cuda(0)))
+        .collect();
+    let mut dp = make(opts).unwrap();
+    let mut out = Vec::new();
+    for s in 0..steps {
+        // GPU parameters are not host memory: the backward pass reads a snapshot of replica 0's.
+        let first = dp.replicas().next().unwrap();
+        let (w, b) = (
+            first.params().read_param("w").unwrap(),
+            first.params().read_param("b").unwrap()[0],
+        );
+        let batch = 24 * s..24 * (s + 1);
+        dp.step(|rank, grads| {
+            let share = batch.len() / replicas;
+            let rows = batch.start + rank * share..batch.start + (rank + 1) * share;
+            let (gw, gb) = problem.grad(&w, b, rows);
+            grads.set("b", &[gb])?;
+            grads.mark_ready("b")?;
+            grads.set("w", &gw)?;
+            grads.mark_ready("w")
+        })
+        .unwrap();
+    }
+    for opt in dp.replicas() {
+        let mut g = opt.params().read_grad("w").unwrap();
+        g.extend(opt.params().read_grad("b").unwrap());
+        out.push((params_of(opt), g));
+    }
+    out
+}
+
+#[test]
+fn single_device_replicas_average_like_the_cpu_communicator() {
+    if !common::gpu_or_skip("single_device_replicas_average_like_the_cpu_communicator") {
+        return;
+    }
+    let cpu_grads = |n: usize| {
+        let problem = Problem::new(24);
+        let opts = (0..n).map(|r| optimizer(100 + r as u64)).collect();
+        let mut dp = DataParallel::cpu(opts, small_buckets()).unwrap();
+        dp.step(backward(&problem, 0..24, n, true)).unwrap();
+        let opt = dp.replicas().next().unwrap();
+        let mut g = opt.params().read_grad("w").unwrap();
+        g.extend(opt.params().read_grad("b").unwrap());
+        g
+    };
+    let single = train_on_gpu(1, 5, |o| DataParallel::single_device(o, small_buckets()));
+    for n in [2, 3, 4] {
+        let many = train_on_gpu(n, 5, |o| DataParallel::single_device(o, small_buckets()));
+        for (r, p) in many.iter().enumerate() {
+            assert_eq!(
+                p, &many[0],
+                "{n} GPU replicas: replica {r} differs from replica 0"
+            );
+        }
+        for (a, b) in many[0].0.iter().zip(&single[0].0) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{n} replicas vs one: {a} vs {b}"
+            );
+        }
+        // One step from the same start: the kernel's average is the CPU communicator's, bit for bit.
+        let gpu_first = train_on_gpu(n, 1, |o| DataParallel::single_device(o, small_buckets()));
+        assert_eq!(
+            gpu_first[0].1,
+            cpu_grads(n),
+            "{n} replicas: averaged gradients differ"
+        );
+    }
+}
+
+#[test]
+fn nccl_with_one_rank_reduces_and_steps() {
+    use fusedopt::comm::nccl::nccl_available;
+    let test = "nccl_with_one_rank_reduces_and_steps";
+    if !common::gpu_or_skip(test)
+        || !common::required_or_skip(test, nccl_available().map_err(|e| e.to_string()))
+    {
+        return;
+    }
+    let nccl = train_on_gpu(1, 3, |o| DataParallel::nccl(o, small_buckets()));
+    let alone = train_on_gpu(1, 3, |o| DataParallel::single_device(o, small_buckets()));
+    assert_eq!(
+        nccl, alone,
+        "NCCL with one rank must leave the gradients as they are"
+    );
 }

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::{Communicator, HostBuffer, ReduceOp};
+use super::{Buffer, Communicator, HostBuffer, ReduceOp};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Default)]
@@ -29,6 +29,18 @@ struct Shared {
 
 fn fail(reason: impl Into<String>) -> Error {
     Error::Communicator(reason.into())
+}
+
+/// The host buffer inside `buf`: this communicator has no device to reduce device buffers on.
+fn host(buf: Buffer<'_>) -> Result<HostBuffer<'_>> {
+    match buf {
+        Buffer::Host(b) => Ok(b),
+        Buffer::Device(b) => Err(fail(format!(
+            "the CPU communicator reduces host buffers; a buffer on {} needs the NCCL or \
+             single-device communicator",
+            b.device()
+        ))),
+    }
 }
 
 fn poisoned<T>(_: T) -> Error {
@@ -177,7 +189,8 @@ impl Communicator for CpuCommunicator {
         self.shared.size
     }
 
-    fn all_reduce(&self, mut buf: HostBuffer<'_>, op: ReduceOp) -> Result<()> {
+    fn all_reduce(&self, buf: Buffer<'_>, op: ReduceOp) -> Result<()> {
+        let mut buf = host(buf)?;
         self.contribute(&buf, op)?;
         self.shared.barrier(self.rank)?;
         self.check_lengths(buf.len(), "all_reduce")?;
@@ -187,7 +200,8 @@ impl Communicator for CpuCommunicator {
         self.shared.barrier(self.rank)
     }
 
-    fn broadcast(&self, mut buf: HostBuffer<'_>, root: usize) -> Result<()> {
+    fn broadcast(&self, buf: Buffer<'_>, root: usize) -> Result<()> {
+        let mut buf = host(buf)?;
         if root >= self.shared.size {
             return Err(fail(format!(
                 "broadcast root {root} out of {}",
@@ -214,7 +228,8 @@ impl Communicator for CpuCommunicator {
         self.shared.barrier(self.rank)
     }
 
-    fn all_gather(&self, send: HostBuffer<'_>, mut recv: HostBuffer<'_>) -> Result<()> {
+    fn all_gather(&self, send: Buffer<'_>, recv: Buffer<'_>) -> Result<()> {
+        let (send, mut recv) = (host(send)?, host(recv)?);
         let n = send.len();
         if recv.len() != n * self.shared.size {
             return Err(fail(format!(
@@ -235,12 +250,8 @@ impl Communicator for CpuCommunicator {
         self.shared.barrier(self.rank)
     }
 
-    fn reduce_scatter(
-        &self,
-        send: HostBuffer<'_>,
-        mut recv: HostBuffer<'_>,
-        op: ReduceOp,
-    ) -> Result<()> {
+    fn reduce_scatter(&self, send: Buffer<'_>, recv: Buffer<'_>, op: ReduceOp) -> Result<()> {
+        let (send, mut recv) = (host(send)?, host(recv)?);
         let (n, size) = (send.len(), self.shared.size);
         if n % size != 0 || recv.len() != n / size {
             return Err(fail(format!(

@@ -1,11 +1,12 @@
 //! Device arenas: the device twin of [`crate::arena::Arena`], one allocation per arena.
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use half::{bf16, f16};
 
-use super::runtime::driver_error;
+use super::runtime::{driver_error, CudaRuntime};
 use crate::arena::Arena;
 use crate::error::Result;
 use crate::{DType, Device, Element};
@@ -133,5 +134,134 @@ impl DeviceArena {
                 DeviceArena::F16(stream.clone_dtod(s).map_err(driver_error(device, 0))?)
             }
         })
+    }
+}
+
+impl DeviceArena {
+    /// Consecutive disjoint ranges of the arena, of the given lengths, as buffers collectives can
+    /// use at the same time (one per all-reduce bucket).
+    pub fn split_buffers<'a>(
+        &'a mut self,
+        rt: &'a Arc<CudaRuntime>,
+        lens: &[usize],
+    ) -> Result<Vec<DeviceBuffer<'a>>> {
+        let dtype = self.dtype();
+        let (base, len) = {
+            let stream = &rt.stream;
+            match &*self {
+                DeviceArena::F32(s) => (s.device_ptr(stream).0, s.len()),
+                DeviceArena::BF16(s) => (s.device_ptr(stream).0, s.len()),
+                DeviceArena::F16(s) => (s.device_ptr(stream).0, s.len()),
+            }
+        };
+        crate::error::check_len("device buffer split", len, lens.iter().sum())?;
+        let mut at = 0;
+        Ok(lens
+            .iter()
+            .map(|&n| {
+                let b = DeviceBuffer {
+                    ptr: base + (at * dtype.size_bytes()) as u64,
+                    len: n,
+                    dtype,
+                    rt,
+                    _arena: PhantomData,
+                };
+                at += n;
+                b
+            })
+            .collect())
+    }
+}
+
+/// A range of a device arena, used in the order of its runtime's stream. It is a raw pointer
+/// rather than a cudarc view so that several disjoint ranges of one arena can be lent at once;
+/// the borrow of the arena keeps it alive and unaliased for `'a`.
+#[derive(Debug)]
+pub struct DeviceBuffer<'a> {
+    ptr: u64,
+    len: usize,
+    dtype: DType,
+    rt: &'a Arc<CudaRuntime>,
+    _arena: PhantomData<&'a mut DeviceArena>,
+}
+
+impl DeviceBuffer<'_> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.rt.device
+    }
+
+    /// A shorter-lived handle on the same memory, to pass to one collective and keep using after.
+    pub fn reborrow(&mut self) -> DeviceBuffer<'_> {
+        DeviceBuffer {
+            ptr: self.ptr,
+            len: self.len,
+            dtype: self.dtype,
+            rt: self.rt,
+            _arena: PhantomData,
+        }
+    }
+
+    /// The device address of the first element.
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Writes f32 `values` from element `at` on, rounded to the buffer's dtype, in stream order.
+    pub fn write_range(&mut self, at: usize, values: &[f32]) -> Result<()> {
+        crate::error::check_range("device buffer write", at, values.len(), self.len)?;
+        fn put<T: Element>(buf: &DeviceBuffer<'_>, at: usize, values: &[f32]) -> Result<()> {
+            let mut host = vec![T::from_f32(0.0); values.len()];
+            crate::dtype::round_into(&mut host, values);
+            let dst = buf.ptr + (at * std::mem::size_of::<T>()) as u64;
+            // SAFETY: `dst .. dst + values.len()` lies inside this buffer (checked above), which
+            // the arena borrow keeps allocated and lent to nobody else. A copy from pageable host
+            // memory returns only once the source has been staged, so `host` may then be dropped.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dst, &host, buf.rt.stream.cu_stream())
+            }
+            .map_err(driver_error(buf.rt.device, 0))
+        }
+        match self.dtype {
+            DType::F32 => put::<f32>(self, at, values),
+            DType::BF16 => put::<bf16>(self, at, values),
+            DType::F16 => put::<f16>(self, at, values),
+        }
+    }
+
+    /// The elements widened to f32 (waits for the stream).
+    pub fn read(&self) -> Result<Vec<f32>> {
+        fn get<T: Element>(buf: &DeviceBuffer<'_>) -> Result<Vec<f32>> {
+            let mut host = vec![T::from_f32(0.0); buf.len];
+            let err = driver_error(buf.rt.device, 0);
+            // SAFETY: the source range is this buffer, alive and unaliased for the borrow; the
+            // stream is synchronised before `host` is read or dropped.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut host,
+                    buf.ptr,
+                    buf.rt.stream.cu_stream(),
+                )
+            }
+            .and_then(|_| buf.rt.stream.synchronize())
+            .map_err(err)?;
+            Ok(host.into_iter().map(Element::to_f32).collect())
+        }
+        match self.dtype {
+            DType::F32 => get::<f32>(self),
+            DType::BF16 => get::<bf16>(self),
+            DType::F16 => get::<f16>(self),
+        }
     }
 }

@@ -85,6 +85,15 @@ impl CudaRuntime {
         }))
     }
 
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The stream all work on this device is ordered on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Loads a translation unit's module: its fatbin when one was embedded, else NVRTC.
     pub(crate) fn module(&self, unit: &str) -> Result<Arc<CudaModule>> {
         let image = kernels::FATBINS.iter().find(|(n, _)| *n == unit);

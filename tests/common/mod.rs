@@ -9,6 +9,29 @@ use fusedopt::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// Whether `requirement` holds; otherwise says loudly that `test` was skipped and why (a failure
+/// when FUSEDOPT_REQUIRE_GPU=1).
+pub fn required_or_skip(test: &str, requirement: Result<(), String>) -> bool {
+    use std::io::Write;
+    match requirement {
+        Ok(()) => true,
+        Err(why) => {
+            let msg = format!("GPU TEST SKIPPED: {test}: {why}");
+            if std::env::var("FUSEDOPT_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{msg} (FUSEDOPT_REQUIRE_GPU=1)");
+            }
+            // Straight to the stderr handle: the harness captures eprintln!, and a skip must show.
+            let _ = writeln!(std::io::stderr(), "{msg}");
+            false
+        }
+    }
+}
+
+/// Whether CUDA device 0 is usable (see [`required_or_skip`]).
+pub fn gpu_or_skip(test: &str) -> bool {
+    required_or_skip(test, Device::Cuda(0).check().map_err(|e| e.to_string()))
+}
+
 /// One tensor of test data.
 #[derive(Clone, Debug)]
 pub struct Tensor {
