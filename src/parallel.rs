@@ -279,6 +279,12 @@ impl<C: Communicator> DataParallel<C> {
         self.replicas.iter().map(|(o, _)| o)
     }
 
+    /// Every replica's optimizer, to change all of them alike (a learning rate, a checkpoint):
+    /// replicas that differ are no longer replicas.
+    pub fn replicas_mut(&mut self) -> impl Iterator<Item = &mut Optimizer> {
+        self.replicas.iter_mut().map(|(o, _)| o)
+    }
+
     pub fn buckets(&self) -> &[Bucket] {
         &self.buckets
     }
