@@ -2,9 +2,11 @@
 //! connected by the [`rendezvous`](super::rendezvous).
 //!
 //! NCCL is loaded at run time; without it every constructor returns
-//! [`Unavailable::NoNccl`](crate::Unavailable::NoNccl). Collectives on device buffers are enqueued
-//! on the buffer's stream (the parameter set's) and return at once; [`Communicator::barrier`] waits
-//! for them, polling NCCL's asynchronous error state, and aborts the communicator when a peer
+//! [`Unavailable::NoNccl`](crate::Unavailable::NoNccl). Collectives on device buffers run on a
+//! communication stream of their own, after everything already enqueued on the device's stream
+//! (the gradients written so far) and concurrently with what is enqueued there later (the rest of
+//! the backward pass); they return at once. [`Communicator::barrier`] waits for them, makes the
+//! device's stream wait for them too (so the step sees reduced gradients), polling NCCL's asynchronous error state, and aborts the communicator when a peer
 //! failed or nothing finished within the timeout, so a dead or stalled rank surfaces as an error
 //! on every rank instead of a hang. Host buffers are staged through the device.
 //!
@@ -128,6 +130,8 @@ pub struct NcclCommunicator {
     rank: usize,
     world_size: usize,
     rt: Arc<CudaRuntime>,
+    /// Collectives run here, ordered after the device stream's work at the time they are issued.
+    comm_stream: Arc<cudarc::driver::CudaStream>,
     timeout: Duration,
     handle: Mutex<Handle>,
     aborted: Mutex<Option<String>>,
@@ -243,10 +247,12 @@ impl NcclCommunicator {
         if comm.is_null() && !grouped {
             return Err(Error::Communicator("NCCL returned no communicator".into()));
         }
+        let comm_stream = rt.stream.fork().map_err(driver_error(rt.device, 0))?;
         Ok(NcclCommunicator {
             rank,
             world_size,
             rt,
+            comm_stream,
             timeout,
             handle: Mutex::new(Handle(Some(comm))),
             aborted: Mutex::new(None),
@@ -288,7 +294,11 @@ impl NcclCommunicator {
             .ctx
             .bind_to_thread()
             .map_err(driver_error(self.rt.device, 0))?;
-        let stream = self.rt.stream.cu_stream() as nccl::cudaStream_t;
+        // Everything enqueued on the device's stream so far (this buffer's gradients) comes first.
+        self.comm_stream
+            .join(&self.rt.stream)
+            .map_err(driver_error(self.rt.device, 0))?;
+        let stream = self.comm_stream.cu_stream() as nccl::cudaStream_t;
         let r = check(f(comm, stream), Some(comm));
         if let Err(e) = &r {
             self.abort_locked(&mut guard, &format!("rank {}: {e}", self.rank));
@@ -348,7 +358,7 @@ impl NcclCommunicator {
         Ok(())
     }
 
-    /// Waits for everything enqueued on the stream, polling NCCL for peer failures; aborts the
+    /// Waits for every collective enqueued so far, polling NCCL for peer failures; aborts the
     /// communicator on a failure or after the timeout.
     fn wait(&self, what: &str) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
@@ -362,10 +372,17 @@ impl NcclCommunicator {
                 self.abort_locked(&mut guard, &format!("rank {}: {what}: {e}", self.rank));
                 return Err(e);
             }
-            // SAFETY: the stream belongs to this runtime and outlives the call; cuStreamQuery
+            // SAFETY: the stream belongs to this communicator and outlives the call; cuStreamQuery
             // only reads its state.
-            match unsafe { cudarc::driver::sys::cuStreamQuery(self.rt.stream.cu_stream()) } {
-                CUresult::CUDA_SUCCESS => return Ok(()),
+            match unsafe { cudarc::driver::sys::cuStreamQuery(self.comm_stream.cu_stream()) } {
+                CUresult::CUDA_SUCCESS => {
+                    // Later work on the device's stream (the step) sees the reduced buffers.
+                    return self
+                        .rt
+                        .stream
+                        .join(&self.comm_stream)
+                        .map_err(driver_error(self.rt.device, 0));
+                }
                 CUresult::CUDA_ERROR_NOT_READY => {}
                 other => {
                     let e = Error::Cuda(format!("{}: {what}: {other:?}", self.rt.device));
