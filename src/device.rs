@@ -38,10 +38,6 @@ pub enum Unavailable {
     NoNccl,
     #[error("FUSEDOPT_DEVICE=cpu asks for the CPU engine")]
     DisabledByEnvironment,
-    #[error(
-        "this build of fusedopt has no CUDA engine yet; the CPU engine computes the same step"
-    )]
-    NoCudaEngine,
 }
 
 /// The outcome of automatic selection: the device chosen and, when it is the CPU, why.

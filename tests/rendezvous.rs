@@ -18,14 +18,15 @@ fn launch(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)
     let children: Vec<_> = ranks
         .iter()
         .map(|&rank| {
-            let child = Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "rank_process", "--nocapture", "--ignored"])
-                .env(CHILD, timeout_ms.to_string())
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .spawn_piped();
+            let child = spawn_piped(
+                Command::new(std::env::current_exe().unwrap())
+                    .args(["--exact", "rank_process", "--nocapture", "--ignored"])
+                    .env(CHILD, timeout_ms.to_string())
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port),
+            );
             (rank, child)
         })
         .collect();
@@ -35,17 +36,11 @@ fn launch(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)
         .collect()
 }
 
-trait SpawnPiped {
-    fn spawn_piped(&mut self) -> std::process::Child;
-}
-
-impl SpawnPiped for Command {
-    fn spawn_piped(&mut self) -> std::process::Child {
-        self.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    }
+fn spawn_piped(cmd: &mut Command) -> std::process::Child {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 fn result_line(out: &Output) -> String {

@@ -37,15 +37,6 @@ pub fn nccl_available() -> Result<()> {
     }
 }
 
-/// The NCCL library version as NCCL encodes it (2.21.5 → 22105).
-pub fn nccl_version() -> Result<i32> {
-    nccl_available()?;
-    let mut v = 0;
-    // SAFETY: the library is present (checked above); `v` is a valid out-pointer.
-    check(unsafe { nccl::ncclGetVersion(&mut v) }, None)?;
-    Ok(v)
-}
-
 fn name(r: ncclResult_t) -> &'static str {
     match r {
         ncclResult_t::ncclSuccess => "ncclSuccess",
@@ -177,7 +168,7 @@ impl NcclCommunicator {
     ) -> Result<Self> {
         nccl_available()?;
         let rt = CudaRuntime::shared(ordinal)?;
-        Self::init(rt, rank, world_size, id, timeout, false)
+        Self::init(rt, rank, world_size, id, timeout)
     }
 
     /// One communicator per device of this process, ranks in the order of `ordinals` (use one
@@ -195,7 +186,7 @@ impl NcclCommunicator {
         let comms: Vec<Result<Self>> = rts
             .into_iter()
             .enumerate()
-            .map(|(rank, rt)| Self::init(rt, rank, ordinals.len(), &id, timeout, true))
+            .map(|(rank, rt)| Self::init(rt, rank, ordinals.len(), &id, timeout))
             .collect();
         // SAFETY: as above; ends the group opened above whatever the inits returned.
         let ended = check(unsafe { nccl::ncclGroupEnd() }, None);
@@ -222,7 +213,6 @@ impl NcclCommunicator {
         world_size: usize,
         id: &NcclId,
         timeout: Duration,
-        grouped: bool,
     ) -> Result<Self> {
         if rank >= world_size {
             return Err(Error::Communicator(format!(
@@ -244,9 +234,6 @@ impl NcclCommunicator {
             unsafe { nccl::ncclCommInitRank(&mut comm, n, uid, rank as i32) },
             None,
         )?;
-        if comm.is_null() && !grouped {
-            return Err(Error::Communicator("NCCL returned no communicator".into()));
-        }
         let comm_stream = rt.stream.fork().map_err(driver_error(rt.device, 0))?;
         Ok(NcclCommunicator {
             rank,

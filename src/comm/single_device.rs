@@ -134,6 +134,15 @@ impl SingleDeviceCommunicator {
         }
     }
 
+    /// What each contribution is multiplied by (×1/N before the sum when averaging, as the CPU
+    /// communicator does).
+    fn scale(&self, op: ReduceOp) -> f32 {
+        match op {
+            ReduceOp::Sum => 1.0,
+            ReduceOp::Average => 1.0 / self.world_size() as f32,
+        }
+    }
+
     /// Rank 0 enqueues the reduction kernel over every rank's buffers.
     fn reduce(&self, all: &[Published], scale: f32, shard_len: usize) -> Result<()> {
         if self.host.rank() != 0 || all[0].len == 0 {
@@ -211,11 +220,7 @@ impl Communicator for SingleDeviceCommunicator {
             },
             "all_reduce",
         )?;
-        let scale = match op {
-            ReduceOp::Sum => 1.0,
-            ReduceOp::Average => 1.0 / self.world_size() as f32,
-        };
-        let r = self.reduce(&all, scale, 0);
+        let r = self.reduce(&all, self.scale(op), 0);
         self.finish().and(r)
     }
 
@@ -300,11 +305,7 @@ impl Communicator for SingleDeviceCommunicator {
             },
             "reduce_scatter",
         )?;
-        let scale = match op {
-            ReduceOp::Sum => 1.0,
-            ReduceOp::Average => 1.0 / size as f32,
-        };
-        let result = self.reduce(&all, scale, m);
+        let result = self.reduce(&all, self.scale(op), m);
         self.finish().and(result)
     }
 

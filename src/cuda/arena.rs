@@ -239,29 +239,4 @@ impl DeviceBuffer<'_> {
             DType::F16 => put::<f16>(self, at, values),
         }
     }
-
-    /// The elements widened to f32 (waits for the stream).
-    pub fn read(&self) -> Result<Vec<f32>> {
-        fn get<T: Element>(buf: &DeviceBuffer<'_>) -> Result<Vec<f32>> {
-            let mut host = vec![T::from_f32(0.0); buf.len];
-            let err = driver_error(buf.rt.device, 0);
-            // SAFETY: the source range is this buffer, alive and unaliased for the borrow; the
-            // stream is synchronised before `host` is read or dropped.
-            unsafe {
-                cudarc::driver::result::memcpy_dtoh_async(
-                    &mut host,
-                    buf.ptr,
-                    buf.rt.stream.cu_stream(),
-                )
-            }
-            .and_then(|_| buf.rt.stream.synchronize())
-            .map_err(err)?;
-            Ok(host.into_iter().map(Element::to_f32).collect())
-        }
-        match self.dtype {
-            DType::F32 => get::<f32>(self),
-            DType::BF16 => get::<bf16>(self),
-            DType::F16 => get::<f16>(self),
-        }
-    }
 }
