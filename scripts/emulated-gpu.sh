@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs CMD with the emulated GPU in place of a real one: builds it if needed (emulated-gpu/build.sh)
+# and puts its stand-in libcuda.so and libnccl.so first on the library path, where cudarc finds
+# them. Example: scripts/emulated-gpu.sh env FUSEDOPT_REQUIRE_GPU=1 cargo test --release
+# FUSEDOPT_EMU_MODE=asan|tsan runs the sanitizer builds (with their runtime preloaded).
+# The emulated device tests logic, never speed: see emulated-gpu/README.md.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+mode=${FUSEDOPT_EMU_MODE:-plain}
+lib=$("$root/emulated-gpu/build.sh" "$mode" | tail -n 1)
+export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FUSEDOPT_EMULATED_GPU="$mode"
+case "$mode" in
+  asan)
+    export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
+    # Rust's own allocations are not instrumented; leaks at exit are not the kernels' concern.
+    export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:${ASAN_OPTIONS:-}"
+    export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}" ;;
+  tsan)
+    export LD_PRELOAD="$(g++ -print-file-name=libtsan.so)"
+    export TSAN_OPTIONS="halt_on_error=1:abort_on_error=1:${TSAN_OPTIONS:-}" ;;
+esac
+exec "$@"
