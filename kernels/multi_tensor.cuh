@@ -25,6 +25,8 @@ struct StepState {
     double step_loss_scale;        // the scale this step's gradients were divided by
     unsigned int skip;             // non-zero: this step leaves params and state untouched
     unsigned int done;             // norm-pass block counter (reset by its last block)
+    unsigned int have_norm;        // non-zero: `norm` was computed by this step (it may be NaN)
+    unsigned int pad;
 };
 
 // Widening loads and narrowing stores (round to nearest even) for every storage dtype.

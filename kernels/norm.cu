@@ -34,10 +34,12 @@ __device__ void decide_step(StepState* st, const NormParams& q, double sum_sq, b
     st->step_loss_scale = st->loss_scale;
     const double inv_scale = 1.0 / st->loss_scale;
     const double n = have_norm ? sqrt(sum_sq) * inv_scale : 0.0;
-    st->norm = have_norm ? n : nan("");
+    st->norm = n;
+    st->have_norm = have_norm;
     const bool finite = !have_norm || isfinite(n);
     if (!finite && (q.dynamic_scale || q.policy != 1)) {
         st->skip = 1;
+        st->clip_factor = 1.0;
         if (q.dynamic_scale) {
             st->loss_scale *= q.backoff_factor;
             st->good_steps = 0;

@@ -68,6 +68,26 @@ impl Device {
         }
     }
 
+    /// The device's name as its driver reports it ("cpu" for the CPU engine). The emulated GPU
+    /// (`emulated-gpu/`, used to test the CUDA path without a GPU) names itself as one.
+    pub fn name(self) -> Result<String, Unavailable> {
+        match self {
+            Device::Cpu => Ok("cpu".into()),
+            Device::Cuda(ordinal) => {
+                self.check()?;
+                let driver = |e: cudarc::driver::DriverError| Unavailable::DriverInit(format!("{e:?}"));
+                let dev = cudarc::driver::result::device::get(ordinal as i32).map_err(driver)?;
+                cudarc::driver::result::device::get_name(dev).map_err(driver)
+            }
+        }
+    }
+
+    /// Whether this is the emulated GPU, which runs the CUDA path on the host to test its logic:
+    /// correct results there say nothing of a GPU's speed.
+    pub fn is_emulated(self) -> bool {
+        self.name().is_ok_and(|n| n.contains("emulated GPU"))
+    }
+
     /// Checks that this device can run steps, without panicking whatever is installed.
     pub fn check(self) -> Result<(), Unavailable> {
         match self {

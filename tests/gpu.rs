@@ -309,7 +309,12 @@ fn ten_thousand_tiny_tensors() {
 
 #[test]
 fn a_tensor_beyond_two_to_the_31_elements() {
-    if !gpu_or_skip("a_tensor_beyond_two_to_the_31_elements") {
+    if !gpu_or_skip("a_tensor_beyond_two_to_the_31_elements")
+        || !real_gpu_or_skip(
+            "a_tensor_beyond_two_to_the_31_elements",
+            "needs 17 GB of device memory and as much host memory again",
+        )
+    {
         return;
     }
     // SGD keeps no state: masters + gradients of 2^31 + 17 f32 elements need 17.2 GB.
@@ -381,5 +386,68 @@ fn kernel_sources_and_fatbins_are_embedded() {
             }
         }
         None => eprintln!("built without nvcc: {}", kernels::provenance()),
+    }
+}
+
+/// `report()` says the same on both engines: before any step, after an applied step, after a
+/// skipped step, and when a NaN norm propagates (it is reported, not mistaken for "no norm").
+#[test]
+fn reports_agree_with_the_cpu_engine() {
+    if !gpu_or_skip("reports_agree_with_the_cpu_engine") {
+        return;
+    }
+    let tensors = awkward_tensors(46);
+    let clip = Some(GlobalNormClip::new(1.0, Flavor::PyTorch));
+    let cases = [
+        (NonFinitePolicy::Skip, LossScale::None),
+        (NonFinitePolicy::Propagate, LossScale::None),
+        (NonFinitePolicy::Skip, LossScale::dynamic()),
+    ];
+    for (non_finite, loss_scale) in cases {
+        let options = OptimizerOptions {
+            clip,
+            non_finite,
+            loss_scale,
+            ..Default::default()
+        };
+        let reports = |device: Device| {
+            let mut opt = Optimizer::with_options(
+                build_on(device, &tensors, &MIXES[0]),
+                Adam::preset(Flavor::PyTorch),
+                options,
+            )
+            .unwrap();
+            let mut out = vec![opt.report().unwrap()];
+            let mut rng = StdRng::seed_from_u64(6);
+            for bad in [false, true, false] {
+                for (t, mut g) in tensors.iter().zip(random_grads(&mut rng, &tensors, 1.0)) {
+                    if bad && !g.is_empty() {
+                        g[0] = f32::NAN;
+                    }
+                    opt.params_mut().set_grad(&t.name, &g).unwrap();
+                }
+                opt.step().unwrap();
+                out.push(opt.report().unwrap());
+            }
+            out
+        };
+        let (cpu, gpu) = (reports(Device::Cpu), reports(Device::Cuda(0)));
+        for (k, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+            let what = format!("{non_finite:?} {loss_scale:?}, report {k}: cpu {c:?}, gpu {g:?}");
+            assert_eq!(
+                (c.step, c.lr, c.skipped, c.loss_scale),
+                (g.step, g.lr, g.skipped, g.loss_scale),
+                "{what}"
+            );
+            match (c.global_norm, g.global_norm) {
+                (None, None) => {}
+                (Some(a), Some(b)) if a.is_nan() && b.is_nan() => {}
+                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-12 * a.abs(), "{what}"),
+                _ => panic!("{what}: only one engine reports a norm"),
+            }
+            let same_factor = (c.clip_factor.is_nan() && g.clip_factor.is_nan())
+                || (c.clip_factor - g.clip_factor).abs() <= 1e-12;
+            assert!(same_factor, "{what}");
+        }
     }
 }

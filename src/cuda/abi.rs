@@ -132,6 +132,8 @@ pub struct StepState {
     pub step_loss_scale: f64,
     pub skip: u32,
     pub done: u32,
+    pub have_norm: u32,
+    pub pad: u32,
 }
 
 /// `NormParams` in norm.cu: the step-wide options, passed by value.
@@ -199,7 +201,7 @@ mod tests {
         // Sizes the CUDA compiler gives these structs (natural alignment, no packing).
         assert_eq!(std::mem::size_of::<DeviceSegment>(), 16);
         assert_eq!(std::mem::size_of::<GroupConfig>(), 11 * 8 + 2 * 4);
-        assert_eq!(std::mem::size_of::<StepState>(), 7 * 8 + 2 * 4);
+        assert_eq!(std::mem::size_of::<StepState>(), 7 * 8 + 4 * 4);
         assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
     }
 }

@@ -121,6 +121,7 @@ impl CudaEngine {
             .collect();
         let initial = StepState {
             loss_scale: options.loss_scale.initial(),
+            step_loss_scale: options.loss_scale.initial(),
             grad_scale: 1.0,
             clip_factor: 1.0,
             ..Default::default()

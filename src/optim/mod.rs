@@ -352,7 +352,7 @@ impl Optimizer {
                 Ok(StepReport {
                     step: st.step,
                     lr: self.lr,
-                    global_norm: (!st.norm.is_nan() || st.skip != 0).then_some(st.norm),
+                    global_norm: (st.have_norm != 0).then_some(st.norm),
                     clip_factor: st.clip_factor,
                     skipped: st.skip != 0,
                     loss_scale: st.step_loss_scale,
