@@ -76,6 +76,18 @@ __device__ __forceinline__ void apply_decay(const Decay& d, float& p, float& g) 
     if (d.keep != 1.0f) p = p * d.keep;
 }
 
+// base^exp by binary exponentiation: the multiplications of powu in src/optim/rules.rs, in the
+// same order, so bias corrections have the same bits on both engines.
+__host__ __device__ __forceinline__ double powu(double base, unsigned long long exp) {
+    double result = 1.0, b = base;
+    while (exp > 0) {
+        if (exp & 1ull) result *= b;
+        b *= b;
+        exp >>= 1;
+    }
+    return result;
+}
+
 // max that propagates NaN from either side (torch.maximum, jnp.maximum).
 __device__ __forceinline__ float max_nan(float a, float b) {
     return (a > b || a != a) ? a : b;
@@ -119,8 +131,8 @@ __device__ __forceinline__ void sgd_momentum(const SgdStep& c, float& p, float g
 
 __device__ __forceinline__ AdamStep make_adam_step(const GroupConfig& c, double lr,
                                                    unsigned long long t, float gscale) {
-    const double bc1 = 1.0 - pow(c.beta1, (double)t);
-    const double bc2 = 1.0 - pow(c.beta2, (double)t);
+    const double bc1 = 1.0 - powu(c.beta1, t);
+    const double bc2 = 1.0 - powu(c.beta2, t);
     const bool corrected = !(c.flags & EPS_RAW);
     const bool max_corrected = c.flags & AMS_CORRECTED;
     AdamStep s;
@@ -163,7 +175,7 @@ __device__ __forceinline__ RmsPropStep make_rmsprop_step(const GroupConfig& c, d
     s.decay = make_decay(c, lr);
     s.alpha = (float)c.alpha;
     s.one_minus_alpha = (float)(1.0 - c.alpha);
-    s.avg_scale = (float)((c.flags & BIAS_CORRECTION) ? 1.0 / (1.0 - pow(c.alpha, (double)t)) : 1.0);
+    s.avg_scale = (float)((c.flags & BIAS_CORRECTION) ? 1.0 / (1.0 - powu(c.alpha, t)) : 1.0);
     s.eps = (float)c.eps;
     s.eps_inside = (c.flags & EPS_INSIDE) != 0;
     s.centered = (c.flags & CENTERED) != 0;

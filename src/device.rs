@@ -75,7 +75,8 @@ impl Device {
             Device::Cpu => Ok("cpu".into()),
             Device::Cuda(ordinal) => {
                 self.check()?;
-                let driver = |e: cudarc::driver::DriverError| Unavailable::DriverInit(format!("{e:?}"));
+                let driver =
+                    |e: cudarc::driver::DriverError| Unavailable::DriverInit(format!("{e:?}"));
                 let dev = cudarc::driver::result::device::get(ordinal as i32).map_err(driver)?;
                 cudarc::driver::result::device::get_name(dev).map_err(driver)
             }

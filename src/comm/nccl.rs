@@ -219,9 +219,7 @@ impl NcclCommunicator {
                 "rank {rank} is not below the world size {world_size}"
             )));
         }
-        rt.ctx
-            .bind_to_thread()
-            .map_err(driver_error(rt.device, 0))?;
+        rt.bind()?;
         let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
         let uid = nccl::ncclUniqueId {
             internal: id.0.map(|b| b as std::ffi::c_char),
@@ -277,10 +275,7 @@ impl NcclCommunicator {
         f: impl FnOnce(nccl::ncclComm_t, nccl::cudaStream_t) -> ncclResult_t,
     ) -> Result<()> {
         let (mut guard, comm) = self.live()?;
-        self.rt
-            .ctx
-            .bind_to_thread()
-            .map_err(driver_error(self.rt.device, 0))?;
+        self.rt.bind()?;
         // Everything enqueued on the device's stream so far (this buffer's gradients) comes first.
         self.comm_stream
             .join(&self.rt.stream)
@@ -359,6 +354,7 @@ impl NcclCommunicator {
                 self.abort_locked(&mut guard, &format!("rank {}: {what}: {e}", self.rank));
                 return Err(e);
             }
+            self.rt.bind()?;
             // SAFETY: the stream belongs to this communicator and outlives the call; cuStreamQuery
             // only reads its state.
             match unsafe { cudarc::driver::sys::cuStreamQuery(self.comm_stream.cu_stream()) } {

@@ -185,6 +185,7 @@ impl SingleDeviceCommunicator {
             return Ok(());
         }
         let rt = &self.shared.rt;
+        rt.bind()?;
         for &(dst, src) in copies {
             // SAFETY: both ranges are live device buffers of at least `bytes` bytes lent for this
             // collective; the copies are ordered on the one stream every replica uses.

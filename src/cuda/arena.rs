@@ -225,6 +225,7 @@ impl DeviceBuffer<'_> {
             let mut host = vec![T::from_f32(0.0); values.len()];
             crate::dtype::round_into(&mut host, values);
             let dst = buf.ptr + (at * std::mem::size_of::<T>()) as u64;
+            buf.rt.bind()?;
             // SAFETY: `dst .. dst + values.len()` lies inside this buffer (checked above), which
             // the arena borrow keeps allocated and lent to nobody else. A copy from pageable host
             // memory returns only once the source has been staged, so `host` may then be dropped.

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaFunction, CudaGraph, CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaGraph, CudaSlice, CudaStream, DriverError, LaunchArgs, LaunchConfig,
+    PushKernelArg,
+};
 
 use super::abi::{DeviceSegment, GroupConfig, NormParams, StepState};
 use super::arena::DeviceArena;
@@ -46,6 +49,18 @@ pub struct CudaEngine {
 
 /// A captured step. cudarc's graph holds raw CUDA handles and so is not `Send`.
 struct CapturedGraph(CudaGraph);
+
+impl CapturedGraph {
+    /// Launches the graph on `stream` (the device's working stream, not the private stream it
+    /// was captured on, so it is ordered with everything else on the device).
+    fn launch(&self, stream: &CudaStream) -> std::result::Result<(), DriverError> {
+        stream.context().bind_to_thread()?;
+        // SAFETY: the executable graph is alive (owned by `self`) and belongs to this stream's
+        // context; launching it only enqueues its recorded launches, whose buffers the engine
+        // keeps alive as long as the graph.
+        unsafe { cudarc::driver::result::graph::launch(self.0.cu_graph_exec(), stream.cu_stream()) }
+    }
+}
 
 // SAFETY: moving the graph to another thread is sound: cudarc makes the context current on the
 // calling thread before every launch, and the optimizer that owns the graph is used from one thread
@@ -185,23 +200,29 @@ impl CudaEngine {
     /// Enqueues one step (or replays the captured graph).
     pub fn step(&mut self, p: &mut DeviceParams) -> Result<()> {
         match &self.graph {
-            Some(graph) => graph.0.launch().map_err(driver_error(self.rt.device, 0)),
-            None => self.enqueue(p),
+            Some(graph) => graph
+                .launch(&self.rt.stream)
+                .map_err(driver_error(self.rt.device, 0)),
+            None => {
+                let stream = self.rt.stream.clone();
+                self.enqueue(p, &stream)
+            }
         }
     }
 
     /// Captures the whole step (norm pass + update) as a CUDA graph; later steps replay it.
+    /// Capture belongs to a stream, and the device's working stream is shared by every parameter
+    /// set on the device (and every thread using them): their work must not end up in this graph,
+    /// nor their synchronisations break the capture. So the step is captured on a private stream.
     pub fn capture(&mut self, p: &mut DeviceParams) -> Result<()> {
         let dev = self.rt.device;
         self.graph = None;
-        self.rt
-            .stream
+        let private = self.rt.ctx.new_stream().map_err(driver_error(dev, 0))?;
+        private
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver_error(dev, 0))?;
-        let enqueued = self.enqueue(p);
-        let graph = self
-            .rt
-            .stream
+        let enqueued = self.enqueue(p, &private);
+        let graph = private
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
             .map_err(driver_error(dev, 0))?;
         enqueued?;
@@ -214,9 +235,9 @@ impl CudaEngine {
         self.graph.is_some()
     }
 
-    fn enqueue(&mut self, p: &mut DeviceParams) -> Result<()> {
+    /// Enqueues the norm pass and the update on `stream`.
+    fn enqueue(&mut self, p: &mut DeviceParams, stream: &Arc<CudaStream>) -> Result<()> {
         let dev = self.rt.device;
-        let stream = &self.rt.stream;
         let len = self.plan.num_chunks() as u64 * self.plan.chunk_elems() as u64;
         let arena_len = match &p.grads {
             DeviceArena::F32(s) => s.len(),

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUresult};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
@@ -89,6 +89,14 @@ impl CudaRuntime {
         self.device
     }
 
+    /// Makes this device's context current on the calling thread: raw driver calls need it, and
+    /// they may come from any thread (a data-parallel backward pass runs one per replica).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_error(self.device, 0))
+    }
+
     /// The stream all work on this device is ordered on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -169,13 +177,20 @@ fn inline_headers(file: &str) -> Result<String> {
     Ok(out)
 }
 
+/// An event that can be timed (cudarc's default event has timing disabled, and timing it fails).
+fn timing_event(rt: &CudaRuntime) -> Result<cudarc::driver::CudaEvent> {
+    rt.ctx
+        .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(driver_error(rt.device, 0))
+}
+
 /// Device time of the work `f` enqueues on device `ordinal`'s stream, in seconds, measured with
 /// events recorded before and after it.
 pub fn time_on_device(ordinal: usize, f: impl FnOnce() -> Result<()>) -> Result<f64> {
     let rt = CudaRuntime::shared(ordinal)?;
     let dev = rt.device;
-    let start = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
-    let end = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
+    let start = timing_event(&rt)?;
+    let end = timing_event(&rt)?;
     start.record(&rt.stream).map_err(driver_error(dev, 0))?;
     f()?;
     end.record(&rt.stream).map_err(driver_error(dev, 0))?;
@@ -199,8 +214,8 @@ pub fn copy_bandwidth(ordinal: usize, bytes: usize, reps: usize) -> Result<f64> 
         .map_err(driver_error(dev, n * 4))?;
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) + 2 {
-        let start = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
-        let end = rt.ctx.new_event(None).map_err(driver_error(dev, 0))?;
+        let start = timing_event(&rt)?;
+        let end = timing_event(&rt)?;
         start.record(&rt.stream).map_err(driver_error(dev, 0))?;
         rt.stream
             .memcpy_dtod(&src, &mut dst)

@@ -201,6 +201,21 @@ impl SgdStep {
     }
 }
 
+/// `base^exp` by binary exponentiation: the same multiplications in the same order as `powu` in
+/// kernels/rules.cuh, so bias corrections have the same bits on both engines (`f64::powi` and
+/// CUDA's `pow` round differently from each other).
+pub fn powu(base: f64, mut exp: u64) -> f64 {
+    let (mut result, mut b) = (1.0, base);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result *= b;
+        }
+        b *= b;
+        exp >>= 1;
+    }
+    result
+}
+
 // ---------------------------------------------------------------- Adam
 
 /// Adam: `m += (1−β1)(g − m)`; `v = β2·v + (1−β2)·g²`; `θ -= step·m / (√(u·vscale + eps_root) + ε)`
@@ -224,9 +239,8 @@ pub struct AdamStep {
 
 impl AdamStep {
     fn new(r: &Adam, ctx: &StepContext) -> Self {
-        let t = ctx.step as i32;
-        let bc1 = 1.0 - r.beta1.powi(t);
-        let bc2 = 1.0 - r.beta2.powi(t);
+        let bc1 = 1.0 - powu(r.beta1, ctx.step);
+        let bc2 = 1.0 - powu(r.beta2, ctx.step);
         let corrected = r.eps_scale == AdamEps::BiasCorrected;
         let max_corrected = r.amsgrad == AmsGrad::MaxCorrected;
         AdamStep {
@@ -338,7 +352,7 @@ impl RmsPropStep {
             alpha: r.alpha as f32,
             one_minus_alpha: (1.0 - r.alpha) as f32,
             avg_scale: if r.bias_correction {
-                1.0 / (1.0 - r.alpha.powi(ctx.step as i32))
+                1.0 / (1.0 - powu(r.alpha, ctx.step))
             } else {
                 1.0
             } as f32,
