@@ -69,9 +69,13 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 "$cxx" "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so.1" "${objs[@]}" -lpthread
 ln -sf libcuda.so.1 "$out/libcuda.so"
-if [ -f "$here/src/nccl.cpp" ]; then
-  "$cxx" "${common[@]}" "${flags[@]}" -shared -Wl,-soname,libnccl.so.2 -Wl,-rpath,'$ORIGIN' \
-    -o "$out/libnccl.so.2" "$here/src/nccl.cpp" -L "$out" -l:libcuda.so.1 -lpthread
-fi
+# NCCL, and an NCCL 2.12 without ncclGetLastError (to test that its absence is handled).
+mkdir -p "$out/nccl-2.12"
+"$cxx" "${common[@]}" "${flags[@]}" -shared -Wl,-soname,libnccl.so.2 -Wl,-rpath,'$ORIGIN' \
+  -o "$out/libnccl.so.2" "$here/src/nccl.cpp" -L "$out" -l:libcuda.so.1 -lpthread &
+"$cxx" "${common[@]}" "${flags[@]}" -DEMU_NCCL_2_12 -shared -Wl,-soname,libnccl.so.2 \
+  -Wl,-rpath,'$ORIGIN/..' -o "$out/nccl-2.12/libnccl.so.2" "$here/src/nccl.cpp" -L "$out" \
+  -l:libcuda.so.1 -lpthread
+wait
 echo "$stamp" > "$out/stamp"
 echo "$out"

@@ -10,6 +10,8 @@ mode=${FUSEDOPT_EMU_MODE:-plain}
 lib=$("$root/emulated-gpu/build.sh" "$mode" | tail -n 1)
 export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FUSEDOPT_EMULATED_GPU="$mode"
+# Where the stand-ins are (tests find the NCCL 2.12 variant, nccl-2.12/libnccl.so.2, there).
+export FUSEDOPT_EMULATED_GPU_DIR="$lib"
 case "$mode" in
   asan)
     export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"

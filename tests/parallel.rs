@@ -337,16 +337,20 @@ fn without_nccl_every_entry_point_says_so() {
     assert!(NcclId::from_bytes(&[0; 12]).is_err());
 }
 
-/// Trains `replicas` replicas on CUDA device 0 (one data-parallel engine made by `make`) and
-/// returns each replica's parameters and averaged gradients after every step.
+/// Every replica on CUDA device 0.
+const ON_GPU_0: fn(usize) -> Device = |_| Device::Cuda(0);
+
+/// Trains `replicas` replicas on CUDA devices (replica r on `device(r)`; one data-parallel engine
+/// made by `make`) and returns each replica's parameters and averaged gradients at the end.
 fn train_on_gpu<C: Communicator>(
     replicas: usize,
     steps: usize,
+    device: impl Fn(usize) -> Device,
     make: impl Fn(Vec<Optimizer>) -> Result<DataParallel<C>>,
 ) -> Vec<(Vec<f32>, Vec<f32>)> {
     let problem = Problem::new(24 * steps);
     let opts = (0..replicas)
-        .map(|r| optimizer_on(100 + r as u64, Device::Cuda(0)))
+        .map(|r| optimizer_on(100 + r as u64, device(r)))
         .collect();
     let mut dp = make(opts).unwrap();
     let mut out = Vec::new();
@@ -392,9 +396,13 @@ fn single_device_replicas_average_like_the_cpu_communicator() {
         g.extend(opt.params().read_grad("b").unwrap());
         g
     };
-    let single = train_on_gpu(1, 5, |o| DataParallel::single_device(o, small_buckets()));
+    let single = train_on_gpu(1, 5, ON_GPU_0, |o| {
+        DataParallel::single_device(o, small_buckets())
+    });
     for n in [2, 3, 4] {
-        let many = train_on_gpu(n, 5, |o| DataParallel::single_device(o, small_buckets()));
+        let many = train_on_gpu(n, 5, ON_GPU_0, |o| {
+            DataParallel::single_device(o, small_buckets())
+        });
         for (r, p) in many.iter().enumerate() {
             assert_eq!(
                 p, &many[0],
@@ -408,7 +416,9 @@ fn single_device_replicas_average_like_the_cpu_communicator() {
             );
         }
         // One step from the same start: the kernel's average is the CPU communicator's, bit for bit.
-        let gpu_first = train_on_gpu(n, 1, |o| DataParallel::single_device(o, small_buckets()));
+        let gpu_first = train_on_gpu(n, 1, ON_GPU_0, |o| {
+            DataParallel::single_device(o, small_buckets())
+        });
         assert_eq!(
             gpu_first[0].1,
             cpu_grads(n),
@@ -426,10 +436,219 @@ fn nccl_with_one_rank_reduces_and_steps() {
     {
         return;
     }
-    let nccl = train_on_gpu(1, 3, |o| DataParallel::nccl(o, small_buckets()));
-    let alone = train_on_gpu(1, 3, |o| DataParallel::single_device(o, small_buckets()));
+    let nccl = train_on_gpu(1, 3, ON_GPU_0, |o| DataParallel::nccl(o, small_buckets()));
+    let alone = train_on_gpu(1, 3, ON_GPU_0, |o| {
+        DataParallel::single_device(o, small_buckets())
+    });
     assert_eq!(
         nccl, alone,
         "NCCL with one rank must leave the gradients as they are"
+    );
+}
+
+/// The number of CUDA devices when there are at least `n`; otherwise says loudly that `test` was
+/// skipped (a machine with fewer GPUs cannot run it; the emulated GPU has four).
+fn gpus_or_skip(test: &str, n: usize) -> bool {
+    use std::io::Write;
+    let count = fusedopt::device::cuda_device_count().unwrap_or(0);
+    if count >= n {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "GPU TEST SKIPPED: {test}: needs {n} GPUs, this machine has {count}"
+    );
+    false
+}
+
+fn nccl_or_skip(test: &str) -> bool {
+    use fusedopt::comm::nccl::nccl_available;
+    common::gpu_or_skip(test)
+        && common::required_or_skip(test, nccl_available().map_err(|e| e.to_string()))
+}
+
+#[test]
+fn nccl_ranks_on_several_gpus_match_one_replica_and_stay_bit_identical() {
+    let test = "nccl_ranks_on_several_gpus_match_one_replica_and_stay_bit_identical";
+    if !nccl_or_skip(test) || !gpus_or_skip(test, 2) {
+        return;
+    }
+    let count = fusedopt::device::cuda_device_count().unwrap();
+    let single = train_on_gpu(1, 5, ON_GPU_0, |o| {
+        DataParallel::single_device(o, small_buckets())
+    });
+    for n in (2..=count.min(4)).collect::<Vec<_>>() {
+        let many = train_on_gpu(n, 5, Device::Cuda, |o| {
+            DataParallel::nccl(o, small_buckets())
+        });
+        for (r, p) in many.iter().enumerate() {
+            assert_eq!(p, &many[0], "{n} NCCL ranks: rank {r} differs from rank 0");
+        }
+        for (a, b) in many[0].0.iter().zip(&single[0].0) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{n} ranks vs one replica: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// NCCL refuses two ranks on one GPU; the communicator says so instead of hanging or panicking.
+#[test]
+fn two_nccl_ranks_on_one_gpu_are_refused() {
+    let test = "two_nccl_ranks_on_one_gpu_are_refused";
+    if !nccl_or_skip(test) {
+        return;
+    }
+    let opts = (0..2)
+        .map(|r| optimizer_on(100 + r, Device::Cuda(0)))
+        .collect();
+    match DataParallel::nccl(opts, small_buckets()) {
+        Err(Error::Nccl { .. }) => {}
+        other => panic!("expected an NCCL error, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// One data-parallel step of GPU replicas over `rows` (split evenly), from a snapshot of replica
+/// 0's parameters (GPU parameters are not host memory).
+fn gpu_step<C: Communicator>(
+    dp: &mut DataParallel<C>,
+    problem: &Problem,
+    rows: std::ops::Range<usize>,
+) -> Result<()> {
+    let first = dp.replicas().next().unwrap();
+    let (w, b) = (
+        first.params().read_param("w").unwrap(),
+        first.params().read_param("b").unwrap()[0],
+    );
+    let share = rows.len() / dp.replicas().count();
+    dp.step(|rank, grads| {
+        let mine = rows.start + rank * share..rows.start + (rank + 1) * share;
+        let (gw, gb) = problem.grad(&w, b, mine);
+        grads.set("b", &[gb])?;
+        grads.mark_ready("b")?;
+        grads.set("w", &gw)?;
+        grads.mark_ready("w")
+    })
+}
+
+/// The emulated NCCL's fault injection (emulated-gpu/src/nccl.cpp), or None on a real GPU.
+fn nccl_fault_injection() -> Option<impl Fn(i32, u64, &str)> {
+    if !Device::Cuda(0).is_emulated() {
+        return None;
+    }
+    // fusedopt loads NCCL first (from FUSEDOPT_NCCL_LIB when set); opening the soname then finds
+    // that same library. The control function has this C signature there.
+    fusedopt::comm::nccl::nccl_available().ok()?;
+    // SAFETY: see above.
+    let lib = unsafe { libloading::Library::new("libnccl.so.2") }.ok()?;
+    let f: libloading::Symbol<unsafe extern "C" fn(i32, u64, *const std::ffi::c_char) -> i32> =
+        unsafe { lib.get(b"fusedopt_emu_nccl_fault") }.ok()?;
+    let f = *f;
+    std::mem::forget(lib); // keep the function mapped for the process's life
+    Some(move |rank: i32, after: u64, kind: &str| {
+        let kind = std::ffi::CString::new(kind).unwrap();
+        // SAFETY: the function copies what it needs from the NUL-terminated string.
+        unsafe { f(rank, after, kind.as_ptr()) };
+    })
+}
+
+/// A rank that fails, stalls or dies in the middle of a step: every replica's step returns an
+/// error within the timeout, and no replica applies the step.
+#[test]
+fn a_failing_stalling_or_dying_nccl_rank_fails_every_replica_and_nobody_steps() {
+    let test = "a_failing_stalling_or_dying_nccl_rank_fails_every_replica_and_nobody_steps";
+    if !nccl_or_skip(test) || !gpus_or_skip(test, 2) {
+        return;
+    }
+    let Some(inject) = nccl_fault_injection() else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "GPU TEST SKIPPED: {test}: faults are injected by the emulated NCCL only"
+        );
+        return;
+    };
+    let problem = Problem::new(48);
+    let options = DataParallelOptions {
+        timeout: Duration::from_secs(2),
+        ..small_buckets()
+    };
+    // Rank 1 makes one collective per bucket, then one for the commit barrier.
+    let collectives = {
+        let opts = (0..2)
+            .map(|r| optimizer_on(100 + r as u64, Device::Cuda(r)))
+            .collect();
+        DataParallel::nccl(opts, options).unwrap().buckets().len() + 1
+    };
+    for kind in ["error", "stall", "die"] {
+        for after in [0, collectives / 2, collectives - 1] {
+            let opts = (0..2)
+                .map(|r| optimizer_on(100 + r as u64, Device::Cuda(r)))
+                .collect();
+            let mut dp = DataParallel::nccl(opts, options).unwrap();
+            gpu_step(&mut dp, &problem, 0..24).unwrap();
+            let before: Vec<_> = dp.replicas().map(params_of).collect();
+            inject(1, after as u64, kind);
+            let started = std::time::Instant::now();
+            let outcome = gpu_step(&mut dp, &problem, 24..48);
+            inject(1, 0, "none");
+            let what = format!("rank 1 {kind} after {after} collectives");
+            assert!(outcome.is_err(), "{what}: the step succeeded");
+            assert!(
+                started.elapsed() < options.timeout * 3,
+                "{what}: took {:?}",
+                started.elapsed()
+            );
+            let after_step: Vec<_> = dp.replicas().map(params_of).collect();
+            assert_eq!(
+                after_step, before,
+                "{what}: a replica applied the failed step"
+            );
+        }
+    }
+}
+
+/// NCCL before 2.13 has no ncclGetLastError: its errors are still reported, without a panic.
+#[test]
+fn nccl_without_get_last_error_reports_errors() {
+    let test = "nccl_without_get_last_error_reports_errors";
+    if std::env::var_os("FUSEDOPT_NCCL_LIB").is_some() {
+        // The child run below: a rank fails on NCCL 2.12.
+        let inject = nccl_fault_injection().expect("the emulated NCCL");
+        let opts = (0..2)
+            .map(|r| optimizer_on(100 + r as u64, Device::Cuda(r)))
+            .collect();
+        let mut dp = DataParallel::nccl(opts, small_buckets()).unwrap();
+        inject(1, 0, "error");
+        let e = gpu_step(&mut dp, &Problem::new(24), 0..24).unwrap_err();
+        assert!(
+            e.to_string().contains("NCCL") || e.to_string().contains("rank"),
+            "{e}"
+        );
+        return;
+    }
+    if !nccl_or_skip(test) || !gpus_or_skip(test, 2) {
+        return;
+    }
+    let Some(dir) = std::env::var_os("FUSEDOPT_EMULATED_GPU_DIR") else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "GPU TEST SKIPPED: {test}: needs the emulated NCCL 2.12 (scripts/emulated-gpu.sh)"
+        );
+        return;
+    };
+    let lib = std::path::Path::new(&dir).join("nccl-2.12/libnccl.so.2");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads", "1"])
+        .env("FUSEDOPT_NCCL_LIB", &lib)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -232,7 +232,7 @@ CUresult need_context() {
 }
 
 // The stream a handle names, which must belong to the current context.
-CUresult stream_of(void* handle, Stream** out) {
+CUresult stream_of(void* handle, Stream** out, const char* api = __builtin_FUNCTION()) {
     if (CUresult r = need_context()) return r;
     if (handle == nullptr || handle == (void*)0x1 || handle == (void*)0x2) {
         *out = tls_current->default_stream.get();
@@ -243,7 +243,7 @@ CUresult stream_of(void* handle, Stream** out) {
     auto it = d.streams.find((Stream*)handle);
     if (it == d.streams.end()) return CUDA_ERROR_INVALID_HANDLE;
     if (it->second->ctx != tls_current) {
-        warn("a stream of device %d used while the context of device %d is current",
+        warn("%s: a stream of device %d used while the context of device %d is current", api,
              it->second->ctx->device, tls_current->device);
         return CUDA_ERROR_INVALID_CONTEXT;
     }

@@ -30,6 +30,21 @@ pub struct DeviceParams {
     pub(crate) model: Option<DeviceArena>,
 }
 
+// cudarc frees a device buffer without making its context current, so the fields of these are
+// dropped with the context made current first: on a thread where another device's context is
+// current, the free would fail (and poison the context's error state for its next call).
+impl Drop for DeviceParams {
+    fn drop(&mut self) {
+        let _ = self.rt.bind();
+    }
+}
+
+impl Drop for CudaEngine {
+    fn drop(&mut self) {
+        let _ = self.rt.bind();
+    }
+}
+
 pub struct CudaEngine {
     rt: Arc<CudaRuntime>,
     update: CudaFunction,

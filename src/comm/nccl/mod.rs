@@ -1,7 +1,7 @@
 //! NCCL through cudarc: one rank per GPU, in one process (a thread per GPU) or in many processes
 //! connected by the [`rendezvous`](super::rendezvous).
 //!
-//! NCCL is loaded at run time; without it every constructor returns
+//! NCCL is loaded at run time ([`ffi`]); without it every constructor returns
 //! [`Unavailable::NoNccl`](crate::Unavailable::NoNccl). Collectives on device buffers run on a
 //! communication stream of their own, after everything already enqueued on the device's stream
 //! (the gradients written so far) and concurrently with what is enqueued there later (the rest of
@@ -13,12 +13,16 @@
 //! Initialisation is blocking: the rendezvous that delivers the unique id has already seen every
 //! rank alive, which is what makes that safe.
 
+pub(crate) mod ffi;
+
+use std::ffi::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUresult;
-use cudarc::nccl::sys::{self as nccl, ncclDataType_t, ncclRedOp_t, ncclResult_t};
+
+use ffi::{nccl, Comm, Nccl, NcclResult};
 
 use super::rendezvous::Rendezvous;
 use super::{Buffer, Communicator, HostBuffer, ReduceOp};
@@ -27,35 +31,35 @@ use crate::device::Unavailable;
 use crate::error::{Error, Result};
 use crate::DType;
 
-/// Checks that the NCCL library can be loaded, without running any of it.
+/// Checks that NCCL can be loaded (see [`ffi`] for where it is looked for).
 pub fn nccl_available() -> Result<()> {
-    // SAFETY: only tries to dlopen libnccl by its usual names; nothing runs when it is absent.
-    if unsafe { nccl::is_culib_present() } {
-        Ok(())
-    } else {
-        Err(Unavailable::NoNccl.into())
-    }
+    lib().map(|_| ())
 }
 
-fn name(r: ncclResult_t) -> &'static str {
+fn lib() -> Result<&'static Nccl> {
+    nccl().map_err(|_| Unavailable::NoNccl.into())
+}
+
+fn name(r: NcclResult) -> &'static str {
     match r {
-        ncclResult_t::ncclSuccess => "ncclSuccess",
-        ncclResult_t::ncclUnhandledCudaError => "ncclUnhandledCudaError",
-        ncclResult_t::ncclSystemError => "ncclSystemError",
-        ncclResult_t::ncclInternalError => "ncclInternalError",
-        ncclResult_t::ncclInvalidArgument => "ncclInvalidArgument",
-        ncclResult_t::ncclInvalidUsage => "ncclInvalidUsage",
-        ncclResult_t::ncclRemoteError => "ncclRemoteError",
-        ncclResult_t::ncclInProgress => "ncclInProgress",
-        _ => "ncclNumResults",
+        0 => "ncclSuccess",
+        1 => "ncclUnhandledCudaError",
+        2 => "ncclSystemError",
+        3 => "ncclInternalError",
+        4 => "ncclInvalidArgument",
+        5 => "ncclInvalidUsage",
+        6 => "ncclRemoteError",
+        7 => "ncclInProgress",
+        _ => "unknown NCCL result",
     }
 }
 
 /// Maps an NCCL status to the crate's error, with NCCL's own explanation.
-fn check(r: ncclResult_t, comm: Option<nccl::ncclComm_t>) -> Result<()> {
-    if matches!(r, ncclResult_t::ncclSuccess | ncclResult_t::ncclInProgress) {
+fn check(r: NcclResult, comm: Option<Comm>) -> Result<()> {
+    if r == ffi::SUCCESS || r == ffi::IN_PROGRESS {
         return Ok(());
     }
+    let n = lib()?;
     let text = |p: *const std::ffi::c_char| {
         if p.is_null() {
             String::new()
@@ -69,15 +73,15 @@ fn check(r: ncclResult_t, comm: Option<nccl::ncclComm_t>) -> Result<()> {
     };
     // SAFETY: ncclGetErrorString accepts any status; ncclGetLastError accepts a live communicator
     // (callers pass one only while holding it).
-    let mut message = text(unsafe { nccl::ncclGetErrorString(r) });
-    if let Some(c) = comm {
-        let last = text(unsafe { nccl::ncclGetLastError(c) });
+    let mut message = text(unsafe { (n.get_error_string)(r) });
+    if let (Some(c), Some(last_error)) = (comm, n.get_last_error) {
+        let last = text(unsafe { last_error(c) });
         if !last.is_empty() {
             message = format!("{message}; {last}");
         }
     }
     Err(Error::Nccl {
-        code: r as i32,
+        code: r,
         name: name(r),
         message,
     })
@@ -90,10 +94,10 @@ pub struct NcclId([u8; 128]);
 impl NcclId {
     /// A fresh id (on one rank; the others receive it through a rendezvous).
     pub fn new() -> Result<Self> {
-        nccl_available()?;
-        let mut id = nccl::ncclUniqueId { internal: [0; 128] };
-        // SAFETY: the library is present; `id` is a valid out-pointer.
-        check(unsafe { nccl::ncclGetUniqueId(&mut id) }, None)?;
+        let n = lib()?;
+        let mut id = ffi::UniqueId { internal: [0; 128] };
+        // SAFETY: `id` is a valid out-pointer.
+        check(unsafe { (n.get_unique_id)(&mut id) }, None)?;
         Ok(NcclId(id.internal.map(|c| c as u8)))
     }
 
@@ -110,7 +114,7 @@ impl NcclId {
 }
 
 /// The raw communicator; `None` once destroyed or aborted.
-struct Handle(Option<nccl::ncclComm_t>);
+struct Handle(Option<Comm>);
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not overlap;
 // every use goes through the `Mutex<Handle>` below.
@@ -140,20 +144,20 @@ impl std::fmt::Debug for NcclCommunicator {
     }
 }
 
-fn data_type(d: DType) -> ncclDataType_t {
+fn data_type(d: DType) -> c_int {
     match d {
-        DType::F32 => ncclDataType_t::ncclFloat32,
-        DType::BF16 => ncclDataType_t::ncclBfloat16,
-        DType::F16 => ncclDataType_t::ncclFloat16,
+        DType::F32 => ffi::FLOAT32,
+        DType::BF16 => ffi::BFLOAT16,
+        DType::F16 => ffi::FLOAT16,
     }
 }
 
-fn reduce_op(op: ReduceOp) -> ncclRedOp_t {
+fn reduce_op(op: ReduceOp) -> c_int {
     match op {
-        ReduceOp::Sum => ncclRedOp_t::ncclSum,
+        ReduceOp::Sum => ffi::SUM,
         // NCCL averages floating-point data by scaling each contribution by 1/N before the sum,
         // the order of rounding PyTorch DDP uses.
-        ReduceOp::Average => ncclRedOp_t::ncclAvg,
+        ReduceOp::Average => ffi::AVG,
     }
 }
 
@@ -180,16 +184,17 @@ impl NcclCommunicator {
             .iter()
             .map(|&o| CudaRuntime::shared(o))
             .collect::<Result<Vec<_>>>()?;
+        let n = lib()?;
         // Several ranks initialised from one thread must be inside one NCCL group.
-        // SAFETY: the library is present; group calls take no arguments.
-        check(unsafe { nccl::ncclGroupStart() }, None)?;
+        // SAFETY: group calls take no arguments.
+        check(unsafe { (n.group_start)() }, None)?;
         let comms: Vec<Result<Self>> = rts
             .into_iter()
             .enumerate()
             .map(|(rank, rt)| Self::init(rt, rank, ordinals.len(), &id, timeout))
             .collect();
         // SAFETY: as above; ends the group opened above whatever the inits returned.
-        let ended = check(unsafe { nccl::ncclGroupEnd() }, None);
+        let ended = check(unsafe { (n.group_end)() }, None);
         let comms = comms.into_iter().collect::<Result<Vec<_>>>()?;
         ended?;
         Ok(comms)
@@ -219,17 +224,18 @@ impl NcclCommunicator {
                 "rank {rank} is not below the world size {world_size}"
             )));
         }
+        let n = lib()?;
         rt.bind()?;
-        let mut comm: nccl::ncclComm_t = std::ptr::null_mut();
-        let uid = nccl::ncclUniqueId {
+        let mut comm: Comm = std::ptr::null_mut();
+        let uid = ffi::UniqueId {
             internal: id.0.map(|b| b as std::ffi::c_char),
         };
-        let n = i32::try_from(world_size)
+        let size = i32::try_from(world_size)
             .map_err(|_| Error::Communicator(format!("world size {world_size} is too large")))?;
         // SAFETY: `comm` is a valid out-pointer; the id is the 128 bytes NCCL produced; the
         // device's context is current on this thread, as NCCL requires.
         check(
-            unsafe { nccl::ncclCommInitRank(&mut comm, n, uid, rank as i32) },
+            unsafe { (n.comm_init_rank)(&mut comm, size, uid, rank as i32) },
             None,
         )?;
         let comm_stream = rt.stream.fork().map_err(driver_error(rt.device, 0))?;
@@ -256,7 +262,7 @@ fn poisoned<T>(_: T) -> Error {
 
 impl NcclCommunicator {
     /// The live communicator, or the reason it is gone.
-    fn live(&self) -> Result<(MutexGuard<'_, Handle>, nccl::ncclComm_t)> {
+    fn live(&self) -> Result<(MutexGuard<'_, Handle>, Comm)> {
         if let Some(reason) = self.aborted.lock().map_err(poisoned)?.clone() {
             return Err(Error::Communicator(reason));
         }
@@ -270,18 +276,15 @@ impl NcclCommunicator {
     }
 
     /// Runs one NCCL call on the live communicator; a failure aborts it.
-    fn call(
-        &self,
-        f: impl FnOnce(nccl::ncclComm_t, nccl::cudaStream_t) -> ncclResult_t,
-    ) -> Result<()> {
+    fn call(&self, f: impl FnOnce(&Nccl, Comm, ffi::Stream) -> NcclResult) -> Result<()> {
         let (mut guard, comm) = self.live()?;
         self.rt.bind()?;
         // Everything enqueued on the device's stream so far (this buffer's gradients) comes first.
         self.comm_stream
             .join(&self.rt.stream)
             .map_err(driver_error(self.rt.device, 0))?;
-        let stream = self.comm_stream.cu_stream() as nccl::cudaStream_t;
-        let r = check(f(comm, stream), Some(comm));
+        let stream = self.comm_stream.cu_stream() as ffi::Stream;
+        let r = check(f(lib()?, comm, stream), Some(comm));
         if let Err(e) = &r {
             self.abort_locked(&mut guard, &format!("rank {}: {e}", self.rank));
         }
@@ -292,10 +295,10 @@ impl NcclCommunicator {
         if let Ok(mut a) = self.aborted.lock() {
             a.get_or_insert_with(|| reason.to_string());
         }
-        if let Some(c) = guard.0.take() {
+        if let (Some(c), Ok(n)) = (guard.0.take(), lib()) {
             // SAFETY: `c` is live (taken out of the handle, so never used again) and no other
             // call on it is running: the handle's lock is held.
-            unsafe { nccl::ncclCommAbort(c) };
+            unsafe { (n.comm_abort)(c) };
         }
     }
 
@@ -346,9 +349,9 @@ impl NcclCommunicator {
         let deadline = Instant::now() + self.timeout;
         loop {
             let (mut guard, comm) = self.live()?;
-            let mut state = ncclResult_t::ncclSuccess;
+            let mut state = ffi::SUCCESS;
             // SAFETY: `comm` is live and the handle's lock is held; `state` is a valid out-pointer.
-            let polled = unsafe { nccl::ncclCommGetAsyncError(comm, &mut state) };
+            let polled = unsafe { (lib()?.comm_get_async_error)(comm, &mut state) };
             let failed = check(polled, Some(comm)).and_then(|_| check(state, Some(comm)));
             if let Err(e) = failed {
                 self.abort_locked(&mut guard, &format!("rank {}: {what}: {e}", self.rank));
@@ -405,18 +408,16 @@ impl Communicator for NcclCommunicator {
 
     fn all_reduce(&self, buf: Buffer<'_>, op: ReduceOp) -> Result<()> {
         let op = reduce_op(op);
-        let run = |ptr: u64, len: usize, dt: ncclDataType_t| {
-            self.call(|comm, stream| {
+        let run = |ptr: u64, len: usize, dt: c_int| {
+            self.call(|n, comm, stream| {
                 // SAFETY: `ptr .. ptr + len` is a live device buffer on this rank's device, lent
                 // for the call; NCCL reduces it in place in stream order.
-                unsafe { nccl::ncclAllReduce(ptr as _, ptr as _, len, dt, op, comm, stream) }
+                unsafe { (n.all_reduce)(ptr as _, ptr as _, len, dt, op, comm, stream) }
             })
         };
         match buf {
             Buffer::Device(b) => run(b.ptr(), b.len(), data_type(b.dtype())),
-            Buffer::Host(mut h) => self.staged(&mut h, |ptr, len| {
-                run(ptr, len, ncclDataType_t::ncclFloat32)
-            }),
+            Buffer::Host(mut h) => self.staged(&mut h, |ptr, len| run(ptr, len, ffi::FLOAT32)),
         }
     }
 
@@ -427,19 +428,15 @@ impl Communicator for NcclCommunicator {
                 self.world_size
             )));
         }
-        let run = |ptr: u64, len: usize, dt: ncclDataType_t| {
-            self.call(|comm, stream| {
+        let run = |ptr: u64, len: usize, dt: c_int| {
+            self.call(|n, comm, stream| {
                 // SAFETY: as in all_reduce; in place.
-                unsafe {
-                    nccl::ncclBroadcast(ptr as _, ptr as _, len, dt, root as i32, comm, stream)
-                }
+                unsafe { (n.broadcast)(ptr as _, ptr as _, len, dt, root as c_int, comm, stream) }
             })
         };
         match buf {
             Buffer::Device(b) => run(b.ptr(), b.len(), data_type(b.dtype())),
-            Buffer::Host(mut h) => self.staged(&mut h, |ptr, len| {
-                run(ptr, len, ncclDataType_t::ncclFloat32)
-            }),
+            Buffer::Host(mut h) => self.staged(&mut h, |ptr, len| run(ptr, len, ffi::FLOAT32)),
         }
     }
 
@@ -461,15 +458,15 @@ impl Communicator for NcclCommunicator {
                 joined.extend_from_slice(&mine);
                 let send_at = (r.len() * 4) as u64;
                 self.staged(&mut HostBuffer::F32(&mut joined), |ptr, _| {
-                    self.call(|comm, stream| {
+                    self.call(|nccl, comm, stream| {
                         // SAFETY: `ptr` holds recv (n × world f32) then send (n f32), alive until
                         // the staged copy-back, which waits for the stream.
                         unsafe {
-                            nccl::ncclAllGather(
+                            (nccl.all_gather)(
                                 (ptr + send_at) as _,
                                 ptr as _,
                                 n,
-                                ncclDataType_t::ncclFloat32,
+                                ffi::FLOAT32,
                                 comm,
                                 stream,
                             )
@@ -482,9 +479,9 @@ impl Communicator for NcclCommunicator {
             (send, recv) => {
                 let (s, r) = Self::device_pair(&send, &recv, "all_gather")?;
                 let (dt, n) = (data_type(send.dtype()), send.len());
-                self.call(|comm, stream| {
+                self.call(|nccl, comm, stream| {
                     // SAFETY: both are live device buffers of this rank, of the checked lengths.
-                    unsafe { nccl::ncclAllGather(s as _, r as _, n, dt, comm, stream) }
+                    unsafe { (nccl.all_gather)(s as _, r as _, n, dt, comm, stream) }
                 })
             }
         }
@@ -501,9 +498,9 @@ impl Communicator for NcclCommunicator {
         }
         let (s, r) = Self::device_pair(&send, &recv, "reduce_scatter")?;
         let (dt, op, count) = (data_type(send.dtype()), reduce_op(op), recv.len());
-        self.call(|comm, stream| {
+        self.call(|n, comm, stream| {
             // SAFETY: both are live device buffers of this rank, of the checked lengths.
-            unsafe { nccl::ncclReduceScatter(s as _, r as _, count, dt, op, comm, stream) }
+            unsafe { (n.reduce_scatter)(s as _, r as _, count, dt, op, comm, stream) }
         })
     }
 
@@ -526,11 +523,13 @@ impl Communicator for NcclCommunicator {
 
 impl Drop for NcclCommunicator {
     fn drop(&mut self) {
+        // The communication stream is destroyed after this; its context must be current.
+        let _ = self.rt.bind();
         if let Ok(mut guard) = self.handle.lock() {
-            if let Some(c) = guard.0.take() {
+            if let (Some(c), Ok(n)) = (guard.0.take(), lib()) {
                 // SAFETY: the last use of `c`; nothing else can hold it (we are dropping self).
                 // Abort rather than destroy: destroy would wait forever for a dead peer.
-                unsafe { nccl::ncclCommAbort(c) };
+                unsafe { (n.comm_abort)(c) };
             }
         }
     }
