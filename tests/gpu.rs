@@ -400,6 +400,16 @@ fn kernel_sources_and_fatbins_are_embedded() {
                 );
             }
         }
+        // A GPU run must not silently fall back to NVRTC (slow, and headers needed at run time)
+        // unless an NVRTC-only build was asked for (FUSEDOPT_NO_FATBIN=1, as CI tests it).
+        None if std::env::var("FUSEDOPT_REQUIRE_GPU").is_ok_and(|v| v == "1")
+            && !std::env::var("FUSEDOPT_NO_FATBIN").is_ok_and(|v| v == "1") =>
+        {
+            panic!(
+                "built without nvcc under FUSEDOPT_REQUIRE_GPU=1: {}",
+                kernels::provenance()
+            )
+        }
         None => eprintln!("built without nvcc: {}", kernels::provenance()),
     }
 }
@@ -546,4 +556,31 @@ fn device_time_and_copy_bandwidth_are_measured() {
     assert!(seconds.is_finite() && seconds >= 0.0, "{seconds}");
     let bandwidth = fusedopt::cuda::runtime::copy_bandwidth(0, 1 << 20, 3).unwrap();
     assert!(bandwidth.is_finite() && bandwidth > 0.0, "{bandwidth}");
+}
+
+/// Kernels are loaded once per device, and NVRTC (when there is no fatbin) compiles each
+/// translation unit once per process, however many optimizers are built.
+#[test]
+fn kernels_load_once() {
+    if !gpu_or_skip("kernels_load_once") {
+        return;
+    }
+    let tensors = awkward_tensors(49);
+    let build = || {
+        Optimizer::new(
+            build_on(Device::Cuda(0), &tensors, &MIXES[0]),
+            Adam::preset(Flavor::PyTorch),
+        )
+        .unwrap()
+    };
+    let first = build();
+    let compiles = fusedopt::cuda::runtime::nvrtc_compiles();
+    let more: Vec<Optimizer> = (0..5).map(|_| build()).collect();
+    drop((first, more));
+    let _again = build();
+    assert_eq!(fusedopt::cuda::runtime::nvrtc_compiles(), compiles);
+    if kernels::FATBINS.is_empty() {
+        // update.cu and norm.cu, for this device's architecture.
+        assert!((2..=3).contains(&compiles), "{compiles} NVRTC compilations");
+    }
 }

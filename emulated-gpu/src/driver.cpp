@@ -519,6 +519,14 @@ CUresult cuInit(unsigned int flags) {
     return config().devices > 0 ? CUDA_SUCCESS : CUDA_ERROR_NO_DEVICE;
 }
 
+// The driver's private interfaces: none here. NVRTC asks for them (it dlopens libcuda.so.1) and
+// does without when refused.
+CUresult cuGetExportTable(const void** table, const void* id) {
+    (void)id;
+    if (table) *table = nullptr;
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+
 CUresult cuDriverGetVersion(int* v) {
     CHECK(v, CUDA_ERROR_INVALID_VALUE);
     *v = 13000;

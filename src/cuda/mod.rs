@@ -4,6 +4,7 @@
 pub mod abi;
 pub mod arena;
 pub mod engine;
+pub(crate) mod nvrtc;
 pub mod runtime;
 
 /// Fatbins and kernel sources embedded at build time.

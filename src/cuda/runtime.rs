@@ -1,14 +1,15 @@
 //! A CUDA device as fusedopt uses it: the primary context, one stream for everything, and the
-//! kernels, loaded from the fatbin build.rs embedded or JIT-compiled from the embedded sources
-//! with NVRTC.
+//! kernels, loaded once per device from the fatbin build.rs embedded, or compiled from the
+//! embedded sources with NVRTC once per process and architecture.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUresult};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
-use super::kernels;
+use super::{kernels, nvrtc};
 use crate::device::{cuda_device_count, Unavailable};
 use crate::error::{Error, Result};
 use crate::Device;
@@ -31,6 +32,8 @@ pub struct CudaRuntime {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) sm_count: usize,
     pub(crate) capability: (i32, i32),
+    /// Modules loaded on this device, by translation unit: each is loaded once.
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
 }
 
 /// One runtime per device, shared by every parameter set on it: all work on a device goes through
@@ -82,6 +85,7 @@ impl CudaRuntime {
             stream,
             sm_count,
             capability,
+            modules: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -102,14 +106,21 @@ impl CudaRuntime {
         &self.stream
     }
 
-    /// Loads a translation unit's module: its fatbin when one was embedded, else NVRTC.
-    pub(crate) fn module(&self, unit: &str) -> Result<Arc<CudaModule>> {
-        let image = kernels::FATBINS.iter().find(|(n, _)| *n == unit);
-        let ptx = match image {
-            Some((_, bytes)) => Ptx::from_binary(bytes.to_vec()),
-            None => self.jit(unit)?,
+    /// A translation unit's module, loaded on first use: its fatbin when one was embedded, else
+    /// NVRTC's output for this device.
+    pub(crate) fn module(&self, unit: &'static str) -> Result<Arc<CudaModule>> {
+        let mut modules = self
+            .modules
+            .lock()
+            .map_err(|_| Error::Cuda("module cache poisoned".into()))?;
+        if let Some(m) = modules.get(unit) {
+            return Ok(m.clone());
+        }
+        let image = match kernels::FATBINS.iter().find(|(n, _)| *n == unit) {
+            Some((_, bytes)) => bytes.to_vec(),
+            None => compiled_by_nvrtc(unit, self.capability)?,
         };
-        self.ctx.load_module(ptx).map_err(|e| {
+        let module = self.ctx.load_module(Ptx::from_binary(image)).map_err(|e| {
             Error::KernelLoad(format!(
                 "{unit} on {} (sm_{}{}): {e:?}; {}",
                 self.device,
@@ -117,34 +128,9 @@ impl CudaRuntime {
                 self.capability.1,
                 kernels::provenance()
             ))
-        })
-    }
-
-    /// Compiles `unit.cu` with NVRTC for this device, headers inlined.
-    fn jit(&self, unit: &str) -> Result<Ptx> {
-        // SAFETY: only tries to dlopen NVRTC by its usual names; nothing runs when it is absent.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err(Error::KernelLoad(format!(
-                "no fatbin was embedded for '{unit}' (built without nvcc) and NVRTC is not installed"
-            )));
-        }
-        let source = inline_headers(&format!("{unit}.cu"))?;
-        let arch: &'static str = match self.capability {
-            (9, _) => "sm_90",
-            (8, 9) => "sm_89",
-            (8, 6) => "sm_86",
-            (8, _) => "sm_80",
-            _ => "sm_75",
-        };
-        let options = CompileOptions {
-            fmad: Some(false),
-            arch: Some(arch),
-            options: vec!["-std=c++17".into()],
-            name: Some(format!("{unit}.cu")),
-            ..Default::default()
-        };
-        cudarc::nvrtc::compile_ptx_with_opts(source, options)
-            .map_err(|e| Error::KernelLoad(format!("NVRTC failed on {unit}.cu: {e:?}")))
+        })?;
+        modules.insert(unit, module.clone());
+        Ok(module)
     }
 
     pub(crate) fn function(&self, module: &Arc<CudaModule>, name: &str) -> Result<CudaFunction> {
@@ -152,6 +138,39 @@ impl CudaRuntime {
             .load_function(name)
             .map_err(|e| Error::KernelLoad(format!("kernel {name}: {e:?}")))
     }
+}
+
+/// NVRTC's image of `unit` for compute capability `cc`: compiled once per process (every device
+/// of one architecture, and every runtime opened later, reuses it).
+fn compiled_by_nvrtc(unit: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
+    type Images = Mutex<HashMap<(String, (i32, i32)), Arc<Vec<u8>>>>;
+    static IMAGES: std::sync::OnceLock<Images> = std::sync::OnceLock::new();
+    // Held while compiling: threads wanting the same unit wait for one compilation.
+    let mut images = IMAGES
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| Error::Cuda("NVRTC image cache poisoned".into()))?;
+    let key = (unit.to_string(), cc);
+    if let Some(image) = images.get(&key) {
+        return Ok(image.to_vec());
+    }
+    let image = Arc::new(nvrtc::compile(
+        &format!("{unit}.cu"),
+        &inline_headers(&format!("{unit}.cu"))?,
+        cc,
+    )?);
+    NVRTC_COMPILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    images.insert(key, image.clone());
+    Ok(image.to_vec())
+}
+
+/// Translation units compiled by NVRTC in this process (each once per architecture).
+static NVRTC_COMPILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many translation units NVRTC has compiled in this process: at most one per unit and
+/// architecture, however many optimizers and devices use them.
+pub fn nvrtc_compiles() -> usize {
+    NVRTC_COMPILES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The embedded source of `file` with its `#include "…"` lines replaced by the headers' text, for
