@@ -1,7 +1,8 @@
 // Global norm and non-finite detection in one deterministic pass. Each block writes the f64 sum of
-// squares of its chunk; the last block to finish adds the partials in chunk order (the same bits
-// every run) and decides the step in device memory: the norm, whether to skip, the clip factor, the
-// loss scaler's update and the step count. No host synchronisation.
+// squares of its chunk; the last block to finish adds the partials, every thread a fixed strided
+// share and then a fixed tree (the same bits every run), and decides the step in device memory:
+// the norm, whether to skip, the clip factor, the loss scaler's update and the step count. No host
+// synchronisation.
 #include "multi_tensor.cuh"
 
 // Step-wide options (src/cuda/abi.rs::NormParams), passed by value to every launch.
@@ -56,6 +57,18 @@ __device__ void decide_step(StepState* st, const NormParams& q, double sum_sq, b
     }
 }
 
+// The block's sum of every thread's `v`, in a fixed order (valid on thread 0). Every thread of
+// the block calls it; blockDim.x is a multiple of 32.
+__device__ double block_sum(double v, double* warp_sums) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+    __syncthreads();
+    double sum = 0.0;
+    if (threadIdx.x == 0)
+        for (unsigned int w = 0; w < blockDim.x / 32; ++w) sum += warp_sums[w];
+    return sum;
+}
+
 template <typename G>
 __device__ void sum_of_squares(const G* g, unsigned long long len, unsigned int chunk_elems,
                                double* partials, StepState* st, NormParams q) {
@@ -68,21 +81,20 @@ __device__ void sum_of_squares(const G* g, unsigned long long len, unsigned int 
         const double x = to_f32(g[i]);
         acc += x * x;
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
-    __syncthreads();
+    const double sum = block_sum(acc, warp_sums);
     if (threadIdx.x == 0) {
-        double sum = 0.0;
-        for (unsigned int w = 0; w < (blockDim.x + 31) / 32; ++w) sum += warp_sums[w];
         partials[blockIdx.x] = sum;
         __threadfence();
         last = atomicAdd(&st->done, 1u) == gridDim.x - 1;
     }
     __syncthreads();
-    if (last && threadIdx.x == 0) {
-        __threadfence();
-        double total = 0.0;
-        for (unsigned int c = 0; c < gridDim.x; ++c) total += partials[c];
+    if (!last) return;  // the same for every thread of the block
+    // The last block: every partial is visible (each block fenced before counting itself).
+    __threadfence();
+    double share = 0.0;
+    for (unsigned int c = threadIdx.x; c < gridDim.x; c += blockDim.x) share += partials[c];
+    const double total = block_sum(share, warp_sums);
+    if (threadIdx.x == 0) {
         decide_step(st, q, total, true);
         st->done = 0;  // ready for the next step and for graph replay
     }

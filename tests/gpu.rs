@@ -584,3 +584,49 @@ fn kernels_load_once() {
         assert!((2..=3).contains(&compiles), "{compiles} NVRTC compilations");
     }
 }
+
+/// The norm pass with more chunks than its last block has threads (each thread then adds several
+/// partials): the norm, the clipped step and the report agree with the CPU engine.
+#[test]
+fn norm_over_more_chunks_than_threads() {
+    if !gpu_or_skip("norm_over_more_chunks_than_threads") {
+        return;
+    }
+    let mut tensors = awkward_tensors(50);
+    let mut rng = StdRng::seed_from_u64(51);
+    tensors.push(Tensor {
+        name: "big".into(),
+        group: "default",
+        values: (0..300 * 4096 + 17)
+            .map(|_| rand::Rng::gen_range(&mut rng, 0.3f32..0.6))
+            .collect(),
+    });
+    let options = OptimizerOptions {
+        clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
+        ..Default::default()
+    };
+    let steps = |device: Device| {
+        let mut opt = Optimizer::with_options(
+            build_on(device, &tensors, &MIXES[0]),
+            Adam::preset(Flavor::PyTorch),
+            options,
+        )
+        .unwrap();
+        let mut rng = StdRng::seed_from_u64(52);
+        let mut norms = Vec::new();
+        for _ in 0..2 {
+            for (t, g) in tensors.iter().zip(random_grads(&mut rng, &tensors, 1.0)) {
+                opt.params_mut().set_grad(&t.name, &g).unwrap();
+            }
+            opt.step().unwrap();
+            norms.push(opt.report().unwrap().global_norm.unwrap());
+        }
+        (observe(&opt, &tensors, &MIXES[0]), norms)
+    };
+    let (cpu, cpu_norms) = steps(Device::Cpu);
+    let (gpu, gpu_norms) = steps(Device::Cuda(0));
+    for (c, g) in cpu_norms.iter().zip(&gpu_norms) {
+        assert!((c - g).abs() <= 1e-12 * c, "norm: cpu {c} gpu {g}");
+    }
+    assert_agree("clipped step over many chunks", &gpu, &cpu, false);
+}

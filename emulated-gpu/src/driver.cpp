@@ -78,7 +78,7 @@ long long env_int(const char* name, long long fallback) {
 struct Config {
     int devices = (int)env_int("FUSEDOPT_EMU_DEVICES", 4);
     size_t memory = (size_t)env_int("FUSEDOPT_EMU_MEMORY_MB", 4096) << 20;
-    int sms = (int)env_int("FUSEDOPT_EMU_SMS", 4);
+    int sms = (int)env_int("FUSEDOPT_EMU_SMS", 132);  // an H100's: plans are sized as on one
 };
 const Config& config() {
     static Config c;
