@@ -41,11 +41,11 @@ fn load_digits() -> Result<(Array2<f32>, Vec<usize>), Box<dyn std::error::Error>
 /// returns the mean cross-entropy.
 fn train_batch(opt: &mut Optimizer, x: &Array2<f32>, y: &[usize]) -> fusedopt::Result<f32> {
     let p = opt.params();
-    let w1 = Array2::from_shape_vec((HIDDEN, 64), p.param("fc1.weight")?.to_vec()).expect("shape");
-    let b1 = Array1::from(p.param("fc1.bias")?.to_vec());
+    let w1 = Array2::from_shape_vec((HIDDEN, 64), p.read_param("fc1.weight")?).expect("shape");
+    let b1 = Array1::from(p.read_param("fc1.bias")?);
     let w2 =
-        Array2::from_shape_vec((CLASSES, HIDDEN), p.param("fc2.weight")?.to_vec()).expect("shape");
-    let b2 = Array1::from(p.param("fc2.bias")?.to_vec());
+        Array2::from_shape_vec((CLASSES, HIDDEN), p.read_param("fc2.weight")?).expect("shape");
+    let b2 = Array1::from(p.read_param("fc2.bias")?);
     let pre = x.dot(&w1.t()) + &b1;
     let h = pre.mapv(|v| v.max(0.0));
     let logits = h.dot(&w2.t()) + &b2;
@@ -66,16 +66,18 @@ fn train_batch(opt: &mut Optimizer, x: &Array2<f32>, y: &[usize]) -> fusedopt::R
     });
     let dw1 = dh.t().dot(x);
     let db1 = dh.sum_axis(Axis(0));
+    // set_grad works on every device (a copy to the GPU there); on the CPU, grad_mut gives the
+    // arena slice itself for a backward pass that writes in place.
     let grads = opt.params_mut();
-    for (name, g) in [("fc1.weight", dw1.iter()), ("fc2.weight", dw2.iter())] {
-        grads
-            .grad_mut(name)?
-            .iter_mut()
-            .zip(g)
-            .for_each(|(d, &s)| *d = s);
+    let flat = |g: ndarray::ArrayViewD<'_, f32>| g.iter().copied().collect::<Vec<f32>>();
+    for (name, g) in [
+        ("fc1.weight", dw1.view().into_dyn()),
+        ("fc2.weight", dw2.view().into_dyn()),
+        ("fc1.bias", db1.view().into_dyn()),
+        ("fc2.bias", db2.view().into_dyn()),
+    ] {
+        grads.set_grad(name, &flat(g))?;
     }
-    grads.set_grad("fc1.bias", db1.as_slice().expect("contiguous"))?;
-    grads.set_grad("fc2.bias", db2.as_slice().expect("contiguous"))?;
     Ok(loss)
 }
 
@@ -94,11 +96,11 @@ fn softmax_cross_entropy(logits: &Array2<f32>, y: &[usize]) -> (Array2<f32>, f32
 
 fn accuracy(opt: &Optimizer, x: &Array2<f32>, y: &[usize]) -> fusedopt::Result<f32> {
     let p = opt.params();
-    let w1 = Array2::from_shape_vec((HIDDEN, 64), p.param("fc1.weight")?.to_vec()).expect("shape");
+    let w1 = Array2::from_shape_vec((HIDDEN, 64), p.read_param("fc1.weight")?).expect("shape");
     let w2 =
-        Array2::from_shape_vec((CLASSES, HIDDEN), p.param("fc2.weight")?.to_vec()).expect("shape");
-    let h = (x.dot(&w1.t()) + &Array1::from(p.param("fc1.bias")?.to_vec())).mapv(|v| v.max(0.0));
-    let logits = h.dot(&w2.t()) + &Array1::from(p.param("fc2.bias")?.to_vec());
+        Array2::from_shape_vec((CLASSES, HIDDEN), p.read_param("fc2.weight")?).expect("shape");
+    let h = (x.dot(&w1.t()) + &Array1::from(p.read_param("fc1.bias")?)).mapv(|v| v.max(0.0));
+    let logits = h.dot(&w2.t()) + &Array1::from(p.read_param("fc2.bias")?);
     let correct = logits
         .axis_iter(Axis(0))
         .zip(y)
