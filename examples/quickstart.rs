@@ -129,7 +129,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = selection.device;
     match &selection.gpu_unavailable {
         Some(why) => println!("device: cpu (GPU not used: {why})"),
-        None => println!("device: {device}"),
+        None => println!("device: {device} ({})", device.name().unwrap_or_default()),
     }
 
     let (x, y) = load_digits()?;
