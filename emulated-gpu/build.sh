@@ -8,7 +8,8 @@
 #   tsan   ThreadSanitizer, blocks on several OS threads at once: races between blocks, and
 #          between the threads of a block across a missing barrier
 # FUSEDOPT_EMU_KERNELS=DIR builds another kernel folder (the planted-bug tests use it).
-# Rebuilds only when a source, the mode or the compiler changed. Prints DIR last.
+# Rebuilds only when a source, the mode or the compiler changed, and then only the objects whose
+# inputs changed (cached by content in target/emulated-gpu/cache). Prints DIR last.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
@@ -37,8 +38,24 @@ echo "building the emulated GPU ($mode) in $out" >&2
 
 gen="$out/gen"
 rm -rf "$gen"; mkdir -p "$gen"
+cache="$root/target/emulated-gpu/cache"
+mkdir -p "$cache"
+toolchain="$mode ${flags[*]} $("$cxx" --version | head -n 1)"
 objs=()
 pids=()
+# Compiles SRC (with extra flags) to a cached object named by the content of everything it reads.
+compile() {
+  local src=$1; shift
+  local key
+  key=$( { echo "$toolchain $*"; cat "$src" "$here"/include/* "$here"/src/*.h "$kernels"/*.cuh; } \
+         | sha256sum | cut -c1-24)
+  objs+=("$cache/$key.o")
+  [ -f "$cache/$key.o" ] && return 0
+  ( "$cxx" "${common[@]}" "${flags[@]}" "$@" -c "$src" -o "$cache/$key.o.tmp" \
+      && mv "$cache/$key.o.tmp" "$cache/$key.o" ) &
+  pids+=($!)
+  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+}
 for cu in "$kernels"/*.cu; do
   unit=$(basename "$cu" .cu)
   # The kernels of a unit: preprocess once with __global__ made visible, then register each.
@@ -57,15 +74,11 @@ print("#include \"kernel.h\"")
 for bounds, name in found:
     print("EMU_KERNEL(%s, \"%s\", %s)" % (name, unit, bounds or "1024"))
 ' "$unit" > "$gen/$unit.cpp"
-  "$cxx" "${common[@]}" "${flags[@]}" -I "$kernels" -c "$gen/$unit.cpp" -o "$gen/$unit.o" &
-  pids+=($!); objs+=("$gen/$unit.o")
-  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+  # The unit's own source is part of what the object depends on (through the flag).
+  compile "$gen/$unit.cpp" -I "$kernels" -DEMU_UNIT_SOURCE_KEY="$(sha256sum < "$cu" | cut -c1-16)"
 done
-for src in block driver; do
-  "$cxx" "${common[@]}" "${flags[@]}" -c "$here/src/$src.cpp" -o "$gen/$src.o" &
-  pids+=($!); objs+=("$gen/$src.o")
-  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-done
+compile "$here/src/block.cpp"
+compile "$here/src/driver.cpp"
 for p in "${pids[@]}"; do wait "$p"; done
 "$cxx" "${flags[@]}" -shared -Wl,-soname,libcuda.so.1 -o "$out/libcuda.so.1" "${objs[@]}" -lpthread
 ln -sf libcuda.so.1 "$out/libcuda.so"

@@ -43,8 +43,7 @@ fn train_batch(opt: &mut Optimizer, x: &Array2<f32>, y: &[usize]) -> fusedopt::R
     let p = opt.params();
     let w1 = Array2::from_shape_vec((HIDDEN, 64), p.read_param("fc1.weight")?).expect("shape");
     let b1 = Array1::from(p.read_param("fc1.bias")?);
-    let w2 =
-        Array2::from_shape_vec((CLASSES, HIDDEN), p.read_param("fc2.weight")?).expect("shape");
+    let w2 = Array2::from_shape_vec((CLASSES, HIDDEN), p.read_param("fc2.weight")?).expect("shape");
     let b2 = Array1::from(p.read_param("fc2.bias")?);
     let pre = x.dot(&w1.t()) + &b1;
     let h = pre.mapv(|v| v.max(0.0));
@@ -97,8 +96,7 @@ fn softmax_cross_entropy(logits: &Array2<f32>, y: &[usize]) -> (Array2<f32>, f32
 fn accuracy(opt: &Optimizer, x: &Array2<f32>, y: &[usize]) -> fusedopt::Result<f32> {
     let p = opt.params();
     let w1 = Array2::from_shape_vec((HIDDEN, 64), p.read_param("fc1.weight")?).expect("shape");
-    let w2 =
-        Array2::from_shape_vec((CLASSES, HIDDEN), p.read_param("fc2.weight")?).expect("shape");
+    let w2 = Array2::from_shape_vec((CLASSES, HIDDEN), p.read_param("fc2.weight")?).expect("shape");
     let h = (x.dot(&w1.t()) + &Array1::from(p.read_param("fc1.bias")?)).mapv(|v| v.max(0.0));
     let logits = h.dot(&w2.t()) + &Array1::from(p.read_param("fc2.bias")?);
     let correct = logits

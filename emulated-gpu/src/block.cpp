@@ -25,6 +25,12 @@
 #endif
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
+// The scheduler's own bookkeeping (which fiber runs, what it waits for, the built-in indices) is
+// handed between fibers by the switches; TSan is told only what orders the *kernel's* accesses
+// (barriers, warp collectives), so these functions are not instrumented.
+#define EMU_SCHEDULER __attribute__((no_sanitize("thread")))
+#else
+#define EMU_SCHEDULER
 #endif
 
 namespace emu {
@@ -81,6 +87,7 @@ struct Fiber {
     int param = 0, width = 32;
 #if defined(__SANITIZE_THREAD__)
     void* tsan_fiber = nullptr;
+    bool started = false;
 #endif
 };
 
@@ -132,16 +139,24 @@ struct Block {
 };
 
 thread_local Block* tls_block = nullptr;
+#if defined(__SANITIZE_THREAD__)
+// A block that ended on this OS thread happens before the next one starts here (as on a GPU, where
+// the next block on a multiprocessor finds the previous one's shared memory done with).
+thread_local char tls_blocks_done = 0;
+#endif
 
 // Switches from the scheduler to fiber `f` and back.
-void resume(Block& b, Fiber& f) {
+EMU_SCHEDULER void resume(Block& b, Fiber& f) {
     b.running = &f;
     current = &f.builtins;
 #if defined(__SANITIZE_ADDRESS__)
     __sanitizer_start_switch_fiber(&b.asan_fake_stack, f.stack, stack_bytes());
 #endif
 #if defined(__SANITIZE_THREAD__)
-    __tsan_switch_to_fiber(f.tsan_fiber, __tsan_switch_to_fiber_no_sync);
+    // The first switch orders what came before the block (its set-up, the blocks that ran here
+    // earlier: shared memory is reused) before the thread; later ones order nothing.
+    __tsan_switch_to_fiber(f.tsan_fiber, f.started ? __tsan_switch_to_fiber_no_sync : 0);
+    f.started = true;
 #endif
     swapcontext(&b.scheduler, &f.context);
 #if defined(__SANITIZE_ADDRESS__)
@@ -152,7 +167,7 @@ void resume(Block& b, Fiber& f) {
 }
 
 // Called on a fiber: back to the scheduler.
-void yield(Block& b, Fiber& f) {
+EMU_SCHEDULER void yield(Block& b, Fiber& f) {
 #if defined(__SANITIZE_ADDRESS__)
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(f.state == State::Done ? nullptr : &fake, b.scheduler_stack_bottom,
@@ -168,13 +183,16 @@ void yield(Block& b, Fiber& f) {
     current = &f.builtins;
 }
 
-void fiber_main() {
+EMU_SCHEDULER void fiber_main() {
     Block& b = *tls_block;
     Fiber& f = *b.running;
 #if defined(__SANITIZE_ADDRESS__)
     __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_stack_bottom, &b.scheduler_stack_size);
 #endif
     b.kernel->thread_entry(b.params);
+#if defined(__SANITIZE_THREAD__)
+    __tsan_release(&tls_blocks_done);
+#endif
     f.state = State::Done;
     b.done += 1;
     yield(b, f);
@@ -200,14 +218,14 @@ struct StackPool {
 };
 thread_local StackPool tls_stacks;
 
-Fiber& self() {
+EMU_SCHEDULER Fiber& self() {
     Block* b = tls_block;
     if (!b || !b->running) fatal("a device function was called outside a kernel");
     return *b->running;
 }
 
 // Every lane of a warp collective's mask waits at the same operation: compute what each gets.
-bool resolve_warp(Block& b, Fiber& first) {
+EMU_SCHEDULER bool resolve_warp(Block& b, Fiber& first) {
     const unsigned warp = first.linear / 32, base = warp * 32;
     const unsigned mask = first.mask;
     std::vector<Fiber*> lanes(32, nullptr);
@@ -273,7 +291,7 @@ bool resolve_warp(Block& b, Fiber& first) {
     return true;
 }
 
-bool resolve_barrier(Block& b) {
+EMU_SCHEDULER bool resolve_barrier(Block& b) {
     Fiber* first = nullptr;
     for (Fiber& f : b.fibers) {
         if (f.state == State::AtBarrier) {
@@ -304,7 +322,7 @@ bool resolve_barrier(Block& b) {
     return true;
 }
 
-[[noreturn]] void deadlock(Block& b) {
+EMU_SCHEDULER [[noreturn]] void deadlock(Block& b) {
     std::string waits;
     for (const Fiber& f : b.fibers) {
         if (f.state == State::Done) continue;
@@ -322,7 +340,7 @@ bool resolve_barrier(Block& b) {
           b.fibers.size(), waits.c_str());
 }
 
-void run_block(const Kernel& k, void** params, dim3 grid, dim3 block, uint3 block_idx) {
+EMU_SCHEDULER void run_block(const Kernel& k, void** params, dim3 grid, dim3 block, uint3 block_idx) {
     Block b;
     b.kernel = &k;
     b.params = params;
@@ -332,6 +350,7 @@ void run_block(const Kernel& k, void** params, dim3 grid, dim3 block, uint3 bloc
     tls_block = &b;
 #if defined(__SANITIZE_THREAD__)
     b.tsan_scheduler = __tsan_get_current_fiber();
+    __tsan_acquire(&tls_blocks_done);
 #endif
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
@@ -365,6 +384,9 @@ void run_block(const Kernel& k, void** params, dim3 grid, dim3 block, uint3 bloc
         if (released || resolve_barrier(b)) continue;
         deadlock(b);
     }
+#if defined(__SANITIZE_THREAD__)
+    __tsan_acquire(&tls_blocks_done);  // the block's work is done: later launches come after it
+#endif
     for (Fiber& f : b.fibers) {
         tls_stacks.free.push_back(f.stack);
 #if defined(__SANITIZE_THREAD__)
@@ -383,7 +405,7 @@ std::mutex& kernel_lock() {
 
 // ------------------------------------------------------------------ device functions
 
-void syncthreads(const char* file, int line) {
+EMU_SCHEDULER void syncthreads(const char* file, int line) {
     Block& b = *tls_block;
     Fiber& f = self();
 #if defined(__SANITIZE_THREAD__)
@@ -398,7 +420,7 @@ void syncthreads(const char* file, int line) {
 #endif
 }
 
-unsigned long long warp_collective(WarpOp op, unsigned int mask, unsigned long long value, int param,
+EMU_SCHEDULER unsigned long long warp_collective(WarpOp op, unsigned int mask, unsigned long long value, int param,
                                    int width, const char* file, int line) {
     Block& b = *tls_block;
     Fiber& f = self();
@@ -426,7 +448,7 @@ unsigned long long warp_collective(WarpOp op, unsigned int mask, unsigned long l
 
 // ------------------------------------------------------------------ a grid
 
-void run_grid(const Kernel& k, dim3 grid, dim3 block, void** params) {
+EMU_SCHEDULER void run_grid(const Kernel& k, dim3 grid, dim3 block, void** params) {
     const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
     auto index = [&](unsigned long long i) {
         return uint3{(unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y),
