@@ -32,6 +32,10 @@ fn main() -> ExitCode {
         eprintln!("cannot create {}: {e}", out.display());
         return ExitCode::FAILURE;
     }
+    match device.name() {
+        Ok(name) => println!("device: {device} ({name})"),
+        Err(e) => println!("device: {device} (unusable: {e})"),
+    }
     let (mut failed, mut disagree) = (0, 0);
     for path in &cases {
         match run_one(path, device, &out) {
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
         cases.len(),
         cases.len() - disagree - failed
     );
-    if failed > 0 {
+    if failed + disagree > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
