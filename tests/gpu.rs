@@ -630,3 +630,51 @@ fn norm_over_more_chunks_than_threads() {
     }
     assert_agree("clipped step over many chunks", &gpu, &cpu, false);
 }
+
+/// A step, with a new lr each time, eager or replayed, never waits for the device (counted by the
+/// emulated driver; a real driver cannot be asked, so this runs on the emulated GPU only).
+#[test]
+fn steps_do_not_synchronise_with_the_host() {
+    if !gpu_or_skip("steps_do_not_synchronise_with_the_host")
+        || !emulated_gpu_or_skip(
+            "steps_do_not_synchronise_with_the_host",
+            "counts synchronisations in the emulated driver",
+        )
+    {
+        return;
+    }
+    let syncs = emulated_counter("stream_syncs");
+    let tensors = awkward_tensors(53);
+    let options = OptimizerOptions {
+        clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
+        loss_scale: LossScale::dynamic(),
+        ..Default::default()
+    };
+    let mut opt = Optimizer::with_options(
+        build_on(Device::Cuda(0), &tensors, &MIXES[1]),
+        Adam::preset(Flavor::PyTorch),
+        options,
+    )
+    .unwrap();
+    opt.step().unwrap();
+    opt.synchronize().unwrap();
+    for graph in [false, true] {
+        if graph {
+            opt.capture_graph().unwrap();
+        }
+        let before = syncs();
+        for k in 0..5 {
+            opt.set_lr(1e-3 / (k + 1) as f64).unwrap();
+            opt.step().unwrap();
+        }
+        assert_eq!(
+            syncs(),
+            before,
+            "graph {graph}: a step waited for the device"
+        );
+    }
+    // The counter does count: waiting for the device shows.
+    let before = syncs();
+    opt.synchronize().unwrap();
+    assert!(syncs() > before, "the driver's counter does not count");
+}

@@ -47,15 +47,22 @@ fn steps_do_not_allocate() {
     for _ in 0..5 {
         opt.step().unwrap(); // warm the thread pool
     }
-    let steps = 200;
+    let steps: usize = 200;
     let before = ALLOCATIONS.load(Ordering::Relaxed);
     for _ in 0..steps {
         opt.step().unwrap();
     }
-    let per_step = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / steps as f64;
-    println!("allocations per step: {per_step}");
+    let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
+    println!(
+        "allocations in {steps} steps: {allocations} ({} per step)",
+        allocations as f64 / steps as f64
+    );
+    // rayon's: one per 63 injected jobs, two jobs a step, and one more where the block boundary
+    // falls (the warm-up leaves the injector part-way through a block). Anything of ours would
+    // be at least one per step: 200 here.
+    let rayon = (2 * steps).div_ceil(63) + 1;
     assert!(
-        per_step <= 2.0 / 63.0 + 1e-9,
-        "a step allocated: {per_step} per step"
+        allocations <= rayon,
+        "{steps} steps allocated {allocations} times (rayon's injector accounts for {rayon})"
     );
 }

@@ -595,8 +595,10 @@ fn a_failing_stalling_or_dying_nccl_rank_fails_every_replica_and_nobody_steps() 
             inject(1, 0, "none");
             let what = format!("rank 1 {kind} after {after} collectives");
             assert!(outcome.is_err(), "{what}: the step succeeded");
+            // A hang guard (the group gives up instead of waiting forever), generous for a loaded
+            // machine: not a timing claim.
             assert!(
-                started.elapsed() < options.timeout * 3,
+                started.elapsed() < options.timeout * 10,
                 "{what}: took {:?}",
                 started.elapsed()
             );

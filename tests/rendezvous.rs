@@ -7,14 +7,35 @@ use fusedopt::comm::rendezvous::{Rendezvous, RendezvousConfig};
 
 const CHILD: &str = "FUSEDOPT_RENDEZVOUS_CHILD";
 
+/// A port that was free a moment ago. Another process may take it before rank 0 listens on it
+/// (tests run in parallel, and other programs run too): callers retry with another port when rank
+/// 0 says it cannot listen ([`port_was_taken`]).
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
 
-/// Starts `ranks` of a group of `world` processes, each running `rank_process` below.
+fn port_was_taken(text: &str) -> bool {
+    text.contains("cannot listen")
+}
+
+/// Starts `ranks` of a group of `world` processes, each running `rank_process` below; again on a
+/// new port when the chosen one was taken before rank 0 could listen.
 fn launch(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)> {
-    let port = free_port().to_string();
+    for _ in 0..5 {
+        let outs = launch_on(free_port(), world, ranks, timeout_ms);
+        let taken = outs
+            .iter()
+            .any(|(_, o)| port_was_taken(&String::from_utf8_lossy(&o.stdout)));
+        if !taken {
+            return outs;
+        }
+    }
+    panic!("no free port for the rendezvous in 5 tries");
+}
+
+fn launch_on(port: u16, world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)> {
+    let port = port.to_string();
     let children: Vec<_> = ranks
         .iter()
         .map(|&rank| {
@@ -121,16 +142,24 @@ fn a_missing_rank_fails_the_others_within_the_timeout() {
 
 #[test]
 fn conflicting_world_sizes_are_refused() {
-    let port = free_port();
-    let config = move |rank, world| RendezvousConfig {
-        rank,
-        world_size: world,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        timeout: Duration::from_secs(5),
-    };
-    let joiner = std::thread::spawn(move || Rendezvous::connect(&config(1, 3)).map(|_| ()));
-    let e = Rendezvous::connect(&config(0, 2)).unwrap_err();
-    assert!(e.to_string().contains("WORLD_SIZE=3"), "{e}");
-    assert!(joiner.join().unwrap().is_err());
+    for _ in 0..5 {
+        let port = free_port();
+        let config = move |rank, world| RendezvousConfig {
+            rank,
+            world_size: world,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            timeout: Duration::from_secs(5),
+        };
+        let joiner = std::thread::spawn(move || Rendezvous::connect(&config(1, 3)).map(|_| ()));
+        let e = Rendezvous::connect(&config(0, 2)).unwrap_err();
+        let joined = joiner.join().unwrap();
+        if port_was_taken(&e.to_string()) {
+            continue;
+        }
+        assert!(e.to_string().contains("WORLD_SIZE=3"), "{e}");
+        assert!(joined.is_err());
+        return;
+    }
+    panic!("no free port for the rendezvous in 5 tries");
 }

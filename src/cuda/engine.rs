@@ -204,7 +204,8 @@ impl CudaEngine {
         &self.plan
     }
 
-    /// Sets the lr the next step reads, in stream order (a replayed graph reads it too).
+    /// Sets the lr the next step reads, in stream order (a replayed graph reads it too). A copy
+    /// from pageable memory: staged by the driver, so nothing waits for the device.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         self.rt
             .stream

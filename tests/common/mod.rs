@@ -42,6 +42,34 @@ pub fn real_gpu_or_skip(test: &str, why: &str) -> bool {
     false
 }
 
+/// Whether CUDA device 0 is the emulated GPU; otherwise says loudly that `test` was skipped (it
+/// needs something only the emulator offers, such as its counters or fault injection).
+pub fn emulated_gpu_or_skip(test: &str, why: &str) -> bool {
+    use std::io::Write;
+    if Device::Cuda(0).is_emulated() {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "GPU TEST SKIPPED OFF THE EMULATED GPU: {test}: {why}"
+    );
+    false
+}
+
+/// One of the emulated driver's counters (emulated-gpu/src/driver.cpp: `fusedopt_emu_counter`),
+/// read on each call of the returned function.
+pub fn emulated_counter(name: &'static str) -> impl Fn() -> i64 {
+    // SAFETY: the emulated libcuda.so is already loaded (cudarc opened it by this name, so this
+    // is the same library), and the counter function has this C signature there.
+    let lib = unsafe { libloading::Library::new("libcuda.so") }.expect("the emulated driver");
+    let f: unsafe extern "C" fn(*const std::ffi::c_char) -> i64 =
+        *unsafe { lib.get(b"fusedopt_emu_counter") }.expect("the emulated driver's counters");
+    std::mem::forget(lib); // keep the function mapped for the process's life
+    let name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: the function reads the NUL-terminated name only.
+    move || unsafe { f(name.as_ptr()) }
+}
+
 /// Whether CUDA device 0 is usable (see [`required_or_skip`]).
 pub fn gpu_or_skip(test: &str) -> bool {
     required_or_skip(test, Device::Cuda(0).check().map_err(|e| e.to_string()))
