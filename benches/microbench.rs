@@ -58,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
 /// Tensor sizes of a profile.
 fn profile(name: &str) -> Option<Vec<usize>> {
     Some(match name {
+        "64K" => vec![1 << 16], // for checking the program itself (the emulated GPU)
         "1M" => vec![1 << 20],
         "16M" => vec![16 << 20],
         "256M" => vec![256 << 20],

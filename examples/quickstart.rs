@@ -22,9 +22,10 @@ const BATCH: usize = 64;
 const EPOCHS: usize = 30;
 
 fn load_digits() -> Result<(Array2<f32>, Vec<usize>), Box<dyn std::error::Error>> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz");
+    // Embedded, so the program runs wherever it is copied (the GPU bundle carries it).
+    const GZ: &[u8] = include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv.gz"));
     let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(path)?).read_to_string(&mut text)?;
+    flate2::read::GzDecoder::new(GZ).read_to_string(&mut text)?;
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let v: Vec<f32> = line

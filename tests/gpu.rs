@@ -369,8 +369,7 @@ fn conformance_cases_replay_on_cuda() {
     if !gpu_or_skip("conformance_cases_replay_on_cuda") {
         return;
     }
-    let root =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/conformance/optimizers");
+    let root = repo_root().join("tests/data/conformance/optimizers");
     for entry in std::fs::read_dir(root).unwrap() {
         let path = entry.unwrap().path();
         let case: serde_json::Value =

@@ -42,14 +42,11 @@ fn out_of_device_memory_is_a_typed_error_and_frees_everything() {
         Optimizer::with_options(set, Adam::amsgrad(Flavor::PyTorch), options)
     };
     let live = emulated_counter("live_bytes");
-    let settle = || {
-        // Frees are stream-ordered: wait for them before counting.
-        fusedopt::cuda::runtime::CudaRuntime::shared(0)
-            .unwrap()
-            .stream()
-            .synchronize()
-            .unwrap()
-    };
+    // Frees are stream-ordered: wait for them before counting. Held for the whole test, so every
+    // parameter set and optimizer uses (and frees on) this runtime's stream: a runtime opened
+    // anew would have a stream of its own, and waiting on it would not wait for those frees.
+    let runtime = fusedopt::cuda::runtime::CudaRuntime::shared(0).unwrap();
+    let settle = || runtime.stream().synchronize().unwrap();
     drop(build().unwrap()); // loads the kernels once
     settle();
     let baseline = live();

@@ -75,6 +75,14 @@ pub fn gpu_or_skip(test: &str) -> bool {
     required_or_skip(test, Device::Cuda(0).check().map_err(|e| e.to_string()))
 }
 
+/// The repository: where the test was built, unless FUSEDOPT_REPO says otherwise (a test binary
+/// carried to another machine, as the GPU bundle does, finds its data there).
+pub fn repo_root() -> std::path::PathBuf {
+    std::env::var_os("FUSEDOPT_REPO")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+}
+
 /// One tensor of test data.
 #[derive(Clone, Debug)]
 pub struct Tensor {
