@@ -2,9 +2,11 @@
 //! exchange small blobs (the NCCL unique id, layout fingerprints) before any collective exists.
 //!
 //! Configuration comes from the usual variables: `RANK`, `WORLD_SIZE`, `MASTER_ADDR`,
-//! `MASTER_PORT`. Rank 0 listens; the others connect, retrying until rank 0 is up. Every read and
-//! write waits at most the timeout, so a rank that never arrives or dies fails the others with an
-//! error instead of hanging them.
+//! `MASTER_PORT`. Rank 0 listens; the others connect, retrying until rank 0 is up. Every exchange
+//! has a deadline (the timeout from its start) that bounds all its reads and writes together, so a
+//! rank that never arrives, dies, or trickles bytes fails the others with an error instead of
+//! hanging them. Connections to rank 0's port that do not open with a well-formed hello (an HTTP
+//! probe, a port scan, a silent socket) are dropped and otherwise ignored.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -13,8 +15,12 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"FUSEDRV1";
+/// A hello: MAGIC, then rank and world size as u64 little-endian.
+const HELLO_LEN: usize = 24;
 /// Larger frames are refused: rendezvous blobs are ids and fingerprints, not tensors.
 const MAX_FRAME: u64 = 64 << 20;
+/// The largest group a rendezvous forms (rank 0 keeps a connection per rank).
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
 
 fn fail(reason: impl Into<String>) -> Error {
     Error::Rendezvous(reason.into())
@@ -44,20 +50,32 @@ impl RendezvousConfig {
                 .parse()
                 .map_err(|_| fail(format!("{k}={v:?} is not a valid number")))
         }
-        let rank: usize = number("RANK", var("RANK")?)?;
-        let world_size: usize = number("WORLD_SIZE", var("WORLD_SIZE")?)?;
-        if world_size == 0 || rank >= world_size {
-            return Err(fail(format!(
-                "RANK={rank} is not below WORLD_SIZE={world_size}"
-            )));
-        }
-        Ok(RendezvousConfig {
-            rank,
-            world_size,
+        let config = RendezvousConfig {
+            rank: number("RANK", var("RANK")?)?,
+            world_size: number("WORLD_SIZE", var("WORLD_SIZE")?)?,
             master_addr: var("MASTER_ADDR")?,
             master_port: number("MASTER_PORT", var("MASTER_PORT")?)?,
             timeout,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses a rank and world size no group can have.
+    fn validate(&self) -> Result<()> {
+        if self.world_size == 0 || self.world_size > MAX_WORLD_SIZE {
+            return Err(fail(format!(
+                "WORLD_SIZE={} is not in 1..={MAX_WORLD_SIZE}",
+                self.world_size
+            )));
+        }
+        if self.rank >= self.world_size {
+            return Err(fail(format!(
+                "RANK={} is not below WORLD_SIZE={}",
+                self.rank, self.world_size
+            )));
+        }
+        Ok(())
     }
 
     fn address(&self) -> Result<SocketAddr> {
@@ -84,11 +102,15 @@ pub struct Rendezvous {
     peers: Vec<TcpStream>,
 }
 
+fn timed_out(what: &str) -> Error {
+    fail(format!(
+        "{what}: timed out; a rank failed, stalled or never started"
+    ))
+}
+
 fn io_fail(what: &str, e: std::io::Error) -> Error {
     match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => fail(format!(
-            "{what}: timed out; a rank failed, stalled or never started"
-        )),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => timed_out(what),
         ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => fail(
             format!("{what}: the peer closed the connection (it failed or exited)"),
         ),
@@ -96,16 +118,56 @@ fn io_fail(what: &str, e: std::io::Error) -> Error {
     }
 }
 
-fn write_frame(s: &mut TcpStream, bytes: &[u8], what: &str) -> Result<()> {
-    s.write_all(&(bytes.len() as u64).to_le_bytes())
-        .and_then(|_| s.write_all(bytes))
-        .and_then(|_| s.flush())
-        .map_err(|e| io_fail(what, e))
+/// Time left before `deadline`, or a timeout error.
+fn left(deadline: Instant, what: &str) -> Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(timed_out(what))
+    } else {
+        Ok(left)
+    }
 }
 
-fn read_frame(s: &mut TcpStream, what: &str) -> Result<Vec<u8>> {
+/// Fills `buf` from `s` by `deadline`, however the peer spaces its bytes.
+fn read_exact_by(s: &mut TcpStream, buf: &mut [u8], deadline: Instant, what: &str) -> Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        s.set_read_timeout(Some(left(deadline, what)?))
+            .map_err(|e| io_fail(what, e))?;
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(io_fail(what, ErrorKind::UnexpectedEof.into())),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_fail(what, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `bytes` to `s` by `deadline`.
+fn write_all_by(s: &mut TcpStream, bytes: &[u8], deadline: Instant, what: &str) -> Result<()> {
+    let mut at = 0;
+    while at < bytes.len() {
+        s.set_write_timeout(Some(left(deadline, what)?))
+            .map_err(|e| io_fail(what, e))?;
+        match s.write(&bytes[at..]) {
+            Ok(0) => return Err(io_fail(what, ErrorKind::WriteZero.into())),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_fail(what, e)),
+        }
+    }
+    Ok(())
+}
+
+fn write_frame(s: &mut TcpStream, bytes: &[u8], deadline: Instant, what: &str) -> Result<()> {
+    write_all_by(s, &(bytes.len() as u64).to_le_bytes(), deadline, what)?;
+    write_all_by(s, bytes, deadline, what)
+}
+
+fn read_frame(s: &mut TcpStream, deadline: Instant, what: &str) -> Result<Vec<u8>> {
     let mut len = [0u8; 8];
-    s.read_exact(&mut len).map_err(|e| io_fail(what, e))?;
+    read_exact_by(s, &mut len, deadline, what)?;
     let len = u64::from_le_bytes(len);
     if len > MAX_FRAME {
         return Err(fail(format!(
@@ -113,28 +175,63 @@ fn read_frame(s: &mut TcpStream, what: &str) -> Result<Vec<u8>> {
         )));
     }
     let mut out = vec![0u8; len as usize];
-    s.read_exact(&mut out).map_err(|e| io_fail(what, e))?;
+    read_exact_by(s, &mut out, deadline, what)?;
     Ok(out)
 }
 
+/// A hello as framed on the wire.
 fn hello(rank: usize, world_size: usize) -> Vec<u8> {
-    let mut h = MAGIC.to_vec();
+    let mut h = (HELLO_LEN as u64).to_le_bytes().to_vec();
+    h.extend_from_slice(MAGIC);
     h.extend_from_slice(&(rank as u64).to_le_bytes());
     h.extend_from_slice(&(world_size as u64).to_le_bytes());
     h
 }
 
-fn parse_hello(h: &[u8]) -> Option<(usize, usize)> {
-    if h.len() != 24 || &h[..8] != MAGIC {
+/// Rank and world size of a framed hello; `None` for anything else.
+fn parse_hello(h: &[u8]) -> Option<(u64, u64)> {
+    let word = |i: usize| Some(u64::from_le_bytes(h.get(i..i + 8)?.try_into().ok()?));
+    if h.len() != 8 + HELLO_LEN || word(0)? != HELLO_LEN as u64 || &h[8..16] != MAGIC {
         return None;
     }
-    let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or_default()) as usize;
-    Some((word(8), word(16)))
+    Some((word(16)?, word(24)?))
+}
+
+/// A connection to rank 0 that has not yet sent a whole hello.
+struct Arrival {
+    stream: TcpStream,
+    bytes: Vec<u8>,
+}
+
+impl Arrival {
+    /// Reads what has arrived without waiting. `Ok(Some(hello))` once it is complete, `Ok(None)`
+    /// while incomplete, `Err(())` when the connection is not a rank (closed, or not a hello).
+    fn poll(&mut self) -> std::result::Result<Option<(u64, u64)>, ()> {
+        let mut buf = [0u8; 8 + HELLO_LEN];
+        let want = buf.len() - self.bytes.len();
+        match self.stream.read(&mut buf[..want]) {
+            Ok(0) => return Err(()),
+            Ok(n) => self.bytes.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(_) => return Err(()),
+        }
+        // Refuse a stranger as soon as its first bytes show it, not at the end of the hello.
+        let expected = hello(0, 0);
+        let prefix = self.bytes.len().min(16);
+        if self.bytes[..prefix] != expected[..prefix] {
+            return Err(());
+        }
+        if self.bytes.len() < buf.len() {
+            return Ok(None);
+        }
+        parse_hello(&self.bytes).map(Some).ok_or(())
+    }
 }
 
 impl Rendezvous {
     /// Joins the group; returns once every rank has arrived (or with an error at the timeout).
     pub fn connect(config: &RendezvousConfig) -> Result<Self> {
+        config.validate()?;
         let addr = config.address()?;
         let deadline = Instant::now() + config.timeout;
         let peers = if config.rank == 0 {
@@ -150,14 +247,13 @@ impl Rendezvous {
         })
     }
 
-    fn configure(s: &TcpStream, timeout: Duration) -> Result<()> {
+    fn configure(s: &TcpStream) -> Result<()> {
         s.set_nonblocking(false)
             .and_then(|_| s.set_nodelay(true))
-            .and_then(|_| s.set_read_timeout(Some(timeout.max(Duration::from_millis(1)))))
-            .and_then(|_| s.set_write_timeout(Some(timeout.max(Duration::from_millis(1)))))
             .map_err(|e| io_fail("configuring a rendezvous socket", e))
     }
 
+    /// Rank 0: accepts connections until every rank has said hello, ignoring strangers.
     fn accept_all(
         config: &RendezvousConfig,
         addr: SocketAddr,
@@ -168,52 +264,80 @@ impl Rendezvous {
         listener
             .set_nonblocking(true)
             .map_err(|e| io_fail("listening", e))?;
-        let mut slots: Vec<Option<TcpStream>> = (1..config.world_size).map(|_| None).collect();
+        let mut slots: Vec<Option<TcpStream>> = Vec::new();
+        slots.resize_with(config.world_size - 1, || None);
         let mut missing = slots.len();
+        let mut arrivals: Vec<Arrival> = Vec::new();
         while missing > 0 {
+            if Instant::now() >= deadline {
+                let absent: Vec<usize> = slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.is_none())
+                    .map(|(i, _)| i + 1)
+                    .collect();
+                return Err(fail(format!(
+                    "ranks {absent:?} did not arrive within {:?}",
+                    config.timeout
+                )));
+            }
+            let mut progressed = false;
             match listener.accept() {
-                Ok((mut s, _)) => {
-                    Self::configure(&s, config.timeout)?;
-                    let h = read_frame(&mut s, "reading a rank's hello")?;
-                    let (rank, world) = parse_hello(&h)
-                        .ok_or_else(|| fail("a connection that is not a fusedopt rank"))?;
-                    if world != config.world_size {
-                        return Err(fail(format!(
-                            "rank {rank} says WORLD_SIZE={world}, rank 0 says {}",
-                            config.world_size
-                        )));
+                Ok((stream, _)) => {
+                    progressed = true;
+                    // A socket that cannot be made non-blocking is not worth waiting on.
+                    if stream.set_nonblocking(true).is_ok() {
+                        arrivals.push(Arrival {
+                            stream,
+                            bytes: Vec::new(),
+                        });
                     }
-                    let slot = rank
-                        .checked_sub(1)
-                        .and_then(|i| slots.get_mut(i))
-                        .ok_or_else(|| fail(format!("rank {rank} is out of range")))?;
-                    if slot.is_some() {
-                        return Err(fail(format!("two processes claim RANK={rank}")));
-                    }
-                    *slot = Some(s);
-                    missing -= 1;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let absent: Vec<usize> = slots
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, s)| s.is_none())
-                            .map(|(i, _)| i + 1)
-                            .collect();
-                        return Err(fail(format!(
-                            "ranks {absent:?} did not arrive within {:?}",
-                            config.timeout
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                 Err(e) => return Err(io_fail("accepting ranks", e)),
+            }
+            let mut i = 0;
+            while i < arrivals.len() {
+                let before = arrivals[i].bytes.len();
+                match arrivals[i].poll() {
+                    Ok(None) => {
+                        progressed |= arrivals[i].bytes.len() > before;
+                        i += 1;
+                    }
+                    Err(()) => {
+                        progressed = true;
+                        arrivals.swap_remove(i);
+                    }
+                    Ok(Some((rank, world))) => {
+                        progressed = true;
+                        let stream = arrivals.swap_remove(i).stream;
+                        if world != config.world_size as u64 {
+                            return Err(fail(format!(
+                                "rank {rank} says WORLD_SIZE={world}, rank 0 says {}",
+                                config.world_size
+                            )));
+                        }
+                        let slot = usize::try_from(rank)
+                            .ok()
+                            .and_then(|r| r.checked_sub(1))
+                            .and_then(|i| slots.get_mut(i))
+                            .ok_or_else(|| fail(format!("rank {rank} is out of range")))?;
+                        if slot.is_some() {
+                            return Err(fail(format!("two processes claim RANK={rank}")));
+                        }
+                        Self::configure(&stream)?;
+                        *slot = Some(stream);
+                        missing -= 1;
+                    }
+                }
+            }
+            if !progressed {
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
         let mut peers: Vec<TcpStream> = slots.into_iter().flatten().collect();
         for p in &mut peers {
-            write_frame(p, MAGIC, "welcoming a rank")?;
+            write_frame(p, MAGIC, deadline, "welcoming a rank")?;
         }
         Ok(peers)
     }
@@ -233,13 +357,14 @@ impl Rendezvous {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
-        Self::configure(&s, config.timeout)?;
-        write_frame(
+        Self::configure(&s)?;
+        write_all_by(
             &mut s,
             &hello(config.rank, config.world_size),
+            deadline,
             "sending hello",
         )?;
-        let welcome = read_frame(&mut s, "waiting for rank 0 to gather every rank")?;
+        let welcome = read_frame(&mut s, deadline, "waiting for rank 0 to gather every rank")?;
         if welcome != MAGIC {
             return Err(fail("rank 0 answered with something that is not a welcome"));
         }
@@ -260,13 +385,12 @@ impl Rendezvous {
 
     /// Every rank's blob, in rank order, on every rank.
     pub fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let deadline = Instant::now() + self.timeout;
         if self.rank == 0 {
             let mut all = vec![mine.to_vec()];
             for (i, p) in self.peers.iter_mut().enumerate() {
-                all.push(read_frame(
-                    p,
-                    &format!("all_gather: reading rank {}", i + 1),
-                )?);
+                let what = format!("all_gather: reading rank {}", i + 1);
+                all.push(read_frame(p, deadline, &what)?);
             }
             let mut packed = (all.len() as u64).to_le_bytes().to_vec();
             for blob in &all {
@@ -274,13 +398,14 @@ impl Rendezvous {
                 packed.extend_from_slice(blob);
             }
             for (i, p) in self.peers.iter_mut().enumerate() {
-                write_frame(p, &packed, &format!("all_gather: answering rank {}", i + 1))?;
+                let what = format!("all_gather: answering rank {}", i + 1);
+                write_frame(p, &packed, deadline, &what)?;
             }
             Ok(all)
         } else {
             let p = &mut self.peers[0];
-            write_frame(p, mine, "all_gather: sending to rank 0")?;
-            let packed = read_frame(p, "all_gather: waiting for rank 0")?;
+            write_frame(p, mine, deadline, "all_gather: sending to rank 0")?;
+            let packed = read_frame(p, deadline, "all_gather: waiting for rank 0")?;
             unpack(&packed, self.world_size)
         }
     }
@@ -303,10 +428,15 @@ impl Rendezvous {
 fn unpack(packed: &[u8], world_size: usize) -> Result<Vec<Vec<u8>>> {
     let bad = || fail("rank 0 sent a malformed all_gather answer");
     let mut at = 0usize;
+    let take = |at: &mut usize, len: usize| -> Result<&[u8]> {
+        let end = at.checked_add(len).ok_or_else(bad)?;
+        let bytes = packed.get(*at..end).ok_or_else(bad)?;
+        *at = end;
+        Ok(bytes)
+    };
     let word = |at: &mut usize| -> Result<usize> {
-        let w = packed.get(*at..*at + 8).ok_or_else(bad)?;
-        *at += 8;
-        Ok(u64::from_le_bytes(w.try_into().map_err(|_| bad())?) as usize)
+        let w = take(at, 8)?;
+        usize::try_from(u64::from_le_bytes(w.try_into().map_err(|_| bad())?)).map_err(|_| bad())
     };
     let n = word(&mut at)?;
     if n != world_size {
@@ -315,8 +445,7 @@ fn unpack(packed: &[u8], world_size: usize) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let len = word(&mut at)?;
-        out.push(packed.get(at..at + len).ok_or_else(bad)?.to_vec());
-        at += len;
+        out.push(take(&mut at, len)?.to_vec());
     }
     Ok(out)
 }
@@ -367,5 +496,10 @@ mod tests {
         p.extend_from_slice(&100u64.to_le_bytes());
         assert!(unpack(&p, 2).is_err());
         assert!(parse_hello(b"not a hello").is_none());
+        assert_eq!(parse_hello(&hello(3, 5)), Some((3, 5)));
+        // A length that would overflow the reader's offset.
+        let mut p = 2u64.to_le_bytes().to_vec();
+        p.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(unpack(&p, 2).is_err());
     }
 }
