@@ -193,7 +193,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         total,
         1e-5,
         1.0,
-    )))));
+    )))))?;
     println!("optimizer: AdamW (PyTorch flavor), clip 1.0, warmup 1 epoch then cosine, {EPOCHS} epochs of batch {BATCH}");
 
     let start = Instant::now();

@@ -40,6 +40,23 @@ impl Default for GroupOptions {
 }
 
 impl GroupOptions {
+    /// Refuses options the f32 step cannot use (group `name` is named in the error).
+    pub(crate) fn validate(&self, name: &str) -> Result<()> {
+        let bad = |what: &str, x: f64| {
+            Err(Error::InvalidHyperparameter(format!(
+                "group '{name}': {what} must be finite (in f32 too) and >= 0, got {x}"
+            )))
+        };
+        let ok = |x: f64| x >= 0.0 && (x as f32).is_finite();
+        if !ok(self.lr_scale) {
+            return bad("lr_scale", self.lr_scale);
+        }
+        match self.weight_decay {
+            Some(wd) if !ok(wd) => bad("weight_decay", wd),
+            _ => Ok(()),
+        }
+    }
+
     /// No weight decay in this group (biases, norm scales).
     pub fn no_decay() -> Self {
         GroupOptions {
@@ -180,12 +197,7 @@ impl ParamSetBuilder {
         if self.groups.iter().any(|(n, _)| n == name) {
             return Err(Error::DuplicateName(name.to_string()));
         }
-        if !(options.lr_scale.is_finite() && options.lr_scale >= 0.0) {
-            return Err(Error::InvalidHyperparameter(format!(
-                "group '{name}': lr_scale must be finite and >= 0, got {}",
-                options.lr_scale
-            )));
-        }
+        options.validate(name)?;
         self.groups.push((name.to_string(), options));
         Ok(self)
     }
@@ -217,7 +229,9 @@ impl ParamSetBuilder {
             .filter(|&n| n <= isize::MAX as usize / 4)
             .ok_or_else(|| Error::TooLarge {
                 name: name.to_string(),
-                elements: shape.iter().map(|&d| d as u128).product(),
+                elements: shape
+                    .iter()
+                    .fold(1u128, |acc, &d| acc.saturating_mul(d as u128)),
             })?;
         check_len(&format!("values of '{name}'"), len, values.len())?;
         self.tensors.push(PendingTensor {

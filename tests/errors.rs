@@ -260,7 +260,8 @@ fn an_attached_schedule_drives_lr_and_skips_do_not_tick_it() {
         decay_rate: 0.5,
         staircase: false,
     };
-    opt.set_schedule(Some(Box::new(Counted::new(decay))));
+    opt.set_schedule(Some(Box::new(Counted::new(decay))))
+        .unwrap();
     opt.step().unwrap();
     assert_eq!(opt.report().unwrap().lr, 0.1);
     opt.step().unwrap();

@@ -43,6 +43,13 @@ fn host(buf: Buffer<'_>) -> Result<HostBuffer<'_>> {
     }
 }
 
+/// Room for `n` more elements, or the typed error for a group too large for host memory.
+fn reserve<T>(v: &mut Vec<T>, n: usize) -> Result<()> {
+    v.try_reserve_exact(n).map_err(|_| Error::OutOfHostMemory {
+        bytes: n.saturating_mul(std::mem::size_of::<T>()),
+    })
+}
+
 fn poisoned<T>(_: T) -> Error {
     fail("communicator state poisoned by a panicking rank")
 }
@@ -115,20 +122,24 @@ impl CpuCommunicator {
         if size == 0 {
             return Err(fail("a group needs at least one rank"));
         }
+        let mut slots = Vec::new();
+        reserve(&mut slots, size)?;
+        slots.extend((0..size).map(|_| RwLock::new(Vec::new())));
         let shared = Arc::new(Shared {
             size,
             timeout,
-            slots: (0..size).map(|_| RwLock::new(Vec::new())).collect(),
+            slots,
             phase: Mutex::new(Phase::default()),
             wake: Condvar::new(),
         });
-        Ok((0..size)
-            .map(|rank| CpuCommunicator {
-                rank,
-                shared: shared.clone(),
-                scratch: Mutex::new(Vec::new()),
-            })
-            .collect())
+        let mut ranks = Vec::new();
+        reserve(&mut ranks, size)?;
+        ranks.extend((0..size).map(|rank| CpuCommunicator {
+            rank,
+            shared: shared.clone(),
+            scratch: Mutex::new(Vec::new()),
+        }));
+        Ok(ranks)
     }
 
     /// Stages this rank's contribution (× 1/N when averaging).

@@ -338,9 +338,10 @@ fn check_unit(name: &str, x: f64) -> Result<()> {
     })
 }
 
-fn check_nonneg(name: &str, x: f64) -> Result<()> {
-    check(x.is_finite() && x >= 0.0, || {
-        format!("{name} must be finite and >= 0, got {x}")
+/// Finite, `>= 0`, and finite in the f32 arithmetic of the step too.
+pub(crate) fn check_nonneg(name: &str, x: f64) -> Result<()> {
+    check(x >= 0.0 && (x as f32).is_finite(), || {
+        format!("{name} must be finite (in f32 too) and >= 0, got {x}")
     })
 }
 
@@ -418,6 +419,9 @@ impl Rule {
                 check_nonneg("eps", r.eps)?;
                 check_nonneg("momentum", r.momentum)?;
                 check_nonneg("initial_square_avg", r.initial_square_avg)?;
+                check(!(r.bias_correction && r.alpha == 1.0), || {
+                    "bias correction divides by 1 - alpha^t: alpha must be < 1".into()
+                })?;
                 check(!r.nesterov || r.momentum > 0.0, || {
                     "nesterov needs momentum > 0".into()
                 })

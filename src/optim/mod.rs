@@ -20,6 +20,10 @@ use crate::schedule::LrSchedule;
 use crate::{DType, Device};
 use rules::{StepCoefficients, StepContext};
 
+/// The largest step count an optimizer reaches or loads (exact in f64, so schedules and bias
+/// corrections see it exactly).
+pub const MAX_STEP: u64 = 1 << 53;
+
 /// What a step does when the gradients hold NaN or ±∞ (detected in the norm pass).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NonFinitePolicy {
@@ -130,34 +134,78 @@ pub(crate) struct Saved {
     pub good_steps: u64,
 }
 
-fn validate_loss_scale(options: &OptimizerOptions) -> Result<()> {
-    let bad = |m: String| Err(Error::InvalidHyperparameter(m));
-    match options.loss_scale {
-        LossScale::None => Ok(()),
-        LossScale::Static(s) if s.is_finite() && s > 0.0 => Ok(()),
-        LossScale::Static(s) => bad(format!("loss scale must be finite and > 0, got {s}")),
-        LossScale::Dynamic {
-            init_scale,
-            growth_factor,
-            backoff_factor,
-            growth_interval,
-        } => {
-            if !(init_scale.is_finite() && init_scale > 0.0)
-                || growth_factor < 1.0
-                || !(backoff_factor > 0.0 && backoff_factor < 1.0)
-                || growth_interval == 0
-            {
-                bad("dynamic loss scale needs init > 0, growth >= 1, backoff in (0, 1), interval > 0".into())
-            } else if options.non_finite != NonFinitePolicy::Skip {
-                bad(
-                    "dynamic loss scaling skips overflowing steps: use NonFinitePolicy::Skip"
-                        .into(),
-                )
-            } else {
-                Ok(())
+impl OptimizerOptions {
+    /// Refuses options that would corrupt every step, as the constructor does.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidHyperparameter(m));
+        if let Some(clip) = self.clip {
+            if !(clip.max_norm > 0.0 && (clip.max_norm as f32).is_finite()) {
+                return bad(format!(
+                    "clip max_norm must be finite and > 0, got {}",
+                    clip.max_norm
+                ));
+            }
+        }
+        if self.state_dtype == DType::F16 {
+            return bad(
+                "optimizer state is f32 or bf16 (f16's range is too narrow for second moments)"
+                    .into(),
+            );
+        }
+        match self.loss_scale {
+            LossScale::None => Ok(()),
+            LossScale::Static(s) => check_loss_scale("loss scale", s),
+            LossScale::Dynamic {
+                init_scale,
+                growth_factor,
+                backoff_factor,
+                growth_interval,
+            } => {
+                check_loss_scale("init_scale", init_scale)?;
+                let growth_ok = growth_factor >= 1.0 && (growth_factor as f32).is_finite();
+                let backoff_ok = backoff_factor > 0.0 && backoff_factor < 1.0;
+                if !growth_ok || !backoff_ok || growth_interval == 0 {
+                    bad(format!(
+                        "dynamic loss scale needs a finite growth >= 1, backoff in (0, 1) and \
+                         interval > 0, got {growth_factor}, {backoff_factor}, {growth_interval}"
+                    ))
+                } else if self.non_finite != NonFinitePolicy::Skip {
+                    bad(
+                        "dynamic loss scaling skips overflowing steps: use NonFinitePolicy::Skip"
+                            .into(),
+                    )
+                } else {
+                    Ok(())
+                }
             }
         }
     }
+}
+
+/// A loss scale the step can divide by: finite and positive, with a finite reciprocal, in f32.
+pub(crate) fn check_loss_scale(what: &str, s: f64) -> Result<()> {
+    if s > 0.0 && (s as f32).is_finite() && ((1.0 / s) as f32).is_finite() && s as f32 > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperparameter(format!(
+            "{what} must be positive with a finite reciprocal in f32, got {s}"
+        )))
+    }
+}
+
+/// Checks that `lr`, scaled by every group's lr scale, is one the f32 step can use.
+fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
+    config::check_nonneg("lr", lr)?;
+    for g in layout.groups() {
+        let scaled = lr * g.options.lr_scale;
+        if !(scaled as f32).is_finite() {
+            return Err(Error::InvalidHyperparameter(format!(
+                "lr {lr} × lr_scale {} of group '{}' overflows f32",
+                g.options.lr_scale, g.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A CUDA engine always sits beside device storage; this is the error if that invariant broke.
@@ -227,22 +275,9 @@ impl Optimizer {
     ) -> Result<Self> {
         let rule = rule.into();
         rule.validate()?;
-        if let Some(clip) = options.clip {
-            if !(clip.max_norm.is_finite() && clip.max_norm > 0.0) {
-                return Err(Error::InvalidHyperparameter(format!(
-                    "clip max_norm must be finite and > 0, got {}",
-                    clip.max_norm
-                )));
-            }
-        }
-        validate_loss_scale(&options)?;
-        if options.state_dtype == DType::F16 {
-            return Err(Error::InvalidHyperparameter(
-                "optimizer state is f32 or bf16 (f16's range is too narrow for second moments)"
-                    .into(),
-            ));
-        }
+        options.validate()?;
         let lr = rule.lr();
+        check_lr(params.layout(), lr)?;
         let layout = params.layout().clone();
         let engine = match params.storage_mut() {
             Storage::Host { .. } => {
@@ -385,11 +420,7 @@ impl Optimizer {
     /// Sets the learning rate for the next steps; a scalar write (to device memory on a GPU, in
     /// stream order), nothing is rebuilt and a captured graph stays valid.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::InvalidHyperparameter(format!(
-                "lr must be finite and >= 0, got {lr}"
-            )));
-        }
+        check_lr(self.params.layout(), lr)?;
         if let Engine::Cuda(engine) = &mut self.engine {
             engine.set_lr(lr)?;
         }
@@ -401,8 +432,16 @@ impl Optimizer {
     /// not advance it, as Keras' and Optax's iteration counts do not; on a GPU it ticks on every
     /// call). PyTorch-style per-epoch schedulers are better ticked by the caller with
     /// [`Optimizer::set_lr`].
-    pub fn set_schedule(&mut self, schedule: Option<Box<dyn LrSchedule>>) {
+    ///
+    /// A schedule whose tables leave some step without an lr, or whose first lr the step cannot
+    /// use, is refused and the optimizer keeps what it had.
+    pub fn set_schedule(&mut self, schedule: Option<Box<dyn LrSchedule>>) -> Result<()> {
+        if let Some(s) = &schedule {
+            s.validate()?;
+            check_lr(self.params.layout(), s.lr())?;
+        }
         self.schedule = schedule;
+        Ok(())
     }
 
     /// Steps applied so far (skipped steps do not count). Reads device memory on a GPU.
@@ -589,7 +628,11 @@ impl CpuSteps {
             report.clip_factor = clip.factor(n);
         }
         let sign = if rule.maximize() { -1.0 } else { 1.0 };
-        let step = self.step + 1;
+        let step = self
+            .step
+            .checked_add(1)
+            .filter(|&s| s <= MAX_STEP)
+            .ok_or_else(|| Error::InvalidHyperparameter("the step count is at its limit".into()))?;
         self.coeffs.clear();
         for group in layout.groups() {
             let wd = rule.weight_decay();

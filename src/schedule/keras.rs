@@ -1,9 +1,10 @@
 //! Keras 3 `keras.optimizers.schedules`, evaluated at the optimizer's 0-based iteration count.
 
-use super::LrAtStep;
+use super::{check_table, LrAtStep};
+use crate::error::Result;
 use std::f64::consts::PI;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Schedule {
     ExponentialDecay {
         initial_learning_rate: f64,
@@ -62,6 +63,17 @@ fn cosine_decay(step: f64, decay_steps: f64, from: f64, alpha: f64) -> f64 {
 }
 
 impl LrAtStep for Schedule {
+    const FRAMEWORK: &'static str = "keras";
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Schedule::PiecewiseConstantDecay { boundaries, values } => {
+                check_table("PiecewiseConstantDecay", boundaries, values.len(), false)
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn lr_at(&self, count: u64) -> f64 {
         let step = count as f64;
         match self {
@@ -73,7 +85,8 @@ impl LrAtStep for Schedule {
             } => initial_learning_rate * decay_rate.powf(progress(step, *decay_steps, *staircase)),
             Schedule::PiecewiseConstantDecay { boundaries, values } => {
                 let i = boundaries.partition_point(|&b| b < step);
-                values[i.min(values.len() - 1)]
+                // An unvalidated short table gives NaN, which the optimizer refuses as an lr.
+                values.get(i).copied().unwrap_or(f64::NAN)
             }
             Schedule::CosineDecay {
                 initial_learning_rate: init,

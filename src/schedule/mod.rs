@@ -14,17 +14,39 @@ pub mod optax;
 pub mod plateau;
 pub mod torch;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+
+/// The largest step or epoch count a schedule accepts from a checkpoint (exact in f64).
+pub(crate) const MAX_COUNT: u64 = 1 << 53;
+
 /// A learning-rate schedule: the value in force now, and one tick of its clock.
 pub trait LrSchedule: Send + Sync + std::fmt::Debug {
     fn lr(&self) -> f64;
     fn step(&mut self);
     /// A copy behind a new box (lets an optimizer holding a schedule be cloned).
     fn boxed_clone(&self) -> Box<dyn LrSchedule>;
+    /// Refuses a schedule that cannot give an lr at every step (empty or short tables).
+    fn validate(&self) -> Result<()>;
+    /// The schedule's configuration and position, as a checkpoint records them.
+    fn save(&self) -> Value;
+    /// Moves to the position `saved` (from [`LrSchedule::save`]) records; refuses, changing
+    /// nothing, one saved by a schedule of another kind or configuration.
+    fn restore(&mut self, saved: &Value) -> Result<()>;
 }
 
 /// A schedule that is a pure function of a 0-based step count (Keras, Optax).
-pub trait LrAtStep: Send + Sync + std::fmt::Debug {
+pub trait LrAtStep:
+    Send + Sync + std::fmt::Debug + Clone + PartialEq + Serialize + DeserializeOwned
+{
+    /// Whose schedule this is, as checkpoints name it.
+    const FRAMEWORK: &'static str;
     fn lr_at(&self, count: u64) -> f64;
+    /// Refuses tables and arguments that leave some step without an lr.
+    fn validate(&self) -> Result<()>;
 }
 
 /// A pure schedule with its step counter, so it can drive an optimizer.
@@ -40,16 +62,85 @@ impl<S> Counted<S> {
     }
 }
 
-impl<S: LrAtStep + Clone + 'static> LrSchedule for Counted<S> {
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidHyperparameter(reason.into())
+}
+
+/// The `"schedule"` tag of a saved schedule, checked against `expected`.
+fn check_tag(saved: &Value, expected: &str) -> Result<()> {
+    match saved.get("schedule").and_then(Value::as_str) {
+        Some(tag) if tag == expected => Ok(()),
+        Some(tag) => Err(invalid(format!(
+            "the saved schedule is a {tag} schedule, this one is a {expected} schedule"
+        ))),
+        None => Err(invalid("the saved schedule has no kind")),
+    }
+}
+
+impl<S: LrAtStep + 'static> LrSchedule for Counted<S> {
     fn lr(&self) -> f64 {
         self.schedule.lr_at(self.count)
     }
     fn step(&mut self) {
-        self.count += 1;
+        self.count = self.count.saturating_add(1);
     }
     fn boxed_clone(&self) -> Box<dyn LrSchedule> {
         Box::new(self.clone())
     }
+    fn validate(&self) -> Result<()> {
+        self.schedule.validate()
+    }
+    fn save(&self) -> Value {
+        json!({"schedule": S::FRAMEWORK, "config": self.schedule, "count": self.count})
+    }
+    fn restore(&mut self, saved: &Value) -> Result<()> {
+        check_tag(saved, S::FRAMEWORK)?;
+        let config: S = serde_json::from_value(saved["config"].clone())
+            .map_err(|e| invalid(format!("the saved {} schedule: {e}", S::FRAMEWORK)))?;
+        if config != self.schedule {
+            return Err(invalid(format!(
+                "the saved schedule is {config:?}, this one is {:?}",
+                self.schedule
+            )));
+        }
+        match saved["count"].as_u64() {
+            Some(count) if count <= MAX_COUNT => {
+                self.count = count;
+                Ok(())
+            }
+            _ => Err(invalid(format!(
+                "the saved step count {} is not in 0..=2^53",
+                saved["count"]
+            ))),
+        }
+    }
+}
+
+/// Checks a table: `what` needs at least one entry and one more value than boundaries (or as
+/// many, when `same_len`), with boundaries in increasing order.
+pub(crate) fn check_table(
+    what: &str,
+    boundaries: &[f64],
+    values: usize,
+    same_len: bool,
+) -> Result<()> {
+    let want = if same_len {
+        boundaries.len()
+    } else {
+        boundaries.len() + 1
+    };
+    if values == 0 || values != want {
+        return Err(invalid(format!(
+            "{what}: {} boundaries need {want} values, got {values}",
+            boundaries.len()
+        )));
+    }
+    if boundaries.iter().any(|b| b.is_nan()) || boundaries.windows(2).any(|w| w[0] > w[1]) {
+        return Err(invalid(format!(
+            "{what}: boundaries must be increasing, got {boundaries:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// Python's `%`: the result has the sign of the divisor.

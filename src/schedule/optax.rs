@@ -1,9 +1,10 @@
 //! Optax schedules, evaluated at the 0-based update count.
 
-use super::LrAtStep;
+use super::{check_table, LrAtStep};
+use crate::error::{Error, Result};
 use std::f64::consts::PI;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Schedule {
     Constant(f64),
     ExponentialDecay {
@@ -105,6 +106,35 @@ impl Schedule {
 }
 
 impl LrAtStep for Schedule {
+    const FRAMEWORK: &'static str = "optax";
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Schedule::PiecewiseCosine { boundaries, values } => {
+                check_table("piecewise cosine", boundaries, values.len(), true)
+            }
+            Schedule::Join {
+                schedules,
+                boundaries,
+            } => {
+                check_table("join_schedules", boundaries, schedules.len(), false)?;
+                schedules.iter().try_for_each(LrAtStep::validate)
+            }
+            Schedule::PiecewiseConstant {
+                boundaries_and_scales,
+                ..
+            } if boundaries_and_scales
+                .iter()
+                .any(|(b, s)| b.is_nan() || s.is_nan()) =>
+            {
+                Err(Error::InvalidHyperparameter(
+                    "piecewise constant: NaN boundary or scale".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn lr_at(&self, count: u64) -> f64 {
         let count = count as f64;
         match self {
@@ -159,9 +189,13 @@ impl LrAtStep for Schedule {
                 let cosine = 0.5 * (1.0 + (PI * c / decay_steps).cos());
                 init_value * ((1.0 - alpha) * cosine.powf(*exponent) + alpha)
             }
+            // Unvalidated tables that are short give NaN, which the optimizer refuses as an lr.
             Schedule::PiecewiseCosine { boundaries, values } => {
+                if boundaries.is_empty() || values.len() != boundaries.len() {
+                    return f64::NAN;
+                }
                 let last = boundaries.len() - 1;
-                if count >= boundaries[last] {
+                if count >= boundaries[last] || last == 0 {
                     return values[last];
                 }
                 let i = boundaries.partition_point(|&b| b <= count).max(1) - 1;
@@ -175,7 +209,9 @@ impl LrAtStep for Schedule {
             } => {
                 let i = boundaries.partition_point(|&b| b <= count);
                 let start = if i == 0 { 0.0 } else { boundaries[i - 1] };
-                schedules[i].lr_at((count - start) as u64)
+                schedules
+                    .get(i)
+                    .map_or(f64::NAN, |s| s.lr_at((count - start) as u64))
             }
         }
     }

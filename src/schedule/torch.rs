@@ -2,12 +2,14 @@
 //! lr from the current one exactly as `get_lr()` does, and `SequentialLR` restarts a child with its
 //! closed form at epoch 0 as `scheduler.step(0)` does.
 
-use super::{py_mod, LrSchedule};
+use super::{check_tag, py_mod, LrSchedule, MAX_COUNT};
 use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::f64::consts::PI;
 
 /// Which scheduler, with PyTorch's constructor arguments.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Kind {
     StepLR {
         step_size: i64,
@@ -50,7 +52,7 @@ pub enum Kind {
 }
 
 /// `OneCycleLR`'s arguments (closed form of `last_epoch`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OneCycle {
     pub max_lr: f64,
     pub total_steps: i64,
@@ -73,7 +75,7 @@ impl Kind {
 }
 
 /// One scheduler's state: the epoch counter and, for the children of `SequentialLR`, theirs.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Node {
     kind: Kind,
     last_epoch: i64,
@@ -85,7 +87,7 @@ struct Node {
 
 /// A PyTorch scheduler attached to an lr (as if to one parameter group whose initial lr is
 /// `base_lr`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scheduler {
     base_lr: f64,
     lr: f64,
@@ -317,6 +319,52 @@ impl LrSchedule for Scheduler {
 
     fn boxed_clone(&self) -> Box<dyn LrSchedule> {
         Box::new(self.clone())
+    }
+
+    /// Checked when constructed ([`Scheduler::new`]).
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn save(&self) -> Value {
+        json!({"schedule": "torch", "state": self})
+    }
+
+    fn restore(&mut self, saved: &Value) -> Result<()> {
+        check_tag(saved, "torch")?;
+        let bad = |m: String| Error::InvalidHyperparameter(m);
+        let other: Scheduler = serde_json::from_value(saved["state"].clone())
+            .map_err(|e| bad(format!("the saved torch scheduler: {e}")))?;
+        if other.root.kind != self.root.kind || other.base_lr.to_bits() != self.base_lr.to_bits() {
+            return Err(bad(format!(
+                "the saved scheduler is {:?} from lr {}, this one is {:?} from lr {}",
+                other.root.kind, other.base_lr, self.root.kind, self.base_lr
+            )));
+        }
+        other.root.check_position()?;
+        *self = other;
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Refuses counters a run cannot reach (a checkpoint edited by hand, say).
+    fn check_position(&self) -> Result<()> {
+        let max = MAX_COUNT as i64;
+        let expected_children = match &self.kind {
+            Kind::SequentialLR { schedulers, .. } => schedulers.len(),
+            _ => 0,
+        };
+        if !(-1..=max).contains(&self.last_epoch)
+            || !(-1..=max).contains(&self.t_cur)
+            || !(0..=max).contains(&self.t_i)
+            || self.children.len() != expected_children
+        {
+            return Err(Error::InvalidHyperparameter(format!(
+                "the saved scheduler position is impossible: {self:?}"
+            )));
+        }
+        self.children.iter().try_for_each(Node::check_position)
     }
 }
 
