@@ -52,7 +52,9 @@ __device__ void decide_step(StepState* st, const NormParams& q, double sum_sq, b
     st->grad_scale = st->clip_factor * inv_scale;
     st->step += 1;
     if (q.dynamic_scale && ++st->good_steps >= q.growth_interval) {
-        st->loss_scale *= q.growth_factor;
+        // As GradScaler: grow only while the scale stays finite in f32.
+        const double grown = st->loss_scale * q.growth_factor;
+        if (isfinite((float)grown)) st->loss_scale = grown;
         st->good_steps = 0;
     }
 }

@@ -59,6 +59,28 @@ impl Arena {
         self.len() == 0
     }
 
+    /// The little-endian bytes of elements `range`, as stored.
+    pub(crate) fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        match self {
+            Arena::F32(v) => bytemuck::cast_slice(&v[range]),
+            Arena::BF16(v) => bytemuck::cast_slice(&v[range]),
+            Arena::F16(v) => bytemuck::cast_slice(&v[range]),
+        }
+    }
+
+    /// Overwrites elements from `start` on with `bytes` of this arena's dtype, as stored.
+    pub(crate) fn write_bytes(&mut self, start: usize, bytes: &[u8]) {
+        fn copy<T: bytemuck::Pod>(dst: &mut [T], bytes: &[u8]) {
+            bytemuck::cast_slice_mut::<T, u8>(dst).copy_from_slice(bytes);
+        }
+        let n = bytes.len() / self.dtype().size_bytes();
+        match self {
+            Arena::F32(v) => copy(&mut v[start..start + n], bytes),
+            Arena::BF16(v) => copy(&mut v[start..start + n], bytes),
+            Arena::F16(v) => copy(&mut v[start..start + n], bytes),
+        }
+    }
+
     /// The elements as `T`, or a dtype mismatch naming `what`.
     pub fn typed<T: Element>(&self, what: &str) -> Result<&[T]> {
         T::view(self).ok_or_else(|| self.mismatch::<T>(what))

@@ -55,7 +55,8 @@ fn round_trip_resumes_bit_identically() {
         "temp file left behind"
     );
 
-    let mut b = Optimizer::new(build(&tensors), Adam::amsgrad(Flavor::PyTorch)).unwrap();
+    // A load restores state into an optimizer configured the same way (the lr is state).
+    let mut b = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
     b.load_checkpoint(&path).unwrap();
     assert_eq!(observable(&a, &tensors), observable(&b, &tensors));
     assert_eq!(b.options(), a.options());
@@ -160,4 +161,47 @@ fn bf16_state_and_model_copy_round_trip() {
         f32_state.load_checkpoint(&f32_path),
         Err(Error::BadCheckpoint { .. })
     ));
+}
+
+/// A checkpoint is device-independent: saved on the GPU, it resumes on the CPU and on another GPU
+/// optimizer alike, bit for bit (the saved step, state and loss scale are the device's).
+#[test]
+fn checkpoints_move_between_devices() {
+    if !gpu_or_skip("checkpoints_move_between_devices") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpu.safetensors");
+    let tensors = awkward_tensors(31);
+    let options = OptimizerOptions {
+        state_dtype: DType::BF16,
+        loss_scale: LossScale::dynamic(),
+        ..options()
+    };
+    let on = |device| {
+        let set = build_with(device, &tensors, DType::F32, None);
+        Optimizer::with_options(set, rule(), options).unwrap()
+    };
+    let mut gpu = on(Device::Cuda(0));
+    let mut rng = StdRng::seed_from_u64(9);
+    run(&mut gpu, &tensors, &mut rng, 3);
+    gpu.save_checkpoint(&path).unwrap();
+    let read = |opt: &Optimizer| -> Vec<Vec<f32>> {
+        let mut out = vec![vec![
+            opt.step_count().unwrap() as f32,
+            opt.loss_scale().unwrap() as f32,
+        ]];
+        for t in &tensors {
+            out.push(opt.params().read_param(&t.name).unwrap());
+            for s in opt.state_names() {
+                out.push(opt.state(s, &t.name).unwrap());
+            }
+        }
+        out
+    };
+    for device in [Device::Cpu, Device::Cuda(0)] {
+        let mut back = on(device);
+        back.load_checkpoint(&path).unwrap();
+        assert_eq!(read(&back), read(&gpu), "loaded on {device}");
+    }
 }

@@ -331,3 +331,29 @@ fn rendezvous_configurations_no_group_can_have_are_refused() {
         );
     }
 }
+
+/// A dynamic loss scale grows only while it stays finite in f32 (as GradScaler does), so a model
+/// that never overflows cannot push it to ∞ and every later step to a zero gradient.
+#[test]
+fn a_dynamic_loss_scale_never_grows_past_f32() {
+    let mut opt = Optimizer::with_options(
+        params(),
+        Sgd::preset(Flavor::PyTorch),
+        OptimizerOptions {
+            loss_scale: LossScale::Dynamic {
+                init_scale: 1e30,
+                growth_factor: 1e6,
+                backoff_factor: 0.5,
+                growth_interval: 1,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..4 {
+        opt.step().unwrap();
+        let s = opt.loss_scale().unwrap();
+        assert!((s as f32).is_finite(), "the loss scale grew to {s}");
+    }
+    assert_eq!(opt.loss_scale().unwrap(), 1e36);
+}

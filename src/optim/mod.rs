@@ -194,7 +194,7 @@ pub(crate) fn check_loss_scale(what: &str, s: f64) -> Result<()> {
 }
 
 /// Checks that `lr`, scaled by every group's lr scale, is one the f32 step can use.
-fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
+pub(crate) fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
     config::check_nonneg("lr", lr)?;
     for g in layout.groups() {
         let scaled = lr * g.options.lr_scale;
@@ -512,10 +512,10 @@ impl Optimizer {
         })
     }
 
-    /// Every state buffer, on the host (copied from the device on a GPU).
-    pub(crate) fn state_snapshot(&self) -> Result<Vec<Arena>> {
+    /// Every state buffer, on the host: in place on the CPU, copied from the device on a GPU.
+    pub(crate) fn state_arenas(&self) -> Result<std::borrow::Cow<'_, [Arena]>> {
         match &self.engine {
-            Engine::Cpu(cpu) => Ok(cpu.state.clone()),
+            Engine::Cpu(cpu) => Ok(std::borrow::Cow::Borrowed(&cpu.state)),
             Engine::Cuda(engine) => {
                 let Storage::Cuda(d) = self.params.storage() else {
                     return Err(no_device_storage());
@@ -529,18 +529,22 @@ impl Optimizer {
                         host.write_f32(0, &a.read(&d.rt.stream, 0..len, self.device())?);
                         Ok(host)
                     })
-                    .collect()
+                    .collect::<Result<Vec<_>>>()
+                    .map(std::borrow::Cow::Owned)
             }
         }
     }
 
-    /// Replaces everything a checkpoint holds; the caller has validated it against this layout
-    /// and rule. Device buffers are overwritten in place, so a captured graph stays valid.
+    /// Replaces everything a checkpoint holds: masters (and the model copy), state, step count,
+    /// loss-scale state, lr, and the schedule's position. The caller has validated all of it
+    /// against this optimizer (same layout, rule and options). Device buffers are overwritten in
+    /// place, so a captured graph stays valid.
     pub(crate) fn restore(
         &mut self,
         saved: Saved,
         values: &[f32],
         state: Vec<Arena>,
+        schedule: Option<Box<dyn LrSchedule>>,
     ) -> Result<()> {
         self.params.restore_values(values)?;
         match &mut self.engine {
@@ -549,6 +553,14 @@ impl Optimizer {
                 cpu.step = saved.step;
                 cpu.loss_scale = saved.loss_scale;
                 cpu.good_steps = saved.good_steps;
+                cpu.report = StepReport {
+                    step: saved.step,
+                    lr: saved.lr,
+                    global_norm: None,
+                    clip_factor: 1.0,
+                    skipped: false,
+                    loss_scale: saved.loss_scale,
+                };
             }
             Engine::Cuda(engine) => {
                 let len = self.params.layout().arena_len();
@@ -570,10 +582,14 @@ impl Optimizer {
                 engine.set_lr(saved.lr)?;
             }
         }
-        self.rule = saved.rule;
-        self.options = saved.options;
         self.lr = saved.lr;
+        self.schedule = schedule;
         Ok(())
+    }
+
+    /// The attached schedule, if any.
+    pub(crate) fn schedule(&self) -> Option<&dyn LrSchedule> {
+        self.schedule.as_deref()
     }
 }
 
@@ -659,7 +675,11 @@ impl CpuSteps {
         {
             self.good_steps += 1;
             if self.good_steps >= growth_interval {
-                self.loss_scale *= growth_factor;
+                // As GradScaler: grow only while the scale stays finite in f32.
+                let grown = self.loss_scale * growth_factor;
+                if (grown as f32).is_finite() {
+                    self.loss_scale = grown;
+                }
                 self.good_steps = 0;
             }
         }
