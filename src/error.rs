@@ -62,6 +62,21 @@ pub enum Error {
     BadCase(String),
     #[error("communicator failure: {0}")]
     Communicator(String),
+    #[error(
+        "the gradient of '{0}' was already marked ready in this step (its bucket may be reduced): \
+         write each gradient, then mark it ready, once per step"
+    )]
+    GradientAlreadyReady(String),
+    #[error("replica {rank} failed in this step (its own error says why); no replica applied it")]
+    ReplicaFailed { rank: usize },
+    #[error("replicas differ in {what}, so they would not stay identical")]
+    ReplicasDiffer { what: String },
+    #[error(
+        "replicas diverged: {0}; restore every replica from one checkpoint and rebuild the group"
+    )]
+    ReplicasDiverged(String),
+    #[error("a panic in {0}")]
+    Panicked(String),
     #[error("rendezvous failed: {0}")]
     Rendezvous(String),
     #[error("NCCL error {code} ({name}): {message}")]

@@ -5,13 +5,27 @@
 //! tensors and counted from the end of the arena (a backward pass produces the last layers'
 //! gradients first). Each replica has a communication thread that all-reduces bucket after bucket,
 //! in the same order on every replica, each as soon as the training loop has marked all its
-//! tensors ready, while the loop is still computing earlier layers. After every bucket is reduced,
-//! a barrier confirms that all replicas got there before any of them steps: a replica that fails
-//! or stalls makes every replica return an error within the timeout, and no replica steps.
+//! tensors ready, while the loop is still computing earlier layers.
+//!
+//! Replicas move in lockstep and agree before anything changes:
+//! 1. backward and bucket reduction: a replica whose backward pass fails or panics still takes
+//!    part in every collective, so the group stays in step;
+//! 2. every replica prepares its step (the lr its schedule gives) and all exchange their verdicts:
+//!    if any replica failed, every replica returns an error and none steps;
+//! 3. every replica steps, and all exchange what the step did: replicas that would end a step
+//!    differently (which identical inputs make impossible short of a device fault) get
+//!    [`Error::ReplicasDiverged`], never `Ok`, and the group is aborted.
+//!
+//! A benign failure (an error or panic in one replica's backward pass, a refused lr, non-finite
+//! gradients under [`crate::NonFinitePolicy::Error`]) therefore ends the step with an error on
+//! every replica, nothing changed anywhere, and the group ready for the next step. Only a replica
+//! that stalls or dies (a collective timing out) aborts the group: every other replica's step then
+//! fails within the timeout, and the group must be rebuilt ([`DataParallel::into_replicas`] gives
+//! the optimizers back).
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::comm::cpu::CpuCommunicator;
@@ -50,11 +64,16 @@ pub struct Bucket {
     pub tensors: Vec<usize>,
 }
 
-/// Cuts the arena into buckets from its end, at tensor boundaries.
+/// Cuts the arena into buckets from its end, at tensor boundaries. A tensor of zero elements
+/// shares its offset with the next tensor; it is visited after that one, so it can never close
+/// a bucket in front of it.
 pub fn buckets(layout: &Layout, elem_bytes: usize, options: &DataParallelOptions) -> Vec<Bucket> {
     let mut out: Vec<Bucket> = Vec::new();
     let mut order: Vec<usize> = (0..layout.tensors().len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(layout.tensors()[i].offset));
+    order.sort_by_key(|&i| {
+        let t = &layout.tensors()[i];
+        std::cmp::Reverse((t.offset + t.len, t.offset))
+    });
     let mut end = layout.arena_len();
     let mut current: Vec<usize> = Vec::new();
     for i in order {
@@ -65,7 +84,7 @@ pub fn buckets(layout: &Layout, elem_bytes: usize, options: &DataParallelOptions
         } else {
             options.bucket_bytes
         };
-        if (end - t.offset) * elem_bytes >= cap {
+        if t.len > 0 && (end - t.offset).saturating_mul(elem_bytes) >= cap {
             out.push(Bucket {
                 range: t.offset..end,
                 tensors: std::mem::take(&mut current),
@@ -82,100 +101,384 @@ pub fn buckets(layout: &Layout, elem_bytes: usize, options: &DataParallelOptions
     out
 }
 
-/// What a replica's training loop sees during [`DataParallel::step`]: its parameters, to read,
-/// and its gradients, to write and mark ready.
-pub struct Gradients<'a> {
-    layout: &'a Layout,
-    /// The masters, when they live on the host.
-    values: Option<&'a [f32]>,
-    device: crate::Device,
-    /// Each bucket's range of the gradient arena.
-    buckets: Vec<Mutex<Buffer<'a>>>,
-    starts: Vec<usize>,
-    bucket_of: Vec<usize>,
-    /// Tensors not yet marked ready, per bucket.
-    pending: Mutex<Vec<usize>>,
+/// One bucket's gradients and which of its tensors are final.
+struct BucketState<'a> {
+    buffer: Buffer<'a>,
+    /// Per tensor of the bucket (in [`Bucket::tensors`] order): marked ready this step.
+    marked: Vec<bool>,
+    pending: usize,
+}
+
+struct BucketSlot<'a> {
+    start: usize,
+    state: Mutex<BucketState<'a>>,
     ready: Condvar,
 }
 
-impl Gradients<'_> {
-    fn locate(&self, name: &str) -> Result<(usize, usize, usize)> {
+/// What a replica's training loop sees during a data-parallel step: its parameters, to read, and
+/// its gradients, to write and mark ready. Each gradient is written, then marked ready, once per
+/// step; a second mark, or a write after the mark, is [`Error::GradientAlreadyReady`] (its bucket
+/// may already be reduced) and fails the step on every replica.
+pub struct Gradients<'a> {
+    layout: &'a Layout,
+    /// The masters, when they live on the host.
+    masters: Option<&'a [f32]>,
+    device: Device,
+    buckets: Vec<BucketSlot<'a>>,
+    /// Per tensor: its bucket and its place in the bucket's tensor list.
+    place: Vec<(usize, usize)>,
+}
+
+fn poisoned<T>(_: T) -> Error {
+    Error::Communicator("gradient buckets poisoned by a panicking thread".into())
+}
+
+impl<'a> Gradients<'a> {
+    fn bucket(&self, name: &str) -> Result<(MutexGuard<'_, BucketState<'a>>, usize, usize)> {
         let index = self.layout.tensor_index(name)?;
-        let t = &self.layout.tensors()[index];
-        let b = self.bucket_of[index];
-        Ok((b, t.offset - self.starts[b], t.len))
+        let (b, i) = self.place[index];
+        let state = self.buckets[b].state.lock().map_err(poisoned)?;
+        if state.marked[i] {
+            return Err(Error::GradientAlreadyReady(name.to_string()));
+        }
+        Ok((state, b, i))
     }
 
     /// A tensor's current parameters (fp32 masters), when they live on the host.
     pub fn param(&self, name: &str) -> Result<&[f32]> {
-        let values = self.values.ok_or(Error::NotHostMemory(self.device))?;
-        Ok(&values[self.layout.tensor(name)?.range()])
+        let masters = self.masters.ok_or(Error::NotHostMemory(self.device))?;
+        Ok(&masters[self.layout.tensor(name)?.range()])
     }
 
     /// Writes a tensor's gradient (rounded to the gradient dtype).
     pub fn set(&self, name: &str, values: &[f32]) -> Result<()> {
-        let (b, at, len) = self.locate(name)?;
-        crate::error::check_len(&format!("gradient of '{name}'"), len, values.len())?;
-        let mut bucket = self.buckets[b]
-            .lock()
-            .map_err(|_| Error::Communicator("bucket lock poisoned".into()))?;
-        bucket.write_range(at, values)
+        let t = self.layout.tensor(name)?;
+        crate::error::check_len(&format!("gradient of '{name}'"), t.len, values.len())?;
+        let (mut state, b, _) = self.bucket(name)?;
+        let at = t.offset - self.buckets[b].start;
+        state.buffer.write_range(at, values)
     }
 
     /// Declares a tensor's gradient final; its bucket is all-reduced once all its tensors are.
     pub fn mark_ready(&self, name: &str) -> Result<()> {
-        let (b, _, _) = self.locate(name)?;
-        let mut pending = self
-            .pending
-            .lock()
-            .map_err(|_| Error::Communicator("bucket state poisoned".into()))?;
-        pending[b] = pending[b].saturating_sub(1);
-        self.ready.notify_all();
+        let (mut state, b, i) = self.bucket(name)?;
+        state.marked[i] = true;
+        state.pending -= 1;
+        if state.pending == 0 {
+            self.buckets[b].ready.notify_all();
+        }
         Ok(())
     }
 
+    /// Marks every gradient ready (the end of a backward pass, whatever it did).
     fn mark_all_ready(&self) {
-        if let Ok(mut pending) = self.pending.lock() {
-            pending.iter_mut().for_each(|p| *p = 0);
+        for slot in &self.buckets {
+            if let Ok(mut state) = slot.state.lock() {
+                state.marked.iter_mut().for_each(|m| *m = true);
+                state.pending = 0;
+            }
+            slot.ready.notify_all();
         }
-        self.ready.notify_all();
     }
 
-    fn wait_ready(&self, b: usize) -> Result<()> {
-        let mut pending = self
-            .pending
-            .lock()
-            .map_err(|_| Error::Communicator("bucket state poisoned".into()))?;
-        while pending[b] > 0 {
-            pending = self
-                .ready
-                .wait(pending)
-                .map_err(|_| Error::Communicator("bucket state poisoned".into()))?;
+    /// Bucket `b`, once all its tensors are ready.
+    fn wait_ready(&self, b: usize) -> Result<MutexGuard<'_, BucketState<'a>>> {
+        let slot = &self.buckets[b];
+        let mut state = slot.state.lock().map_err(poisoned)?;
+        while state.pending > 0 {
+            state = slot.ready.wait(state).map_err(poisoned)?;
         }
-        Ok(())
+        Ok(state)
     }
 }
 
-/// FNV-1a of everything replicas must agree on: tensors, shapes, groups, dtypes and state.
-fn fingerprint(opt: &Optimizer) -> u64 {
-    let layout = opt.params().layout();
-    let mut text = format!("{:?}|{:?}|", opt.params().grad_dtype(), opt.state_names());
-    for t in layout.tensors() {
-        text += &format!("{}:{:?}:{}:{};", t.name, t.shape, t.group, t.offset);
+/// How a replica's step failed.
+enum Failure {
+    /// Every replica knows and fails alike; the group is still in step.
+    Agreed(Error),
+    /// This replica left the lockstep (communication failed, replicas diverged): the group is
+    /// aborted.
+    OutOfStep(Error),
+}
+
+/// What a replica's step did, as the replicas compare it.
+fn outcome_code(r: &Result<()>) -> f32 {
+    match r {
+        Ok(()) => 0.0,
+        Err(Error::NonFiniteGradient { .. }) => 1.0,
+        Err(_) => 2.0,
     }
-    for g in layout.groups() {
-        text += &format!("{}:{:?}:{:?};", g.name, g.options, g.range);
+}
+
+/// One replica of a data-parallel group: its optimizer, its communicator and the bucket plan.
+/// [`DataParallel::step`] steps them all; [`DataParallel::into_replicas`] hands them out to be
+/// stepped from threads of the caller's own, so that one stalled backward pass blocks only its
+/// own thread while the others' steps fail within the timeout.
+#[derive(Debug)]
+pub struct Replica<C: Communicator> {
+    optimizer: Optimizer,
+    comm: C,
+    buckets: Arc<[Bucket]>,
+}
+
+impl<C: Communicator> Replica<C> {
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
     }
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    pub fn communicator(&self) -> &C {
+        &self.comm
+    }
+
+    /// One data-parallel step of this replica: `backward` writes its gradients through the
+    /// [`Gradients`] it is given and marks them ready (ideally last layer first); buckets are
+    /// averaged across replicas as they become ready; then, if every replica got that far, every
+    /// replica takes the same fused step (see the module docs). Every replica of the group must
+    /// call this, each once per step.
+    pub fn step<F>(&mut self, backward: F) -> Result<()>
+    where
+        F: FnOnce(&Gradients<'_>) -> Result<()>,
+    {
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.step_in_lockstep(backward)))
+            .unwrap_or_else(|_| {
+                Err(Failure::OutOfStep(Error::Panicked(format!(
+                    "replica {}'s data-parallel step",
+                    self.rank()
+                ))))
+            });
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(Failure::Agreed(e)) => Err(e),
+            Err(Failure::OutOfStep(e)) => {
+                // The others must not wait for this replica, nor pair up with it later.
+                self.comm
+                    .abort(&format!("replica {} failed: {e}", self.rank()));
+                Err(e)
+            }
+        }
+    }
+
+    fn step_in_lockstep<F>(&mut self, backward: F) -> std::result::Result<(), Failure>
+    where
+        F: FnOnce(&Gradients<'_>) -> Result<()>,
+    {
+        let out_of_step = Failure::OutOfStep;
+        let computed = self.reduce_gradients(backward).map_err(out_of_step)?;
+        let prepared = computed.and_then(|()| self.optimizer.apply_schedule());
+        let verdicts = self
+            .exchange(if prepared.is_ok() { 0.0 } else { 1.0 })
+            .map_err(out_of_step)?;
+        match (prepared, verdicts.iter().position(|&v| v != 0.0)) {
+            (Err(mine), _) => return Err(Failure::Agreed(mine)),
+            (Ok(()), Some(rank)) => return Err(Failure::Agreed(Error::ReplicaFailed { rank })),
+            (Ok(()), None) => {}
+        }
+        let stepped = self.optimizer.step();
+        let codes = self.exchange(outcome_code(&stepped)).map_err(out_of_step)?;
+        if codes.iter().any(|&c| c != codes[0]) {
+            let describe = |c: f32| match c as u8 {
+                0 => "applied it",
+                1 => "refused non-finite gradients",
+                _ => "failed",
+            };
+            let detail = codes
+                .iter()
+                .enumerate()
+                .map(|(r, &c)| format!("replica {r} {}", describe(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(out_of_step(Error::ReplicasDiverged(format!(
+                "in the step: {detail}"
+            ))));
+        }
+        // Every replica ended the step the same way: an error here is one they all share.
+        stepped.map_err(Failure::Agreed)
+    }
+
+    /// Runs `backward` beside the communication thread that reduces the buckets. `Err` only when
+    /// the group's communication failed; the backward pass's own outcome is the `Ok` value.
+    fn reduce_gradients<F>(&mut self, backward: F) -> Result<Result<()>>
+    where
+        F: FnOnce(&Gradients<'_>) -> Result<()>,
+    {
+        let rank = self.comm.rank();
+        let buckets = self.buckets.clone();
+        let layout = self.optimizer.params().layout().clone();
+        let device = self.optimizer.device();
+        // The arena is split in arena order; buckets are numbered from the arena's end.
+        let mut by_start: Vec<usize> = (0..buckets.len()).collect();
+        by_start.sort_by_key(|&b| buckets[b].range.start);
+        let lens: Vec<usize> = by_start.iter().map(|&b| buckets[b].range.len()).collect();
+        let (masters, pieces) = self.optimizer.params_mut().grad_buffers_mut(&lens)?;
+        let mut pieces: Vec<Option<Buffer<'_>>> = pieces.into_iter().map(Some).collect();
+        let mut place = vec![(0, 0); layout.tensors().len()];
+        let mut slots = Vec::with_capacity(buckets.len());
+        for (b, bucket) in buckets.iter().enumerate() {
+            let pos = by_start.iter().position(|&x| x == b).unwrap_or(0);
+            let buffer = pieces[pos].take().ok_or_else(|| {
+                Error::Communicator("bucket plan does not cover the arena".into())
+            })?;
+            for (i, &t) in bucket.tensors.iter().enumerate() {
+                place[t] = (b, i);
+            }
+            slots.push(BucketSlot {
+                start: bucket.range.start,
+                state: Mutex::new(BucketState {
+                    buffer,
+                    marked: vec![false; bucket.tensors.len()],
+                    pending: bucket.tensors.len(),
+                }),
+                ready: Condvar::new(),
+            });
+        }
+        let grads = Gradients {
+            layout: &layout,
+            masters,
+            device,
+            buckets: slots,
+            place,
+        };
+        let comm = &self.comm;
+        let (computed, reduced) = std::thread::scope(|s| {
+            let reducer = s.spawn(|| -> Result<()> {
+                for b in 0..grads.buckets.len() {
+                    let mut state = grads.wait_ready(b)?;
+                    comm.all_reduce(state.buffer.reborrow(), ReduceOp::Average)?;
+                }
+                Ok(())
+            });
+            let computed =
+                catch_unwind(AssertUnwindSafe(|| backward(&grads))).unwrap_or_else(|_| {
+                    Err(Error::Panicked(format!("replica {rank}'s backward pass")))
+                });
+            // Whatever the pass did, the buckets are reduced: the group stays in step.
+            grads.mark_all_ready();
+            let reduced = reducer.join().unwrap_or_else(|_| {
+                Err(Error::Panicked(format!(
+                    "replica {rank}'s communication thread"
+                )))
+            });
+            (computed, reduced)
+        });
+        reduced.map(|()| computed)
+    }
+
+    /// Exchanges one number with every replica (all ranks' values, in rank order).
+    fn exchange(&self, mine: f32) -> Result<Vec<f32>> {
+        let mut mine = [mine];
+        let mut all = vec![0.0f32; self.comm.world_size()];
+        self.comm.all_gather(
+            HostBuffer::F32(&mut mine).into(),
+            HostBuffer::F32(&mut all).into(),
+        )?;
+        Ok(all)
+    }
+
+    /// Checks, with every replica, that they would stay identical (see [`fingerprint`]), then
+    /// takes rank 0's parameters.
+    fn join_group(&mut self) -> Result<()> {
+        let mine = fingerprint(&self.optimizer)?;
+        // Each 64-bit hash travels as four 16-bit pieces (exact in f32).
+        let mut send: Vec<f32> = mine
+            .iter()
+            .flat_map(|(_, h)| (0..4).map(move |k| ((h >> (16 * k)) & 0xffff) as f32))
+            .collect();
+        let mut all = vec![0.0f32; send.len() * self.comm.world_size()];
+        self.comm.all_gather(
+            HostBuffer::F32(&mut send).into(),
+            HostBuffer::F32(&mut all).into(),
+        )?;
+        let differ: Vec<&str> = mine
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                all.chunks(send.len())
+                    .any(|theirs| theirs[4 * i..4 * i + 4] != send[4 * i..4 * i + 4])
+            })
+            .map(|(_, (what, _))| *what)
+            .collect();
+        if !differ.is_empty() {
+            return Err(Error::ReplicasDiffer {
+                what: differ.join(", "),
+            });
+        }
+        let mut values = self.optimizer.params().values_snapshot()?.into_owned();
+        self.comm
+            .broadcast(HostBuffer::F32(&mut values).into(), 0)?;
+        self.optimizer.params_mut().restore_values(&values)
+    }
+}
+
+/// FNV-1a of `text`.
+fn fnv1a(text: &[u8]) -> u64 {
+    text.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
     })
+}
+
+/// Hashes of everything replicas must agree on to stay identical, each part named: the layout
+/// and dtypes, the groups, the rule, the lr, the options, the step count, the loss-scale state,
+/// the schedule and its position, and the optimizer state. (Parameters may differ: rank 0's are
+/// broadcast.) Each part is hashed from its JSON, so no two different values read alike.
+fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
+    let json = |v: serde_json::Value| fnv1a(v.to_string().as_bytes());
+    let params = opt.params();
+    let layout = params.layout();
+    let saved = opt.saved()?;
+    let mut rule = serde_json::to_value(&saved.rule)
+        .map_err(|e| Error::Communicator(format!("fingerprint: {e}")))?;
+    if let serde_json::Value::Object(m) = &mut rule {
+        m.remove("lr");
+    }
+    let tensors: Vec<serde_json::Value> = layout
+        .tensors()
+        .iter()
+        .map(|t| serde_json::json!([t.name, t.shape, t.group, t.offset]))
+        .collect();
+    let groups: Vec<serde_json::Value> = layout
+        .groups()
+        .iter()
+        .map(|g| serde_json::json!([g.name, g.options, [g.range.start, g.range.end]]))
+        .collect();
+    let dtypes = format!("{:?} {:?}", params.grad_dtype(), params.model_dtype());
+    let state = opt.state_arenas()?;
+    let state: Vec<u32> = state
+        .iter()
+        .map(|a| crc32fast::hash(a.bytes(0..a.len())))
+        .collect();
+    Ok(vec![
+        (
+            "layout",
+            json(serde_json::json!([tensors, layout.arena_len(), dtypes])),
+        ),
+        ("groups", json(serde_json::json!(groups))),
+        ("rule", json(rule)),
+        ("lr", saved.lr.to_bits()),
+        ("options", json(serde_json::json!(saved.options))),
+        ("step", saved.step),
+        (
+            "loss scale",
+            json(serde_json::json!([
+                saved.loss_scale.to_bits(),
+                saved.good_steps
+            ])),
+        ),
+        (
+            "schedule",
+            json(opt.schedule().map_or(serde_json::Value::Null, |s| s.save())),
+        ),
+        ("state", json(serde_json::json!(state))),
+    ])
 }
 
 /// N replicas and their communicators.
 #[derive(Debug)]
 pub struct DataParallel<C: Communicator> {
-    replicas: Vec<(Optimizer, C)>,
-    buckets: Vec<Bucket>,
+    replicas: Vec<Replica<C>>,
 }
 
 impl DataParallel<CpuCommunicator> {
@@ -234,8 +537,10 @@ fn common_cuda_device(optimizers: &[Optimizer]) -> Result<usize> {
 }
 
 impl<C: Communicator> DataParallel<C> {
-    /// Checks that every replica has the same parameter set and rule (through the communicators,
-    /// so mismatches are refused at setup), then broadcasts rank 0's parameters to all.
+    /// Checks that the replicas would stay identical (same layout, rule, hyperparameters,
+    /// options, step count, loss-scale state, schedule and optimizer state; checked through the
+    /// communicators, so across processes too) and refuses them, naming what differs, if not;
+    /// then broadcasts rank 0's parameters to all.
     pub fn new(
         optimizers: Vec<Optimizer>,
         comms: Vec<C>,
@@ -248,167 +553,101 @@ impl<C: Communicator> DataParallel<C> {
                 comms.len()
             )));
         }
-        let mut replicas: Vec<(Optimizer, C)> = optimizers.into_iter().zip(comms).collect();
-        run_all(&mut replicas, |opt, comm| {
-            // Exchange fingerprints in 16-bit pieces (exact in f32).
-            let h = fingerprint(opt);
-            let mut mine: Vec<f32> = (0..4).map(|k| ((h >> (16 * k)) & 0xffff) as f32).collect();
-            let mut all = vec![0.0f32; 4 * comm.world_size()];
-            comm.all_gather(
-                HostBuffer::F32(&mut mine).into(),
-                HostBuffer::F32(&mut all).into(),
-            )?;
-            if all.chunks(4).any(|c| c != mine.as_slice()) {
-                let reason = "replicas have different parameter sets, rules or dtypes";
-                comm.abort(reason);
-                return Err(Error::Communicator(reason.into()));
+        let layout = optimizers[0].params().layout().clone();
+        let elem = optimizers[0].params().grad_dtype().size_bytes();
+        let buckets: Arc<[Bucket]> = buckets(&layout, elem, &options).into();
+        let mut replicas: Vec<Replica<C>> = optimizers
+            .into_iter()
+            .zip(comms)
+            .map(|(optimizer, comm)| Replica {
+                optimizer,
+                comm,
+                buckets: buckets.clone(),
+            })
+            .collect();
+        on_every_replica(&mut replicas, |r| {
+            let joined = r.join_group();
+            if let Err(e) = &joined {
+                r.comm
+                    .abort(&format!("replica {} cannot join: {e}", r.rank()));
             }
-            let mut values = opt.params().values_snapshot()?.into_owned();
-            comm.broadcast(HostBuffer::F32(&mut values).into(), 0)?;
-            opt.params_mut().restore_values(&values)
+            joined
         })?;
-        let layout = replicas[0].0.params().layout().clone();
-        let elem = replicas[0].0.params().grad_dtype().size_bytes();
-        Ok(DataParallel {
-            buckets: buckets(&layout, elem, &options),
-            replicas,
-        })
+        Ok(DataParallel { replicas })
     }
 
     pub fn replicas(&self) -> impl Iterator<Item = &Optimizer> {
-        self.replicas.iter().map(|(o, _)| o)
+        self.replicas.iter().map(|r| &r.optimizer)
     }
 
     /// Every replica's optimizer, to change all of them alike (a learning rate, a checkpoint):
     /// replicas that differ are no longer replicas.
     pub fn replicas_mut(&mut self) -> impl Iterator<Item = &mut Optimizer> {
-        self.replicas.iter_mut().map(|(o, _)| o)
+        self.replicas.iter_mut().map(|r| &mut r.optimizer)
+    }
+
+    /// The replicas, each to be stepped from a thread of the caller's own ([`Replica::step`]).
+    pub fn into_replicas(self) -> Vec<Replica<C>> {
+        self.replicas
+    }
+
+    /// The optimizers, to rebuild a group after it was aborted (a replica stalled or died).
+    pub fn into_optimizers(self) -> Vec<Optimizer> {
+        self.replicas.into_iter().map(|r| r.optimizer).collect()
     }
 
     pub fn buckets(&self) -> &[Bucket] {
-        &self.buckets
+        &self.replicas[0].buckets
     }
 
-    /// One data-parallel step: every replica runs `backward(rank, grads)` on its own thread, writing
-    /// its gradients through `grads` and marking them ready (ideally last layer first); buckets are
-    /// averaged across replicas as they become ready; then every replica takes the same fused step.
+    /// One data-parallel step of every replica, each on a thread of its own: `backward(rank,
+    /// grads)` writes replica `rank`'s gradients and marks them ready (see [`Replica::step`]).
+    /// Returns once every backward pass has returned (they borrow the caller's data): a replica
+    /// slower than the timeout fails the step everywhere, but this call waits for it. To have the
+    /// others return within the timeout whatever one replica does, step them from threads of
+    /// your own ([`DataParallel::into_replicas`]).
     pub fn step<F>(&mut self, backward: F) -> Result<()>
     where
         F: Fn(usize, &Gradients<'_>) -> Result<()> + Sync,
     {
-        let buckets = &self.buckets;
-        run_all(&mut self.replicas, |opt, comm| {
-            let layout = opt.params().layout().clone();
-            let mut bucket_of = vec![0; layout.tensors().len()];
-            for (b, bucket) in buckets.iter().enumerate() {
-                bucket.tensors.iter().for_each(|&t| bucket_of[t] = b);
-            }
-            // Buckets are stored in arena order; they are reduced from the end.
-            let mut by_start: Vec<usize> = (0..buckets.len()).collect();
-            by_start.sort_by_key(|&b| buckets[b].range.start);
-            let lens: Vec<usize> = by_start.iter().map(|&b| buckets[b].range.len()).collect();
-            let rank = comm.rank();
-            // The gradient views end here, before the step.
-            {
-                let device = opt.params().device();
-                let (values, pieces) = opt.params_mut().grad_buffers_mut(&lens)?;
-                let mut pieces: Vec<Option<Buffer<'_>>> = pieces.into_iter().map(Some).collect();
-                let mut ordered: Vec<Buffer<'_>> = Vec::with_capacity(buckets.len());
-                for b in 0..buckets.len() {
-                    let pos = by_start.iter().position(|&x| x == b).unwrap_or(0);
-                    if let Some(p) = pieces[pos].take() {
-                        ordered.push(p);
-                    }
-                }
-                let grads = Gradients {
-                    layout: &layout,
-                    values,
-                    device,
-                    starts: buckets.iter().map(|b| b.range.start).collect(),
-                    buckets: ordered.into_iter().map(Mutex::new).collect(),
-                    bucket_of,
-                    pending: Mutex::new(buckets.iter().map(|b| b.tensors.len()).collect()),
-                    ready: Condvar::new(),
-                };
-                let (computed, reduced) = std::thread::scope(|s| {
-                    let reducer = s.spawn(|| -> Result<()> {
-                        for b in 0..buckets.len() {
-                            grads.wait_ready(b)?;
-                            let mut bucket = grads.buckets[b]
-                                .lock()
-                                .map_err(|_| Error::Communicator("bucket lock poisoned".into()))?;
-                            comm.all_reduce(bucket.reborrow(), ReduceOp::Average)?;
-                        }
-                        Ok(())
-                    });
-                    let computed = catch_unwind(AssertUnwindSafe(|| backward(rank, &grads)))
-                        .unwrap_or_else(|_| {
-                            Err(Error::Communicator(format!(
-                                "replica {rank} panicked in backward"
-                            )))
-                        });
-                    if let Err(e) = &computed {
-                        comm.abort(&format!("replica {rank} failed: {e}"));
-                    }
-                    grads.mark_all_ready();
-                    let reduced = reducer.join().unwrap_or_else(|_| {
-                        Err(Error::Communicator("communication thread panicked".into()))
-                    });
-                    (computed, reduced)
-                });
-                computed?;
-                reduced?;
-            }
-            // Everyone reduced everything: only now may anyone step.
-            comm.barrier()?;
-            opt.step()
+        on_every_replica(&mut self.replicas, |r| {
+            let rank = r.rank();
+            r.step(|grads| backward(rank, grads))
         })
     }
 }
 
-/// Runs `f` on every replica at once (one thread each) and returns the first error, preferring a
-/// replica's own failure over the errors it caused elsewhere.
-fn run_all<C, F>(replicas: &mut [(Optimizer, C)], f: F) -> Result<()>
+/// Runs `f` on every replica at once (one thread each) and returns the root cause of a failure:
+/// a replica's own error before the errors it caused elsewhere.
+fn on_every_replica<C, F>(replicas: &mut [Replica<C>], f: F) -> Result<()>
 where
     C: Communicator,
-    F: Fn(&mut Optimizer, &C) -> Result<()> + Sync,
+    F: Fn(&mut Replica<C>) -> Result<()> + Sync,
 {
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = replicas
             .iter_mut()
-            .map(|(opt, comm)| {
+            .map(|r| {
                 let f = &f;
-                s.spawn(move || {
-                    let r = catch_unwind(AssertUnwindSafe(|| f(opt, comm))).unwrap_or_else(|_| {
-                        Err(Error::Communicator(format!(
-                            "replica {} panicked",
-                            comm.rank()
-                        )))
-                    });
-                    if let Err(e) = &r {
-                        comm.abort(&format!("replica {} failed: {e}", comm.rank()));
-                    }
-                    r
-                })
+                s.spawn(move || f(r))
             })
             .collect();
         handles
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::Communicator("replica thread panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::Panicked("a replica thread".into())))
             })
             .collect()
     });
-    let mut first: Option<Error> = None;
-    for r in results {
-        match (r, &first) {
-            (Err(e), None) => first = Some(e),
-            (Err(e), Some(Error::Communicator(_))) if !matches!(e, Error::Communicator(_)) => {
-                first = Some(e)
-            }
-            _ => {}
-        }
-    }
-    first.map_or(Ok(()), Err)
+    let rank_of_cause = |e: &Error| match e {
+        Error::ReplicaFailed { .. } => 2,
+        Error::Communicator(_) => 1,
+        _ => 0,
+    };
+    results
+        .into_iter()
+        .filter_map(|r| r.err())
+        .min_by_key(rank_of_cause)
+        .map_or(Ok(()), Err)
 }

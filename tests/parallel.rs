@@ -307,7 +307,7 @@ fn mismatched_replicas_are_refused_at_setup() {
     let other =
         Optimizer::new(b.build(Device::Cpu).unwrap(), Adam::adamw(Flavor::PyTorch)).unwrap();
     let err = DataParallel::cpu(vec![optimizer(1), other], small_buckets()).unwrap_err();
-    assert!(matches!(err, Error::Communicator(_)), "{err}");
+    assert!(matches!(err, Error::ReplicasDiffer { .. }), "{err}");
     let sgd = Optimizer::new(
         optimizer(2).params().try_clone().unwrap(),
         Sgd::preset(Flavor::PyTorch),

@@ -1,9 +1,12 @@
 //! The in-process CPU communicator: ranks are threads of one process sharing staging buffers.
 //!
-//! A collective is: every rank copies its contribution into its own staging slot; a barrier; every
-//! rank combines all slots in rank order (so every rank computes the same bits); a barrier, after
-//! which slots may be reused. Barriers wait at most the group's timeout; a rank that times out, fails
-//! or is dropped aborts the group, and every waiting or later collective returns an error.
+//! A collective is: every rank posts what it is calling (its sequence number, the collective and
+//! its sizes) and copies its contribution into its own staging slot; a barrier; every rank checks
+//! that all ranks posted the same call, then combines the slots in rank order (so every rank
+//! computes the same bits); a barrier, after which slots may be reused. Barriers wait at most the
+//! group's timeout. A rank that times out, fails, is dropped, or calls a collective with arguments
+//! that do not fit (or another collective than the others) aborts the group, and every waiting or
+//! later collective of every rank returns an error: ranks can never pair up wrongly.
 
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -18,29 +21,46 @@ struct Phase {
     aborted: Option<String>,
 }
 
+/// What a rank is calling: ranks may combine their slots only when all posted the same call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Call {
+    /// This rank's count of collectives so far.
+    seq: u64,
+    kind: Kind,
+    /// Elements contributed (the send buffer's length), and the root of a broadcast.
+    len: usize,
+    root: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Kind {
+    #[default]
+    None,
+    AllReduce(ReduceOp),
+    Broadcast,
+    AllGather,
+    ReduceScatter(ReduceOp),
+    Barrier,
+}
+
+/// A rank's staging slot: the call it posted and its contribution.
+#[derive(Debug, Default)]
+struct Slot {
+    call: Call,
+    data: Vec<f32>,
+}
+
 #[derive(Debug)]
 struct Shared {
     size: usize,
     timeout: Duration,
-    slots: Vec<RwLock<Vec<f32>>>,
+    slots: Vec<RwLock<Slot>>,
     phase: Mutex<Phase>,
     wake: Condvar,
 }
 
 fn fail(reason: impl Into<String>) -> Error {
     Error::Communicator(reason.into())
-}
-
-/// The host buffer inside `buf`: this communicator has no device to reduce device buffers on.
-fn host(buf: Buffer<'_>) -> Result<HostBuffer<'_>> {
-    match buf {
-        Buffer::Host(b) => Ok(b),
-        Buffer::Device(b) => Err(fail(format!(
-            "the CPU communicator reduces host buffers; a buffer on {} needs the NCCL or \
-             single-device communicator",
-            b.device()
-        ))),
-    }
 }
 
 /// Room for `n` more elements, or the typed error for a group too large for host memory.
@@ -101,7 +121,7 @@ impl Shared {
         self.wake.notify_all();
     }
 
-    fn slot(&self, rank: usize) -> Result<std::sync::RwLockReadGuard<'_, Vec<f32>>> {
+    fn slot(&self, rank: usize) -> Result<std::sync::RwLockReadGuard<'_, Slot>> {
         self.slots[rank]
             .read()
             .map_err(|_| fail("communicator slot poisoned by a panicking rank"))
@@ -114,6 +134,8 @@ pub struct CpuCommunicator {
     rank: usize,
     shared: Arc<Shared>,
     scratch: Mutex<Vec<f32>>,
+    /// Collectives this rank has called.
+    calls: std::sync::atomic::AtomicU64,
 }
 
 impl CpuCommunicator {
@@ -124,7 +146,7 @@ impl CpuCommunicator {
         }
         let mut slots = Vec::new();
         reserve(&mut slots, size)?;
-        slots.extend((0..size).map(|_| RwLock::new(Vec::new())));
+        slots.extend((0..size).map(|_| RwLock::new(Slot::default())));
         let shared = Arc::new(Shared {
             size,
             timeout,
@@ -138,34 +160,60 @@ impl CpuCommunicator {
             rank,
             shared: shared.clone(),
             scratch: Mutex::new(Vec::new()),
+            calls: Default::default(),
         }));
         Ok(ranks)
     }
 
-    /// Stages this rank's contribution (× 1/N when averaging).
-    fn contribute(&self, buf: &HostBuffer<'_>, op: ReduceOp) -> Result<()> {
-        let mut slot = self.shared.slots[self.rank]
-            .write()
-            .map_err(|_| fail("communicator slot poisoned by a panicking rank"))?;
-        buf.read_into(&mut slot);
-        if op == ReduceOp::Average {
-            let inv = 1.0 / self.shared.size as f32;
-            slot.iter_mut().for_each(|x| *x *= inv);
-        }
-        Ok(())
+    /// Aborts the group for every rank and returns the error for this one: a collective that
+    /// cannot go ahead on one rank must not go ahead on any.
+    fn refuse(&self, reason: String) -> Error {
+        self.shared.abort(&reason);
+        fail(reason)
     }
 
-    /// Checks every rank staged `len` elements; on a mismatch every rank aborts the same way.
-    fn check_lengths(&self, len: usize, what: &str) -> Result<()> {
+    /// Posts this rank's call and its contribution (× 1/N when averaging), then waits for every
+    /// rank's and checks they all posted the same call.
+    fn post(
+        &self,
+        kind: Kind,
+        contribution: Option<&HostBuffer<'_>>,
+        len: usize,
+        root: usize,
+    ) -> Result<()> {
+        let seq = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let call = Call {
+            seq,
+            kind,
+            len,
+            root,
+        };
+        {
+            let mut slot = self.shared.slots[self.rank]
+                .write()
+                .map_err(|_| fail("communicator slot poisoned by a panicking rank"))?;
+            slot.call = call;
+            match contribution {
+                Some(buf) => buf.read_into(&mut slot.data),
+                None => slot.data.clear(),
+            }
+            if let Kind::AllReduce(ReduceOp::Average) | Kind::ReduceScatter(ReduceOp::Average) =
+                kind
+            {
+                let inv = 1.0 / self.shared.size as f32;
+                slot.data.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
+        self.shared.barrier(self.rank)?;
         for r in 0..self.shared.size {
-            let got = self.shared.slot(r)?.len();
-            if got != len {
-                let reason = format!(
-                    "{what}: rank {r} has {got} elements, rank {} has {len}",
+            let theirs = self.shared.slot(r)?.call;
+            if theirs != call {
+                return Err(self.refuse(format!(
+                    "rank {r} called {theirs:?} while rank {} called {call:?}",
                     self.rank
-                );
-                self.shared.abort(&reason);
-                return Err(fail(reason));
+                )));
             }
         }
         Ok(())
@@ -178,10 +226,22 @@ impl CpuCommunicator {
         for r in 0..self.shared.size {
             let slot = self.shared.slot(r)?;
             out.iter_mut()
-                .zip(&slot[range.clone()])
+                .zip(&slot.data[range.clone()])
                 .for_each(|(a, &x)| *a += x);
         }
         Ok(())
+    }
+
+    /// The host buffer inside `buf`: this communicator has no device to reduce device buffers on.
+    fn host<'b>(&self, buf: Buffer<'b>) -> Result<HostBuffer<'b>> {
+        match buf {
+            Buffer::Host(b) => Ok(b),
+            Buffer::Device(b) => Err(self.refuse(format!(
+                "the CPU communicator reduces host buffers; a buffer on {} needs the NCCL or \
+                 single-device communicator",
+                b.device()
+            ))),
+        }
     }
 
     fn scratch(&self) -> Result<std::sync::MutexGuard<'_, Vec<f32>>> {
@@ -201,10 +261,8 @@ impl Communicator for CpuCommunicator {
     }
 
     fn all_reduce(&self, buf: Buffer<'_>, op: ReduceOp) -> Result<()> {
-        let mut buf = host(buf)?;
-        self.contribute(&buf, op)?;
-        self.shared.barrier(self.rank)?;
-        self.check_lengths(buf.len(), "all_reduce")?;
+        let mut buf = self.host(buf)?;
+        self.post(Kind::AllReduce(op), Some(&buf), buf.len(), 0)?;
         let mut acc = self.scratch()?;
         self.combine(0..buf.len(), &mut acc)?;
         buf.write_from(&acc);
@@ -212,67 +270,49 @@ impl Communicator for CpuCommunicator {
     }
 
     fn broadcast(&self, buf: Buffer<'_>, root: usize) -> Result<()> {
-        let mut buf = host(buf)?;
+        let mut buf = self.host(buf)?;
         if root >= self.shared.size {
-            return Err(fail(format!(
-                "broadcast root {root} out of {}",
-                self.shared.size
-            )));
+            return Err(self.refuse(format!("broadcast root {root} out of {}", self.shared.size)));
         }
-        if self.rank == root {
-            self.contribute(&buf, ReduceOp::Sum)?;
-        }
-        self.shared.barrier(self.rank)?;
-        let root_len = self.shared.slot(root)?.len();
-        if root_len != buf.len() {
-            let reason = format!(
-                "broadcast: root has {root_len} elements, rank {} has {}",
-                self.rank,
-                buf.len()
-            );
-            self.shared.abort(&reason);
-            return Err(fail(reason));
-        }
+        let contribution = (self.rank == root).then_some(&buf);
+        self.post(Kind::Broadcast, contribution, buf.len(), root)?;
         if self.rank != root {
-            buf.write_from(&self.shared.slot(root)?);
+            buf.write_from(&self.shared.slot(root)?.data);
         }
         self.shared.barrier(self.rank)
     }
 
     fn all_gather(&self, send: Buffer<'_>, recv: Buffer<'_>) -> Result<()> {
-        let (send, mut recv) = (host(send)?, host(recv)?);
+        let (send, mut recv) = (self.host(send)?, self.host(recv)?);
         let n = send.len();
-        if recv.len() != n * self.shared.size {
-            return Err(fail(format!(
-                "all_gather: recv holds {} elements, needs {}",
+        if Some(recv.len()) != n.checked_mul(self.shared.size) {
+            return Err(self.refuse(format!(
+                "all_gather: rank {}'s recv holds {} elements, needs {n} × {}",
+                self.rank,
                 recv.len(),
-                n * self.shared.size
+                self.shared.size
             )));
         }
-        self.contribute(&send, ReduceOp::Sum)?;
-        self.shared.barrier(self.rank)?;
-        self.check_lengths(n, "all_gather")?;
+        self.post(Kind::AllGather, Some(&send), n, 0)?;
         let mut all = self.scratch()?;
         all.clear();
         for r in 0..self.shared.size {
-            all.extend_from_slice(&self.shared.slot(r)?);
+            all.extend_from_slice(&self.shared.slot(r)?.data);
         }
         recv.write_from(&all);
         self.shared.barrier(self.rank)
     }
 
     fn reduce_scatter(&self, send: Buffer<'_>, recv: Buffer<'_>, op: ReduceOp) -> Result<()> {
-        let (send, mut recv) = (host(send)?, host(recv)?);
+        let (send, mut recv) = (self.host(send)?, self.host(recv)?);
         let (n, size) = (send.len(), self.shared.size);
         if n % size != 0 || recv.len() != n / size {
-            return Err(fail(format!(
+            return Err(self.refuse(format!(
                 "reduce_scatter: {n} elements do not split into {size} shards of {}",
                 recv.len()
             )));
         }
-        self.contribute(&send, op)?;
-        self.shared.barrier(self.rank)?;
-        self.check_lengths(n, "reduce_scatter")?;
+        self.post(Kind::ReduceScatter(op), Some(&send), n, 0)?;
         let shard = n / size;
         let mut acc = self.scratch()?;
         self.combine(self.rank * shard..(self.rank + 1) * shard, &mut acc)?;
@@ -281,6 +321,7 @@ impl Communicator for CpuCommunicator {
     }
 
     fn barrier(&self) -> Result<()> {
+        self.post(Kind::Barrier, None, 0, 0)?;
         self.shared.barrier(self.rank)
     }
 

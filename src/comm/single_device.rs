@@ -122,15 +122,24 @@ impl SingleDeviceCommunicator {
         self.host.barrier()
     }
 
+    /// Aborts the group and returns the error: a collective that cannot go ahead on one rank
+    /// must not go ahead on any.
+    fn refuse(&self, reason: String) -> Error {
+        self.host.abort(&reason);
+        fail(reason)
+    }
+
     fn device_buffer(&self, buf: &Buffer<'_>) -> Result<(u64, usize, DType)> {
         match buf {
             Buffer::Device(b) if b.device() == self.device() => Ok((b.ptr(), b.len(), b.dtype())),
-            Buffer::Device(b) => Err(fail(format!(
+            Buffer::Device(b) => Err(self.refuse(format!(
                 "a buffer on {} given to the communicator of {}",
                 b.device(),
                 self.device()
             ))),
-            Buffer::Host(_) => Err(fail("mixed host and device buffers in one collective")),
+            Buffer::Host(_) => {
+                Err(self.refuse("mixed host and device buffers in one collective".into()))
+            }
         }
     }
 
@@ -230,7 +239,7 @@ impl Communicator for SingleDeviceCommunicator {
             return self.host.broadcast(buf, root);
         }
         if root >= self.world_size() {
-            return Err(fail(format!(
+            return Err(self.refuse(format!(
                 "broadcast root {root} out of {}",
                 self.world_size()
             )));
@@ -257,8 +266,8 @@ impl Communicator for SingleDeviceCommunicator {
         }
         let (s, n, dtype) = self.device_buffer(&send)?;
         let (r, m, rdtype) = self.device_buffer(&recv)?;
-        if m != n * self.world_size() || rdtype != dtype {
-            return Err(fail(format!(
+        if Some(m) != n.checked_mul(self.world_size()) || rdtype != dtype {
+            return Err(self.refuse(format!(
                 "all_gather: recv holds {m} elements of {rdtype}, needs {} of {dtype}",
                 n * self.world_size()
             )));
@@ -293,7 +302,7 @@ impl Communicator for SingleDeviceCommunicator {
         let (r, m, rdtype) = self.device_buffer(&recv)?;
         let size = self.world_size();
         if n % size != 0 || m != n / size || rdtype != dtype {
-            return Err(fail(format!(
+            return Err(self.refuse(format!(
                 "reduce_scatter: {n} elements of {dtype} do not split into {size} shards of {m} {rdtype}"
             )));
         }

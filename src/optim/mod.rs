@@ -324,9 +324,7 @@ impl Optimizer {
     /// only enqueues work: nothing waits for the device (except with [`NonFinitePolicy::Error`],
     /// which must read the verdict back); [`Optimizer::report`] reads the outcome when asked.
     pub fn step(&mut self) -> Result<()> {
-        if let Some(s) = &self.schedule {
-            self.set_lr(s.lr())?;
-        }
+        self.apply_schedule()?;
         let applied = match &mut self.engine {
             Engine::Cpu(cpu) => cpu.step(&mut self.params, &self.rule, &self.options, self.lr)?,
             Engine::Cuda(engine) => {
@@ -585,6 +583,15 @@ impl Optimizer {
         self.lr = saved.lr;
         self.schedule = schedule;
         Ok(())
+    }
+
+    /// Sets the lr of the next step from the attached schedule, if any; an lr the step cannot use
+    /// is refused with nothing changed.
+    pub(crate) fn apply_schedule(&mut self) -> Result<()> {
+        match &self.schedule {
+            Some(s) => self.set_lr(s.lr()),
+            None => Ok(()),
+        }
     }
 
     /// The attached schedule, if any.

@@ -302,13 +302,22 @@ impl NcclCommunicator {
         }
     }
 
+    /// Aborts the communicator and returns the error: arguments that do not fit on one rank
+    /// must end the collective on every rank (the others learn of it through NCCL's abort),
+    /// never leave this rank out of step with the rest.
+    fn refuse(&self, reason: String) -> Error {
+        let reason = format!("rank {}: {reason}", self.rank);
+        self.abort(&reason);
+        Error::Communicator(reason)
+    }
+
     /// Device pointers of a same-length send/receive pair of device buffers.
-    fn device_pair(send: &Buffer<'_>, recv: &Buffer<'_>, what: &str) -> Result<(u64, u64)> {
+    fn device_pair(&self, send: &Buffer<'_>, recv: &Buffer<'_>, what: &str) -> Result<(u64, u64)> {
         match (send, recv) {
             (Buffer::Device(s), Buffer::Device(r)) if s.dtype() == r.dtype() => {
                 Ok((s.ptr(), r.ptr()))
             }
-            _ => Err(Error::Communicator(format!(
+            _ => Err(self.refuse(format!(
                 "{what}: NCCL needs both buffers on the device, of one dtype"
             ))),
         }
@@ -423,10 +432,7 @@ impl Communicator for NcclCommunicator {
 
     fn broadcast(&self, buf: Buffer<'_>, root: usize) -> Result<()> {
         if root >= self.world_size {
-            return Err(Error::Communicator(format!(
-                "broadcast root {root} out of {}",
-                self.world_size
-            )));
+            return Err(self.refuse(format!("broadcast root {root} out of {}", self.world_size)));
         }
         let run = |ptr: u64, len: usize, dt: c_int| {
             self.call(|n, comm, stream| {
@@ -441,11 +447,12 @@ impl Communicator for NcclCommunicator {
     }
 
     fn all_gather(&self, send: Buffer<'_>, recv: Buffer<'_>) -> Result<()> {
-        if recv.len() != send.len() * self.world_size {
-            return Err(Error::Communicator(format!(
-                "all_gather: recv holds {} elements, needs {}",
+        if Some(recv.len()) != send.len().checked_mul(self.world_size) {
+            return Err(self.refuse(format!(
+                "all_gather: recv holds {} elements, needs {} × {}",
                 recv.len(),
-                send.len() * self.world_size
+                send.len(),
+                self.world_size
             )));
         }
         match (send, recv) {
@@ -477,7 +484,7 @@ impl Communicator for NcclCommunicator {
                 Ok(())
             }
             (send, recv) => {
-                let (s, r) = Self::device_pair(&send, &recv, "all_gather")?;
+                let (s, r) = self.device_pair(&send, &recv, "all_gather")?;
                 let (dt, n) = (data_type(send.dtype()), send.len());
                 self.call(|nccl, comm, stream| {
                     // SAFETY: both are live device buffers of this rank, of the checked lengths.
@@ -490,13 +497,13 @@ impl Communicator for NcclCommunicator {
     fn reduce_scatter(&self, send: Buffer<'_>, recv: Buffer<'_>, op: ReduceOp) -> Result<()> {
         let n = send.len();
         if n % self.world_size != 0 || recv.len() != n / self.world_size {
-            return Err(Error::Communicator(format!(
+            return Err(self.refuse(format!(
                 "reduce_scatter: {n} elements do not split into {} shards of {}",
                 self.world_size,
                 recv.len()
             )));
         }
-        let (s, r) = Self::device_pair(&send, &recv, "reduce_scatter")?;
+        let (s, r) = self.device_pair(&send, &recv, "reduce_scatter")?;
         let (dt, op, count) = (data_type(send.dtype()), reduce_op(op), recv.len());
         self.call(|n, comm, stream| {
             // SAFETY: both are live device buffers of this rank, of the checked lengths.
