@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Runs the test suite RUNS times in a row while BURNERS processes keep the CPU busy, to show that no
-# test depends on timing: scripts/stress-tests.sh [RUNS] [BURNERS] [-- WRAPPER...]
-# (default 10 runs, 2 burners). A wrapper runs each test binary, e.g.
+# test depends on timing: scripts/stress-tests.sh [--debug] [RUNS] [BURNERS] [-- WRAPPER...]
+# (default: release profile, 10 runs, 2 burners; --debug: the debug profile, where arithmetic
+# overflow panics). A wrapper runs each test binary, e.g.
 # `scripts/stress-tests.sh 3 2 -- scripts/emulated-gpu.sh env FUSEDOPT_REQUIRE_GPU=1`.
 # Builds once, copies the test binaries aside (so a rebuild meanwhile cannot touch them), then runs
 # them directly; stops at the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+profile=(--release)
+if [ "${1:-}" = "--debug" ]; then profile=(); shift; fi
 runs=${1:-10}
 burners=${2:-2}
 shift $(( $# >= 2 ? 2 : $# ))
 [ "${1:-}" = "--" ] && shift
 wrapper=("$@")
 
-mapfile -t binaries < <(cargo test --release --no-run --message-format=json 2>/dev/null | python3 -c '
+mapfile -t binaries < <(cargo test "${profile[@]}" --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
@@ -26,7 +29,7 @@ for i in "${!binaries[@]}"; do
   cp "${binaries[$i]}" "$aside/"
   binaries[$i]="$PWD/$aside/$(basename "${binaries[$i]}")"
 done
-echo "${#binaries[@]} test binaries; $runs runs with $burners CPU burners"
+echo "${#binaries[@]} test binaries (${profile[*]:-debug}); $runs runs with $burners CPU burners"
 pids=()
 for _ in $(seq "$burners"); do (while :; do :; done) & pids+=($!); done
 trap 'kill "${pids[@]}" 2>/dev/null' EXIT

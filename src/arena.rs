@@ -16,6 +16,17 @@ pub enum Arena {
     F16(Vec<f16>),
 }
 
+/// A copy of `items`, or a typed error when the memory is not there (never an abort).
+pub(crate) fn try_to_vec<T: Clone>(items: &[T]) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(items.len())
+        .map_err(|_| Error::OutOfHostMemory {
+            bytes: std::mem::size_of_val(items),
+        })?;
+    v.extend_from_slice(items);
+    Ok(v)
+}
+
 /// A vector of `len` copies of `value` rounded to `T`, or a typed error when the memory is not
 /// there (never an abort).
 pub(crate) fn filled<T: Element>(len: usize, value: f32) -> Result<Vec<T>> {
@@ -36,6 +47,15 @@ impl Arena {
             DType::F32 => Arena::F32(filled(len, value)?),
             DType::BF16 => Arena::BF16(filled(len, value)?),
             DType::F16 => Arena::F16(filled(len, value)?),
+        })
+    }
+
+    /// A copy, or a typed error when the memory is not there (never an abort).
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(match self {
+            Arena::F32(v) => Arena::F32(try_to_vec(v)?),
+            Arena::BF16(v) => Arena::BF16(try_to_vec(v)?),
+            Arena::F16(v) => Arena::F16(try_to_vec(v)?),
         })
     }
 

@@ -243,8 +243,13 @@ impl Optimizer {
             ));
         }
         // Read everything into fresh buffers first; swap in only when all of it is valid.
-        let mut values = self.params().values_snapshot()?.into_owned();
-        let mut state: Vec<Arena> = self.state_arenas()?.into_owned();
+        // Copies that fail with OutOfHostMemory rather than abort.
+        let mut values = crate::arena::try_to_vec(&self.params().values_snapshot()?)?;
+        let mut state: Vec<Arena> = self
+            .state_arenas()?
+            .iter()
+            .map(Arena::try_clone)
+            .collect::<Result<_>>()?;
         for t in layout.tensors() {
             for slot in 0..=names.len() {
                 let (name, dtype) = match slot {

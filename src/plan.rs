@@ -29,7 +29,7 @@ pub const CPU_CHUNK_ELEMS: usize = 1 << 15;
 /// enough that the plan has about eight blocks per SM (a small model still fills the card), within
 /// 4 Ki..64 Ki elements (each block's share of work stays long enough to amortise its setup).
 pub fn cuda_chunk_elems(total: usize, sm_count: usize) -> usize {
-    let target = total.div_ceil(sm_count.max(1) * 8);
+    let target = total.div_ceil(sm_count.max(1).saturating_mul(8));
     target.next_power_of_two().clamp(1 << 12, 1 << 16)
 }
 

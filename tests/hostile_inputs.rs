@@ -357,3 +357,48 @@ fn a_dynamic_loss_scale_never_grows_past_f32() {
     }
     assert_eq!(opt.loss_scale().unwrap(), 1e36);
 }
+
+/// Extreme schedule and plan arguments: refused, or computed without overflow (this suite runs
+/// in the debug profile too, where an overflow panics).
+#[test]
+fn extreme_counts_never_overflow() {
+    invalid(
+        "CosineAnnealingLR with T_max = i64::MAX",
+        torch::Scheduler::new(
+            torch::Kind::CosineAnnealingLR {
+                t_max: i64::MAX,
+                eta_min: 0.0,
+            },
+            0.1,
+        ),
+    );
+    let mut restarts = torch::Scheduler::new(
+        torch::Kind::CosineAnnealingWarmRestarts {
+            t_0: 1,
+            t_mult: 1 << 40,
+            eta_min: 0.0,
+        },
+        0.1,
+    )
+    .unwrap();
+    for _ in 0..10 {
+        restarts.step();
+        assert!(restarts.lr().is_finite());
+    }
+    let chunk = fusedopt::plan::cuda_chunk_elems(usize::MAX, usize::MAX);
+    assert!(chunk.is_power_of_two());
+    let mut b = ParamSet::builder();
+    b.add("w", &[5], &[1.0; 5]).unwrap();
+    let set = b.build(Device::Cpu).unwrap();
+    let plan = fusedopt::plan::LaunchPlan::new(set.layout(), usize::MAX);
+    assert_eq!(plan.num_chunks(), 1);
+    let huge = fusedopt::parallel::DataParallelOptions {
+        bucket_bytes: usize::MAX,
+        first_bucket_bytes: usize::MAX,
+        timeout: Duration::from_secs(1),
+    };
+    assert_eq!(
+        fusedopt::parallel::buckets(set.layout(), usize::MAX, &huge).len(),
+        1
+    );
+}

@@ -137,7 +137,7 @@ impl Node {
                 self.t_cur += 1;
                 if self.t_cur >= self.t_i {
                     self.t_cur -= self.t_i;
-                    self.t_i *= t_mult;
+                    self.t_i = self.t_i.saturating_mul(t_mult);
                 }
             }
         }
@@ -370,6 +370,22 @@ impl Node {
 
 fn validate(kind: &Kind) -> Result<()> {
     let bad = |m: &str| Err(Error::InvalidHyperparameter(m.to_string()));
+    // Epoch arithmetic (2·T_max, T_i·T_mult, milestone comparisons) stays exact and in range.
+    let counts: Vec<i64> = match kind {
+        Kind::StepLR { step_size, .. } => vec![*step_size],
+        Kind::MultiStepLR { milestones, .. } => milestones.clone(),
+        Kind::ConstantLR { total_iters, .. }
+        | Kind::LinearLR { total_iters, .. }
+        | Kind::PolynomialLR { total_iters, .. } => vec![*total_iters],
+        Kind::CosineAnnealingLR { t_max, .. } => vec![*t_max],
+        Kind::CosineAnnealingWarmRestarts { t_0, t_mult, .. } => vec![*t_0, *t_mult],
+        Kind::OneCycleLR(c) => vec![c.total_steps],
+        Kind::SequentialLR { milestones, .. } => milestones.clone(),
+        Kind::ExponentialLR { .. } => vec![],
+    };
+    if counts.iter().any(|c| c.unsigned_abs() > MAX_COUNT) {
+        return bad("epoch counts and milestones must be within ±2^53");
+    }
     match kind {
         Kind::StepLR { step_size, .. } if *step_size <= 0 => bad("StepLR step_size must be > 0"),
         Kind::ConstantLR { factor, .. } if !(0.0..=1.0).contains(factor) || *factor == 0.0 => {
