@@ -16,6 +16,11 @@ struct NormParams {
     int dynamic_scale; // 1: dynamic loss scaling
     int pad;
 };
+static_assert(sizeof(NormParams) == 48, "NormParams");
+ABI_FIELD(NormParams, max_norm, 0); ABI_FIELD(NormParams, growth_factor, 8);
+ABI_FIELD(NormParams, backoff_factor, 16); ABI_FIELD(NormParams, growth_interval, 24);
+ABI_FIELD(NormParams, clip_formula, 32); ABI_FIELD(NormParams, policy, 36);
+ABI_FIELD(NormParams, dynamic_scale, 40); ABI_FIELD(NormParams, pad, 44);
 
 __device__ double clip_factor(const NormParams& q, double n) {
     switch (q.clip_formula) {
@@ -27,6 +32,11 @@ __device__ double clip_factor(const NormParams& q, double n) {
         case 3: return n < q.max_norm ? 1.0 : q.max_norm / n;
         default: return 1.0;
     }
+}
+
+// Whether the step can divide by `s`: finite and positive, with a finite reciprocal, in f32.
+__device__ __forceinline__ bool usable_loss_scale(double s) {
+    return s > 0.0 && isfinite((float)s) && isfinite((float)(1.0 / s)) && (float)s > 0.0f;
 }
 
 // Decides the step from Σg² (of the scaled gradients); `have_norm` is false when no norm was
@@ -42,7 +52,9 @@ __device__ void decide_step(StepState* st, const NormParams& q, double sum_sq, b
         st->skip = 1;
         st->clip_factor = 1.0;
         if (q.dynamic_scale) {
-            st->loss_scale *= q.backoff_factor;
+            // Back off only while the scale stays usable (usable_loss_scale in src/optim).
+            const double backed = st->loss_scale * q.backoff_factor;
+            if (usable_loss_scale(backed)) st->loss_scale = backed;
             st->good_steps = 0;
         }
         return;
@@ -52,9 +64,9 @@ __device__ void decide_step(StepState* st, const NormParams& q, double sum_sq, b
     st->grad_scale = st->clip_factor * inv_scale;
     st->step += 1;
     if (q.dynamic_scale && ++st->good_steps >= q.growth_interval) {
-        // As GradScaler: grow only while the scale stays finite in f32.
+        // As GradScaler: grow only while the scale stays finite in f32 (and usable).
         const double grown = st->loss_scale * q.growth_factor;
-        if (isfinite((float)grown)) st->loss_scale = grown;
+        if (usable_loss_scale(grown)) st->loss_scale = grown;
         st->good_steps = 0;
     }
 }

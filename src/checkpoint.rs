@@ -15,18 +15,20 @@
 //! difference. What it restores: masters (and the model copy), state, step count, loss scale and
 //! its growth counter, the lr, and the schedule's position.
 //!
-//! **A save is atomic**: a temp file `.<name>.<random>.<pid>.fusedopt-tmp` beside the target,
-//! created exclusively (never through an existing file or link), written, fsynced, renamed over the
-//! target, then the directory fsynced. Concurrent saves to one path each succeed, and the target
-//! is always one whole checkpoint. A save removes temp files of the same target left by processes
-//! that no longer exist (on Linux, where that can be told). A save whose header could exceed
-//! safetensors' 100 MB limit (tensor names too long) is refused, since it could never be loaded.
+//! **A save is atomic**: a temp file `.<name>.<random>.<host>.<pid>.fusedopt-tmp` beside the
+//! target, created exclusively (never through an existing file or link) and written through that
+//! handle, fsynced, renamed over the target, then the directory fsynced. Concurrent saves to one
+//! path each succeed, and the target is always one whole checkpoint. A save removes temp files of
+//! the same target left by processes of this machine that no longer exist (on Linux, where that
+//! can be told). A save whose header would pass safetensors' 100 MB limit (tensor names too long)
+//! is refused before anything is written, since it could never be loaded.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 use serde_json::Value;
 
 use crate::arena::Arena;
@@ -77,6 +79,60 @@ fn checksum<'a>(
     format!("{:08x}", h.finalize())
 }
 
+/// Everything a load writes into an optimizer, checked against it and prepared in fresh buffers.
+pub(crate) struct Restore {
+    pub saved: Saved,
+    pub values: Vec<f32>,
+    pub state: Vec<Arena>,
+    pub schedule: Option<Box<dyn LrSchedule>>,
+}
+
+/// A checkpoint file read whole, its format and checksum verified and its header parsed; not yet
+/// checked against any optimizer.
+pub(crate) struct Checkpoint {
+    path: std::path::PathBuf,
+    bytes: Vec<u8>,
+    header: Header,
+}
+
+impl Checkpoint {
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = read_regular_file(path)?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e.to_string()))?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
+        let meta = meta
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| bad(path, "no fusedopt metadata"))?;
+        match meta.get("format").map(String::as_str) {
+            Some(FORMAT) => {}
+            Some("fusedopt-checkpoint-1") => {
+                return Err(bad(
+                    path,
+                    "written by an older fusedopt whose header is not checksummed; not loaded",
+                ))
+            }
+            _ => return Err(bad(path, format!("not a {FORMAT} file"))),
+        }
+        let header_text = meta.get("header").ok_or_else(|| bad(path, "no header"))?;
+        let crc = checksum(FORMAT, header_text, file.iter().map(|(n, v)| (n, v.data())));
+        if meta.get("crc32") != Some(&crc) {
+            return Err(bad(path, "checksum mismatch: the file is corrupt"));
+        }
+        let header: Header =
+            serde_json::from_str(header_text).map_err(|e| bad(path, format!("header: {e}")))?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            bytes,
+            header,
+        })
+    }
+
+    fn tensors(&self) -> Result<SafeTensors<'_>> {
+        SafeTensors::deserialize(&self.bytes).map_err(|e| bad(&self.path, e.to_string()))
+    }
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Header {
     optimizer: Saved,
@@ -93,19 +149,70 @@ fn safetensors_dtype(d: DType) -> Dtype {
     }
 }
 
-/// An upper bound on the safetensors header a save would write: the metadata and, per tensor, its
-/// JSON-escaped name, dtype, shape and offsets.
-fn header_bound(metadata: &HashMap<String, String>, tensors: &[(String, TensorView<'_>)]) -> usize {
-    let quoted = |s: &str| serde_json::to_string(s).map_or(6 * s.len() + 2, |q| q.len());
-    let meta: usize = metadata
+/// A tensor with its bytes withheld: safetensors serializes these to exactly the file's length
+/// prefix and header (offsets come from `data_len`), without copying any data.
+struct HeaderOnly<'a>(&'a TensorView<'a>);
+
+impl View for HeaderOnly<'_> {
+    fn dtype(&self) -> Dtype {
+        self.0.dtype()
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.shape()
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&[])
+    }
+    fn data_len(&self) -> usize {
+        self.0.data().len()
+    }
+}
+
+/// The first bytes of the file a save writes (length prefix and header), and the order in which
+/// the tensors' data follow them. Refuses a header no reader would accept (tensor names too
+/// long) before anything is written.
+fn file_head(
+    path: &Path,
+    tensors: &[(String, TensorView<'_>)],
+    metadata: HashMap<String, String>,
+) -> Result<(Vec<u8>, Vec<usize>)> {
+    let views = tensors.iter().map(|(n, v)| (n.as_str(), HeaderOnly(v)));
+    let head =
+        safetensors::serialize(views, &Some(metadata)).map_err(|e| bad(path, e.to_string()))?;
+    let n = head
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| bad(path, "safetensors wrote no header"))?;
+    if n > MAX_HEADER_BYTES as u64 {
+        return Err(bad(
+            path,
+            format!(
+                "the safetensors header would be {n} bytes, over the {MAX_HEADER_BYTES} a reader \
+                 accepts (tensor names too long): nothing was written"
+            ),
+        ));
+    }
+    if head.len() as u64 != 8 + n {
+        return Err(bad(path, "safetensors wrote tensor data into the header"));
+    }
+    // safetensors orders the data by dtype, then name: read that order back from the offsets.
+    let entries: serde_json::Map<String, Value> =
+        serde_json::from_slice(&head[8..]).map_err(|e| bad(path, e.to_string()))?;
+    let start = |name: &str| -> Result<u64> {
+        entries
+            .get(name)
+            .and_then(|e| e.get("data_offsets")?.get(0)?.as_u64())
+            .ok_or_else(|| bad(path, format!("no offsets for '{name}' in the header")))
+    };
+    let mut order: Vec<(u64, usize)> = tensors
         .iter()
-        .map(|(k, v)| quoted(k) + quoted(v) + 2)
-        .sum();
-    let entries: usize = tensors
-        .iter()
-        .map(|(n, v)| quoted(n) + 64 + 21 * (v.shape().len() + 2))
-        .sum();
-    32 + meta + entries + 8
+        .enumerate()
+        .map(|(i, (name, _))| Ok((start(name)?, i)))
+        .collect::<Result<_>>()?;
+    // Ties are empty tensors, which write nothing.
+    order.sort_unstable();
+    Ok((head, order.into_iter().map(|(_, i)| i).collect()))
 }
 
 /// The first place where `a` (the checkpoint's) and `b` (this optimizer's) differ, as a path.
@@ -185,54 +292,32 @@ impl Optimizer {
             ("header".to_string(), header),
             ("crc32".to_string(), crc),
         ]);
-        let bound = header_bound(&metadata, &tensors);
-        if bound > MAX_HEADER_BYTES {
-            return Err(bad(
-                path,
-                format!(
-                    "the safetensors header would take up to {bound} bytes, over the {MAX_HEADER_BYTES} \
-                     a reader accepts (tensor names too long): nothing was written"
-                ),
-            ));
-        }
-        let metadata = Some(metadata);
-        write_atomically(path, |tmp| {
-            safetensors::serialize_to_file(tensors, &metadata, tmp)
-                .map_err(|e| bad(path, e.to_string()))
+        let (head, order) = file_head(path, &tensors, metadata)?;
+        write_atomically(path, |file| {
+            let mut w = std::io::BufWriter::new(file);
+            w.write_all(&head)?;
+            for i in order {
+                w.write_all(tensors[i].1.data())?;
+            }
+            w.flush()
         })
     }
 
     /// Restores a checkpoint saved by an identically configured optimizer (see the module docs
     /// for what is checked and what is restored). On any error nothing in memory changes.
     pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = read_regular_file(path)?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(path, e.to_string()))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
-        let meta = meta
-            .metadata()
-            .as_ref()
-            .ok_or_else(|| bad(path, "no fusedopt metadata"))?;
-        match meta.get("format").map(String::as_str) {
-            Some(FORMAT) => {}
-            Some("fusedopt-checkpoint-1") => {
-                return Err(bad(
-                    path,
-                    "written by an older fusedopt whose header is not checksummed; not loaded",
-                ))
-            }
-            _ => return Err(bad(path, format!("not a {FORMAT} file"))),
-        }
-        let header_text = meta.get("header").ok_or_else(|| bad(path, "no header"))?;
-        let crc = checksum(FORMAT, header_text, file.iter().map(|(n, v)| (n, v.data())));
-        if meta.get("crc32") != Some(&crc) {
-            return Err(bad(path, "checksum mismatch: the file is corrupt"));
-        }
-        let header: Header =
-            serde_json::from_str(header_text).map_err(|e| bad(path, format!("header: {e}")))?;
-        let schedule = self.check_header(path, &header)?;
-        let saved = header.optimizer;
+        let checkpoint = Checkpoint::read(path.as_ref())?;
+        let restore = self.prepare_restore(&checkpoint)?;
+        self.restore(restore)
+    }
 
+    /// Checks `checkpoint` against this optimizer and builds everything a load writes, changing
+    /// nothing yet.
+    pub(crate) fn prepare_restore(&self, checkpoint: &Checkpoint) -> Result<Restore> {
+        let path = checkpoint.path.as_path();
+        let header = &checkpoint.header;
+        let schedule = self.check_header(path, header)?;
+        let file = checkpoint.tensors()?;
         let layout = self.params().layout().clone();
         let names = self.state_names();
         let expected = layout.tensors().len() * (1 + names.len());
@@ -242,8 +327,7 @@ impl Optimizer {
                 format!("{} tensors, expected {expected}", file.len()),
             ));
         }
-        // Read everything into fresh buffers first; swap in only when all of it is valid.
-        // Copies that fail with OutOfHostMemory rather than abort.
+        // Fresh buffers (copies that fail with OutOfHostMemory rather than abort), padding kept.
         let mut values = crate::arena::try_to_vec(&self.params().values_snapshot()?)?;
         let mut state: Vec<Arena> = self
             .state_arenas()?
@@ -280,7 +364,12 @@ impl Optimizer {
                 }
             }
         }
-        self.restore(saved, &values, state, schedule)
+        Ok(Restore {
+            saved: header.optimizer.clone(),
+            values,
+            state,
+            schedule,
+        })
     }
 
     /// Validates a checkpoint's header as the constructors validate their arguments, and against
@@ -404,8 +493,35 @@ fn read_regular_file(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Writes a file at `path` through `write(temp_path)`, atomically (see the module docs).
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+/// This machine's name, as temp file names carry it: letters, digits, `-` and `_` only.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let name: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "host".into()
+    } else {
+        name
+    }
+}
+
+/// Writes a file at `path` through `write(temp_file)`, atomically (see the module docs).
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -415,14 +531,15 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         .ok_or_else(|| bad(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
-    remove_stale_temps(dir, &file_name);
-    let tmp = tempfile::Builder::new()
+    let host = host_name();
+    remove_stale_temps(dir, &file_name, &host);
+    let mut tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
-        .suffix(&format!(".{}{TEMP_SUFFIX}", std::process::id()))
+        .suffix(&format!(".{host}.{}{TEMP_SUFFIX}", std::process::id()))
         .tempfile_in(dir)
         .map_err(io(dir))?;
     // On any error below, dropping `tmp` removes the temp file.
-    write(tmp.path())?;
+    write(tmp.as_file_mut()).map_err(io(tmp.path()))?;
     tmp.as_file().sync_all().map_err(io(tmp.path()))?;
     tmp.persist(path).map_err(|e| io(path)(e.error))?;
     // Persist the rename itself.
@@ -431,9 +548,9 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         .map_err(io(dir))
 }
 
-/// Removes temp files of saves to `file_name` whose process no longer exists. Best effort: a
-/// failure here never fails the save.
-fn remove_stale_temps(dir: &Path, file_name: &str) {
+/// Removes temp files of saves to `file_name` made on this machine by processes that no longer
+/// exist. Best effort: a failure here never fails the save.
+fn remove_stale_temps(dir: &Path, file_name: &str, host: &str) {
     if !cfg!(target_os = "linux") {
         return; // no portable way to tell whether a process exists without unsafe code
     }
@@ -443,18 +560,24 @@ fn remove_stale_temps(dir: &Path, file_name: &str) {
     let prefix = format!(".{file_name}.");
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(TEMP_SUFFIX))
-            .and_then(|rest| rest.rsplit('.').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
+        let Some(middle) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|n| n.strip_suffix(TEMP_SUFFIX))
         else {
+            continue;
+        };
+        // Exactly `<random>.<host>.<pid>`: a temp of another target (say `name.1`) has more.
+        let parts: Vec<&str> = middle.split('.').collect();
+        let [_, their_host, pid] = parts.as_slice() else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
         let alive = Path::new("/proc").join(pid.to_string()).exists();
         let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if !alive && is_file {
+        if *their_host == host && !alive && is_file {
             let _ = std::fs::remove_file(entry.path());
         }
     }

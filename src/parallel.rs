@@ -201,13 +201,24 @@ enum Failure {
     OutOfStep(Error),
 }
 
-/// What a replica's step did, as the replicas compare it.
-fn outcome_code(r: &Result<()>) -> f32 {
-    match r {
-        Ok(()) => 0.0,
-        Err(Error::NonFiniteGradient { .. }) => 1.0,
-        Err(_) => 2.0,
-    }
+/// 64-bit words as four 16-bit pieces each, exact in f32 (collectives move f32).
+fn words_to_f32(words: &[u64]) -> Vec<f32> {
+    words
+        .iter()
+        .flat_map(|w| (0..4).map(move |k| ((w >> (16 * k)) & 0xffff) as f32))
+        .collect()
+}
+
+/// What a replica's step did, as the replicas compare it: how it ended, and the step count, lr
+/// and loss scale it left (a skip on one replica and not another shows in the step count).
+fn outcome(opt: &Optimizer, r: &Result<()>) -> Result<Vec<u64>> {
+    let code = match r {
+        Ok(()) => 0,
+        Err(Error::NonFiniteGradient { .. }) => 1,
+        Err(_) => 2,
+    };
+    let s = opt.saved()?;
+    Ok(vec![code, s.step, s.lr.to_bits(), s.loss_scale.to_bits()])
 }
 
 /// One replica of a data-parallel group: its optimizer, its communicator and the bucket plan.
@@ -270,29 +281,31 @@ impl<C: Communicator> Replica<C> {
         let computed = self.reduce_gradients(backward).map_err(out_of_step)?;
         let prepared = computed.and_then(|()| self.optimizer.apply_schedule());
         let verdicts = self
-            .exchange(if prepared.is_ok() { 0.0 } else { 1.0 })
+            .exchange(&[if prepared.is_ok() { 0.0 } else { 1.0 }])
             .map_err(out_of_step)?;
         match (prepared, verdicts.iter().position(|&v| v != 0.0)) {
             (Err(mine), _) => return Err(Failure::Agreed(mine)),
             (Ok(()), Some(rank)) => return Err(Failure::Agreed(Error::ReplicaFailed { rank })),
             (Ok(()), None) => {}
         }
-        let stepped = self.optimizer.step();
-        let codes = self.exchange(outcome_code(&stepped)).map_err(out_of_step)?;
-        if codes.iter().any(|&c| c != codes[0]) {
-            let describe = |c: f32| match c as u8 {
-                0 => "applied it",
+        let stepped = self.optimizer.step_at_current_lr();
+        let mine = outcome(&self.optimizer, &stepped).map_err(out_of_step)?;
+        let all = self.exchange(&words_to_f32(&mine)).map_err(out_of_step)?;
+        let theirs: Vec<&[f32]> = all.chunks(4 * mine.len()).collect();
+        if theirs.iter().any(|t| *t != theirs[0]) {
+            let describe = |t: &[f32]| match t[0] as u8 {
+                0 => "stepped",
                 1 => "refused non-finite gradients",
                 _ => "failed",
             };
-            let detail = codes
+            let detail = theirs
                 .iter()
                 .enumerate()
-                .map(|(r, &c)| format!("replica {r} {}", describe(c)))
+                .map(|(r, t)| format!("replica {r} {}", describe(t)))
                 .collect::<Vec<_>>()
                 .join(", ");
             return Err(out_of_step(Error::ReplicasDiverged(format!(
-                "in the step: {detail}"
+                "after the step their step counts, lrs or loss scales differ ({detail})"
             ))));
         }
         // Every replica ended the step the same way: an error here is one they all share.
@@ -367,10 +380,10 @@ impl<C: Communicator> Replica<C> {
         reduced.map(|()| computed)
     }
 
-    /// Exchanges one number with every replica (all ranks' values, in rank order).
-    fn exchange(&self, mine: f32) -> Result<Vec<f32>> {
-        let mut mine = [mine];
-        let mut all = vec![0.0f32; self.comm.world_size()];
+    /// Exchanges a few numbers with every replica (all ranks' values, in rank order).
+    fn exchange(&self, mine: &[f32]) -> Result<Vec<f32>> {
+        let mut mine = mine.to_vec();
+        let mut all = vec![0.0f32; mine.len() * self.comm.world_size()];
         self.comm.all_gather(
             HostBuffer::F32(&mut mine).into(),
             HostBuffer::F32(&mut all).into(),
@@ -381,12 +394,10 @@ impl<C: Communicator> Replica<C> {
     /// Checks, with every replica, that they would stay identical (see [`fingerprint`]), then
     /// takes rank 0's parameters.
     fn join_group(&mut self) -> Result<()> {
-        let mine = fingerprint(&self.optimizer)?;
-        // Each 64-bit hash travels as four 16-bit pieces (exact in f32).
-        let mut send: Vec<f32> = mine
-            .iter()
-            .flat_map(|(_, h)| (0..4).map(move |k| ((h >> (16 * k)) & 0xffff) as f32))
-            .collect();
+        let mut mine = fingerprint(&self.optimizer)?;
+        mine.push(("buckets", fnv1a(format!("{:?}", self.buckets).as_bytes())));
+        let hashes: Vec<u64> = mine.iter().map(|(_, h)| *h).collect();
+        let mut send = words_to_f32(&hashes);
         let mut all = vec![0.0f32; send.len() * self.comm.world_size()];
         self.comm.all_gather(
             HostBuffer::F32(&mut send).into(),
@@ -586,6 +597,61 @@ impl<C: Communicator> DataParallel<C> {
         self.replicas.iter_mut().map(|r| &mut r.optimizer)
     }
 
+    /// The lr of the next step (every replica's).
+    pub fn lr(&self) -> f64 {
+        self.replicas[0].optimizer.lr()
+    }
+
+    /// Sets every replica's lr; an lr one refuses, all refuse (they are configured alike), and
+    /// then none changes.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        for r in &self.replicas {
+            crate::optim::check_lr(r.optimizer.params().layout(), lr)?;
+        }
+        self.replicas
+            .iter_mut()
+            .try_for_each(|r| r.optimizer.set_lr(lr))
+    }
+
+    /// Attaches a copy of `schedule` to every replica (see [`Optimizer::set_schedule`]); a
+    /// schedule one refuses, all refuse, and then none changes.
+    pub fn set_schedule(
+        &mut self,
+        schedule: Option<Box<dyn crate::schedule::LrSchedule>>,
+    ) -> Result<()> {
+        if let Some(s) = &schedule {
+            s.validate()?;
+            for r in &self.replicas {
+                crate::optim::check_lr(r.optimizer.params().layout(), s.lr())?;
+            }
+        }
+        self.replicas.iter_mut().try_for_each(|r| {
+            r.optimizer
+                .set_schedule(schedule.as_ref().map(|s| s.boxed_clone()))
+        })
+    }
+
+    /// Saves the group's state (every replica's: they are identical) to `path`
+    /// ([`Optimizer::save_checkpoint`]).
+    pub fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        self.replicas[0].optimizer.save_checkpoint(path)
+    }
+
+    /// Loads `path` into every replica: the file is read and checked once, against every
+    /// replica, before any changes ([`Optimizer::load_checkpoint`]).
+    pub fn load_checkpoint(&mut self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let checkpoint = crate::checkpoint::Checkpoint::read(path.as_ref())?;
+        let restores = self
+            .replicas
+            .iter()
+            .map(|r| r.optimizer.prepare_restore(&checkpoint))
+            .collect::<Result<Vec<_>>>()?;
+        self.replicas
+            .iter_mut()
+            .zip(restores)
+            .try_for_each(|(r, x)| r.optimizer.restore(x))
+    }
+
     /// The replicas, each to be stepped from a thread of the caller's own ([`Replica::step`]).
     pub fn into_replicas(self) -> Vec<Replica<C>> {
         self.replicas
@@ -642,7 +708,7 @@ where
     });
     let rank_of_cause = |e: &Error| match e {
         Error::ReplicaFailed { .. } => 2,
-        Error::Communicator(_) => 1,
+        Error::Communicator(_) | Error::Timeout(_) => 1,
         _ => 0,
     };
     results

@@ -402,3 +402,38 @@ fn extreme_counts_never_overflow() {
         1
     );
 }
+
+/// A dynamic loss scale backs off only while it stays usable: after hundreds of overflowing
+/// steps the next finite step still gives finite parameters, and the state saves and loads.
+#[test]
+fn a_dynamic_loss_scale_never_backs_off_into_an_unusable_scale() {
+    let options = OptimizerOptions {
+        loss_scale: LossScale::Dynamic {
+            init_scale: 1.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 1000,
+        },
+        ..Default::default()
+    };
+    let mut opt = Optimizer::with_options(params(), adam(), options).unwrap();
+    opt.params_mut().set_grad("w", &[f32::INFINITY; 4]).unwrap();
+    for _ in 0..300 {
+        opt.step().unwrap();
+    }
+    let s = opt.loss_scale().unwrap();
+    assert!(
+        s > 0.0 && ((1.0 / s) as f32).is_finite(),
+        "backed off to {s}"
+    );
+    opt.params_mut().set_grad("w", &[1e-30; 4]).unwrap();
+    opt.step().unwrap();
+    assert!(!opt.report().unwrap().skipped);
+    let w = opt.params().read_param("w").unwrap();
+    assert!(w.iter().all(|x| x.is_finite()), "{w:?}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    opt.save_checkpoint(file.path()).unwrap();
+    let mut back = Optimizer::with_options(params(), adam(), options).unwrap();
+    back.load_checkpoint(file.path()).unwrap();
+    assert_eq!(back.loss_scale().unwrap(), opt.loss_scale().unwrap());
+}

@@ -385,7 +385,7 @@ fn a_replica_slower_than_the_timeout_fails_the_step_everywhere() {
             honest(0)(rank, g)
         })
         .unwrap_err();
-    assert!(matches!(err, Error::Communicator(_)), "{err}");
+    assert!(matches!(err, Error::Timeout(_)), "{err}");
     assert!(snapshot(&dp).iter().all(|(step, _)| *step == 0));
 }
 
@@ -449,4 +449,55 @@ fn communicator_misuse_on_one_rank_aborts_the_group_on_every_rank() {
             start.elapsed()
         );
     }
+}
+
+/// A replica changed behind the group's back (its lr set through `replicas_mut`) is caught by
+/// the comparison after the step: every replica gets `ReplicasDiverged`, never `Ok`, and the
+/// group is aborted.
+#[test]
+fn a_replica_changed_behind_the_groups_back_is_reported_as_diverged() {
+    let mut dp = group(3);
+    dp.step(honest(0)).unwrap();
+    dp.replicas_mut().nth(1).unwrap().set_lr(0.5).unwrap();
+    let err = dp.step(honest(1)).unwrap_err();
+    assert!(matches!(err, Error::ReplicasDiverged(_)), "{err}");
+    assert!(
+        dp.step(honest(2)).is_err(),
+        "the group stepped on after diverging"
+    );
+}
+
+/// "Wait forever" is a timeout too: `Duration::MAX` must not overflow a deadline.
+#[test]
+fn a_timeout_of_duration_max_waits_rather_than_panics() {
+    let comms = CpuCommunicator::group(2, Duration::MAX).unwrap();
+    let sums: Vec<f32> = std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .iter()
+            .enumerate()
+            .map(|(r, c)| {
+                s.spawn(move || {
+                    if r == 1 {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let mut buf = [r as f32 + 1.0];
+                    c.all_reduce(HostBuffer::F32(&mut buf).into(), ReduceOp::Sum)
+                        .unwrap();
+                    buf[0]
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(sums, vec![3.0, 3.0]);
+    let opts = (0..2).map(|_| optimizer()).collect();
+    let mut dp = DataParallel::cpu(
+        opts,
+        DataParallelOptions {
+            timeout: Duration::MAX,
+            ..DataParallelOptions::default()
+        },
+    )
+    .unwrap();
+    dp.step(honest(0)).unwrap();
 }

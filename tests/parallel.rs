@@ -543,6 +543,7 @@ fn nccl_fault_injection() -> Option<impl Fn(i32, u64, &str)> {
     // SAFETY: see above.
     let lib = unsafe { libloading::Library::new("libnccl.so.2") }.ok()?;
     let f: libloading::Symbol<unsafe extern "C" fn(i32, u64, *const std::ffi::c_char) -> i32> =
+        // SAFETY: the symbol is the stand-in NCCL's fault control, of this signature.
         unsafe { lib.get(b"fusedopt_emu_nccl_fault") }.ok()?;
     let f = *f;
     std::mem::forget(lib); // keep the function mapped for the process's life
@@ -653,4 +654,59 @@ fn nccl_without_get_last_error_reports_errors() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The group is driven as one: an lr, a schedule and a checkpoint reach every replica alike, and
+/// a run resumed from the group's checkpoint continues bit for bit.
+#[test]
+fn the_group_sets_lr_schedules_and_checkpoints_as_one() {
+    use fusedopt::schedule::{keras, Counted};
+    let problem = Problem::new(24 * 6);
+    let schedule = || -> Box<dyn fusedopt::schedule::LrSchedule> {
+        Box::new(Counted::new(keras::Schedule::ExponentialDecay {
+            initial_learning_rate: 0.05,
+            decay_steps: 2.0,
+            decay_rate: 0.5,
+            staircase: false,
+        }))
+    };
+    let group = || {
+        let opts = (0..3).map(|r| optimizer(40 + r as u64)).collect();
+        let mut dp = DataParallel::cpu(opts, small_buckets()).unwrap();
+        dp.set_schedule(Some(schedule())).unwrap();
+        dp
+    };
+    let mut whole = group();
+    for s in 0..6 {
+        whole
+            .step(backward(&problem, 24 * s..24 * (s + 1), 3, true))
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("group.safetensors");
+    let mut first = group();
+    for s in 0..3 {
+        first
+            .step(backward(&problem, 24 * s..24 * (s + 1), 3, true))
+            .unwrap();
+    }
+    first.save_checkpoint(&path).unwrap();
+    let mut resumed = group();
+    resumed.load_checkpoint(&path).unwrap();
+    for s in 3..6 {
+        resumed
+            .step(backward(&problem, 24 * s..24 * (s + 1), 3, true))
+            .unwrap();
+    }
+    let want: Vec<Vec<f32>> = whole.replicas().map(params_of).collect();
+    let got: Vec<Vec<f32>> = resumed.replicas().map(params_of).collect();
+    assert_eq!(got, want);
+    assert!(resumed.replicas().all(|o| o.step_count().unwrap() == 6));
+    // An lr no replica can use changes none of them.
+    let lr = resumed.lr();
+    assert!(resumed.set_lr(f64::NAN).is_err());
+    assert!(resumed.replicas().all(|o| o.lr() == lr));
+    resumed.set_schedule(None).unwrap();
+    resumed.set_lr(0.001).unwrap();
+    assert!(resumed.replicas().all(|o| o.lr() == 0.001));
 }

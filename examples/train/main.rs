@@ -316,9 +316,7 @@ fn train(args: &Args, splits: &Splits, lr: f64, seed: u64, report: bool) -> Resu
             &std::fs::read_to_string(hist_path)
                 .map_err(|e| format!("{}: {e}", hist_path.display()))?,
         )?;
-        for r in dp.replicas_mut() {
-            r.load_checkpoint(opt_path)?;
-        }
+        dp.load_checkpoint(opt_path)?;
         // The plateau rule's state is a function of the losses it saw: replay them.
         for &v in &history.val_loss {
             plateau.observe(v)?;
@@ -348,9 +346,7 @@ fn train(args: &Args, splits: &Splits, lr: f64, seed: u64, report: bool) -> Resu
                 ScheduleName::WarmupCosine => cosine.lr_at(step),
                 ScheduleName::Plateau => plateau.lr(),
             };
-            for r in dp.replicas_mut() {
-                r.set_lr(lr_now)?;
-            }
+            dp.set_lr(lr_now)?;
             let b = splits.train.rows(batch);
             let share = args.batch / args.replicas;
             let losses = Mutex::new(vec![0.0f32; args.replicas]);
@@ -401,7 +397,7 @@ fn train(args: &Args, splits: &Splits, lr: f64, seed: u64, report: bool) -> Resu
         }
         if let Some((opt_path, hist_path)) = &ckpt {
             std::fs::create_dir_all(args.checkpoint.as_ref().ok_or("no checkpoint folder")?)?;
-            first.save_checkpoint(opt_path)?;
+            dp.save_checkpoint(opt_path)?;
             std::fs::write(hist_path, serde_json::to_string_pretty(&history)?)?;
         }
     }

@@ -17,12 +17,21 @@ pub mod nccl;
 pub mod rendezvous;
 pub mod single_device;
 
+use std::time::{Duration, Instant};
+
 use half::{bf16, f16};
 
 pub use crate::cuda::arena::DeviceBuffer;
 use crate::dtype::round_into;
 use crate::error::Result;
 use crate::DType;
+
+/// The instant `timeout` from now. A timeout past a year (`Duration::MAX` for "wait forever")
+/// waits a year, so the arithmetic never overflows.
+pub(crate) fn deadline(timeout: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    Instant::now() + timeout.min(YEAR)
+}
 
 /// How contributions are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

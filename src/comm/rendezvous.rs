@@ -19,6 +19,8 @@ const MAGIC: &[u8; 8] = b"FUSEDRV1";
 const HELLO_LEN: usize = 24;
 /// Larger frames are refused: rendezvous blobs are ids and fingerprints, not tensors.
 const MAX_FRAME: u64 = 64 << 20;
+/// Connections rank 0 keeps open while they have not yet said hello.
+const MAX_PENDING: usize = 1024;
 /// The largest group a rendezvous forms (rank 0 keeps a connection per rank).
 pub const MAX_WORLD_SIZE: usize = 1 << 20;
 
@@ -233,7 +235,7 @@ impl Rendezvous {
     pub fn connect(config: &RendezvousConfig) -> Result<Self> {
         config.validate()?;
         let addr = config.address()?;
-        let deadline = Instant::now() + config.timeout;
+        let deadline = crate::comm::deadline(config.timeout);
         let peers = if config.rank == 0 {
             Self::accept_all(config, addr, deadline)?
         } else {
@@ -285,7 +287,11 @@ impl Rendezvous {
             match listener.accept() {
                 Ok((stream, _)) => {
                     progressed = true;
-                    // A socket that cannot be made non-blocking is not worth waiting on.
+                    // A socket that cannot be made non-blocking is not worth waiting on; past
+                    // a bound on open strangers, the oldest one is dropped.
+                    if arrivals.len() >= MAX_PENDING {
+                        arrivals.remove(0);
+                    }
                     if stream.set_nonblocking(true).is_ok() {
                         arrivals.push(Arrival {
                             stream,
@@ -385,7 +391,7 @@ impl Rendezvous {
 
     /// Every rank's blob, in rank order, on every rank.
     pub fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::comm::deadline(self.timeout);
         if self.rank == 0 {
             let mut all = vec![mine.to_vec()];
             for (i, p) in self.peers.iter_mut().enumerate() {
@@ -396,6 +402,12 @@ impl Rendezvous {
             for blob in &all {
                 packed.extend_from_slice(&(blob.len() as u64).to_le_bytes());
                 packed.extend_from_slice(blob);
+            }
+            if packed.len() as u64 > MAX_FRAME {
+                return Err(fail(format!(
+                    "all_gather: {} bytes from all ranks together, over the {MAX_FRAME} a frame holds",
+                    packed.len()
+                )));
             }
             for (i, p) in self.peers.iter_mut().enumerate() {
                 let what = format!("all_gather: answering rank {}", i + 1);

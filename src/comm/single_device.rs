@@ -268,8 +268,8 @@ impl Communicator for SingleDeviceCommunicator {
         let (r, m, rdtype) = self.device_buffer(&recv)?;
         if Some(m) != n.checked_mul(self.world_size()) || rdtype != dtype {
             return Err(self.refuse(format!(
-                "all_gather: recv holds {m} elements of {rdtype}, needs {} of {dtype}",
-                n * self.world_size()
+                "all_gather: recv holds {m} elements of {rdtype}, needs {n} × {} of {dtype}",
+                self.world_size()
             )));
         }
         let all = self.publish(

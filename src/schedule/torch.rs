@@ -357,7 +357,7 @@ impl Node {
         };
         if !(-1..=max).contains(&self.last_epoch)
             || !(-1..=max).contains(&self.t_cur)
-            || !(0..=max).contains(&self.t_i)
+            || self.t_i < 0
             || self.children.len() != expected_children
         {
             return Err(Error::InvalidHyperparameter(format!(
