@@ -5,8 +5,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use fusedopt::conformance::{compare, replay};
+// The conformance harness the tests use (tests/harness/), compiled into this program too.
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
 use fusedopt::Device;
+use harness::{compare, replay};
 
 fn main() -> ExitCode {
     let mut device = Device::Cpu;
@@ -68,7 +72,7 @@ fn run_one(
     path: &PathBuf,
     device: Device,
     out: &std::path::Path,
-) -> Result<(String, f64), Box<dyn std::error::Error>> {
+) -> harness::Result<(String, f64)> {
     let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
     let result = replay(&case, device)?;
     std::fs::write(

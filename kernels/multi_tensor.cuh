@@ -29,6 +29,17 @@ struct StepState {
     unsigned int pad;
 };
 
+// The layouts src/cuda/abi.rs asserts too: a field added on one side only fails both builds.
+#define ABI_FIELD(T, f, offset) static_assert(__builtin_offsetof(T, f) == offset, #T "." #f)
+static_assert(sizeof(Segment) == 16, "Segment");
+ABI_FIELD(Segment, start, 0); ABI_FIELD(Segment, len, 8); ABI_FIELD(Segment, group, 12);
+static_assert(sizeof(StepState) == 72, "StepState");
+ABI_FIELD(StepState, step, 0); ABI_FIELD(StepState, loss_scale, 8);
+ABI_FIELD(StepState, good_steps, 16); ABI_FIELD(StepState, norm, 24);
+ABI_FIELD(StepState, grad_scale, 32); ABI_FIELD(StepState, clip_factor, 40);
+ABI_FIELD(StepState, step_loss_scale, 48); ABI_FIELD(StepState, skip, 56);
+ABI_FIELD(StepState, done, 60); ABI_FIELD(StepState, have_norm, 64); ABI_FIELD(StepState, pad, 68);
+
 // Widening loads and narrowing stores (round to nearest even) for every storage dtype.
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

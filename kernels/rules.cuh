@@ -2,6 +2,7 @@
 // Coefficients are computed once per step and group (see the Rust side for their meaning); the
 // element arithmetic is fp32 with no fast-math, as in the frameworks.
 #pragma once
+#include "multi_tensor.cuh"
 
 // A parameter group's rule and hyperparameters, uploaded once (src/cuda/abi.rs::GroupConfig).
 enum : unsigned int {
@@ -25,6 +26,14 @@ struct GroupConfig {
     unsigned int decay_kind;
     unsigned int flags;
 };
+static_assert(sizeof(GroupConfig) == 96, "GroupConfig");
+ABI_FIELD(GroupConfig, lr_scale, 0); ABI_FIELD(GroupConfig, decay, 8);
+ABI_FIELD(GroupConfig, sign, 16); ABI_FIELD(GroupConfig, momentum, 24);
+ABI_FIELD(GroupConfig, dampening, 32); ABI_FIELD(GroupConfig, beta1, 40);
+ABI_FIELD(GroupConfig, beta2, 48); ABI_FIELD(GroupConfig, eps, 56);
+ABI_FIELD(GroupConfig, eps_root, 64); ABI_FIELD(GroupConfig, alpha, 72);
+ABI_FIELD(GroupConfig, lr_decay, 80); ABI_FIELD(GroupConfig, decay_kind, 88);
+ABI_FIELD(GroupConfig, flags, 92);
 
 struct Decay {
     float l2, l1, keep;

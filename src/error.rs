@@ -3,8 +3,10 @@
 use crate::DType;
 
 /// Everything that can go wrong in fusedopt. Every fallible call leaves parameters and optimizer state
-/// exactly as they were when it returns one of these.
+/// exactly as they were when it returns one of these. New variants may come: match with a `_`
+/// arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("length mismatch for {what}: expected {expected} elements, got {got}")]
     LengthMismatch {
@@ -46,8 +48,18 @@ pub enum Error {
     NotHostMemory(crate::Device),
     #[error("out of device memory: asked for {bytes} bytes on {device}")]
     OutOfDeviceMemory { device: crate::Device, bytes: usize },
+    /// A CUDA driver call failed: its `CUresult` code and name, as the driver gave them.
+    #[error("CUDA driver error on {device}: {name} ({code})")]
+    Driver {
+        device: crate::Device,
+        code: i32,
+        name: String,
+    },
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// The operation needs the parameter set on a CUDA device.
+    #[error("{0} needs a parameter set on a CUDA device")]
+    NeedsGpu(&'static str),
     #[error("kernel load failed: {0}")]
     KernelLoad(String),
     #[error("bad checkpoint {path}: {reason}")]
@@ -58,10 +70,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("bad conformance case: {0}")]
-    BadCase(String),
+    #[error("framework argument not understood: {0}")]
+    FrameworkArgument(String),
     #[error("communicator failure: {0}")]
     Communicator(String),
+    /// Other ranks did not arrive within the timeout (a rank failed, stalled or never started);
+    /// the group is aborted.
+    #[error("timed out: {0}")]
+    Timeout(String),
     #[error(
         "the gradient of '{0}' was already marked ready in this step (its bucket may be reduced): \
          write each gradient, then mark it ready, once per step"

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use fusedopt::conformance::{compare, replay};
+mod harness;
+
 use fusedopt::Device;
+use harness::{compare, replay};
 
 #[test]
 fn every_committed_case_agrees_on_cpu() {

@@ -276,7 +276,7 @@ fn an_attached_schedule_drives_lr_and_skips_do_not_tick_it() {
 
 #[test]
 fn framework_arguments_are_mapped_or_refused() {
-    use fusedopt::conformance::rule_from_framework;
+    use fusedopt::porting::rule_from_framework;
     let args = |v: serde_json::Value| v.as_object().unwrap().clone();
     // A key the framework does not have is an error, never ignored.
     for (flavor, kind, a) in [
@@ -304,7 +304,7 @@ fn framework_arguments_are_mapped_or_refused() {
         assert!(
             matches!(
                 rule_from_framework(flavor, kind, &a, None),
-                Err(Error::BadCase(_))
+                Err(Error::FrameworkArgument(_))
             ),
             "{flavor:?} {kind} {a:?}"
         );

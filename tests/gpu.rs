@@ -4,6 +4,7 @@
 //! failure.
 
 mod common;
+mod harness;
 
 use std::io::Write;
 
@@ -374,8 +375,8 @@ fn conformance_cases_replay_on_cuda() {
         let path = entry.unwrap().path();
         let case: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        let replay = fusedopt::conformance::replay(&case, Device::Cuda(0)).unwrap();
-        let worst = fusedopt::conformance::compare(&case, &replay).unwrap();
+        let replay = harness::replay(&case, Device::Cuda(0)).unwrap();
+        let worst = harness::compare(&case, &replay).unwrap();
         assert!(worst <= 1.0, "{}: {worst}", path.display());
     }
 }

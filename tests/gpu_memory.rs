@@ -13,6 +13,7 @@ fn inject_oom() -> impl Fn(i64) {
     // function has this C signature there.
     let lib = unsafe { libloading::Library::new("libcuda.so") }.expect("the emulated driver");
     let f: unsafe extern "C" fn(*const std::ffi::c_char, i64) -> i32 =
+        // SAFETY: the symbol is the emulated driver's fault control, of this signature.
         *unsafe { lib.get(b"fusedopt_emu_inject") }.expect("the emulated driver's faults");
     std::mem::forget(lib);
     // SAFETY: the function reads the NUL-terminated name only.

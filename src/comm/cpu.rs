@@ -18,7 +18,18 @@ use crate::error::{Error, Result};
 struct Phase {
     arrived: usize,
     generation: u64,
-    aborted: Option<String>,
+    /// Why the group was aborted, and whether it was a rank timing out.
+    aborted: Option<(String, bool)>,
+}
+
+impl Phase {
+    /// The error every collective returns once the group is aborted.
+    fn aborted(&self) -> Option<Error> {
+        self.aborted.as_ref().map(|(reason, timed_out)| match timed_out {
+            true => Error::Timeout(reason.clone()),
+            false => fail(reason.clone()),
+        })
+    }
 }
 
 /// What a rank is calling: ranks may combine their slots only when all posted the same call.
@@ -77,8 +88,8 @@ fn poisoned<T>(_: T) -> Error {
 impl Shared {
     fn barrier(&self, rank: usize) -> Result<()> {
         let mut p = self.phase.lock().map_err(poisoned)?;
-        if let Some(r) = &p.aborted {
-            return Err(fail(r.clone()));
+        if let Some(e) = p.aborted() {
+            return Err(e);
         }
         let generation = p.generation;
         p.arrived += 1;
@@ -88,10 +99,10 @@ impl Shared {
             self.wake.notify_all();
             return Ok(());
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = super::deadline(self.timeout);
         while p.generation == generation {
-            if let Some(r) = &p.aborted {
-                return Err(fail(r.clone()));
+            if let Some(e) = p.aborted() {
+                return Err(e);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -99,9 +110,9 @@ impl Shared {
                     "rank {rank} waited {:?} for the other ranks: a replica failed or stalled",
                     self.timeout
                 );
-                p.aborted = Some(reason.clone());
+                p.aborted = Some((reason.clone(), true));
                 self.wake.notify_all();
-                return Err(fail(reason));
+                return Err(Error::Timeout(reason));
             }
             p = self
                 .wake
@@ -115,7 +126,7 @@ impl Shared {
     fn abort(&self, reason: &str) {
         if let Ok(mut p) = self.phase.lock() {
             if p.aborted.is_none() {
-                p.aborted = Some(reason.to_string());
+                p.aborted = Some((reason.to_string(), false));
             }
         }
         self.wake.notify_all();

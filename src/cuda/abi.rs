@@ -1,5 +1,7 @@
 //! Host mirrors of the structs the kernels read (kernels/multi_tensor.cuh, rules.cuh, norm.cu),
-//! field for field, `#[repr(C)]`.
+//! field for field, `#[repr(C)]` and `Pod` (no padding anywhere). Every size and field offset is
+//! asserted at compile time here and, with the same numbers, by `static_assert`s in the `.cuh`
+//! files, so a field added on one side only fails both builds.
 
 use cudarc::driver::DeviceRepr;
 
@@ -13,7 +15,7 @@ use crate::plan::Segment;
 
 /// `Segment` in multi_tensor.cuh.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct DeviceSegment {
     pub start: u64,
     pub len: u32,
@@ -44,7 +46,7 @@ pub const ZERO_WHERE_EMPTY: u32 = 1 << 8;
 
 /// `GroupConfig` in rules.cuh: one parameter group's rule, uploaded once.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct GroupConfig {
     pub lr_scale: f64,
     pub decay: f64,
@@ -121,7 +123,7 @@ impl GroupConfig {
 
 /// `StepState` in multi_tensor.cuh: everything that changes from step to step, in device memory.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StepState {
     pub step: u64,
     pub loss_scale: f64,
@@ -138,7 +140,7 @@ pub struct StepState {
 
 /// `NormParams` in norm.cu: the step-wide options, passed by value.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct NormParams {
     pub max_norm: f64,
     pub growth_factor: f64,
@@ -188,20 +190,32 @@ impl NormParams {
 // field like its CUDA counterpart named above; the kernels read them by value or through pointers
 // to device copies, so passing their bytes is exactly what the kernels expect.
 unsafe impl DeviceRepr for DeviceSegment {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for GroupConfig {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for StepState {}
+// SAFETY: as above.
 unsafe impl DeviceRepr for NormParams {}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layouts_match_the_cuda_structs() {
-        // Sizes the CUDA compiler gives these structs (natural alignment, no packing).
-        assert_eq!(std::mem::size_of::<DeviceSegment>(), 16);
-        assert_eq!(std::mem::size_of::<GroupConfig>(), 11 * 8 + 2 * 4);
-        assert_eq!(std::mem::size_of::<StepState>(), 7 * 8 + 4 * 4);
-        assert_eq!(std::mem::size_of::<NormParams>(), 4 * 8 + 4 * 4);
-    }
+/// Asserts, at compile time, a struct's size and the offset of each named field.
+macro_rules! abi_layout {
+    ($t:ty, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
+        const _: () = assert!(std::mem::size_of::<$t>() == $size);
+        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
+    };
 }
+
+// The same numbers as the static_asserts in kernels/multi_tensor.cuh, rules.cuh and norm.cu.
+abi_layout!(DeviceSegment, 16, { start: 0, len: 8, group: 12 });
+abi_layout!(GroupConfig, 96, {
+    lr_scale: 0, decay: 8, sign: 16, momentum: 24, dampening: 32, beta1: 40, beta2: 48, eps: 56,
+    eps_root: 64, alpha: 72, lr_decay: 80, decay_kind: 88, flags: 92,
+});
+abi_layout!(StepState, 72, {
+    step: 0, loss_scale: 8, good_steps: 16, norm: 24, grad_scale: 32, clip_factor: 40,
+    step_loss_scale: 48, skip: 56, done: 60, have_norm: 64, pad: 68,
+});
+abi_layout!(NormParams, 48, {
+    max_norm: 0, growth_factor: 8, backoff_factor: 16, growth_interval: 24, clip_formula: 32,
+    policy: 36, dynamic_scale: 40, pad: 44,
+});

@@ -128,11 +128,14 @@ fn resolve(
         lib: &libloading::Library,
         name: &str,
     ) -> std::result::Result<T, String> {
-        lib.get::<T>(name.as_bytes())
+        // SAFETY: the caller names a symbol whose C signature is `T` (see above).
+        unsafe { lib.get::<T>(name.as_bytes()) }
             .map(|s| *s)
             .map_err(|e| format!("NVRTC lacks {name}: {e}"))
     }
     let lib = &libs[0];
+    // SAFETY: every `get` below names an NVRTC symbol with the signature it is given, and each
+    // call passes valid out-pointers of the sizes nvrtc.h documents.
     unsafe {
         let version_fn: unsafe extern "C" fn(*mut c_int, *mut c_int) -> Status =
             get(lib, "nvrtcVersion")?;

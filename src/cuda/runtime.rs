@@ -20,7 +20,11 @@ pub(crate) fn driver_error(device: Device, bytes: usize) -> impl FnOnce(DriverEr
         if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
             Error::OutOfDeviceMemory { device, bytes }
         } else {
-            Error::Cuda(format!("{device}: {e:?}"))
+            Error::Driver {
+                device,
+                code: e.0 as i32,
+                name: format!("{:?}", e.0),
+            }
         }
     }
 }

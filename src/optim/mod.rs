@@ -182,9 +182,15 @@ impl OptimizerOptions {
     }
 }
 
-/// A loss scale the step can divide by: finite and positive, with a finite reciprocal, in f32.
+/// Whether the step can divide by `s`: finite and positive, with a finite reciprocal, in f32.
+/// (kernels/norm.cu tests the same before a dynamic scale grows or backs off.)
+pub(crate) fn usable_loss_scale(s: f64) -> bool {
+    s > 0.0 && (s as f32).is_finite() && ((1.0 / s) as f32).is_finite() && s as f32 > 0.0
+}
+
+/// A loss scale the step can divide by (see [`usable_loss_scale`]), or a typed error.
 pub(crate) fn check_loss_scale(what: &str, s: f64) -> Result<()> {
-    if s > 0.0 && (s as f32).is_finite() && ((1.0 / s) as f32).is_finite() && s as f32 > 0.0 {
+    if usable_loss_scale(s) {
         Ok(())
     } else {
         Err(Error::InvalidHyperparameter(format!(
@@ -325,6 +331,11 @@ impl Optimizer {
     /// which must read the verdict back); [`Optimizer::report`] reads the outcome when asked.
     pub fn step(&mut self) -> Result<()> {
         self.apply_schedule()?;
+        self.step_at_current_lr()
+    }
+
+    /// [`Optimizer::step`] with the lr already set from the schedule ([`Self::apply_schedule`]).
+    pub(crate) fn step_at_current_lr(&mut self) -> Result<()> {
         let applied = match &mut self.engine {
             Engine::Cpu(cpu) => cpu.step(&mut self.params, &self.rule, &self.options, self.lr)?,
             Engine::Cuda(engine) => {
@@ -357,9 +368,7 @@ impl Optimizer {
     pub fn capture_graph(&mut self) -> Result<()> {
         match (&mut self.engine, self.params.storage_mut()) {
             (Engine::Cuda(engine), Storage::Cuda(d)) => engine.capture(d),
-            _ => Err(Error::InvalidHyperparameter(
-                "CUDA graphs need a parameter set on a CUDA device".into(),
-            )),
+            _ => Err(Error::NeedsGpu("a CUDA graph")),
         }
     }
 
@@ -537,14 +546,14 @@ impl Optimizer {
     /// loss-scale state, lr, and the schedule's position. The caller has validated all of it
     /// against this optimizer (same layout, rule and options). Device buffers are overwritten in
     /// place, so a captured graph stays valid.
-    pub(crate) fn restore(
-        &mut self,
-        saved: Saved,
-        values: &[f32],
-        state: Vec<Arena>,
-        schedule: Option<Box<dyn LrSchedule>>,
-    ) -> Result<()> {
-        self.params.restore_values(values)?;
+    pub(crate) fn restore(&mut self, restore: crate::checkpoint::Restore) -> Result<()> {
+        let crate::checkpoint::Restore {
+            saved,
+            values,
+            state,
+            schedule,
+        } = restore;
+        self.params.restore_values(&values)?;
         match &mut self.engine {
             Engine::Cpu(cpu) => {
                 cpu.state = state;
@@ -631,7 +640,11 @@ impl CpuSteps {
         };
         if let Some(n) = norm.filter(|n| !n.is_finite()) {
             if let LossScale::Dynamic { backoff_factor, .. } = options.loss_scale {
-                self.loss_scale *= backoff_factor;
+                // Back off only while the scale stays usable (its reciprocal finite in f32).
+                let backed = self.loss_scale * backoff_factor;
+                if usable_loss_scale(backed) {
+                    self.loss_scale = backed;
+                }
                 self.good_steps = 0;
                 report.skipped = true;
                 self.report = report;
@@ -682,9 +695,9 @@ impl CpuSteps {
         {
             self.good_steps += 1;
             if self.good_steps >= growth_interval {
-                // As GradScaler: grow only while the scale stays finite in f32.
+                // As GradScaler: grow only while the scale stays finite in f32 (and usable).
                 let grown = self.loss_scale * growth_factor;
-                if (grown as f32).is_finite() {
+                if usable_loss_scale(grown) {
                     self.loss_scale = grown;
                 }
                 self.good_steps = 0;

@@ -63,6 +63,7 @@ pub fn emulated_counter(name: &'static str) -> impl Fn() -> i64 {
     // is the same library), and the counter function has this C signature there.
     let lib = unsafe { libloading::Library::new("libcuda.so") }.expect("the emulated driver");
     let f: unsafe extern "C" fn(*const std::ffi::c_char) -> i64 =
+        // SAFETY: the symbol is the emulated driver's counter function, of this signature.
         *unsafe { lib.get(b"fusedopt_emu_counter") }.expect("the emulated driver's counters");
     std::mem::forget(lib); // keep the function mapped for the process's life
     let name = std::ffi::CString::new(name).unwrap();

@@ -93,10 +93,12 @@ fn resolve(lib: libloading::Library) -> Result<Nccl, String> {
     // SAFETY (for every `get` below): each symbol is declared with the signature NCCL's nccl.h
     // gives it (all of them stable since NCCL 2.7), so calling through it is calling NCCL.
     unsafe fn get<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T, String> {
-        lib.get::<T>(name.as_bytes())
+        // SAFETY: the caller names a symbol whose C signature is `T` (see above).
+        unsafe { lib.get::<T>(name.as_bytes()) }
             .map(|s| *s)
             .map_err(|e| format!("NCCL lacks {name}: {e}"))
     }
+    // SAFETY: every `get` below names an NCCL symbol with the signature of its field.
     unsafe {
         Ok(Nccl {
             get_unique_id: get(&lib, "ncclGetUniqueId")?,

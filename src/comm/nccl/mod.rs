@@ -75,6 +75,7 @@ fn check(r: NcclResult, comm: Option<Comm>) -> Result<()> {
     // (callers pass one only while holding it).
     let mut message = text(unsafe { (n.get_error_string)(r) });
     if let (Some(c), Some(last_error)) = (comm, n.get_last_error) {
+        // SAFETY: `c` is a live communicator (see above).
         let last = text(unsafe { last_error(c) });
         if !last.is_empty() {
             message = format!("{message}; {last}");
@@ -234,10 +235,8 @@ impl NcclCommunicator {
             .map_err(|_| Error::Communicator(format!("world size {world_size} is too large")))?;
         // SAFETY: `comm` is a valid out-pointer; the id is the 128 bytes NCCL produced; the
         // device's context is current on this thread, as NCCL requires.
-        check(
-            unsafe { (n.comm_init_rank)(&mut comm, size, uid, rank as i32) },
-            None,
-        )?;
+        let status = unsafe { (n.comm_init_rank)(&mut comm, size, uid, rank as i32) };
+        check(status, None)?;
         let comm_stream = rt.stream.fork().map_err(driver_error(rt.device, 0))?;
         Ok(NcclCommunicator {
             rank,
@@ -355,7 +354,7 @@ impl NcclCommunicator {
     /// Waits for every collective enqueued so far, polling NCCL for peer failures; aborts the
     /// communicator on a failure or after the timeout.
     fn wait(&self, what: &str) -> Result<()> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::comm::deadline(self.timeout);
         loop {
             let (mut guard, comm) = self.live()?;
             let mut state = ffi::SUCCESS;
@@ -380,7 +379,11 @@ impl NcclCommunicator {
                 }
                 CUresult::CUDA_ERROR_NOT_READY => {}
                 other => {
-                    let e = Error::Cuda(format!("{}: {what}: {other:?}", self.rt.device));
+                    let e = Error::Driver {
+                        device: self.rt.device,
+                        code: other as i32,
+                        name: format!("{other:?} ({what})"),
+                    };
                     self.abort_locked(&mut guard, &e.to_string());
                     return Err(e);
                 }
@@ -398,7 +401,7 @@ impl NcclCommunicator {
                     self.rank, self.timeout
                 );
                 self.abort_locked(&mut guard, &reason);
-                return Err(Error::Communicator(reason));
+                return Err(Error::Timeout(reason));
             }
             drop(guard);
             std::thread::sleep(Duration::from_micros(200));
