@@ -25,10 +25,12 @@ struct Phase {
 impl Phase {
     /// The error every collective returns once the group is aborted.
     fn aborted(&self) -> Option<Error> {
-        self.aborted.as_ref().map(|(reason, timed_out)| match timed_out {
-            true => Error::Timeout(reason.clone()),
-            false => fail(reason.clone()),
-        })
+        self.aborted
+            .as_ref()
+            .map(|(reason, timed_out)| match timed_out {
+                true => Error::Timeout(reason.clone()),
+                false => fail(reason.clone()),
+            })
     }
 }
 
