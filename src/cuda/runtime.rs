@@ -178,26 +178,36 @@ pub fn nvrtc_compiles() -> usize {
 }
 
 /// The embedded source of `file` with its `#include "…"` lines replaced by the headers' text, for
-/// NVRTC, which sees one string.
+/// NVRTC, which sees one string. Each header is inlined once, where it is first included, as
+/// `#pragma once` makes nvcc do.
 fn inline_headers(file: &str) -> Result<String> {
+    let mut out = String::new();
+    inline_into(file, &mut Vec::new(), &mut out)?;
+    Ok(out)
+}
+
+fn inline_into(file: &str, seen: &mut Vec<String>, out: &mut String) -> Result<()> {
     let text = kernels::SOURCES
         .iter()
         .find(|(n, _)| *n == file)
         .map(|(_, t)| *t)
         .ok_or_else(|| Error::KernelLoad(format!("no embedded source '{file}'")))?;
-    let mut out = String::new();
+    seen.push(file.to_string());
     for line in text.lines() {
         match line
             .trim()
             .strip_prefix("#include \"")
             .and_then(|r| r.strip_suffix('"'))
         {
-            Some(header) => out.push_str(&inline_headers(header)?),
-            None => out.push_str(line),
+            Some(header) if seen.iter().any(|s| s == header) => {}
+            Some(header) => inline_into(header, seen, out)?,
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
         }
-        out.push('\n');
     }
-    Ok(out)
+    Ok(())
 }
 
 /// An event that can be timed (cudarc's default event has timing disabled, and timing it fails).
@@ -259,5 +269,7 @@ mod tests {
         let src = super::inline_headers("update.cu").unwrap();
         assert!(!src.contains("#include \""));
         assert!(src.contains("struct GroupConfig") && src.contains("struct StepState"));
+        // Once each, however many files include them (as #pragma once makes nvcc do).
+        assert_eq!(src.matches("struct StepState {").count(), 1);
     }
 }
