@@ -1,4 +1,7 @@
 //! Compiles `kernels/*.cu` into fatbins and embeds them, with the kernel sources for NVRTC.
+//! The units include headers from `kernels/` and, by their path under `src/` (`step/decide.cuh`,
+//! `rules/adam/adam.cuh`), the CUDA halves that live beside their Rust twins. A unit is compiled
+//! again only when its inputs change (content-keyed, in `$OUT_DIR`).
 //!
 //! nvcc is looked up in `NVCC`, then `CUDA_HOME`/`CUDA_PATH`, then the project-local toolchain that
 //! `scripts/install-cuda-toolchain.sh` installs, then `PATH`, then `/usr/local/cuda/bin`.
@@ -18,7 +21,9 @@ fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
     let kernels = manifest.join("kernels");
+    let src = manifest.join("src");
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src");
     for var in [
         "NVCC",
         "CUDA_HOME",
@@ -30,14 +35,49 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    // (name as `#include` names it, path): kernels/ by file name, src/ headers by path under src/.
+    let mut sources: Vec<(String, PathBuf)> = std::fs::read_dir(&kernels)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            (
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                p,
+            )
+        })
+        .collect();
+    let mut headers = Vec::new();
+    cuda_headers(&src, &mut headers);
+    for h in headers {
+        let name = h
+            .strip_prefix(&src)
+            .unwrap_or(&h)
+            .to_string_lossy()
+            .replace('\\', "/");
+        sources.push((name, h));
+    }
     sources.sort();
     let units: Vec<&PathBuf> = sources
         .iter()
+        .map(|(_, p)| p)
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();
+    // Everything a unit may read: a change to any of it compiles the units again.
+    let inputs_key = {
+        let mut all = Vec::new();
+        for (name, path) in &sources {
+            all.extend_from_slice(name.as_bytes());
+            all.extend(std::fs::read(path).unwrap_or_default());
+        }
+        all
+    };
 
     let archs: Vec<String> = env::var("FUSEDOPT_CUDA_ARCHS")
         .unwrap_or_else(|_| "80,90".into())
@@ -58,7 +98,14 @@ fn main() {
                     .and_then(|s| s.to_str())
                     .unwrap_or("kernels");
                 let dst = out.join(format!("{stem}.fatbin"));
-                report.push_str(&compile(&nvcc, unit, &dst, &archs));
+                report.push_str(&compile_cached(
+                    &nvcc,
+                    unit,
+                    &dst,
+                    &archs,
+                    &inputs_key,
+                    &[&kernels, &src],
+                ));
                 fatbins.push((stem.to_string(), dst));
             }
             let path = out.join("ptxas-report.txt");
@@ -109,12 +156,11 @@ fn main() {
     }
     generated.push_str("];\n/// Kernel sources (translation units and headers) for NVRTC.\n");
     generated.push_str("pub const SOURCES: &[(&str, &str)] = &[\n");
-    for src in &sources {
-        let name = src.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+    for (name, path) in &sources {
         let _ = writeln!(
             generated,
             "    ({name:?}, include_str!({:?})),",
-            src.display().to_string()
+            path.display().to_string()
         );
     }
     generated.push_str("];\n");
@@ -150,10 +196,54 @@ fn find_nvcc(manifest: &Path) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
+/// Every `.cuh` under `dir`, recursively.
+fn cuda_headers(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for path in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if path.is_dir() {
+            cuda_headers(&path, out);
+        } else if path.extension().is_some_and(|e| e == "cuh") {
+            out.push(path);
+        }
+    }
+}
+
+/// [`compile`], unless `dst` was compiled from exactly these inputs (nvcc, architectures, every
+/// kernel source and header): then its kept ptxas report is returned.
+fn compile_cached(
+    nvcc: &Path,
+    unit: &Path,
+    dst: &Path,
+    archs: &[String],
+    inputs: &[u8],
+    include: &[&Path],
+) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (nvcc, archs, inputs, unit).hash(&mut h);
+    let key = format!("{:016x}", h.finish());
+    let key_path = dst.with_extension("key");
+    let log_path = dst.with_extension("log");
+    if dst.is_file() && std::fs::read_to_string(&key_path).is_ok_and(|k| k == key) {
+        if let Ok(log) = std::fs::read_to_string(&log_path) {
+            return log;
+        }
+    }
+    let log = compile(nvcc, unit, dst, archs, include);
+    let _ = std::fs::write(&log_path, &log);
+    let _ = std::fs::write(&key_path, &key);
+    log
+}
+
 /// Compiles one translation unit; panics (failing the build) with nvcc's output on error, since a
 /// kernel that does not compile is a bug in this crate, not in the user's environment.
-fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String]) -> String {
+fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String], include: &[&Path]) -> String {
     let mut cmd = Command::new(nvcc);
+    for dir in include {
+        cmd.arg("-I").arg(dir);
+    }
     cmd.arg("--fatbin")
         .arg("-O3")
         .arg("-std=c++17")

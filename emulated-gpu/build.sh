@@ -18,8 +18,11 @@ out=${2:-$root/target/emulated-gpu/$mode}
 kernels=${FUSEDOPT_EMU_KERNELS:-$root/kernels}
 cxx=${CXX:-g++}
 
+# Kernel units include headers from their folder and, by path under src/, the CUDA halves that
+# live beside their Rust twins (src/step/decide.cuh, src/rules/*/*.cuh).
 common=(-std=c++17 -fPIC -ffp-contract=off -Wall -Wno-unknown-pragmas -Wno-unused-function
-        -I "$here/include" -I "$here/src")
+        -I "$here/include" -I "$here/src" -I "$root/src")
+src_headers=$(find "$root/src" -name '*.cuh' | sort)
 case "$mode" in
   plain) flags=(-O2 -g0) ;;
   asan)  flags=(-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined
@@ -30,7 +33,8 @@ esac
 
 mkdir -p "$out"
 stamp=$( { echo "$mode ${flags[*]} $("$cxx" --version | head -n 1)"; \
-           cat "$here"/build.sh "$here"/include/* "$here"/src/* "$kernels"/*; } | sha256sum | cut -c1-16)
+           cat "$here"/build.sh "$here"/include/* "$here"/src/* "$kernels"/* $src_headers; } \
+         | sha256sum | cut -c1-16)
 if [ -f "$out/libcuda.so.1" ] && [ -f "$out/libnccl.so.2" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
   echo "$out"; exit 0
 fi
@@ -47,7 +51,8 @@ pids=()
 compile() {
   local src=$1; shift
   local key
-  key=$( { echo "$toolchain $*"; cat "$src" "$here"/include/* "$here"/src/*.h "$kernels"/*.cuh; } \
+  key=$( { echo "$toolchain $*"; cat "$src" "$here"/include/* "$here"/src/*.h "$kernels"/*.cuh \
+           $src_headers; } \
          | sha256sum | cut -c1-24)
   objs+=("$cache/$key.o")
   [ -f "$cache/$key.o" ] && return 0

@@ -4,46 +4,16 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "abi.cuh"
+#include "step/decide.cuh"
 
 struct Segment {
     unsigned long long start;  // 64-bit: arenas may pass 2^31 elements
     unsigned int len;
     unsigned int group;
 };
-
-// Everything that changes from step to step lives in device memory, so a captured CUDA graph
-// replays with new values and no step synchronises with the host. The host writes `lr` (stream
-// ordered, before the step) into its own scalar; the norm pass's last block writes this state.
-// Mirrors src/cuda/abi.rs::StepState.
-struct StepState {
-    unsigned long long step;       // applied steps, including the one in flight once decided
-    double loss_scale;             // gradients arrive multiplied by this
-    unsigned long long good_steps; // applied steps since the loss scale last changed
-    double norm;                   // pre-clip global L2 norm of the unscaled gradients
-    double grad_scale;             // clip factor / loss scale: what every gradient is multiplied by
-    double clip_factor;
-    double step_loss_scale;        // the scale this step's gradients were divided by
-    unsigned int skip;             // non-zero: this step leaves params and state untouched
-    unsigned int done;             // norm-pass block counter (reset by its last block)
-    unsigned int have_norm;        // non-zero: `norm` was computed by this step (it may be NaN)
-    unsigned int pad;
-};
-
-// The layouts src/cuda/abi.rs asserts too: a field added on one side only fails both builds.
-// (NVRTC has no offsetof: there the sizes are checked, and nvcc and the emulator check offsets.)
-#ifdef __CUDACC_RTC__
-#define ABI_FIELD(T, f, offset) static_assert(true, "")
-#else
-#define ABI_FIELD(T, f, offset) static_assert(__builtin_offsetof(T, f) == offset, #T "." #f)
-#endif
 static_assert(sizeof(Segment) == 16, "Segment");
 ABI_FIELD(Segment, start, 0); ABI_FIELD(Segment, len, 8); ABI_FIELD(Segment, group, 12);
-static_assert(sizeof(StepState) == 72, "StepState");
-ABI_FIELD(StepState, step, 0); ABI_FIELD(StepState, loss_scale, 8);
-ABI_FIELD(StepState, good_steps, 16); ABI_FIELD(StepState, norm, 24);
-ABI_FIELD(StepState, grad_scale, 32); ABI_FIELD(StepState, clip_factor, 40);
-ABI_FIELD(StepState, step_loss_scale, 48); ABI_FIELD(StepState, skip, 56);
-ABI_FIELD(StepState, done, 60); ABI_FIELD(StepState, have_norm, 64); ABI_FIELD(StepState, pad, 68);
 
 // Widening loads and narrowing stores (round to nearest even) for every storage dtype.
 __device__ __forceinline__ float to_f32(float x) { return x; }

@@ -33,9 +33,10 @@ use serde_json::Value;
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
-use crate::optim::{check_loss_scale, LossScale, Optimizer, Saved, MAX_STEP};
+use crate::optim::{LossScale, Optimizer, Saved, MAX_STEP};
 use crate::params::GroupOptions;
 use crate::schedule::LrSchedule;
+use crate::step::check_loss_scale;
 use crate::DType;
 
 const FORMAT: &str = "fusedopt-checkpoint-2";

@@ -21,7 +21,6 @@
 
 pub mod arena;
 pub mod checkpoint;
-pub mod clip;
 pub mod comm;
 pub mod cuda;
 pub mod device;
@@ -34,9 +33,9 @@ pub mod params;
 pub mod plan;
 pub mod porting;
 pub mod schedule;
+pub mod step;
 
 pub use arena::Arena;
-pub use clip::{ClipFormula, GlobalNormClip};
 pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
@@ -45,3 +44,4 @@ pub use optim::{
     NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport, WeightDecay,
 };
 pub use params::{GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};
+pub use step::{ClipFormula, GlobalNormClip};

@@ -12,8 +12,9 @@
 //!    part in every collective, so the group stays in step;
 //! 2. every replica prepares its step (the lr its schedule gives) and all exchange their verdicts:
 //!    if any replica failed, every replica returns an error and none steps;
-//! 3. every replica steps, and all exchange what the step did: replicas that would end a step
-//!    differently (which identical inputs make impossible short of a device fault) get
+//! 3. every replica steps, and all exchange what the step did: replicas that ended a step
+//!    differently (which identical inputs make impossible short of a device fault, or a replica
+//!    changed behind the group's back), or a comparison that could not complete, give
 //!    [`Error::ReplicasDiverged`], never `Ok`, and the group is aborted.
 //!
 //! A benign failure (an error or panic in one replica's backward pass, a refused lr, non-finite
@@ -289,8 +290,17 @@ impl<C: Communicator> Replica<C> {
             (Ok(()), None) => {}
         }
         let stepped = self.optimizer.step_at_current_lr();
-        let mine = outcome(&self.optimizer, &stepped).map_err(out_of_step)?;
-        let all = self.exchange(&words_to_f32(&mine)).map_err(out_of_step)?;
+        // From here on this replica may have applied the step: a failure to compare outcomes
+        // cannot be undone, and says so.
+        let unconfirmed = |e: Error| {
+            out_of_step(Error::ReplicasDiverged(format!(
+                "replica {} ended its step, but whether every replica ended it alike could not be \
+                 confirmed: {e}",
+                self.comm.rank()
+            )))
+        };
+        let mine = outcome(&self.optimizer, &stepped).map_err(unconfirmed)?;
+        let all = self.exchange(&words_to_f32(&mine)).map_err(unconfirmed)?;
         let theirs: Vec<&[f32]> = all.chunks(4 * mine.len()).collect();
         if theirs.iter().any(|t| *t != theirs[0]) {
             let describe = |t: &[f32]| match t[0] as u8 {
@@ -381,13 +391,22 @@ impl<C: Communicator> Replica<C> {
     }
 
     /// Exchanges a few numbers with every replica (all ranks' values, in rank order).
+    /// The values are never NaN: the receive buffer starts all NaN, so a collective that
+    /// reported success but delivered nothing (a rank whose peers are gone) is an error here.
     fn exchange(&self, mine: &[f32]) -> Result<Vec<f32>> {
-        let mut mine = mine.to_vec();
-        let mut all = vec![0.0f32; mine.len() * self.comm.world_size()];
+        let n = mine.len();
+        let mut send = mine.to_vec();
+        let mut all = vec![f32::NAN; n * self.comm.world_size()];
         self.comm.all_gather(
-            HostBuffer::F32(&mut mine).into(),
+            HostBuffer::F32(&mut send).into(),
             HostBuffer::F32(&mut all).into(),
         )?;
+        let rank = self.comm.rank();
+        if all.iter().any(|x| x.is_nan()) || all[rank * n..(rank + 1) * n] != *mine {
+            return Err(Error::Communicator(format!(
+                "replica {rank}: an exchange with the other replicas did not complete"
+            )));
+        }
         Ok(all)
     }
 

@@ -575,7 +575,9 @@ fn a_failing_stalling_or_dying_nccl_rank_fails_every_replica_and_nobody_steps() 
         timeout: Duration::from_secs(2),
         ..small_buckets()
     };
-    // Rank 1 makes one collective per bucket, then one for the commit barrier.
+    // Rank 1 makes one collective per bucket, then one to agree that every replica can step
+    // (and, after the step, one to compare outcomes: a fault there cannot undo the step, and is
+    // ReplicasDiverged rather than a clean failure).
     let collectives = {
         let opts = (0..2)
             .map(|r| optimizer_on(100 + r as u64, Device::Cuda(r)))
@@ -609,6 +611,19 @@ fn a_failing_stalling_or_dying_nccl_rank_fails_every_replica_and_nobody_steps() 
                 "{what}: a replica applied the failed step"
             );
         }
+        // A fault in the comparison after the step cannot undo it: never Ok, never a plain
+        // failure that would claim nothing changed.
+        let opts = (0..2)
+            .map(|r| optimizer_on(100 + r as u64, Device::Cuda(r)))
+            .collect();
+        let mut dp = DataParallel::nccl(opts, options).unwrap();
+        inject(1, collectives as u64, kind);
+        let outcome = gpu_step(&mut dp, &problem, 0..24);
+        inject(1, 0, "none");
+        assert!(
+            matches!(outcome, Err(Error::ReplicasDiverged(_))),
+            "rank 1 {kind} while comparing outcomes: {outcome:?}"
+        );
     }
 }
 

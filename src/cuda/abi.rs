@@ -1,17 +1,15 @@
-//! Host mirrors of the structs the kernels read (kernels/multi_tensor.cuh, rules.cuh, norm.cu),
+//! Host mirrors of the structs the kernels read (kernels/multi_tensor.cuh, rules.cuh; the step
+//! state and params are src/step's),
 //! field for field, `#[repr(C)]` and `Pod` (no padding anywhere). Every size and field offset is
 //! asserted at compile time here and, with the same numbers, by `static_assert`s in the `.cuh`
 //! files, so a field added on one side only fails both builds.
 
 use cudarc::driver::DeviceRepr;
 
-use crate::clip::ClipFormula;
-use crate::optim::{
-    AdamEps, AmsGrad, EpsPlacement, LossScale, LrPlacement, MomentumInit, NonFinitePolicy,
-    OptimizerOptions, Rule, WeightDecay,
-};
+use crate::optim::{AdamEps, AmsGrad, EpsPlacement, LrPlacement, MomentumInit, Rule, WeightDecay};
 use crate::params::GroupOptions;
 use crate::plan::Segment;
+pub(crate) use crate::step::{StepParams, StepState};
 
 /// `Segment` in multi_tensor.cuh.
 #[repr(C)]
@@ -121,71 +119,6 @@ impl GroupConfig {
     }
 }
 
-/// `StepState` in multi_tensor.cuh: everything that changes from step to step, in device memory.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct StepState {
-    pub step: u64,
-    pub loss_scale: f64,
-    pub good_steps: u64,
-    pub norm: f64,
-    pub grad_scale: f64,
-    pub clip_factor: f64,
-    pub step_loss_scale: f64,
-    pub skip: u32,
-    pub done: u32,
-    pub have_norm: u32,
-    pub pad: u32,
-}
-
-/// `NormParams` in norm.cu: the step-wide options, passed by value.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
-pub struct NormParams {
-    pub max_norm: f64,
-    pub growth_factor: f64,
-    pub backoff_factor: f64,
-    pub growth_interval: u64,
-    pub clip_formula: i32,
-    pub policy: i32,
-    pub dynamic_scale: i32,
-    pub pad: i32,
-}
-
-impl NormParams {
-    pub fn new(o: &OptimizerOptions) -> Self {
-        let mut q = NormParams {
-            policy: match o.non_finite {
-                NonFinitePolicy::Skip => 0,
-                NonFinitePolicy::Propagate => 1,
-                NonFinitePolicy::Error => 2,
-            },
-            ..Default::default()
-        };
-        if let Some(clip) = o.clip {
-            q.max_norm = clip.max_norm;
-            q.clip_formula = match clip.formula {
-                ClipFormula::PyTorch => 1,
-                ClipFormula::Keras => 2,
-                ClipFormula::Optax => 3,
-            };
-        }
-        if let LossScale::Dynamic {
-            growth_factor,
-            backoff_factor,
-            growth_interval,
-            ..
-        } = o.loss_scale
-        {
-            q.dynamic_scale = 1;
-            q.growth_factor = growth_factor;
-            q.backoff_factor = backoff_factor;
-            q.growth_interval = growth_interval;
-        }
-        q
-    }
-}
-
 // SAFETY: each type is `#[repr(C)]`, made only of plain integers and floats, and laid out field for
 // field like its CUDA counterpart named above; the kernels read them by value or through pointers
 // to device copies, so passing their bytes is exactly what the kernels expect.
@@ -195,27 +128,13 @@ unsafe impl DeviceRepr for GroupConfig {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for StepState {}
 // SAFETY: as above.
-unsafe impl DeviceRepr for NormParams {}
+unsafe impl DeviceRepr for StepParams {}
 
-/// Asserts, at compile time, a struct's size and the offset of each named field.
-macro_rules! abi_layout {
-    ($t:ty, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
-        const _: () = assert!(std::mem::size_of::<$t>() == $size);
-        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
-    };
-}
+use crate::step::abi_layout;
 
-// The same numbers as the static_asserts in kernels/multi_tensor.cuh, rules.cuh and norm.cu.
+// The same numbers as the static_asserts in kernels/multi_tensor.cuh and rules.cuh.
 abi_layout!(DeviceSegment, 16, { start: 0, len: 8, group: 12 });
 abi_layout!(GroupConfig, 96, {
     lr_scale: 0, decay: 8, sign: 16, momentum: 24, dampening: 32, beta1: 40, beta2: 48, eps: 56,
     eps_root: 64, alpha: 72, lr_decay: 80, decay_kind: 88, flags: 92,
-});
-abi_layout!(StepState, 72, {
-    step: 0, loss_scale: 8, good_steps: 16, norm: 24, grad_scale: 32, clip_factor: 40,
-    step_loss_scale: 48, skip: 56, done: 60, have_norm: 64, pad: 68,
-});
-abi_layout!(NormParams, 48, {
-    max_norm: 0, growth_factor: 8, backoff_factor: 16, growth_interval: 24, clip_formula: 32,
-    policy: 36, dynamic_scale: 40, pad: 44,
 });

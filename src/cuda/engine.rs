@@ -10,7 +10,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::abi::{DeviceSegment, GroupConfig, NormParams, StepState};
+use super::abi::{DeviceSegment, GroupConfig, StepParams, StepState};
 use super::arena::DeviceArena;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
@@ -56,8 +56,7 @@ pub struct CudaEngine {
     step_state: CudaSlice<StepState>,
     lr: CudaSlice<f64>,
     partials: CudaSlice<f64>,
-    norm_params: NormParams,
-    needs_norm: bool,
+    step_params: StepParams,
     pub(crate) state: Vec<DeviceArena>,
     graph: Option<CapturedGraph>,
 }
@@ -149,13 +148,7 @@ impl CudaEngine {
             .iter()
             .map(|g| GroupConfig::new(rule, &g.options))
             .collect();
-        let initial = StepState {
-            loss_scale: options.loss_scale.initial(),
-            step_loss_scale: options.loss_scale.initial(),
-            grad_scale: 1.0,
-            clip_factor: 1.0,
-            ..Default::default()
-        };
+        let initial = StepState::initial(options);
         let bytes = |n: usize, size: usize| n.saturating_mul(size);
         let err = |n| driver_error(dev, n);
         let state = rule
@@ -183,8 +176,7 @@ impl CudaEngine {
             .alloc_zeros::<f64>(plan.num_chunks().max(1))
             .map_err(err(bytes(plan.num_chunks(), 8)))?;
         Ok(CudaEngine {
-            needs_norm: options.needs_norm(),
-            norm_params: NormParams::new(options),
+            step_params: StepParams::new(options),
             rt,
             update,
             norm,
@@ -261,7 +253,7 @@ impl CudaEngine {
             DeviceArena::F16(s) => s.len(),
         } as u64;
         debug_assert!(arena_len <= len);
-        if self.needs_norm && self.plan.num_chunks() > 0 {
+        if self.step_params.needs_norm() && self.plan.num_chunks() > 0 {
             let chunk = self.plan.chunk_elems() as u32;
             let mut b = stream.launch_builder(&self.norm);
             push_arena(&mut b, &p.grads);
@@ -269,7 +261,7 @@ impl CudaEngine {
                 .arg(&chunk)
                 .arg(&mut self.partials)
                 .arg(&mut self.step_state)
-                .arg(&self.norm_params);
+                .arg(&self.step_params);
             let cfg = LaunchConfig {
                 grid_dim: (self.plan.num_chunks() as u32, 1, 1),
                 block_dim: (BLOCK, 1, 1),
@@ -281,8 +273,8 @@ impl CudaEngine {
             unsafe { b.launch(cfg) }.map_err(driver_error(dev, 0))?;
         } else {
             let mut b = stream.launch_builder(&self.advance);
-            b.arg(&mut self.step_state).arg(&self.norm_params);
-            // SAFETY: matches `advance_step(StepState*, NormParams)` in kernels/norm.cu.
+            b.arg(&mut self.step_state).arg(&self.step_params);
+            // SAFETY: matches `advance_step(StepState*, StepParams)` in kernels/norm.cu.
             unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(driver_error(dev, 0))?;
         }
         let segments = self.plan.segments().len() as u32;
@@ -362,6 +354,42 @@ impl std::fmt::Debug for CudaEngine {
             .field("graph", &self.graph.is_some())
             .finish()
     }
+}
+
+/// `decide_step` (src/step/decide.cuh) on every case, one thread each, on device `ordinal`: the
+/// device half of the test that compares the two deciders.
+pub(crate) fn decide_cases(
+    ordinal: usize,
+    cases: &[crate::step::testing::Case],
+) -> Result<Vec<StepState>> {
+    let rt = CudaRuntime::shared(ordinal)?;
+    let (dev, stream) = (rt.device, &rt.stream);
+    let err = |n| driver_error(dev, n);
+    let module = rt.module("norm")?;
+    let kernel = rt.function(&module, "decide_cases")?;
+    let mut out = Vec::with_capacity(cases.len());
+    for batch in cases.chunks(BLOCK as usize) {
+        let states: Vec<StepState> = batch.iter().map(|c| c.0).collect();
+        let params: Vec<StepParams> = batch.iter().map(|c| c.1).collect();
+        let sums: Vec<f64> = batch.iter().map(|c| c.2).collect();
+        let have: Vec<i32> = batch.iter().map(|c| c.3 as i32).collect();
+        let mut states_dev = stream.clone_htod(&states).map_err(err(0))?;
+        let params_dev = stream.clone_htod(&params).map_err(err(0))?;
+        let sums_dev = stream.clone_htod(&sums).map_err(err(0))?;
+        let have_dev = stream.clone_htod(&have).map_err(err(0))?;
+        let n = batch.len() as i32;
+        let mut b = stream.launch_builder(&kernel);
+        b.arg(&mut states_dev)
+            .arg(&params_dev)
+            .arg(&sums_dev)
+            .arg(&have_dev)
+            .arg(&n);
+        // SAFETY: matches `decide_cases(StepState*, const StepParams*, const double*, const int*,
+        // int)` in kernels/norm.cu; every array holds `n` elements, one per thread used.
+        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(err(0))?;
+        out.extend(stream.clone_dtoh(&states_dev).map_err(err(0))?);
+    }
+    Ok(out)
 }
 
 fn nonempty(mut v: Vec<DeviceSegment>) -> Vec<DeviceSegment> {

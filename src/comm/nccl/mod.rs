@@ -464,7 +464,9 @@ impl Communicator for NcclCommunicator {
                 let n = s.len();
                 let mut mine = Vec::new();
                 s.read_into(&mut mine);
-                let mut joined = vec![0.0f32; r.len()];
+                // recv as the caller gave it: a collective that delivers nothing leaves it so.
+                let mut joined = Vec::new();
+                r.read_into(&mut joined);
                 joined.extend_from_slice(&mine);
                 let send_at = (r.len() * 4) as u64;
                 self.staged(&mut HostBuffer::F32(&mut joined), |ptr, _| {

@@ -1,5 +1,6 @@
 //! Global-norm gradient clipping, folded into the step: one pass computes the norm, the update
-//! multiplies each gradient by the factor on the fly.
+//! multiplies each gradient by the factor on the fly. The formulas are `clip_factor` in
+//! `mod.rs` and in `decide.cuh`.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,34 +39,6 @@ impl GlobalNormClip {
         GlobalNormClip {
             max_norm,
             formula: formula.into(),
-        }
-    }
-
-    /// The factor every gradient is multiplied by, given the pre-clip norm `n`.
-    pub fn factor(&self, n: f64) -> f64 {
-        let max = self.max_norm;
-        match self.formula {
-            ClipFormula::PyTorch => {
-                let c = max / (n + 1e-6);
-                if c.is_nan() {
-                    c
-                } else {
-                    c.min(1.0)
-                }
-            }
-            ClipFormula::Keras => {
-                // 1/0 = ∞ gives a factor of 1 at n = 0; TensorFlow adds (n − n), which turns the
-                // factor into NaN when n is not finite.
-                let nan_unless_finite = if n.is_finite() { 0.0 } else { f64::NAN };
-                max * (1.0 / n).min(1.0 / max) + nan_unless_finite
-            }
-            ClipFormula::Optax => {
-                if n < max {
-                    1.0
-                } else {
-                    max / n
-                }
-            }
         }
     }
 }
