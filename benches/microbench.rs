@@ -101,10 +101,10 @@ fn rules() -> Vec<(&'static str, Rule)> {
         (
             "sgd_momentum",
             Sgd {
-                lr: 1e-3,
                 momentum: 0.9,
                 ..Sgd::preset(f)
             }
+            .with_lr(1e-3)
             .into(),
         ),
         ("adam", Adam::preset(f).into()),

@@ -170,10 +170,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let steps_per_epoch = train_idx.len().div_ceil(BATCH);
     let total = (EPOCHS * steps_per_epoch) as f64;
-    let rule = Adam {
-        lr: 3e-3,
-        ..Adam::adamw(Flavor::PyTorch)
-    };
+    let rule = Adam::adamw(Flavor::PyTorch).with_lr(3e-3);
     let options = OptimizerOptions {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         ..Default::default()

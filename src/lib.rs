@@ -25,13 +25,14 @@ pub mod comm;
 pub mod cuda;
 pub mod device;
 pub mod dtype;
-pub mod engine;
+pub(crate) mod engine;
 pub mod error;
 pub mod optim;
 pub mod parallel;
 pub mod params;
 pub mod plan;
 pub mod porting;
+pub mod rules;
 pub mod schedule;
 pub mod step;
 
@@ -40,8 +41,9 @@ pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
-    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, Flavor, LossScale, LrPlacement, MomentumInit,
-    NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport, WeightDecay,
+    Adagrad, Adam, AdamEps, AmsGrad, Common, EpsPlacement, Flavor, LossScale, LrPlacement,
+    MomentumInit, NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport,
+    WeightDecay,
 };
 pub use params::{GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};
 pub use step::{ClipFormula, GlobalNormClip};

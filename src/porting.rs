@@ -9,7 +9,9 @@
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::optim::{Adagrad, Adam, AmsGrad, EpsPlacement, Flavor, RmsProp, Rule, Sgd, WeightDecay};
+use crate::optim::{
+    Adagrad, Adam, AmsGrad, Common, EpsPlacement, Flavor, RmsProp, Rule, Sgd, WeightDecay,
+};
 use crate::schedule::plateau::{Mode, ReduceLrOnPlateau, Variant};
 use crate::schedule::{keras, optax, torch, Counted, LrSchedule};
 
@@ -189,15 +191,22 @@ pub fn rule_from_framework(
 ) -> Result<Rule> {
     let f = flavor;
     let mut a = Args::new(args, &format!("{flavor:?} {kind}"));
+    // The knobs every rule has (weight decay comes after: it depends on the rule).
+    let common = |a: &mut Args, d: &Common| -> Result<Common> {
+        Ok(Common {
+            lr: a.knob(f, Knob::Lr, d.lr)?,
+            maximize: a.flag(f, Knob::Maximize, false)?,
+            ..*d
+        })
+    };
     let mut rule = match kind {
         "sgd" => {
             let d = Sgd::preset(f);
             Rule::Sgd(Sgd {
-                lr: a.knob(f, Knob::Lr, d.lr)?,
+                common: common(&mut a, &d.common)?,
                 momentum: a.knob(f, Knob::Momentum, 0.0)?,
                 dampening: a.knob(f, Knob::Dampening, 0.0)?,
                 nesterov: a.flag(f, Knob::Nesterov, false)?,
-                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
@@ -221,20 +230,19 @@ pub fn rule_from_framework(
                 false => AmsGrad::Off,
             };
             Rule::Adam(Adam {
-                lr: a.knob(f, Knob::Lr, d.lr)?,
+                common: common(&mut a, &d.common)?,
                 beta1,
                 beta2,
                 eps: a.knob(f, Knob::Eps, d.eps)?,
                 eps_root: a.knob(f, Knob::EpsRoot, 0.0)?,
                 amsgrad,
-                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
         "rmsprop" => {
             let d = RmsProp::preset(f);
             Rule::RmsProp(RmsProp {
-                lr: a.knob(f, Knob::Lr, d.lr)?,
+                common: common(&mut a, &d.common)?,
                 alpha: a.knob(f, Knob::Decay, d.alpha)?,
                 eps: a.knob(f, Knob::Eps, d.eps)?,
                 eps_placement: match a.flag(
@@ -254,18 +262,16 @@ pub fn rule_from_framework(
                 },
                 initial_square_avg: a.knob(f, Knob::InitialScale, d.initial_square_avg)?,
                 bias_correction: a.flag(f, Knob::BiasCorrection, false)?,
-                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
         "adagrad" => {
             let d = Adagrad::preset(f);
             Rule::Adagrad(Adagrad {
-                lr: a.knob(f, Knob::Lr, d.lr)?,
+                common: common(&mut a, &d.common)?,
                 lr_decay: a.knob(f, Knob::LrDecay, 0.0)?,
                 initial_accumulator: a.knob(f, Knob::InitialAccumulator, d.initial_accumulator)?,
                 eps: a.knob(f, Knob::Eps, d.eps)?,
-                maximize: a.flag(f, Knob::Maximize, false)?,
                 ..d
             })
         }
@@ -307,12 +313,7 @@ pub fn rule_from_framework(
 }
 
 fn set_weight_decay(rule: &mut Rule, wd: WeightDecay) {
-    match rule {
-        Rule::Sgd(r) => r.weight_decay = wd,
-        Rule::Adam(r) => r.weight_decay = wd,
-        Rule::RmsProp(r) => r.weight_decay = wd,
-        Rule::Adagrad(r) => r.weight_decay = wd,
-    }
+    rule.common_mut().weight_decay = wd;
 }
 
 /// A schedule built from a framework's class or function name and its own arguments; `base_lr`

@@ -134,11 +134,7 @@ fn bad_access_and_hyperparameters_change_nothing() {
             ..Sgd::preset(Flavor::PyTorch)
         }
         .into(),
-        Sgd {
-            lr: f64::INFINITY,
-            ..Sgd::preset(Flavor::PyTorch)
-        }
-        .into(),
+        Sgd::preset(Flavor::PyTorch).with_lr(f64::INFINITY).into(),
         RmsProp {
             alpha: 1.5,
             ..RmsProp::preset(Flavor::Keras)
@@ -225,11 +221,11 @@ fn non_finite_gradients_follow_the_policy() {
 #[test]
 fn groups_scale_lr_and_override_decay() {
     let tensors = awkward_tensors(9);
-    let rule = Rule::Sgd(Sgd {
-        lr: 0.1,
-        weight_decay: WeightDecay::L2(0.5),
-        ..Sgd::preset(Flavor::PyTorch)
-    });
+    let rule = Rule::Sgd(
+        Sgd::preset(Flavor::PyTorch)
+            .with_lr(0.1)
+            .with_weight_decay(WeightDecay::L2(0.5)),
+    );
     let mut opt = Optimizer::new(build(&tensors), rule).unwrap();
     for t in &tensors {
         opt.params_mut()
@@ -321,7 +317,7 @@ fn framework_arguments_are_mapped_or_refused() {
         panic!("not RMSProp")
     };
     assert_eq!(
-        (r.alpha, r.weight_decay),
+        (r.alpha, r.common.weight_decay),
         (0.8, WeightDecay::Decoupled(0.1))
     );
 }

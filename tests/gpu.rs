@@ -29,33 +29,33 @@ fn all_rules() -> Vec<Rule> {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.8, true)] {
                 v.push(
                     Sgd {
-                        lr: 0.05,
                         momentum,
                         nesterov,
-                        weight_decay: wd,
                         ..Sgd::preset(f)
                     }
+                    .with_lr(0.05)
+                    .with_weight_decay(wd)
                     .into(),
                 );
             }
             for ams in [AmsGrad::Off, AmsGrad::MaxRaw, AmsGrad::MaxCorrected] {
                 v.push(
                     Adam {
-                        lr: 0.01,
                         amsgrad: ams,
-                        weight_decay: wd,
                         ..Adam::preset(f)
                     }
+                    .with_lr(0.01)
+                    .with_weight_decay(wd)
                     .into(),
                 );
             }
             v.push(
                 Adagrad {
-                    lr: 0.02,
-                    weight_decay: wd,
                     lr_decay: 0.1,
                     ..Adagrad::preset(f)
                 }
+                .with_lr(0.02)
+                .with_weight_decay(wd)
                 .into(),
             );
         }
@@ -63,25 +63,25 @@ fn all_rules() -> Vec<Rule> {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
                 v.push(
                     RmsProp {
-                        lr: 0.002,
                         centered,
                         momentum,
                         nesterov,
                         bias_correction: f == Flavor::Optax,
                         ..RmsProp::preset(f)
                     }
+                    .with_lr(0.002)
                     .into(),
                 );
             }
         }
         v.push(
             Sgd {
-                lr: 0.05,
                 momentum: 0.9,
                 dampening: 0.3,
-                maximize: true,
                 ..Sgd::preset(f)
             }
+            .with_lr(0.05)
+            .maximizing(true)
             .into(),
         );
     }
@@ -348,14 +348,7 @@ fn a_tensor_beyond_two_to_the_31_elements() {
         }
         Err(e) => panic!("{e}"),
     };
-    let mut opt = Optimizer::new(
-        set,
-        Sgd {
-            lr: 0.5,
-            ..Sgd::preset(Flavor::PyTorch)
-        },
-    )
-    .unwrap();
+    let mut opt = Optimizer::new(set, Sgd::preset(Flavor::PyTorch).with_lr(0.5)).unwrap();
     let mut g = vec![0.0; n];
     g[n - 1] = 2.0;
     g[(1 << 31) - 1] = 4.0;
@@ -385,7 +378,15 @@ fn conformance_cases_replay_on_cuda() {
 fn kernel_sources_and_fatbins_are_embedded() {
     let names: Vec<&str> = kernels::SOURCES.iter().map(|(n, _)| *n).collect();
     let units = ["update.cu", "norm.cu", "all_reduce.cu"];
-    for needed in ["rules.cuh", "multi_tensor.cuh"].iter().chain(&units) {
+    let headers = [
+        "multi_tensor.cuh",
+        "abi.cuh",
+        "step/decide.cuh",
+        "rules/common.cuh",
+        "rules/all.cuh",
+        "rules/adam/adam.cuh",
+    ];
+    for needed in headers.iter().chain(&units) {
         assert!(names.contains(needed), "{needed} not embedded: {names:?}");
     }
     match option_env!("FUSEDOPT_NVCC") {

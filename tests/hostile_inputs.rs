@@ -35,13 +35,7 @@ const BEYOND_F32: f64 = 1e39;
 fn hyperparameters_beyond_f32_are_refused() {
     invalid(
         "lr 1e39",
-        Optimizer::new(
-            params(),
-            Adam {
-                lr: BEYOND_F32,
-                ..adam()
-            },
-        ),
+        Optimizer::new(params(), adam().with_lr(BEYOND_F32)),
     );
     invalid(
         "eps 1e39",
@@ -57,10 +51,7 @@ fn hyperparameters_beyond_f32_are_refused() {
         "weight decay 1e39",
         Optimizer::new(
             params(),
-            Sgd {
-                weight_decay: WeightDecay::L2(BEYOND_F32),
-                ..Sgd::preset(Flavor::PyTorch)
-            },
+            Sgd::preset(Flavor::PyTorch).with_weight_decay(WeightDecay::L2(BEYOND_F32)),
         ),
     );
     let mut opt = Optimizer::new(params(), adam()).unwrap();
@@ -85,10 +76,7 @@ fn hyperparameters_beyond_f32_are_refused() {
         "rule lr 1e10 × group scale 1e30",
         Optimizer::new(
             opt.params().try_clone().unwrap(),
-            Sgd {
-                lr: 1e10,
-                ..Sgd::preset(Flavor::PyTorch)
-            },
+            Sgd::preset(Flavor::PyTorch).with_lr(1e10),
         ),
     );
 }

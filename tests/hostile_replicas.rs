@@ -24,10 +24,7 @@ fn params() -> ParamSet {
 }
 
 fn adam() -> Adam {
-    Adam {
-        lr: 0.01,
-        ..Adam::adamw(Flavor::PyTorch)
-    }
+    Adam::adamw(Flavor::PyTorch).with_lr(0.01)
 }
 
 fn optimizer() -> Optimizer {
@@ -236,23 +233,11 @@ fn replicas_that_would_diverge_are_refused_at_setup_and_the_reason_is_named() {
         ),
         (
             "rule",
-            with_rule(
-                Adam {
-                    lr: 0.01,
-                    ..Adam::adamw(Flavor::Keras)
-                }
-                .into(),
-            ),
+            with_rule(Adam::adamw(Flavor::Keras).with_lr(0.01).into()),
         ),
         (
             "rule",
-            with_rule(
-                Adam {
-                    weight_decay: WeightDecay::Decoupled(0.1),
-                    ..adam()
-                }
-                .into(),
-            ),
+            with_rule(adam().with_weight_decay(WeightDecay::Decoupled(0.1)).into()),
         ),
         (
             "options",

@@ -19,35 +19,23 @@ fn round(dtype: DType, x: f32) -> f32 {
 
 fn rules() -> Vec<Rule> {
     vec![
-        Adam {
-            lr: 0.01,
-            ..Adam::adamw(Flavor::PyTorch)
-        }
-        .into(),
-        Adam {
-            lr: 0.01,
-            ..Adam::amsgrad(Flavor::Optax)
-        }
-        .into(),
+        Adam::adamw(Flavor::PyTorch).with_lr(0.01).into(),
+        Adam::amsgrad(Flavor::Optax).with_lr(0.01).into(),
         Sgd {
-            lr: 0.05,
             momentum: 0.9,
             nesterov: true,
             ..Sgd::preset(Flavor::Keras)
         }
+        .with_lr(0.05)
         .into(),
         RmsProp {
-            lr: 0.002,
             centered: true,
             momentum: 0.5,
             ..RmsProp::preset(Flavor::PyTorch)
         }
+        .with_lr(0.002)
         .into(),
-        Adagrad {
-            lr: 0.02,
-            ..Adagrad::preset(Flavor::Keras)
-        }
-        .into(),
+        Adagrad::preset(Flavor::Keras).with_lr(0.02).into(),
     ]
 }
 

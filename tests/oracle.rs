@@ -25,15 +25,17 @@ fn sgd_variants() -> Vec<Rule> {
                 (0.9, 0.3, false),
                 (0.8, 0.0, true),
             ] {
-                v.push(Rule::Sgd(Sgd {
-                    lr: 0.05,
-                    momentum,
-                    dampening,
-                    nesterov,
-                    weight_decay: wd,
-                    maximize: wd == WeightDecay::L1(0.01),
-                    ..Sgd::preset(f)
-                }));
+                v.push(Rule::Sgd(
+                    Sgd {
+                        momentum,
+                        dampening,
+                        nesterov,
+                        ..Sgd::preset(f)
+                    }
+                    .with_lr(0.05)
+                    .with_weight_decay(wd)
+                    .maximizing(wd == WeightDecay::L1(0.01)),
+                ));
             }
         }
     }
@@ -45,14 +47,16 @@ fn adam_variants() -> Vec<Rule> {
     for f in FLAVORS {
         for wd in DECAYS {
             for ams in [AmsGrad::Off, AmsGrad::MaxRaw, AmsGrad::MaxCorrected] {
-                v.push(Rule::Adam(Adam {
-                    lr: 0.01,
-                    amsgrad: ams,
-                    weight_decay: wd,
-                    eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
-                    maximize: ams == AmsGrad::MaxRaw && wd == WeightDecay::None,
-                    ..Adam::preset(f)
-                }));
+                v.push(Rule::Adam(
+                    Adam {
+                        amsgrad: ams,
+                        eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
+                        ..Adam::preset(f)
+                    }
+                    .with_lr(0.01)
+                    .with_weight_decay(wd)
+                    .maximizing(ams == AmsGrad::MaxRaw && wd == WeightDecay::None),
+                ));
             }
         }
         v.push(Rule::Adam(Adam::adamw(f)));
@@ -70,21 +74,23 @@ fn rmsprop_variants() -> Vec<Rule> {
                     WeightDecay::L2(0.05),
                     WeightDecay::Decoupled(0.1),
                 ] {
-                    v.push(Rule::RmsProp(RmsProp {
-                        lr: 0.002,
-                        centered,
-                        momentum,
-                        nesterov,
-                        weight_decay: wd,
-                        bias_correction: f == Flavor::Optax && centered,
-                        initial_square_avg: if f == Flavor::Optax {
-                            0.3
-                        } else {
-                            RmsProp::preset(f).initial_square_avg
-                        },
-                        maximize: wd == WeightDecay::L2(0.05) && !centered,
-                        ..RmsProp::preset(f)
-                    }));
+                    v.push(Rule::RmsProp(
+                        RmsProp {
+                            centered,
+                            momentum,
+                            nesterov,
+                            bias_correction: f == Flavor::Optax && centered,
+                            initial_square_avg: if f == Flavor::Optax {
+                                0.3
+                            } else {
+                                RmsProp::preset(f).initial_square_avg
+                            },
+                            ..RmsProp::preset(f)
+                        }
+                        .with_lr(0.002)
+                        .with_weight_decay(wd)
+                        .maximizing(wd == WeightDecay::L2(0.05) && !centered),
+                    ));
                 }
             }
         }
@@ -97,18 +103,20 @@ fn adagrad_variants() -> Vec<Rule> {
     for f in FLAVORS {
         for wd in DECAYS {
             for lr_decay in [0.0, 0.1] {
-                v.push(Rule::Adagrad(Adagrad {
-                    lr: 0.02,
-                    lr_decay,
-                    weight_decay: wd,
-                    eps: if f == Flavor::Tf1 {
-                        1e-10
-                    } else {
-                        Adagrad::preset(f).eps
-                    },
-                    maximize: lr_decay > 0.0 && wd == WeightDecay::None,
-                    ..Adagrad::preset(f)
-                }));
+                v.push(Rule::Adagrad(
+                    Adagrad {
+                        lr_decay,
+                        eps: if f == Flavor::Tf1 {
+                            1e-10
+                        } else {
+                            Adagrad::preset(f).eps
+                        },
+                        ..Adagrad::preset(f)
+                    }
+                    .with_lr(0.02)
+                    .with_weight_decay(wd)
+                    .maximizing(lr_decay > 0.0 && wd == WeightDecay::None),
+                ));
             }
         }
     }
@@ -204,16 +212,20 @@ fn oracle_detects_a_wrong_knob() {
     // The oracle must tell flavors apart: Keras' lr-inside momentum differs from PyTorch's once the
     // lr changes, so checking one against the other's oracle has to fail.
     let tensors = awkward_tensors(3);
-    let keras = Rule::Sgd(Sgd {
-        lr: 0.05,
-        momentum: 0.9,
-        ..Sgd::preset(Flavor::Keras)
-    });
-    let pytorch = Rule::Sgd(Sgd {
-        lr: 0.05,
-        momentum: 0.9,
-        ..Sgd::preset(Flavor::PyTorch)
-    });
+    let keras = Rule::Sgd(
+        Sgd {
+            momentum: 0.9,
+            ..Sgd::preset(Flavor::Keras)
+        }
+        .with_lr(0.05),
+    );
+    let pytorch = Rule::Sgd(
+        Sgd {
+            momentum: 0.9,
+            ..Sgd::preset(Flavor::PyTorch)
+        }
+        .with_lr(0.05),
+    );
     let mut opt = Optimizer::new(build(&tensors), keras).unwrap();
     let mut oracle = Oracle::new(pytorch, None, &tensors);
     let mut rng = StdRng::seed_from_u64(5);

@@ -183,10 +183,7 @@ fn optimizer_on(seed: u64, device: Device) -> Optimizer {
     };
     Optimizer::with_options(
         b.build(device).unwrap(),
-        Adam {
-            lr: 0.05,
-            ..Adam::adamw(Flavor::PyTorch)
-        },
+        Adam::adamw(Flavor::PyTorch).with_lr(0.05),
         options,
     )
     .unwrap()

@@ -205,38 +205,26 @@ fn rule_of(args: &Args, lr: f64) -> Rule {
     let f = flavor(args.flavor);
     let l2 = WeightDecay::L2(args.weight_decay.unwrap_or(0.0));
     match args.rule {
-        RuleName::Adam => Adam {
-            lr,
-            weight_decay: l2,
-            ..Adam::preset(f)
-        }
-        .into(),
-        RuleName::Adamw => Adam {
-            lr,
-            weight_decay: WeightDecay::Decoupled(args.weight_decay.unwrap_or(0.01)),
-            ..Adam::adamw(f)
-        }
-        .into(),
+        RuleName::Adam => Adam::preset(f).with_lr(lr).with_weight_decay(l2).into(),
+        RuleName::Adamw => Adam::adamw(f)
+            .with_lr(lr)
+            .with_weight_decay(WeightDecay::Decoupled(args.weight_decay.unwrap_or(0.01)))
+            .into(),
         RuleName::Sgd => Sgd {
-            lr,
             momentum: args.momentum,
-            weight_decay: l2,
             ..Sgd::preset(f)
         }
+        .with_lr(lr)
+        .with_weight_decay(l2)
         .into(),
         RuleName::Rmsprop => RmsProp {
-            lr,
             momentum: args.momentum,
-            weight_decay: l2,
             ..RmsProp::preset(f)
         }
+        .with_lr(lr)
+        .with_weight_decay(l2)
         .into(),
-        RuleName::Adagrad => Adagrad {
-            lr,
-            weight_decay: l2,
-            ..Adagrad::preset(f)
-        }
-        .into(),
+        RuleName::Adagrad => Adagrad::preset(f).with_lr(lr).with_weight_decay(l2).into(),
     }
 }
 

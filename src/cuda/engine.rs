@@ -14,7 +14,7 @@ use super::abi::{DeviceSegment, GroupConfig, StepParams, StepState};
 use super::arena::DeviceArena;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
-use crate::optim::{AmsGrad, OptimizerOptions, Rule};
+use crate::optim::{OptimizerOptions, Rule};
 use crate::params::Layout;
 use crate::plan::{cuda_chunk_elems, LaunchPlan};
 use crate::DType;
@@ -81,23 +81,6 @@ impl CapturedGraph {
 // at a time (it is not `Sync`), so the executable graph is never launched concurrently.
 unsafe impl Send for CapturedGraph {}
 
-/// The kernel family of a rule (kernels/update.cu).
-fn kernel_family(rule: &Rule) -> &'static str {
-    match rule {
-        Rule::Sgd(r) if r.momentum != 0.0 => "sgd_momentum",
-        Rule::Sgd(_) => "sgd_plain",
-        Rule::Adam(r) if r.amsgrad != AmsGrad::Off => "adam_amsgrad",
-        Rule::Adam(_) => "adam",
-        Rule::RmsProp(r) => match (r.centered, r.momentum != 0.0) {
-            (false, false) => "rmsprop",
-            (true, false) => "rmsprop_centered",
-            (false, true) => "rmsprop_momentum",
-            (true, true) => "rmsprop_centered_momentum",
-        },
-        Rule::Adagrad(_) => "adagrad",
-    }
-}
-
 fn dtype_suffix(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
@@ -130,7 +113,7 @@ impl CudaEngine {
         let norm_module = rt.module("norm")?;
         let name = format!(
             "update_{}_{}_{}",
-            kernel_family(rule),
+            rule.family(),
             dtype_suffix(params.grads.dtype()),
             dtype_suffix(options.state_dtype)
         );

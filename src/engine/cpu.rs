@@ -12,8 +12,8 @@ use rayon::prelude::*;
 
 use crate::arena::Arena;
 use crate::dtype::round_into;
-use crate::optim::rules::StepCoefficients;
 use crate::plan::LaunchPlan;
+use crate::rules::Coefficients;
 use crate::{DType, Element};
 
 #[derive(Clone, Debug)]
@@ -79,13 +79,13 @@ impl CpuEngine {
 
     /// Applies `coeffs[group]` to every segment of the plan, and rewrites the model copy from the
     /// updated masters while each chunk is still in cache. All state arenas share one dtype.
-    pub fn update(
+    pub(crate) fn update(
         &self,
         values: &mut [f32],
         grads: &Arena,
         state: &mut [Arena],
         model: Option<&mut Arena>,
-        coeffs: &[StepCoefficients],
+        coeffs: &[Coefficients],
     ) {
         let state_dtype = state.first().map_or(DType::F32, Arena::dtype);
         match (grads.dtype(), state_dtype) {
@@ -125,7 +125,7 @@ impl CpuEngine {
         grads: &Arena,
         state: &mut [Arena],
         model: Option<&mut Arena>,
-        coeffs: &[StepCoefficients],
+        coeffs: &[Coefficients],
     ) {
         let c = self.plan.chunk_elems();
         let plan = &self.plan;
@@ -198,7 +198,7 @@ impl CpuEngine {
 /// width changes: no FMA contraction, so results are the same bits on every path.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+avx", "x86_64+avx2+avx"))]
 fn update_segment<G: Element, S: Element>(
-    c: &StepCoefficients,
+    c: &Coefficients,
     p: &mut [f32],
     g: &[G],
     state: &mut [&mut [S]],

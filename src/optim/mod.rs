@@ -1,12 +1,10 @@
 //! The optimizer: a rule, its state, and the engine that runs the fused step.
 
-pub mod config;
-pub mod rules;
-
-pub use config::{
-    Adagrad, Adam, AdamEps, AmsGrad, EpsPlacement, Flavor, LrPlacement, MomentumInit, RmsProp,
-    Rule, Sgd, WeightDecay,
-};
+pub use crate::rules::adagrad::Adagrad;
+pub use crate::rules::adam::{Adam, AdamEps, AmsGrad};
+pub use crate::rules::rmsprop::RmsProp;
+pub use crate::rules::sgd::{MomentumInit, Sgd};
+pub use crate::rules::{Common, EpsPlacement, Flavor, LrPlacement, Rule, WeightDecay};
 
 pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, MAX_STEP};
 
@@ -16,10 +14,10 @@ use crate::engine::cpu::CpuEngine;
 use crate::error::{Error, Result};
 use crate::params::{ParamSet, Storage};
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
+use crate::rules::{Coefficients, StepContext};
 use crate::schedule::LrSchedule;
 use crate::step::{decide, StepParams, StepState, POLICY_ERROR};
 use crate::Device;
-use rules::{StepCoefficients, StepContext};
 
 /// The scalar part of an optimizer, as checkpoints record it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -34,7 +32,7 @@ pub(crate) struct Saved {
 
 /// Checks that `lr`, scaled by every group's lr scale, is one the f32 step can use.
 pub(crate) fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
-    config::check_nonneg("lr", lr)?;
+    crate::rules::check_nonneg("lr", lr)?;
     for g in layout.groups() {
         let scaled = lr * g.options.lr_scale;
         if !(scaled as f32).is_finite() {
@@ -58,7 +56,7 @@ fn no_device_storage() -> Error {
 struct CpuSteps {
     engine: CpuEngine,
     state: Vec<Arena>,
-    coeffs: Vec<StepCoefficients>,
+    coeffs: Vec<Coefficients>,
     step_state: StepState,
     step_params: StepParams,
 }
@@ -85,17 +83,6 @@ pub struct Optimizer {
 impl Clone for Box<dyn LrSchedule> {
     fn clone(&self) -> Self {
         self.boxed_clone()
-    }
-}
-
-impl Rule {
-    fn maximize(&self) -> bool {
-        match self {
-            Rule::Sgd(r) => r.maximize,
-            Rule::Adam(r) => r.maximize,
-            Rule::RmsProp(r) => r.maximize,
-            Rule::Adagrad(r) => r.maximize,
-        }
     }
 }
 
@@ -457,7 +444,7 @@ impl CpuSteps {
                 step: st.step,
                 grad_scale: st.grad_scale * sign,
             };
-            self.coeffs.push(StepCoefficients::new(rule, &ctx));
+            self.coeffs.push(rule.coefficients(&ctx));
         }
         self.engine
             .update(values, grads, &mut self.state, model.as_mut(), &self.coeffs);

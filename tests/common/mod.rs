@@ -295,21 +295,11 @@ impl Oracle {
     }
 
     fn rule_weight_decay(&self) -> WeightDecay {
-        match &self.rule {
-            Rule::Sgd(r) => r.weight_decay,
-            Rule::Adam(r) => r.weight_decay,
-            Rule::RmsProp(r) => r.weight_decay,
-            Rule::Adagrad(r) => r.weight_decay,
-        }
+        self.rule.weight_decay()
     }
 
     fn maximize(&self) -> bool {
-        match &self.rule {
-            Rule::Sgd(r) => r.maximize,
-            Rule::Adam(r) => r.maximize,
-            Rule::RmsProp(r) => r.maximize,
-            Rule::Adagrad(r) => r.maximize,
-        }
+        self.rule.maximize()
     }
 }
 

@@ -1,0 +1,518 @@
+//! Update rules, one folder each, holding everything the rule is: its hyperparameters and the
+//! frameworks' presets (`mod.rs`), its per-element maths for the CPU engine (`math.rs`), and the
+//! same maths for the GPU (`<rule>.cuh`), which reads line for line like `math.rs`.
+//!
+//! Each field of a rule is a knob on which the frameworks differ (the flavor table in the README);
+//! the `preset` constructors set every knob, and every default, the way PyTorch, Keras 3, Optax
+//! or TensorFlow 1 does. The knobs every rule has — lr, weight decay, maximize — are one
+//! [`Common`] struct (serialised flat beside the rule's own).
+//!
+//! **Adding a rule**: a folder like `adam/` (the struct implementing [`RuleSpec`], `math.rs` with
+//! its coefficients implementing [`Update`], and a `.cuh` declaring its kernel families with
+//! `FUSEDOPT_FAMILY`), and one line in the `rules!` registry below. The kernels find every
+//! `src/rules/*/*.cuh` themselves.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::Element;
+
+/// The registry: every rule, as `module::Type`. Generates [`Rule`], its conversions, the builders
+/// of the [`Common`] knobs, and the dispatch from a `Rule` to its rule.
+macro_rules! rules {
+    ($($module:ident :: $Type:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// The registered rules' folders.
+        #[cfg(test)]
+        const FOLDERS: &[&str] = &[$(stringify!($module)),*];
+
+        /// Any update rule.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(tag = "rule", rename_all = "lowercase")]
+        pub enum Rule {
+            $($Type($module::$Type),)*
+        }
+
+        $(impl From<$module::$Type> for Rule {
+            fn from(r: $module::$Type) -> Rule {
+                Rule::$Type(r)
+            }
+        }
+
+        impl $module::$Type {
+            /// The same rule with initial learning rate `lr`.
+            pub fn with_lr(mut self, lr: f64) -> Self {
+                self.common.lr = lr;
+                self
+            }
+
+            /// The same rule with weight decay `wd`.
+            pub fn with_weight_decay(mut self, wd: WeightDecay) -> Self {
+                self.common.weight_decay = wd;
+                self
+            }
+
+            /// The same rule, ascending the objective when `maximize`.
+            pub fn maximizing(mut self, maximize: bool) -> Self {
+                self.common.maximize = maximize;
+                self
+            }
+        })*
+
+        /// One rule's coefficients for one step and parameter group.
+        #[derive(Clone, Copy, Debug, PartialEq)]
+        pub(crate) enum Coefficients {
+            $($Type(<$module::$Type as RuleSpec>::Coefficients),)*
+        }
+
+        impl Rule {
+            /// The rule as its [`RuleSpec`].
+            fn spec(&self) -> &dyn RuleSpecDyn {
+                match self {
+                    $(Rule::$Type(r) => r,)*
+                }
+            }
+
+            /// The knobs every rule has, to change.
+            pub fn common_mut(&mut self) -> &mut Common {
+                match self {
+                    $(Rule::$Type(r) => &mut r.common,)*
+                }
+            }
+
+            /// The coefficients of one step for one parameter group.
+            pub(crate) fn coefficients(&self, ctx: &StepContext) -> Coefficients {
+                match self {
+                    $(Rule::$Type(r) => Coefficients::$Type(r.coefficients(ctx)),)*
+                }
+            }
+        }
+
+        impl Coefficients {
+            /// Updates one contiguous run of elements; `state` holds the rule's buffers in slot
+            /// order ([`Rule::state_names`]), each as long as `p`.
+            #[inline(always)]
+            pub(crate) fn update<G: Element, S: Element>(
+                &self,
+                p: &mut [f32],
+                g: &[G],
+                state: &mut [&mut [S]],
+            ) {
+                match self {
+                    $(Coefficients::$Type(c) => c.update(p, g, state),)*
+                }
+            }
+        }
+    };
+}
+
+rules! {
+    sgd::Sgd,
+    adam::Adam,
+    rmsprop::RmsProp,
+    adagrad::Adagrad,
+}
+
+/// What a rule is, as the engines see it. Implemented by each rule in its folder.
+pub(crate) trait RuleSpec {
+    /// Its coefficients for one step and parameter group (`math.rs`).
+    type Coefficients: Update + Copy + std::fmt::Debug + PartialEq;
+    fn common(&self) -> &Common;
+    /// Refuses hyperparameters no framework accepts (the common ones are checked apart).
+    fn validate(&self) -> Result<()>;
+    /// The optimizer state buffers it keeps, in slot order.
+    fn state_names(&self) -> &'static [&'static str];
+    /// The initial value of state buffer `name`.
+    fn state_initial_value(&self, _name: &str) -> f32 {
+        0.0
+    }
+    /// Its kernel family: the CUDA entry points are `update_<family>_<grad>_<state>` (declared by
+    /// `FUSEDOPT_FAMILY` in its `.cuh`).
+    fn family(&self) -> &'static str;
+    /// Its part of a parameter group's device config, as its `.cuh` reads it.
+    fn device_config(&self) -> DeviceConfig;
+    fn coefficients(&self, ctx: &StepContext) -> Self::Coefficients;
+}
+
+/// [`RuleSpec`] without its associated type, for dispatch through `&dyn`.
+trait RuleSpecDyn {
+    fn common(&self) -> &Common;
+    fn validate(&self) -> Result<()>;
+    fn state_names(&self) -> &'static [&'static str];
+    fn state_initial_value(&self, name: &str) -> f32;
+    fn family(&self) -> &'static str;
+    fn device_config(&self) -> DeviceConfig;
+}
+
+impl<R: RuleSpec> RuleSpecDyn for R {
+    fn common(&self) -> &Common {
+        RuleSpec::common(self)
+    }
+    fn validate(&self) -> Result<()> {
+        RuleSpec::validate(self)
+    }
+    fn state_names(&self) -> &'static [&'static str] {
+        RuleSpec::state_names(self)
+    }
+    fn state_initial_value(&self, name: &str) -> f32 {
+        RuleSpec::state_initial_value(self, name)
+    }
+    fn family(&self) -> &'static str {
+        RuleSpec::family(self)
+    }
+    fn device_config(&self) -> DeviceConfig {
+        RuleSpec::device_config(self)
+    }
+}
+
+/// A rule's coefficients applied to a run of elements.
+pub(crate) trait Update {
+    fn update<G: Element, S: Element>(&self, p: &mut [f32], g: &[G], state: &mut [&mut [S]]);
+}
+
+/// A rule's part of a group's device config: mode flags and up to eight hyperparameters, in the
+/// order its `.cuh` reads them from `GroupConfig::params`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct DeviceConfig {
+    pub flags: u32,
+    pub params: [f64; 8],
+}
+
+/// One parameter group's rule, uploaded once (`GroupConfig` in common.cuh): the group's lr scale
+/// and effective weight decay, ±1 for maximize, and the rule's [`DeviceConfig`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct GroupConfig {
+    pub lr_scale: f64,
+    pub decay: f64,
+    pub sign: f64,
+    pub params: [f64; 8],
+    pub decay_kind: u32,
+    pub flags: u32,
+}
+
+// The same numbers as the static_asserts in common.cuh.
+crate::step::abi_layout!(GroupConfig, 96, {
+    lr_scale: 0, decay: 8, sign: 16, params: 24, decay_kind: 88, flags: 92,
+});
+
+impl GroupConfig {
+    pub(crate) fn new(rule: &Rule, group: &crate::params::GroupOptions) -> Self {
+        let wd = rule.weight_decay();
+        let wd = group.weight_decay.map_or(wd, |l| wd.with_coefficient(l));
+        let DeviceConfig { flags, params } = rule.device_config();
+        GroupConfig {
+            lr_scale: group.lr_scale,
+            decay: wd.coefficient(),
+            sign: if rule.maximize() { -1.0 } else { 1.0 },
+            params,
+            decay_kind: wd.kind(),
+            flags,
+        }
+    }
+}
+
+/// Whose semantics and defaults a rule reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// `torch.optim` (2.x).
+    PyTorch,
+    /// `keras.optimizers` (Keras 3).
+    Keras,
+    /// `optax` (with `clip_by_global_norm` / `add_decayed_weights` chained as usual).
+    Optax,
+    /// TensorFlow 1 `tf.compat.v1.train`.
+    Tf1,
+}
+
+impl std::str::FromStr for Flavor {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "pytorch" | "torch" => Ok(Flavor::PyTorch),
+            "keras" => Ok(Flavor::Keras),
+            "optax" => Ok(Flavor::Optax),
+            "tf1" => Ok(Flavor::Tf1),
+            _ => Err(Error::InvalidHyperparameter(format!(
+                "unknown flavor '{s}' (pytorch, keras, optax, tf1)"
+            ))),
+        }
+    }
+}
+
+/// How weight decay enters the step. The coefficient may be overridden per parameter group.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum WeightDecay {
+    None,
+    /// Coupled L2: `g += λ·θ` before the rule sees the gradient (PyTorch `weight_decay`, Optax
+    /// `add_decayed_weights` chained first).
+    L2(f64),
+    /// L1: `g += λ·sign(θ)`.
+    L1(f64),
+    /// Decoupled: `θ -= lr·λ·θ` before the update (PyTorch AdamW, every Keras optimizer, Optax `adamw`).
+    Decoupled(f64),
+}
+
+impl WeightDecay {
+    pub fn coefficient(self) -> f64 {
+        match self {
+            WeightDecay::None => 0.0,
+            WeightDecay::L2(l) | WeightDecay::L1(l) | WeightDecay::Decoupled(l) => l,
+        }
+    }
+
+    /// The same style with another coefficient (a parameter group's override).
+    pub fn with_coefficient(self, lambda: f64) -> Self {
+        match self {
+            WeightDecay::None | WeightDecay::L2(_) => WeightDecay::L2(lambda),
+            WeightDecay::L1(_) => WeightDecay::L1(lambda),
+            WeightDecay::Decoupled(_) => WeightDecay::Decoupled(lambda),
+        }
+    }
+
+    /// Its code in `GroupConfig::decay_kind` (`DECAY_*` in common.cuh).
+    pub(crate) fn kind(self) -> u32 {
+        match self {
+            WeightDecay::None => 0,
+            WeightDecay::L2(_) => 1,
+            WeightDecay::L1(_) => 2,
+            WeightDecay::Decoupled(_) => 3,
+        }
+    }
+}
+
+/// Where the learning rate enters a momentum buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LrPlacement {
+    /// `b = μb + g; θ -= lr·b` (PyTorch, Optax SGD, TF1 Momentum).
+    Outside,
+    /// `b = μb + lr·g; θ -= b` (Keras, Optax and TF1 RMSProp): differs once lr changes.
+    Inside,
+}
+
+/// Where ε sits relative to the square root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EpsPlacement {
+    /// `√v + ε` (PyTorch).
+    OutsideSqrt,
+    /// `√(v + ε)` (Keras, Optax default, TF1).
+    InsideSqrt,
+}
+
+/// The knobs every rule has.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Common {
+    /// The initial learning rate (the framework constructor's `lr`); the optimizer owns the
+    /// current one ([`crate::Optimizer::set_lr`], or its schedule).
+    pub lr: f64,
+    pub weight_decay: WeightDecay,
+    /// Ascend the objective instead (PyTorch `maximize`).
+    pub maximize: bool,
+}
+
+impl Common {
+    /// A framework default lr, no decay, minimising.
+    pub(crate) fn with_lr(lr: f64) -> Self {
+        Common {
+            lr,
+            weight_decay: WeightDecay::None,
+            maximize: false,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_nonneg("lr", self.lr)?;
+        check_nonneg("weight_decay", self.weight_decay.coefficient())
+    }
+}
+
+impl Rule {
+    pub fn lr(&self) -> f64 {
+        self.spec().common().lr
+    }
+
+    pub fn weight_decay(&self) -> WeightDecay {
+        self.spec().common().weight_decay
+    }
+
+    pub fn maximize(&self) -> bool {
+        self.spec().common().maximize
+    }
+
+    /// Names of the optimizer state buffers this rule keeps, in slot order.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        self.spec().state_names()
+    }
+
+    /// Initial value of each state buffer.
+    pub fn state_initial_value(&self, name: &str) -> f32 {
+        self.spec().state_initial_value(name)
+    }
+
+    /// Refuses hyperparameters no framework accepts, before anything is allocated.
+    pub fn validate(&self) -> Result<()> {
+        self.spec().common().validate()?;
+        self.spec().validate()
+    }
+
+    /// The CUDA kernel family of this rule.
+    pub(crate) fn family(&self) -> &'static str {
+        self.spec().family()
+    }
+
+    /// This rule's part of a parameter group's device config.
+    pub(crate) fn device_config(&self) -> DeviceConfig {
+        self.spec().device_config()
+    }
+}
+
+/// What a step needs to know beyond the rule: the group's lr and decay, the 1-based step number,
+/// and the factor every gradient is multiplied by first (clip factor × loss-scale inverse × ±1
+/// for `maximize`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StepContext {
+    pub lr: f64,
+    pub weight_decay: WeightDecay,
+    pub step: u64,
+    pub grad_scale: f64,
+}
+
+/// Weight decay folded into an element: `g += l2·θ + l1·sign θ`, then `θ *= keep`
+/// (`Decay` in common.cuh).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct Decay {
+    l2: f32,
+    l1: f32,
+    keep: f32,
+}
+
+impl Decay {
+    pub(crate) fn new(wd: WeightDecay, lr: f64) -> Self {
+        let lambda = wd.coefficient();
+        Decay {
+            l2: if matches!(wd, WeightDecay::L2(_)) {
+                lambda as f32
+            } else {
+                0.0
+            },
+            l1: if matches!(wd, WeightDecay::L1(_)) {
+                lambda as f32
+            } else {
+                0.0
+            },
+            keep: if matches!(wd, WeightDecay::Decoupled(_)) {
+                (1.0 - lr * lambda) as f32
+            } else {
+                1.0
+            },
+        }
+    }
+
+    /// Returns the decayed parameter and the gradient with coupled decay added.
+    #[inline(always)]
+    pub(crate) fn apply(&self, p: f32, g: f32) -> (f32, f32) {
+        let sign = if p > 0.0 {
+            1.0
+        } else if p < 0.0 {
+            -1.0
+        } else {
+            0.0
+        };
+        let g = if self.l2 != 0.0 { g + self.l2 * p } else { g };
+        let g = if self.l1 != 0.0 {
+            g + self.l1 * sign
+        } else {
+            g
+        };
+        let p = if self.keep != 1.0 { p * self.keep } else { p };
+        (p, g)
+    }
+}
+
+/// Runs `f` on a state element widened to f32, then stores it back rounded to its dtype (the
+/// identity for f32 state, which compiles away).
+#[inline(always)]
+pub(crate) fn stored<S: Element>(x: &mut S, f: impl FnOnce(&mut f32)) {
+    let mut wide = x.to_f32();
+    f(&mut wide);
+    *x = S::from_f32(wide);
+}
+
+/// `max` that propagates NaN from either side, like `torch.maximum` and `jnp.maximum`.
+#[inline(always)]
+pub(crate) fn max_nan(a: f32, b: f32) -> f32 {
+    if a > b || a.is_nan() {
+        a
+    } else {
+        b
+    }
+}
+
+/// `base^exp` by binary exponentiation: the same multiplications in the same order as `powu` in
+/// common.cuh, so bias corrections have the same bits on both engines (`f64::powi` and CUDA's
+/// `pow` round differently from each other).
+pub fn powu(base: f64, mut exp: u64) -> f64 {
+    let (mut result, mut b) = (1.0, base);
+    while exp > 0 {
+        if exp & 1 == 1 {
+            result *= b;
+        }
+        b *= b;
+        exp >>= 1;
+    }
+    result
+}
+
+pub(crate) fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidHyperparameter(what()))
+    }
+}
+
+pub(crate) fn check_unit(name: &str, x: f64) -> Result<()> {
+    check((0.0..1.0).contains(&x), || {
+        format!("{name} must be in [0, 1), got {x}")
+    })
+}
+
+/// Finite, `>= 0`, and finite in the f32 arithmetic of the step too.
+pub(crate) fn check_nonneg(name: &str, x: f64) -> Result<()> {
+    check(x >= 0.0 && (x as f32).is_finite(), || {
+        format!("{name} must be finite (in f32 too) and >= 0, got {x}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every folder under src/rules is a registered rule with its three files: a folder the
+    /// registry lacks would compile its kernels but never be reachable.
+    #[test]
+    fn every_rule_folder_is_registered_and_complete() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/rules");
+        let mut folders: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        folders.sort();
+        let mut registered: Vec<String> = super::FOLDERS.iter().map(|s| s.to_string()).collect();
+        registered.sort();
+        assert_eq!(
+            folders, registered,
+            "src/rules folders vs the rules! registry"
+        );
+        for f in &folders {
+            for file in ["mod.rs", "math.rs", &format!("{f}.cuh")] {
+                assert!(
+                    root.join(f).join(file).is_file(),
+                    "src/rules/{f}/{file} is missing"
+                );
+            }
+        }
+    }
+}
