@@ -103,15 +103,21 @@ impl Arena {
 
     /// The elements as `T`, or a dtype mismatch naming `what`.
     pub fn typed<T: Element>(&self, what: &str) -> Result<&[T]> {
-        T::view(self).ok_or_else(|| self.mismatch::<T>(what))
+        if self.dtype() != T::DTYPE {
+            return Err(self.mismatch::<T>(what));
+        }
+        // The same element type: the cast only renames it.
+        Ok(bytemuck::cast_slice(self.bytes(0..self.len())))
     }
 
     pub fn typed_mut<T: Element>(&mut self, what: &str) -> Result<&mut [T]> {
-        let dtype = self.dtype();
-        T::view_mut(self).ok_or_else(|| Error::DTypeMismatch {
-            what: what.to_string(),
-            expected: dtype,
-            got: T::DTYPE,
+        if self.dtype() != T::DTYPE {
+            return Err(self.mismatch::<T>(what));
+        }
+        Ok(match self {
+            Arena::F32(v) => bytemuck::cast_slice_mut(v),
+            Arena::BF16(v) => bytemuck::cast_slice_mut(v),
+            Arena::F16(v) => bytemuck::cast_slice_mut(v),
         })
     }
 

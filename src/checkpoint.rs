@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
-use crate::optim::{LossScale, Optimizer, Saved, MAX_STEP};
+use crate::optim::{LossScale, Optimizer, Restore, Saved, MAX_STEP};
 use crate::params::GroupOptions;
 use crate::schedule::LrSchedule;
 use crate::step::check_loss_scale;
@@ -78,14 +78,6 @@ fn checksum<'a>(
         item(bytes);
     }
     format!("{:08x}", h.finalize())
-}
-
-/// Everything a load writes into an optimizer, checked against it and prepared in fresh buffers.
-pub(crate) struct Restore {
-    pub saved: Saved,
-    pub values: Vec<f32>,
-    pub state: Vec<Arena>,
-    pub schedule: Option<Box<dyn LrSchedule>>,
 }
 
 /// A checkpoint file read whole, its format and checksum verified and its header parsed; not yet

@@ -2,8 +2,6 @@
 
 use half::{bf16, f16};
 
-use crate::arena::Arena;
-
 /// A storage element type. Arithmetic is always fp32; these are what the arenas hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,9 +36,6 @@ pub trait Element: Copy + Send + Sync + bytemuck::Pod + std::fmt::Debug + 'stati
     const DTYPE: DType;
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-    /// The arena's elements, when it holds this type.
-    fn view(arena: &Arena) -> Option<&[Self]>;
-    fn view_mut(arena: &mut Arena) -> Option<&mut [Self]>;
 }
 
 /// Copies f32 `src` into `dst`, rounding to nearest even (the identity for f32).
@@ -51,26 +46,8 @@ pub fn round_into<T: Element>(dst: &mut [T], src: &[f32]) {
         .for_each(|(d, &s)| *d = T::from_f32(s));
 }
 
-macro_rules! arena_views {
-    ($variant:ident) => {
-        fn view(arena: &Arena) -> Option<&[Self]> {
-            match arena {
-                Arena::$variant(v) => Some(v),
-                _ => None,
-            }
-        }
-        fn view_mut(arena: &mut Arena) -> Option<&mut [Self]> {
-            match arena {
-                Arena::$variant(v) => Some(v),
-                _ => None,
-            }
-        }
-    };
-}
-
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
-    arena_views!(F32);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -83,7 +60,6 @@ impl Element for f32 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
-    arena_views!(BF16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
@@ -96,7 +72,6 @@ impl Element for bf16 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
-    arena_views!(F16);
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

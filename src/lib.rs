@@ -19,6 +19,15 @@
 // tests (Cargo.toml's [lints] cannot tell library code from tests, so this lives here).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+/// Asserts, at compile time, the size of a struct the kernels read and the offset of each named
+/// field: the same numbers as the `static_assert`s beside its CUDA twin.
+macro_rules! abi_layout {
+    ($t:ty, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
+        const _: () = assert!(std::mem::size_of::<$t>() == $size);
+        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
+    };
+}
+
 pub mod arena;
 pub mod checkpoint;
 pub mod comm;
@@ -27,6 +36,7 @@ pub mod device;
 pub mod dtype;
 pub(crate) mod engine;
 pub mod error;
+pub mod layout;
 pub mod optim;
 pub mod parallel;
 pub mod params;
@@ -35,6 +45,8 @@ pub mod porting;
 pub mod rules;
 pub mod schedule;
 pub mod step;
+#[doc(hidden)]
+pub mod testing;
 
 pub use arena::Arena;
 pub use device::{Device, Selection, Unavailable};

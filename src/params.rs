@@ -6,8 +6,6 @@
 //! all of them, and a range of the arena is a range of every buffer (all-reduce buckets rely on this).
 //! Padding elements are zero and stay zero.
 
-use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Arc;
 
 use crate::arena::Arena;
@@ -15,135 +13,8 @@ use crate::cuda::arena::DeviceArena;
 use crate::cuda::engine::DeviceParams;
 use crate::cuda::runtime::{driver_error, CudaRuntime};
 use crate::error::{check_len, Error, Result};
+pub use crate::layout::{GroupInfo, GroupOptions, Layout, TensorInfo, ALIGN_ELEMS};
 use crate::{DType, Device, Element};
-
-/// Alignment of every tensor in the arena, in elements (64 bytes of f32).
-pub const ALIGN_ELEMS: usize = 16;
-
-/// Per-group hyperparameters that override the optimizer's.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct GroupOptions {
-    /// Multiplies the optimizer's (scheduled) learning rate for this group.
-    pub lr_scale: f64,
-    /// Replaces the rule's weight-decay coefficient for this group (its style stays the rule's);
-    /// `Some(0.0)` is the usual choice for biases and norms.
-    pub weight_decay: Option<f64>,
-}
-
-impl Default for GroupOptions {
-    fn default() -> Self {
-        GroupOptions {
-            lr_scale: 1.0,
-            weight_decay: None,
-        }
-    }
-}
-
-impl GroupOptions {
-    /// Refuses options the f32 step cannot use (group `name` is named in the error).
-    pub(crate) fn validate(&self, name: &str) -> Result<()> {
-        let bad = |what: &str, x: f64| {
-            Err(Error::InvalidHyperparameter(format!(
-                "group '{name}': {what} must be finite (in f32 too) and >= 0, got {x}"
-            )))
-        };
-        let ok = |x: f64| x >= 0.0 && (x as f32).is_finite();
-        if !ok(self.lr_scale) {
-            return bad("lr_scale", self.lr_scale);
-        }
-        match self.weight_decay {
-            Some(wd) if !ok(wd) => bad("weight_decay", wd),
-            _ => Ok(()),
-        }
-    }
-
-    /// No weight decay in this group (biases, norm scales).
-    pub fn no_decay() -> Self {
-        GroupOptions {
-            weight_decay: Some(0.0),
-            ..Default::default()
-        }
-    }
-}
-
-/// Where one tensor lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorInfo {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub dtype: DType,
-    pub group: usize,
-    /// Offset of the first element in the arena.
-    pub offset: usize,
-    /// Number of elements (the product of `shape`; 1 for a scalar, 0 when a dimension is 0).
-    pub len: usize,
-}
-
-impl TensorInfo {
-    pub fn range(&self) -> Range<usize> {
-        self.offset..self.offset + self.len
-    }
-}
-
-/// A parameter group: its options and the arena range it owns (its padding included).
-#[derive(Clone, Debug, PartialEq)]
-pub struct GroupInfo {
-    pub name: String,
-    pub options: GroupOptions,
-    pub range: Range<usize>,
-}
-
-/// The shape of a parameter set: names, shapes, groups and offsets. Shared by the parameters, the
-/// gradients and the optimizer state, on every device.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Layout {
-    tensors: Vec<TensorInfo>,
-    by_name: HashMap<String, usize>,
-    groups: Vec<GroupInfo>,
-    arena_len: usize,
-}
-
-impl Layout {
-    pub fn tensors(&self) -> &[TensorInfo] {
-        &self.tensors
-    }
-
-    pub fn groups(&self) -> &[GroupInfo] {
-        &self.groups
-    }
-
-    /// Elements in the arena, padding included.
-    pub fn arena_len(&self) -> usize {
-        self.arena_len
-    }
-
-    /// Elements that belong to tensors (padding excluded).
-    pub fn num_params(&self) -> usize {
-        self.tensors.iter().map(|t| t.len).sum()
-    }
-
-    pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
-        self.by_name
-            .get(name)
-            .map(|&i| &self.tensors[i])
-            .ok_or_else(|| Error::UnknownTensor(name.to_string()))
-    }
-
-    /// Position of a tensor in [`Layout::tensors`].
-    pub fn tensor_index(&self, name: &str) -> Result<usize> {
-        self.by_name
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::UnknownTensor(name.to_string()))
-    }
-
-    pub fn group_index(&self, name: &str) -> Result<usize> {
-        self.groups
-            .iter()
-            .position(|g| g.name == name)
-            .ok_or_else(|| Error::UnknownGroup(name.to_string()))
-    }
-}
 
 struct PendingTensor {
     name: String,
@@ -276,17 +147,7 @@ impl ParamSetBuilder {
                 range: start..offset,
             });
         }
-        let by_name = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        let layout = Arc::new(Layout {
-            tensors,
-            by_name,
-            groups,
-            arena_len: offset,
-        });
+        let layout = Arc::new(Layout::new(tensors, groups, offset));
         device.check()?;
         let mut values: Vec<f32> = crate::arena::filled(offset, 0.0)?;
         for t in &self.tensors {

@@ -2,7 +2,7 @@
 //! groups meet. Built once per parameter set; the CPU engine walks it with one task per chunk and the
 //! CUDA engine uploads the same tables and launches one grid over them.
 
-use crate::params::Layout;
+use crate::layout::Layout;
 
 /// A run of arena elements inside one chunk that all belong to one parameter group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +36,7 @@ pub fn cuda_chunk_elems(total: usize, sm_count: usize) -> usize {
 impl LaunchPlan {
     /// Cuts `layout`'s arena into chunks of `chunk_elems` (a multiple of the layout alignment).
     pub fn new(layout: &Layout, chunk_elems: usize) -> Self {
-        let chunk_elems = chunk_elems.max(crate::params::ALIGN_ELEMS);
+        let chunk_elems = chunk_elems.max(crate::layout::ALIGN_ELEMS);
         let len = layout.arena_len();
         let n_chunks = len.div_ceil(chunk_elems);
         let mut chunk_first = Vec::with_capacity(n_chunks + 1);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use fusedopt::step::testing::{decide_on_device, decide_on_host, Case, StepParams, StepState};
+use fusedopt::testing::{decide_on_device, decide_on_host, Case, StepParams, StepState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

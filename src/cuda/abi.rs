@@ -42,7 +42,5 @@ unsafe impl DeviceRepr for StepState {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for StepParams {}
 
-use crate::step::abi_layout;
-
 // The same numbers as the static_asserts in kernels/multi_tensor.cuh.
 abi_layout!(DeviceSegment, 16, { start: 0, len: 8, group: 12 });

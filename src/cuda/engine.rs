@@ -14,9 +14,10 @@ use super::abi::{DeviceSegment, GroupConfig, StepParams, StepState};
 use super::arena::DeviceArena;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
-use crate::optim::{OptimizerOptions, Rule};
-use crate::params::Layout;
+use crate::layout::Layout;
 use crate::plan::{cuda_chunk_elems, LaunchPlan};
+use crate::rules::Rule;
+use crate::step::OptimizerOptions;
 use crate::DType;
 
 const BLOCK: u32 = 256;
@@ -343,7 +344,7 @@ impl std::fmt::Debug for CudaEngine {
 /// device half of the test that compares the two deciders.
 pub(crate) fn decide_cases(
     ordinal: usize,
-    cases: &[crate::step::testing::Case],
+    cases: &[(StepState, StepParams, f64, bool)],
 ) -> Result<Vec<StepState>> {
     let rt = CudaRuntime::shared(ordinal)?;
     let (dev, stream) = (rt.device, &rt.stream);

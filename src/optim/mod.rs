@@ -30,6 +30,14 @@ pub(crate) struct Saved {
     pub good_steps: u64,
 }
 
+/// Everything a load writes into an optimizer, checked against it and prepared in fresh buffers.
+pub(crate) struct Restore {
+    pub saved: Saved,
+    pub values: Vec<f32>,
+    pub state: Vec<Arena>,
+    pub schedule: Option<Box<dyn LrSchedule>>,
+}
+
 /// Checks that `lr`, scaled by every group's lr scale, is one the f32 step can use.
 pub(crate) fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
     crate::rules::check_nonneg("lr", lr)?;
@@ -343,8 +351,8 @@ impl Optimizer {
     /// loss-scale state, lr, and the schedule's position. The caller has validated all of it
     /// against this optimizer (same layout, rule and options). Device buffers are overwritten in
     /// place, so a captured graph stays valid.
-    pub(crate) fn restore(&mut self, restore: crate::checkpoint::Restore) -> Result<()> {
-        let crate::checkpoint::Restore {
+    pub(crate) fn restore(&mut self, restore: Restore) -> Result<()> {
+        let Restore {
             saved,
             values,
             state,

@@ -193,12 +193,12 @@ pub(crate) struct GroupConfig {
 }
 
 // The same numbers as the static_asserts in common.cuh.
-crate::step::abi_layout!(GroupConfig, 96, {
+abi_layout!(GroupConfig, 96, {
     lr_scale: 0, decay: 8, sign: 16, params: 24, decay_kind: 88, flags: 92,
 });
 
 impl GroupConfig {
-    pub(crate) fn new(rule: &Rule, group: &crate::params::GroupOptions) -> Self {
+    pub(crate) fn new(rule: &Rule, group: &crate::layout::GroupOptions) -> Self {
         let wd = rule.weight_decay();
         let wd = group.weight_decay.map_or(wd, |l| wd.with_coefficient(l));
         let DeviceConfig { flags, params } = rule.device_config();

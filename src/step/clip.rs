@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::optim::Flavor;
+use crate::rules::Flavor;
 
 /// Each framework's formula for the clip factor, non-finite norms included.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -69,14 +69,6 @@ pub struct StepParams {
     pub pad: i32,
 }
 
-macro_rules! abi_layout {
-    ($t:ty, $size:expr, { $($field:ident: $offset:expr),* $(,)? }) => {
-        const _: () = assert!(std::mem::size_of::<$t>() == $size);
-        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
-    };
-}
-pub(crate) use abi_layout;
-
 // The same numbers as the static_asserts in decide.cuh.
 abi_layout!(StepState, 72, {
     step: 0, loss_scale: 8, good_steps: 16, norm: 24, grad_scale: 32, clip_factor: 40,
@@ -182,30 +174,4 @@ fn clip_factor(q: &StepParams, n: f64) -> f64 {
 /// (`usable_loss_scale` in decide.cuh).
 pub(crate) fn usable_loss_scale(s: f64) -> bool {
     s > 0.0 && (s as f32).is_finite() && ((1.0 / s) as f32).is_finite() && s as f32 > 0.0
-}
-
-/// For the tests that compare the two deciders: the host one, and the device one run by a
-/// one-block kernel (`decide_cases` in kernels/norm.cu).
-#[doc(hidden)]
-pub mod testing {
-    pub use super::{StepParams, StepState};
-
-    /// One case: the state before, the params, Σg², whether a norm was computed.
-    pub type Case = (StepState, StepParams, f64, bool);
-
-    /// [`super::decide`] on every case.
-    pub fn decide_on_host(cases: &[Case]) -> Vec<StepState> {
-        cases
-            .iter()
-            .map(|&(mut st, q, sum_sq, have)| {
-                super::decide(&mut st, &q, sum_sq, have);
-                st
-            })
-            .collect()
-    }
-
-    /// `decide_step` on every case, on CUDA device `ordinal`.
-    pub fn decide_on_device(ordinal: usize, cases: &[Case]) -> crate::Result<Vec<StepState>> {
-        crate::cuda::engine::decide_cases(ordinal, cases)
-    }
 }

@@ -1,0 +1,138 @@
+//! The command line: every option of the training example.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use fusedopt::Flavor;
+
+use crate::model::Loss;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub(crate) enum RuleName {
+    Adam,
+    Adamw,
+    Sgd,
+    Rmsprop,
+    Adagrad,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum FlavorName {
+    Pytorch,
+    Keras,
+    Optax,
+    Tf1,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ScheduleName {
+    Constant,
+    /// Linear warmup over the first epoch, then cosine decay to 1% (Optax's warmup_cosine_decay).
+    WarmupCosine,
+    /// ReduceLROnPlateau on the validation loss (PyTorch's rule, patience 2, factor 0.5).
+    Plateau,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ModelName {
+    Mlp,
+    Cnn,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum GradDType {
+    F32,
+    /// bf16 gradients and model copy, fp32 master weights and state.
+    Bf16,
+}
+
+#[derive(Parser, Clone, Debug)]
+#[command(about = "Data-parallel digit classifier trained with fusedopt's fused optimizers")]
+pub(crate) struct Args {
+    /// Read MNIST IDX files (train-images-idx3-ubyte[.gz], …) from this folder instead of the
+    /// embedded 8×8 digits.
+    #[arg(long)]
+    pub(crate) mnist: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub(crate) model: ModelName,
+    /// Hidden layer widths, comma-separated (the dense part of the CNN too).
+    #[arg(long, value_delimiter = ',', default_value = "128")]
+    pub(crate) hidden: Vec<usize>,
+    /// Filters of the CNN's convolution.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) channels: usize,
+    #[arg(long, value_enum, default_value = "cross-entropy")]
+    pub(crate) loss: Loss,
+    #[arg(long, value_enum, default_value = "adam")]
+    pub(crate) rule: RuleName,
+    #[arg(long, value_enum, default_value = "pytorch")]
+    pub(crate) flavor: FlavorName,
+    /// Peak learning rate (default: 3e-3 Adam/AdamW, 0.05 SGD, 1e-3 RMSProp, 0.05 Adagrad).
+    #[arg(long)]
+    pub(crate) lr: Option<f64>,
+    /// Momentum of SGD and RMSProp.
+    #[arg(long, default_value_t = 0.9)]
+    pub(crate) momentum: f64,
+    /// L2 for Adam/SGD/RMSProp/Adagrad, decoupled for AdamW (default: 0, AdamW 0.01).
+    #[arg(long)]
+    pub(crate) weight_decay: Option<f64>,
+    #[arg(long, value_enum, default_value = "warmup-cosine")]
+    pub(crate) schedule: ScheduleName,
+    /// Global-norm clipping threshold (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) clip: f64,
+    /// Gradient dtype (bf16: mixed precision with fp32 masters).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(crate) grad_dtype: GradDType,
+    #[arg(long, default_value_t = 20)]
+    pub(crate) epochs: usize,
+    /// Global batch, split evenly between replicas.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) batch: usize,
+    /// Data-parallel replicas (CPU threads).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) replicas: usize,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Save a checkpoint here after every epoch.
+    #[arg(long)]
+    pub(crate) checkpoint: Option<PathBuf>,
+    /// Continue from the checkpoint in --checkpoint.
+    #[arg(long, requires = "checkpoint")]
+    pub(crate) resume: bool,
+    /// Stop after this epoch, as if interrupted (the schedule still spans --epochs).
+    #[arg(long)]
+    pub(crate) stop_after: Option<usize>,
+    /// Run the optimizer comparison (Adam, AdamW, SGD+momentum, RMSProp; lr grid on the validation
+    /// split; several seeds) and write table.md and loss.svg to --out.
+    #[arg(long)]
+    pub(crate) compare: bool,
+    #[arg(long, default_value = "compare-out")]
+    pub(crate) out: PathBuf,
+    /// With --compare: also put the table between the compare markers of this README.
+    #[arg(long)]
+    pub(crate) readme: Option<PathBuf>,
+    /// Seeds per optimizer in --compare.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) seeds: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub(crate) quiet: bool,
+}
+
+pub(crate) fn flavor(f: FlavorName) -> Flavor {
+    match f {
+        FlavorName::Pytorch => Flavor::PyTorch,
+        FlavorName::Keras => Flavor::Keras,
+        FlavorName::Optax => Flavor::Optax,
+        FlavorName::Tf1 => Flavor::Tf1,
+    }
+}
+
+pub(crate) fn default_lr(rule: RuleName) -> f64 {
+    match rule {
+        RuleName::Adam | RuleName::Adamw => 3e-3,
+        RuleName::Sgd | RuleName::Adagrad => 0.05,
+        RuleName::Rmsprop => 1e-3,
+    }
+}
