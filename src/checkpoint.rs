@@ -245,7 +245,7 @@ impl Optimizer {
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let layout = self.params().layout();
-        let values = self.params().values_snapshot()?;
+        let values = self.params().masters_snapshot()?;
         let state = self.state_arenas()?;
         let names = self.state_names();
         let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
@@ -321,7 +321,7 @@ impl Optimizer {
             ));
         }
         // Fresh buffers (copies that fail with OutOfHostMemory rather than abort), padding kept.
-        let mut values = crate::arena::try_to_vec(&self.params().values_snapshot()?)?;
+        let mut values = crate::arena::try_to_vec(&self.params().masters_snapshot()?)?;
         let mut state: Vec<Arena> = self
             .state_arenas()?
             .iter()
@@ -359,7 +359,7 @@ impl Optimizer {
         }
         Ok(Restore {
             saved: header.optimizer.clone(),
-            values,
+            masters: values,
             state,
             schedule,
         })

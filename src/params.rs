@@ -10,9 +10,10 @@ use std::sync::Arc;
 
 use crate::arena::Arena;
 use crate::cuda::arena::DeviceArena;
-use crate::cuda::engine::DeviceParams;
+use crate::cuda::engine::{DeviceArenas, DeviceStorage};
 use crate::cuda::runtime::{driver_error, CudaRuntime};
 use crate::error::{check_len, Error, Result};
+use crate::host::{HostArenas, HostStorage};
 pub use crate::layout::{GroupInfo, GroupOptions, Layout, TensorInfo, ALIGN_ELEMS};
 use crate::{DType, Device, Element};
 
@@ -163,58 +164,53 @@ impl ParamSetBuilder {
             }
             None => None,
         };
-        let storage = match device {
-            Device::Cpu => Storage::Host {
-                values,
-                grads,
-                model,
-            },
-            Device::Cuda(ordinal) => {
-                Storage::Cuda(upload(ordinal, &values, &grads, model.as_ref())?)
-            }
+        let arenas = HostArenas {
+            masters: values,
+            grads,
+            model,
         };
-        Ok(ParamSet {
-            layout,
-            device,
-            storage,
-        })
+        let storage = match device {
+            Device::Cpu => Storage::Host(HostStorage {
+                arenas,
+                engine: None,
+            }),
+            Device::Cuda(ordinal) => Storage::Cuda(Box::new(upload(ordinal, &arenas)?)),
+        };
+        Ok(ParamSet { layout, storage })
     }
 }
 
 /// Copies host arenas to a new device allocation; on any failure nothing stays allocated.
-fn upload(
-    ordinal: usize,
-    values: &[f32],
-    grads: &Arena,
-    model: Option<&Arena>,
-) -> Result<DeviceParams> {
+fn upload(ordinal: usize, host: &HostArenas) -> Result<DeviceStorage> {
     let rt = CudaRuntime::shared(ordinal)?;
     let dev = rt.device;
-    let values = rt
+    let masters = rt
         .stream
-        .clone_htod(values)
-        .map_err(driver_error(dev, std::mem::size_of_val(values)))?;
-    let grads = DeviceArena::upload(&rt.stream, grads, dev)?;
-    let model = model
+        .clone_htod(&host.masters)
+        .map_err(driver_error(dev, std::mem::size_of_val(&host.masters[..])))?;
+    let grads = DeviceArena::upload(&rt.stream, &host.grads, dev)?;
+    let model = host
+        .model
+        .as_ref()
         .map(|m| DeviceArena::upload(&rt.stream, m, dev))
         .transpose()?;
-    Ok(DeviceParams {
+    Ok(DeviceStorage {
         rt,
-        values,
-        grads,
-        model,
+        arenas: DeviceArenas {
+            masters,
+            grads,
+            model,
+        },
+        engine: None,
     })
 }
 
-/// Where a parameter set's arenas live.
+/// Where a parameter set lives — host memory or one CUDA device, recorded here only — with its
+/// optimizer's engine beside its arenas once an optimizer is built on it.
 #[derive(Debug)]
 pub(crate) enum Storage {
-    Host {
-        values: Vec<f32>,
-        grads: Arena,
-        model: Option<Arena>,
-    },
-    Cuda(DeviceParams),
+    Host(HostStorage),
+    Cuda(Box<DeviceStorage>),
 }
 
 /// Parameters (fp32 masters), their gradients and the optional low-precision model copy, laid out
@@ -223,7 +219,6 @@ pub(crate) enum Storage {
 #[derive(Debug)]
 pub struct ParamSet {
     layout: Arc<Layout>,
-    device: Device,
     storage: Storage,
 }
 
@@ -237,67 +232,63 @@ impl ParamSet {
     }
 
     pub fn device(&self) -> Device {
-        self.device
+        match &self.storage {
+            Storage::Host(_) => Device::Cpu,
+            Storage::Cuda(d) => d.rt.device,
+        }
     }
 
     pub fn grad_dtype(&self) -> DType {
         match &self.storage {
-            Storage::Host { grads, .. } => grads.dtype(),
-            Storage::Cuda(d) => d.grads.dtype(),
+            Storage::Host(h) => h.arenas.grads.dtype(),
+            Storage::Cuda(d) => d.arenas.grads.dtype(),
         }
     }
 
     pub fn model_dtype(&self) -> Option<DType> {
         match &self.storage {
-            Storage::Host { model, .. } => model.as_ref().map(Arena::dtype),
-            Storage::Cuda(d) => d.model.as_ref().map(DeviceArena::dtype),
+            Storage::Host(h) => h.arenas.model.as_ref().map(Arena::dtype),
+            Storage::Cuda(d) => d.arenas.model.as_ref().map(DeviceArena::dtype),
         }
     }
 
-    fn host(&self) -> Result<(&[f32], &Arena, Option<&Arena>)> {
+    /// The arenas, when they live in host memory.
+    fn host(&self) -> Result<&HostArenas> {
         match &self.storage {
-            Storage::Host {
-                values,
-                grads,
-                model,
-            } => Ok((values, grads, model.as_ref())),
-            Storage::Cuda(_) => Err(Error::NotHostMemory(self.device)),
+            Storage::Host(h) => Ok(&h.arenas),
+            Storage::Cuda(d) => Err(Error::NotHostMemory(d.rt.device)),
         }
     }
 
-    fn host_mut(&mut self) -> Result<(&mut Vec<f32>, &mut Arena, Option<&mut Arena>)> {
+    fn host_mut(&mut self) -> Result<&mut HostArenas> {
         match &mut self.storage {
-            Storage::Host {
-                values,
-                grads,
-                model,
-            } => Ok((values, grads, model.as_mut())),
-            Storage::Cuda(_) => Err(Error::NotHostMemory(self.device)),
+            Storage::Host(h) => Ok(&mut h.arenas),
+            Storage::Cuda(d) => Err(Error::NotHostMemory(d.rt.device)),
         }
     }
 
     /// A tensor's fp32 master values, read in place (host memory only; see [`ParamSet::read_param`]).
     pub fn param(&self, name: &str) -> Result<&[f32]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&self.host()?.0[r])
+        Ok(&self.host()?.masters[r])
     }
 
     /// A tensor's master values, for writing in place (host memory only). The model copy is
     /// refreshed from the masters at the next step.
     pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&mut self.host_mut()?.0[r])
+        Ok(&mut self.host_mut()?.masters[r])
     }
 
     /// A tensor's fp32 master values, copied out (from the device if they live there).
     pub fn read_param(&self, name: &str) -> Result<Vec<f32>> {
         let r = self.layout.tensor(name)?.range();
         match &self.storage {
-            Storage::Host { values, .. } => Ok(values[r].to_vec()),
+            Storage::Host(h) => Ok(h.arenas.masters[r].to_vec()),
             Storage::Cuda(d) => {
                 d.rt.stream
-                    .clone_dtoh(&d.values.slice(r))
-                    .map_err(driver_error(self.device, 0))
+                    .clone_dtoh(&d.arenas.masters.slice(r))
+                    .map_err(driver_error(d.rt.device, 0))
             }
         }
     }
@@ -305,7 +296,7 @@ impl ParamSet {
     /// A tensor's low-precision model copy, in place (host memory only; `T` is the copy's dtype).
     pub fn model_param<T: Element>(&self, name: &str) -> Result<&[T]> {
         let r = self.layout.tensor(name)?.range();
-        let model = self.host()?.2.ok_or_else(no_model_copy)?;
+        let model = self.host()?.model.as_ref().ok_or_else(no_model_copy)?;
         Ok(&model.typed::<T>(name)?[r])
     }
 
@@ -313,39 +304,40 @@ impl ParamSet {
     pub fn read_model_param(&self, name: &str) -> Result<Vec<f32>> {
         let r = self.layout.tensor(name)?.range();
         match &self.storage {
-            Storage::Host { model, .. } => Ok(model.as_ref().ok_or_else(no_model_copy)?.to_f32(r)),
-            Storage::Cuda(d) => {
-                d.model
-                    .as_ref()
-                    .ok_or_else(no_model_copy)?
-                    .read(&d.rt.stream, r, self.device)
-            }
+            Storage::Host(h) => Ok(h.arenas.model.as_ref().ok_or_else(no_model_copy)?.to_f32(r)),
+            Storage::Cuda(d) => d.arenas.model.as_ref().ok_or_else(no_model_copy)?.read(
+                &d.rt.stream,
+                r,
+                d.rt.device,
+            ),
         }
     }
 
     /// A tensor's gradient as stored (host memory only; `T` is the gradient dtype).
     pub fn grad<T: Element>(&self, name: &str) -> Result<&[T]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&self.host()?.1.typed::<T>(name)?[r])
+        Ok(&self.host()?.grads.typed::<T>(name)?[r])
     }
 
     /// A tensor's gradient, for the backward pass to write into (host memory only).
     pub fn grad_mut<T: Element>(&mut self, name: &str) -> Result<&mut [T]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&mut self.host_mut()?.1.typed_mut::<T>(name)?[r])
+        Ok(&mut self.host_mut()?.grads.typed_mut::<T>(name)?[r])
     }
 
     /// Copies f32 `values` into a tensor's gradient, rounding to the gradient dtype (any device).
     pub fn set_grad(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(name)?;
         check_len(&format!("gradient of '{name}'"), t.len, values.len())?;
-        let device = self.device;
         match &mut self.storage {
-            Storage::Host { grads, .. } => {
-                grads.write_f32(t.offset, values);
+            Storage::Host(h) => {
+                h.arenas.grads.write_f32(t.offset, values);
                 Ok(())
             }
-            Storage::Cuda(d) => d.grads.write(&d.rt.stream, t.offset, values, device),
+            Storage::Cuda(d) => d
+                .arenas
+                .grads
+                .write(&d.rt.stream, t.offset, values, d.rt.device),
         }
     }
 
@@ -353,38 +345,35 @@ impl ParamSet {
     pub fn read_grad(&self, name: &str) -> Result<Vec<f32>> {
         let r = self.layout.tensor(name)?.range();
         match &self.storage {
-            Storage::Host { grads, .. } => Ok(grads.to_f32(r)),
-            Storage::Cuda(d) => d.grads.read(&d.rt.stream, r, self.device),
+            Storage::Host(h) => Ok(h.arenas.grads.to_f32(r)),
+            Storage::Cuda(d) => d.arenas.grads.read(&d.rt.stream, r, d.rt.device),
         }
     }
 
     pub fn zero_grads(&mut self) -> Result<()> {
-        let device = self.device;
         match &mut self.storage {
-            Storage::Host { grads, .. } => {
-                grads.fill(0.0);
+            Storage::Host(h) => {
+                h.arenas.grads.fill(0.0);
                 Ok(())
             }
-            Storage::Cuda(d) => d.grads.zero(&d.rt.stream, device),
+            Storage::Cuda(d) => d.arenas.grads.zero(&d.rt.stream, d.rt.device),
         }
     }
 
-    /// The whole parameter arena (padding included), in layout order (host memory only).
-    pub fn values_arena(&self) -> Result<&[f32]> {
-        Ok(self.host()?.0)
+    /// The whole arena of fp32 masters (padding included), in layout order (host memory only).
+    pub fn masters_arena(&self) -> Result<&[f32]> {
+        Ok(&self.host()?.masters)
     }
 
     /// The whole gradient arena (host memory only): contiguous ranges of it are all-reduce buckets.
     pub fn grads_arena(&self) -> Result<&Arena> {
-        Ok(self.host()?.1)
+        Ok(&self.host()?.grads)
     }
 
     pub fn grads_arena_mut(&mut self) -> Result<&mut Arena> {
-        Ok(self.host_mut()?.1)
+        Ok(&mut self.host_mut()?.grads)
     }
 
-    /// The masters (read) and the gradient arena (write) at once, host memory only: what a
-    /// data-parallel replica's backward pass needs.
     /// The masters (when on the host) and the gradient arena cut into consecutive buffers of
     /// `lens` elements, for collectives.
     pub(crate) fn grad_buffers_mut(
@@ -393,43 +382,45 @@ impl ParamSet {
     ) -> Result<(Option<&[f32]>, Vec<crate::comm::Buffer<'_>>)> {
         use crate::comm::{Buffer, HostBuffer};
         match &mut self.storage {
-            Storage::Host { values, grads, .. } => {
+            Storage::Host(h) => {
+                let HostArenas { masters, grads, .. } = &mut h.arenas;
                 check_len("gradient buffer split", grads.len(), lens.iter().sum())?;
                 let pieces = HostBuffer::from(grads).split(lens);
-                Ok((Some(values), pieces.into_iter().map(Buffer::Host).collect()))
+                Ok((
+                    Some(masters),
+                    pieces.into_iter().map(Buffer::Host).collect(),
+                ))
             }
             Storage::Cuda(d) => {
-                let pieces = d.grads.split_buffers(&d.rt, lens)?;
+                let pieces = d.arenas.grads.split_buffers(&d.rt, lens)?;
                 Ok((None, pieces.into_iter().map(Buffer::Device).collect()))
             }
         }
     }
 
-    /// A copy of the set on the same device.
+    /// A copy of the set's tensors on the same device (without any optimizer's state).
     pub fn try_clone(&self) -> Result<Self> {
         let storage = match &self.storage {
-            Storage::Host {
-                values,
-                grads,
-                model,
-            } => Storage::Host {
-                values: values.clone(),
-                grads: grads.clone(),
-                model: model.clone(),
-            },
+            Storage::Host(h) => Storage::Host(HostStorage {
+                arenas: h.arenas.clone(),
+                engine: None,
+            }),
             Storage::Cuda(d) => {
-                let (s, dev) = (&d.rt.stream, self.device);
-                Storage::Cuda(DeviceParams {
+                let (s, dev) = (&d.rt.stream, d.rt.device);
+                let a = &d.arenas;
+                Storage::Cuda(Box::new(DeviceStorage {
                     rt: d.rt.clone(),
-                    values: s.clone_dtod(&d.values).map_err(driver_error(dev, 0))?,
-                    grads: d.grads.try_clone(s, dev)?,
-                    model: d.model.as_ref().map(|m| m.try_clone(s, dev)).transpose()?,
-                })
+                    arenas: DeviceArenas {
+                        masters: s.clone_dtod(&a.masters).map_err(driver_error(dev, 0))?,
+                        grads: a.grads.try_clone(s, dev)?,
+                        model: a.model.as_ref().map(|m| m.try_clone(s, dev)).transpose()?,
+                    },
+                    engine: None,
+                }))
             }
         };
         Ok(ParamSet {
             layout: self.layout.clone(),
-            device: self.device,
             storage,
         })
     }
@@ -443,35 +434,35 @@ impl ParamSet {
     }
 
     /// The fp32 masters of the whole arena, copied to the host when they live on a device.
-    pub(crate) fn values_snapshot(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
+    pub(crate) fn masters_snapshot(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
         match &self.storage {
-            Storage::Host { values, .. } => Ok(std::borrow::Cow::Borrowed(values)),
+            Storage::Host(h) => Ok(std::borrow::Cow::Borrowed(&h.arenas.masters)),
             Storage::Cuda(d) => {
                 d.rt.stream
-                    .clone_dtoh(&d.values)
+                    .clone_dtoh(&d.arenas.masters)
                     .map(std::borrow::Cow::Owned)
-                    .map_err(driver_error(self.device, 0))
+                    .map_err(driver_error(d.rt.device, 0))
             }
         }
     }
 
     /// Replaces the masters (checkpoint restore) and rewrites the model copy from them.
-    pub(crate) fn restore_values(&mut self, new: &[f32]) -> Result<()> {
-        let device = self.device;
+    pub(crate) fn restore_masters(&mut self, new: &[f32]) -> Result<()> {
         match &mut self.storage {
-            Storage::Host { values, model, .. } => {
-                values.copy_from_slice(new);
-                if let Some(m) = model {
+            Storage::Host(h) => {
+                h.arenas.masters.copy_from_slice(new);
+                if let Some(m) = &mut h.arenas.model {
                     m.write_f32(0, new);
                 }
                 Ok(())
             }
             Storage::Cuda(d) => {
+                let dev = d.rt.device;
                 d.rt.stream
-                    .memcpy_htod(new, &mut d.values)
-                    .map_err(driver_error(device, 0))?;
-                if let Some(m) = &mut d.model {
-                    m.write(&d.rt.stream, 0, new, device)?;
+                    .memcpy_htod(new, &mut d.arenas.masters)
+                    .map_err(driver_error(dev, 0))?;
+                if let Some(m) = &mut d.arenas.model {
+                    m.write(&d.rt.stream, 0, new, dev)?;
                 }
                 Ok(())
             }

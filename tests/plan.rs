@@ -49,7 +49,7 @@ fn tensors_do_not_overlap_and_padding_stays_zero() {
     }
     for (i, &used) in seen.iter().enumerate() {
         if !used {
-            assert_eq!(set.values_arena().unwrap()[i], 0.0);
+            assert_eq!(set.masters_arena().unwrap()[i], 0.0);
         }
     }
 }

@@ -259,10 +259,10 @@ pub(crate) fn train(
     }
     let first = dp.replicas().next().ok_or("no replicas")?;
     let test = metrics::evaluate(&model, first.params(), &splits.test, args.loss)?;
-    let params = first.params().values_arena()?.to_vec();
+    let params = first.params().masters_arena()?.to_vec();
     let mut replicas_identical = true;
     for r in dp.replicas() {
-        replicas_identical &= r.params().values_arena()? == params.as_slice();
+        replicas_identical &= r.params().masters_arena()? == params.as_slice();
     }
     Ok(Run {
         history,

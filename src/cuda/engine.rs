@@ -22,19 +22,28 @@ use crate::DType;
 
 const BLOCK: u32 = 256;
 
-/// The device-side parameter storage a step reads and writes (owned by the parameter set).
+/// A parameter set's arenas in device memory: the fp32 masters, the gradients, and the optional
+/// low-precision model copy.
 #[derive(Debug)]
-pub struct DeviceParams {
-    pub(crate) rt: Arc<CudaRuntime>,
-    pub(crate) values: CudaSlice<f32>,
-    pub(crate) grads: DeviceArena,
-    pub(crate) model: Option<DeviceArena>,
+pub(crate) struct DeviceArenas {
+    pub masters: CudaSlice<f32>,
+    pub grads: DeviceArena,
+    pub model: Option<DeviceArena>,
+}
+
+/// A parameter set on a CUDA device — the one place its device is recorded — and its
+/// optimizer's engine once there is one.
+#[derive(Debug)]
+pub(crate) struct DeviceStorage {
+    pub rt: Arc<CudaRuntime>,
+    pub arenas: DeviceArenas,
+    pub engine: Option<Box<CudaEngine>>,
 }
 
 // cudarc frees a device buffer without making its context current, so the fields of these are
 // dropped with the context made current first: on a thread where another device's context is
 // current, the free would fail (and poison the context's error state for its next call).
-impl Drop for DeviceParams {
+impl Drop for DeviceStorage {
     fn drop(&mut self) {
         let _ = self.rt.bind();
     }
@@ -46,7 +55,7 @@ impl Drop for CudaEngine {
     }
 }
 
-pub struct CudaEngine {
+pub(crate) struct CudaEngine {
     rt: Arc<CudaRuntime>,
     update: CudaFunction,
     norm: CudaFunction,
@@ -100,14 +109,15 @@ fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
 }
 
 impl CudaEngine {
-    pub fn new(
-        params: &DeviceParams,
+    pub(crate) fn new(
+        rt: &Arc<CudaRuntime>,
+        params: &DeviceArenas,
         layout: &Layout,
         rule: &Rule,
         options: &OptimizerOptions,
         lr: f64,
     ) -> Result<Self> {
-        let rt = params.rt.clone();
+        let rt = rt.clone();
         let dev = rt.device;
         let stream = &rt.stream;
         let update_module = rt.module("update")?;
@@ -190,7 +200,7 @@ impl CudaEngine {
     }
 
     /// Enqueues one step (or replays the captured graph).
-    pub fn step(&mut self, p: &mut DeviceParams) -> Result<()> {
+    pub(crate) fn step(&mut self, p: &mut DeviceArenas) -> Result<()> {
         match &self.graph {
             Some(graph) => graph
                 .launch(&self.rt.stream)
@@ -206,7 +216,7 @@ impl CudaEngine {
     /// Capture belongs to a stream, and the device's working stream is shared by every parameter
     /// set on the device (and every thread using them): their work must not end up in this graph,
     /// nor their synchronisations break the capture. So the step is captured on a private stream.
-    pub fn capture(&mut self, p: &mut DeviceParams) -> Result<()> {
+    pub(crate) fn capture(&mut self, p: &mut DeviceArenas) -> Result<()> {
         let dev = self.rt.device;
         self.graph = None;
         let private = self.rt.ctx.new_stream().map_err(driver_error(dev, 0))?;
@@ -223,12 +233,8 @@ impl CudaEngine {
         Ok(())
     }
 
-    pub fn has_graph(&self) -> bool {
-        self.graph.is_some()
-    }
-
     /// Enqueues the norm pass and the update on `stream`.
-    fn enqueue(&mut self, p: &mut DeviceParams, stream: &Arc<CudaStream>) -> Result<()> {
+    fn enqueue(&mut self, p: &mut DeviceArenas, stream: &Arc<CudaStream>) -> Result<()> {
         let dev = self.rt.device;
         let len = self.plan.num_chunks() as u64 * self.plan.chunk_elems() as u64;
         let arena_len = match &p.grads {
@@ -276,7 +282,7 @@ impl CudaEngine {
             .arg(&self.configs)
             .arg(&self.step_state)
             .arg(&self.lr)
-            .arg(&mut p.values);
+            .arg(&mut p.masters);
         push_arena(&mut b, &p.grads);
         for slot in 0..3 {
             match self.state.get(slot) {

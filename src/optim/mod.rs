@@ -8,15 +8,17 @@ pub use crate::rules::{Common, EpsPlacement, Flavor, LrPlacement, Rule, WeightDe
 
 pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, MAX_STEP};
 
+use std::sync::Arc;
+
 use crate::arena::Arena;
-use crate::cuda::engine::CudaEngine;
-use crate::engine::cpu::CpuEngine;
+use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage};
+use crate::cuda::runtime::CudaRuntime;
 use crate::error::{Error, Result};
+use crate::host::{HostArenas, HostEngine};
 use crate::params::{ParamSet, Storage};
-use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
-use crate::rules::{Coefficients, StepContext};
+use crate::plan::LaunchPlan;
 use crate::schedule::LrSchedule;
-use crate::step::{decide, StepParams, StepState, POLICY_ERROR};
+use crate::step::StepState;
 use crate::Device;
 
 /// The scalar part of an optimizer, as checkpoints record it.
@@ -33,7 +35,7 @@ pub(crate) struct Saved {
 /// Everything a load writes into an optimizer, checked against it and prepared in fresh buffers.
 pub(crate) struct Restore {
     pub saved: Saved,
-    pub values: Vec<f32>,
+    pub masters: Vec<f32>,
     pub state: Vec<Arena>,
     pub schedule: Option<Box<dyn LrSchedule>>,
 }
@@ -53,27 +55,44 @@ pub(crate) fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
     Ok(())
 }
 
-/// A CUDA engine always sits beside device storage; this is the error if that invariant broke.
-fn no_device_storage() -> Error {
-    Error::Cuda("CUDA engine without device storage".into())
+/// What an optimizer's engine is beside: the arenas it steps, on their device.
+enum Parts<'a> {
+    Host(&'a HostEngine),
+    Cuda(&'a DeviceStorage, &'a CudaEngine),
 }
 
-/// The CPU engine with the state a CPU step keeps on the host: the same [`StepState`] the CUDA
-/// engine keeps in device memory, decided by the same rules ([`crate::step`]).
-#[derive(Debug)]
-struct CpuSteps {
-    engine: CpuEngine,
-    state: Vec<Arena>,
-    coeffs: Vec<Coefficients>,
-    step_state: StepState,
-    step_params: StepParams,
+enum PartsMut<'a> {
+    Host(&'a mut HostArenas, &'a mut HostEngine),
+    Cuda(
+        &'a Arc<CudaRuntime>,
+        &'a mut DeviceArenas,
+        &'a mut CudaEngine,
+    ),
 }
 
-/// Where a step runs.
-#[derive(Debug)]
-enum Engine {
-    Cpu(Box<CpuSteps>),
-    Cuda(Box<CudaEngine>),
+/// An optimizer builds its engine into its parameter set's storage; without one it would not
+/// exist, so this error means a bug in fusedopt.
+fn no_engine() -> Error {
+    Error::Cuda("internal: an optimizer without its engine".into())
+}
+
+/// The engine beside its arenas, to change them (a free function, so that the optimizer's other
+/// fields stay borrowable).
+fn parts_mut(params: &mut ParamSet) -> Result<PartsMut<'_>> {
+    match params.storage_mut() {
+        Storage::Host(h) => Ok(PartsMut::Host(
+            &mut h.arenas,
+            h.engine.as_deref_mut().ok_or_else(no_engine)?,
+        )),
+        Storage::Cuda(d) => {
+            let DeviceStorage { rt, arenas, engine } = &mut **d;
+            Ok(PartsMut::Cuda(
+                rt,
+                arenas,
+                engine.as_deref_mut().ok_or_else(no_engine)?,
+            ))
+        }
+    }
 }
 
 /// Runs one update rule over every tensor of a parameter set as one fused step, on the device the
@@ -84,7 +103,6 @@ pub struct Optimizer {
     rule: Rule,
     options: OptimizerOptions,
     lr: f64,
-    engine: Engine,
     schedule: Option<Box<dyn LrSchedule>>,
 }
 
@@ -111,34 +129,30 @@ impl Optimizer {
         let lr = rule.lr();
         check_lr(params.layout(), lr)?;
         let layout = params.layout().clone();
-        let engine = match params.storage_mut() {
-            Storage::Host { .. } => {
-                let len = layout.arena_len();
-                let state = rule
-                    .state_names()
-                    .iter()
-                    .map(|n| Arena::filled(options.state_dtype, len, rule.state_initial_value(n)))
-                    .collect::<Result<Vec<_>>>()?;
-                Engine::Cpu(Box::new(CpuSteps {
-                    engine: CpuEngine::new(LaunchPlan::new(&layout, CPU_CHUNK_ELEMS)),
-                    state,
-                    coeffs: Vec::with_capacity(layout.groups().len()),
-                    step_state: StepState::initial(&options),
-                    step_params: StepParams::new(&options),
-                }))
+        match params.storage_mut() {
+            Storage::Host(h) => {
+                h.engine = Some(Box::new(HostEngine::new(&layout, &rule, &options)?));
             }
             Storage::Cuda(d) => {
-                Engine::Cuda(Box::new(CudaEngine::new(d, &layout, &rule, &options, lr)?))
+                let engine = CudaEngine::new(&d.rt, &d.arenas, &layout, &rule, &options, lr)?;
+                d.engine = Some(Box::new(engine));
             }
-        };
+        }
         Ok(Optimizer {
             lr,
             params,
             rule,
             options,
-            engine,
             schedule: None,
         })
+    }
+
+    /// The engine beside its arenas.
+    fn parts(&self) -> Result<Parts<'_>> {
+        match self.params.storage() {
+            Storage::Host(h) => Ok(Parts::Host(h.engine.as_deref().ok_or_else(no_engine)?)),
+            Storage::Cuda(d) => Ok(Parts::Cuda(d, d.engine.as_deref().ok_or_else(no_engine)?)),
+        }
     }
 
     /// One fused step over all tensors: norm pass (when needed), then the update with clipping,
@@ -152,14 +166,13 @@ impl Optimizer {
 
     /// [`Optimizer::step`] with the lr already set from the schedule ([`Self::apply_schedule`]).
     pub(crate) fn step_at_current_lr(&mut self) -> Result<()> {
-        let applied = match &mut self.engine {
-            Engine::Cpu(cpu) => cpu.step(&mut self.params, &self.rule, self.lr)?,
-            Engine::Cuda(engine) => {
-                let Storage::Cuda(d) = self.params.storage_mut() else {
-                    return Err(no_device_storage());
-                };
-                engine.step(d)?;
-                if self.options.non_finite == NonFinitePolicy::Error {
+        let layout = self.params.layout().clone();
+        let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
+        let applied = match parts_mut(&mut self.params)? {
+            PartsMut::Host(arenas, engine) => engine.step(arenas, &layout, rule, lr)?,
+            PartsMut::Cuda(_, arenas, engine) => {
+                engine.step(arenas)?;
+                if policy == NonFinitePolicy::Error {
                     let st = engine.read_state()?;
                     if st.skip != 0 {
                         return Err(Error::NonFiniteGradient { norm: st.norm });
@@ -182,16 +195,16 @@ impl Optimizer {
     /// [`Optimizer::step`] replays it, reading the current lr, step count and loss scale from
     /// device memory. CUDA only.
     pub fn capture_graph(&mut self) -> Result<()> {
-        match (&mut self.engine, self.params.storage_mut()) {
-            (Engine::Cuda(engine), Storage::Cuda(d)) => engine.capture(d),
-            _ => Err(Error::NeedsGpu("a CUDA graph")),
+        match parts_mut(&mut self.params)? {
+            PartsMut::Cuda(_, arenas, engine) => engine.capture(arenas),
+            PartsMut::Host(..) => Err(Error::NeedsGpu("a CUDA graph")),
         }
     }
 
     /// Waits until every queued step has finished on the device (a no-op on the CPU).
     pub fn synchronize(&self) -> Result<()> {
         match self.params.storage() {
-            Storage::Host { .. } => Ok(()),
+            Storage::Host(_) => Ok(()),
             Storage::Cuda(d) => {
                 d.rt.stream
                     .synchronize()
@@ -231,7 +244,7 @@ impl Optimizer {
     /// stream order), nothing is rebuilt and a captured graph stays valid.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         check_lr(self.params.layout(), lr)?;
-        if let Engine::Cuda(engine) = &mut self.engine {
+        if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
             engine.set_lr(lr)?;
         }
         self.lr = lr;
@@ -273,14 +286,9 @@ impl Optimizer {
     pub fn state(&self, buffer: &str, tensor: &str) -> Result<Vec<f32>> {
         let slot = self.state_slot(buffer)?;
         let r = self.params.layout().tensor(tensor)?.range();
-        match &self.engine {
-            Engine::Cpu(cpu) => Ok(cpu.state[slot].to_f32(r)),
-            Engine::Cuda(engine) => {
-                let Storage::Cuda(d) = self.params.storage() else {
-                    return Err(no_device_storage());
-                };
-                engine.state[slot].read(&d.rt.stream, r, self.device())
-            }
+        match self.parts()? {
+            Parts::Host(engine) => Ok(engine.state[slot].to_f32(r)),
+            Parts::Cuda(d, engine) => engine.state[slot].read(&d.rt.stream, r, d.rt.device),
         }
     }
 
@@ -288,11 +296,12 @@ impl Optimizer {
         self.params.device()
     }
 
-    pub fn plan(&self) -> &LaunchPlan {
-        match &self.engine {
-            Engine::Cpu(cpu) => cpu.engine.plan(),
-            Engine::Cuda(engine) => engine.plan(),
-        }
+    /// The launch plan its steps walk (an optimizer always has one).
+    pub fn plan(&self) -> Result<&LaunchPlan> {
+        Ok(match self.parts()? {
+            Parts::Host(engine) => engine.plan(),
+            Parts::Cuda(_, engine) => engine.plan(),
+        })
     }
 
     fn state_slot(&self, buffer: &str) -> Result<usize> {
@@ -318,32 +327,27 @@ impl Optimizer {
 
     /// The step state, wherever it lives (read back from the device on a GPU, which waits).
     fn step_state(&self) -> Result<StepState> {
-        match &self.engine {
-            Engine::Cpu(cpu) => Ok(cpu.step_state),
-            Engine::Cuda(engine) => engine.read_state(),
+        match self.parts()? {
+            Parts::Host(engine) => Ok(engine.step_state),
+            Parts::Cuda(_, engine) => engine.read_state(),
         }
     }
 
     /// Every state buffer, on the host: in place on the CPU, copied from the device on a GPU.
     pub(crate) fn state_arenas(&self) -> Result<std::borrow::Cow<'_, [Arena]>> {
-        match &self.engine {
-            Engine::Cpu(cpu) => Ok(std::borrow::Cow::Borrowed(&cpu.state)),
-            Engine::Cuda(engine) => {
-                let Storage::Cuda(d) = self.params.storage() else {
-                    return Err(no_device_storage());
-                };
-                let len = self.params.layout().arena_len();
-                engine
-                    .state
-                    .iter()
-                    .map(|a| {
-                        let mut host = Arena::filled(a.dtype(), len, 0.0)?;
-                        host.write_f32(0, &a.read(&d.rt.stream, 0..len, self.device())?);
-                        Ok(host)
-                    })
-                    .collect::<Result<Vec<_>>>()
-                    .map(std::borrow::Cow::Owned)
-            }
+        let len = self.params.layout().arena_len();
+        match self.parts()? {
+            Parts::Host(engine) => Ok(std::borrow::Cow::Borrowed(&engine.state)),
+            Parts::Cuda(d, engine) => engine
+                .state
+                .iter()
+                .map(|a| {
+                    let mut host = Arena::filled(a.dtype(), len, 0.0)?;
+                    host.write_f32(0, &a.read(&d.rt.stream, 0..len, d.rt.device)?);
+                    Ok(host)
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(std::borrow::Cow::Owned),
         }
     }
 
@@ -354,11 +358,11 @@ impl Optimizer {
     pub(crate) fn restore(&mut self, restore: Restore) -> Result<()> {
         let Restore {
             saved,
-            values,
+            masters,
             state,
             schedule,
         } = restore;
-        self.params.restore_values(&values)?;
+        self.params.restore_masters(&masters)?;
         let restored = StepState {
             step: saved.step,
             loss_scale: saved.loss_scale,
@@ -368,18 +372,15 @@ impl Optimizer {
             step_loss_scale: saved.loss_scale,
             ..Default::default()
         };
-        match &mut self.engine {
-            Engine::Cpu(cpu) => {
-                cpu.state = state;
-                cpu.step_state = restored;
+        let len = self.params.layout().arena_len();
+        match parts_mut(&mut self.params)? {
+            PartsMut::Host(_, engine) => {
+                engine.state = state;
+                engine.step_state = restored;
             }
-            Engine::Cuda(engine) => {
-                let len = self.params.layout().arena_len();
-                let Storage::Cuda(d) = self.params.storage_mut() else {
-                    return Err(no_device_storage());
-                };
+            PartsMut::Cuda(rt, _, engine) => {
                 for (dst, src) in engine.state.iter_mut().zip(&state) {
-                    dst.write(&d.rt.stream, 0, &src.to_f32(0..len), d.rt.device)?;
+                    dst.write(&rt.stream, 0, &src.to_f32(0..len), rt.device)?;
                 }
                 engine.write_state(restored)?;
                 engine.set_lr(saved.lr)?;
@@ -402,60 +403,5 @@ impl Optimizer {
     /// The attached schedule, if any.
     pub(crate) fn schedule(&self) -> Option<&dyn LrSchedule> {
         self.schedule.as_deref()
-    }
-}
-
-impl CpuSteps {
-    /// One step on the host; returns whether it was applied.
-    fn step(&mut self, params: &mut ParamSet, rule: &Rule, lr: f64) -> Result<bool> {
-        let layout = params.layout().clone();
-        let Storage::Host {
-            values,
-            grads,
-            model,
-        } = params.storage_mut()
-        else {
-            return Err(Error::NotHostMemory(Device::Cpu));
-        };
-        let q = self.step_params;
-        let needs_norm = q.needs_norm();
-        let sum_sq = if needs_norm {
-            self.engine.sum_of_squares(grads)
-        } else {
-            0.0
-        };
-        if self.step_state.step >= MAX_STEP {
-            return Err(Error::InvalidHyperparameter(
-                "the step count is at its limit".into(),
-            ));
-        }
-        // Decided on a copy: with NonFinitePolicy::Error a refused step must change nothing.
-        let mut st = self.step_state;
-        decide(&mut st, &q, sum_sq, needs_norm);
-        if st.skip != 0 && q.policy == POLICY_ERROR {
-            return Err(Error::NonFiniteGradient { norm: st.norm });
-        }
-        self.step_state = st;
-        if st.skip != 0 {
-            return Ok(false);
-        }
-        let sign = if rule.maximize() { -1.0 } else { 1.0 };
-        self.coeffs.clear();
-        for group in layout.groups() {
-            let wd = rule.weight_decay();
-            let ctx = StepContext {
-                lr: lr * group.options.lr_scale,
-                weight_decay: group
-                    .options
-                    .weight_decay
-                    .map_or(wd, |l| wd.with_coefficient(l)),
-                step: st.step,
-                grad_scale: st.grad_scale * sign,
-            };
-            self.coeffs.push(rule.coefficients(&ctx));
-        }
-        self.engine
-            .update(values, grads, &mut self.state, model.as_mut(), &self.coeffs);
-        Ok(true)
     }
 }

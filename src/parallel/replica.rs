@@ -253,9 +253,9 @@ impl<C: Communicator> Replica<C> {
                 what: differ.join(", "),
             });
         }
-        let mut values = self.optimizer.params().values_snapshot()?.into_owned();
+        let mut values = self.optimizer.params().masters_snapshot()?.into_owned();
         self.comm
             .broadcast(HostBuffer::F32(&mut values).into(), 0)?;
-        self.optimizer.params_mut().restore_values(&values)
+        self.optimizer.params_mut().restore_masters(&values)
     }
 }

@@ -1,0 +1,117 @@
+//! The host backend: a parameter set's arenas in host memory and, once an optimizer is built on
+//! them, what the CPU engine keeps for it — state buffers, launch plan, and the same
+//! [`StepState`] the CUDA engine keeps in device memory, decided by the same rules
+//! ([`crate::step`]). The kernels, chunked loops over rayon's pool, are `kernels.rs`.
+
+pub(crate) mod kernels;
+
+use crate::arena::Arena;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
+use crate::rules::{Coefficients, Rule, StepContext};
+use crate::step::{decide, OptimizerOptions, StepParams, StepState, MAX_STEP, POLICY_ERROR};
+use kernels::CpuEngine;
+
+/// A parameter set's arenas in host memory: the fp32 masters, the gradients, and the optional
+/// low-precision model copy.
+#[derive(Clone, Debug)]
+pub(crate) struct HostArenas {
+    pub masters: Vec<f32>,
+    pub grads: Arena,
+    pub model: Option<Arena>,
+}
+
+/// A parameter set in host memory, and its optimizer's engine once there is one.
+#[derive(Debug)]
+pub(crate) struct HostStorage {
+    pub arenas: HostArenas,
+    pub engine: Option<Box<HostEngine>>,
+}
+
+/// What the CPU engine keeps for one optimizer.
+#[derive(Debug)]
+pub(crate) struct HostEngine {
+    kernels: CpuEngine,
+    pub state: Vec<Arena>,
+    coeffs: Vec<Coefficients>,
+    pub step_state: StepState,
+    step_params: StepParams,
+}
+
+impl HostEngine {
+    pub(crate) fn new(layout: &Layout, rule: &Rule, options: &OptimizerOptions) -> Result<Self> {
+        let len = layout.arena_len();
+        let state = rule
+            .state_names()
+            .iter()
+            .map(|n| Arena::filled(options.state_dtype, len, rule.state_initial_value(n)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(HostEngine {
+            kernels: CpuEngine::new(LaunchPlan::new(layout, CPU_CHUNK_ELEMS)),
+            state,
+            coeffs: Vec::with_capacity(layout.groups().len()),
+            step_state: StepState::initial(options),
+            step_params: StepParams::new(options),
+        })
+    }
+
+    pub(crate) fn plan(&self) -> &LaunchPlan {
+        self.kernels.plan()
+    }
+
+    /// One step on the host; returns whether it was applied.
+    pub(crate) fn step(
+        &mut self,
+        a: &mut HostArenas,
+        layout: &Layout,
+        rule: &Rule,
+        lr: f64,
+    ) -> Result<bool> {
+        let q = self.step_params;
+        let needs_norm = q.needs_norm();
+        let sum_sq = if needs_norm {
+            self.kernels.sum_of_squares(&a.grads)
+        } else {
+            0.0
+        };
+        if self.step_state.step >= MAX_STEP {
+            return Err(Error::InvalidHyperparameter(
+                "the step count is at its limit".into(),
+            ));
+        }
+        // Decided on a copy: with NonFinitePolicy::Error a refused step must change nothing.
+        let mut st = self.step_state;
+        decide(&mut st, &q, sum_sq, needs_norm);
+        if st.skip != 0 && q.policy == POLICY_ERROR {
+            return Err(Error::NonFiniteGradient { norm: st.norm });
+        }
+        self.step_state = st;
+        if st.skip != 0 {
+            return Ok(false);
+        }
+        let sign = if rule.maximize() { -1.0 } else { 1.0 };
+        self.coeffs.clear();
+        for group in layout.groups() {
+            let wd = rule.weight_decay();
+            let ctx = StepContext {
+                lr: lr * group.options.lr_scale,
+                weight_decay: group
+                    .options
+                    .weight_decay
+                    .map_or(wd, |l| wd.with_coefficient(l)),
+                step: st.step,
+                grad_scale: st.grad_scale * sign,
+            };
+            self.coeffs.push(rule.coefficients(&ctx));
+        }
+        self.kernels.update(
+            &mut a.masters,
+            &a.grads,
+            &mut self.state,
+            a.model.as_mut(),
+            &self.coeffs,
+        );
+        Ok(true)
+    }
+}
