@@ -321,3 +321,45 @@ fn framework_arguments_are_mapped_or_refused() {
         (0.8, WeightDecay::Decoupled(0.1))
     );
 }
+
+/// ReduceLROnPlateau attaches like any schedule: the optimizer's lr follows the metrics the loop
+/// observes, and a checkpoint carries the plateau's position.
+#[test]
+fn a_plateau_schedule_attaches_and_follows_observed_metrics() {
+    use fusedopt::schedule::plateau::ReduceLrOnPlateau;
+    let plateau = || {
+        let mut p = ReduceLrOnPlateau::pytorch(0.1);
+        p.patience = 1;
+        p.factor = 0.5;
+        Box::new(p)
+    };
+    let mut opt = small();
+    opt.set_schedule(Some(plateau())).unwrap();
+    let mut lrs = Vec::new();
+    for metric in [1.0, 0.9, 0.95, 0.97, 0.5, 0.6, 0.7] {
+        opt.params_mut().set_grad("b", &[0.1; 3]).unwrap();
+        opt.step().unwrap();
+        lrs.push(opt.report().unwrap().lr);
+        opt.observe(metric).unwrap();
+    }
+    // PyTorch: the cut comes on the (patience + 1)-th epoch without improvement.
+    assert_eq!(lrs, vec![0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05]);
+    opt.step().unwrap();
+    assert_eq!(opt.report().unwrap().lr, 0.025);
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    opt.save_checkpoint(file.path()).unwrap();
+    let mut back = small();
+    back.set_schedule(Some(plateau())).unwrap();
+    back.load_checkpoint(file.path()).unwrap();
+    for metric in [0.8, 0.9] {
+        opt.observe(metric).unwrap();
+        back.observe(metric).unwrap();
+    }
+    assert_eq!(back.lr(), opt.lr());
+    opt.step().unwrap();
+    back.params_mut().set_grad("b", &[0.1; 3]).unwrap();
+    back.step().unwrap();
+    assert_eq!(back.report().unwrap().lr, opt.report().unwrap().lr);
+    assert_eq!(back.report().unwrap().lr, 0.0125);
+}

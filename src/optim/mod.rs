@@ -267,6 +267,19 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Passes a metric the training loop observed (a validation loss, say) to the attached
+    /// schedule: a plateau schedule ([`crate::schedule::plateau`]) sets the next steps' lr from
+    /// it. Without a schedule, or with one that ignores metrics, nothing changes.
+    pub fn observe(&mut self, metric: f64) -> Result<()> {
+        if let Some(s) = &mut self.schedule {
+            let mut next = s.boxed_clone();
+            next.observe(metric)?;
+            check_lr(self.params.layout(), next.lr())?;
+            *s = next;
+        }
+        Ok(())
+    }
+
     /// Steps applied so far (skipped steps do not count). Reads device memory on a GPU.
     pub fn step_count(&self) -> Result<u64> {
         Ok(self.saved()?.step)

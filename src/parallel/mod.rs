@@ -207,6 +207,14 @@ impl<C: Communicator> DataParallel<C> {
         })
     }
 
+    /// Passes an observed metric to every replica's schedule ([`Optimizer::observe`]); a metric
+    /// one refuses, all refuse (their schedules are alike), and then none changes.
+    pub fn observe(&mut self, metric: f64) -> Result<()> {
+        self.replicas
+            .iter_mut()
+            .try_for_each(|r| r.optimizer.observe(metric))
+    }
+
     /// Saves the group's state (every replica's: they are identical) to `path`
     /// ([`Optimizer::save_checkpoint`]).
     pub fn save_checkpoint(&self, path: impl AsRef<std::path::Path>) -> Result<()> {

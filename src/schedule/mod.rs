@@ -5,9 +5,11 @@
 //! - [`keras`] and [`optax`]: pure functions of the 0-based optimizer step count.
 //! - [`plateau`]: ReduceLROnPlateau, driven by a monitored metric, in the PyTorch and Keras variants.
 //!
-//! Everything implements [`LrSchedule`]: the lr in force now and one tick of the schedule's clock.
-//! An [`crate::Optimizer`] can own one and tick it after every applied step; changing the lr is a
-//! scalar write, nothing is rebuilt.
+//! Everything implements [`LrSchedule`]: the lr in force now, one tick of the schedule's clock,
+//! and an observed metric (for plateau schedules). An [`crate::Optimizer`] can own one, tick it
+//! after every applied step and pass it metrics ([`crate::Optimizer::observe`]); changing the lr
+//! is a scalar write, nothing is rebuilt. Every schedule saves and restores its position, so
+//! checkpoints carry it.
 
 pub mod keras;
 pub mod optax;
@@ -26,7 +28,13 @@ pub(crate) const MAX_COUNT: u64 = 1 << 53;
 /// A learning-rate schedule: the value in force now, and one tick of its clock.
 pub trait LrSchedule: Send + Sync + std::fmt::Debug {
     fn lr(&self) -> f64;
+    /// One tick of the clock, after every applied step.
     fn step(&mut self);
+    /// A metric the training loop observed (a validation loss, say): ReduceLROnPlateau decides
+    /// from it; schedules driven by the step count ignore it.
+    fn observe(&mut self, _metric: f64) -> Result<()> {
+        Ok(())
+    }
     /// A copy behind a new box (lets an optimizer holding a schedule be cloned).
     fn boxed_clone(&self) -> Box<dyn LrSchedule>;
     /// Refuses a schedule that cannot give an lr at every step (empty or short tables).

@@ -1,15 +1,18 @@
 //! ReduceLROnPlateau: cut the lr when a monitored metric stops improving.
 
+use serde_json::{json, Value};
+
+use super::{check_tag, LrSchedule};
 use crate::error::{Error, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Mode {
     Min,
     Max,
 }
 
 /// Which framework's bookkeeping to follow.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Variant {
     /// `torch.optim.lr_scheduler.ReduceLROnPlateau`: reduce on the (patience+1)-th bad epoch;
     /// improvement is relative (`best·(1 ∓ threshold)`) or absolute; a cut smaller than `eps` is
@@ -90,7 +93,7 @@ impl ReduceLrOnPlateau {
         self.lr
     }
 
-    fn validate(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         if !(self.factor < 1.0 && self.factor >= 0.0) {
             return Err(Error::InvalidHyperparameter(format!(
                 "plateau factor must be in [0, 1), got {}",
@@ -112,7 +115,7 @@ impl ReduceLrOnPlateau {
 
     /// Feeds the metric of one epoch; returns the lr in force afterwards.
     pub fn observe(&mut self, metric: f64) -> Result<f64> {
-        self.validate()?;
+        self.check()?;
         match self.variant {
             Variant::PyTorch { eps, .. } => {
                 if self.improves(metric) {
@@ -154,5 +157,79 @@ impl ReduceLrOnPlateau {
             }
         }
         Ok(self.lr)
+    }
+}
+
+/// A float as JSON, non-finite values as strings (JSON numbers cannot be ±∞: `best` starts so).
+fn float(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        json!(x.to_string())
+    }
+}
+
+fn unfloat(v: &Value) -> Option<f64> {
+    v.as_f64().or_else(|| v.as_str()?.parse().ok())
+}
+
+/// Attached to an optimizer, the plateau rule sets the lr from the metrics the training loop
+/// observes ([`crate::Optimizer::observe`]); steps do not move it.
+impl LrSchedule for ReduceLrOnPlateau {
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    fn step(&mut self) {}
+
+    fn observe(&mut self, metric: f64) -> Result<()> {
+        ReduceLrOnPlateau::observe(self, metric).map(|_| ())
+    }
+
+    fn boxed_clone(&self) -> Box<dyn LrSchedule> {
+        Box::new(self.clone())
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.check()
+    }
+
+    fn save(&self) -> Value {
+        json!({
+            "schedule": "plateau",
+            "config": {
+                "mode": self.mode, "factor": self.factor, "patience": self.patience,
+                "threshold": self.threshold, "cooldown": self.cooldown, "min_lr": self.min_lr,
+                "variant": self.variant,
+            },
+            "lr": self.lr, "best": float(self.best), "bad": self.bad,
+            "cooldown_left": self.cooldown_left,
+        })
+    }
+
+    fn restore(&mut self, saved: &Value) -> Result<()> {
+        check_tag(saved, "plateau")?;
+        let bad =
+            |what: &str| Error::InvalidHyperparameter(format!("saved plateau schedule: {what}"));
+        let mine = &self.save()["config"];
+        if saved["config"] != *mine {
+            return Err(bad(&format!(
+                "configured as {}, this one as {mine}",
+                saved["config"]
+            )));
+        }
+        let lr = saved["lr"].as_f64().filter(|l| l.is_finite() && *l >= 0.0);
+        let best = unfloat(&saved["best"]);
+        let counts = (saved["bad"].as_u64(), saved["cooldown_left"].as_u64());
+        match (lr, best, counts) {
+            (Some(lr), Some(best), (Some(b), Some(c))) => {
+                self.lr = lr;
+                self.best = best;
+                self.bad = b;
+                self.cooldown_left = c;
+                Ok(())
+            }
+            _ => Err(bad("its position is not a valid one")),
+        }
     }
 }
