@@ -1,4 +1,4 @@
-//! Replays recorded framework trajectories through fusedopt (FORMAT.md's replay program).
+//! Replays recorded framework trajectories through fusedopt (docs/FORMAT.md's replay program).
 //!
 //! cargo run --release --example replay -- [--device cpu|cuda] --out DIR CASE.json...
 

@@ -28,5 +28,5 @@ python3 scripts/merge_bench.py "$out/$stamp-$device-torch.json" "$work"/torch-*.
 python3 scripts/merge_bench.py "$out/$stamp-$device-fusedopt.json" "$work"/ours-*.json
 python3 scripts/perf_report.py "$out/$stamp-$device-fusedopt.json" "$out/$stamp-$device-torch.json" \
   > "$out/$stamp-$device.md"
-python3 scripts/readme_perf.py > /dev/null
+python3 scripts/readme.py perf
 cat "$out/$stamp-$device.md"

@@ -1,13 +1,12 @@
 #!/usr/bin/env python3
-"""Regenerates the README's performance section from benches/results/*-fusedopt.json and the
-matching *-torch.json (the newest pair per device), between the perf:begin / perf:end markers.
+"""Prints the README's performance section from benches/results/*-fusedopt.json and the
+matching *-torch.json (the newest pair per device); scripts/readme.py puts it in the README.
 
 Usage: python3 scripts/readme_perf.py
 """
 import glob
 import json
 import os
-import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benches", "results")
@@ -51,9 +50,4 @@ def section():
     return "\n".join(lines) if lines else "No benchmark results are committed yet.\n"
 
 
-readme_path = os.path.join(ROOT, "README.md")
-readme = open(readme_path).read()
-new = re.sub(r"(<!-- perf:begin -->\n).*?(<!-- perf:end -->)",
-             lambda m: m.group(1) + section() + m.group(2), readme, flags=re.S)
-open(readme_path, "w").write(new)
 print(section())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Records conformance cases by running the real frameworks (see ../shared/conformance/FORMAT.md).
+"""Records conformance cases by running the real frameworks (see docs/FORMAT.md).
 
 Every expected value in the output comes from PyTorch, Keras 3, Optax or TensorFlow 1 themselves;
 nothing here computes an update by hand. Run through scripts/record-conformance.sh, which installs

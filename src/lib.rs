@@ -28,23 +28,23 @@ macro_rules! abi_layout {
     };
 }
 
-pub mod arena;
-pub mod checkpoint;
+pub(crate) mod arena;
+pub(crate) mod checkpoint;
 pub mod comm;
 pub mod cuda;
 pub mod device;
-pub mod dtype;
-pub mod error;
+pub(crate) mod dtype;
+pub(crate) mod error;
 pub(crate) mod host;
-pub mod layout;
-pub mod optim;
+pub(crate) mod layout;
+pub(crate) mod optim;
 pub mod parallel;
 pub mod params;
 pub mod plan;
 pub mod porting;
-pub mod rules;
+pub(crate) mod rules;
 pub mod schedule;
-pub mod step;
+pub(crate) mod step;
 #[doc(hidden)]
 pub mod testing;
 
@@ -57,5 +57,5 @@ pub use optim::{
     MomentumInit, NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport,
     WeightDecay,
 };
-pub use params::{GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};
-pub use step::{ClipFormula, GlobalNormClip};
+pub use params::{GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};
+pub use step::{ClipFormula, GlobalNormClip, MAX_STEP};

@@ -109,9 +109,6 @@ pub(crate) struct Args {
     pub(crate) compare: bool,
     #[arg(long, default_value = "compare-out")]
     pub(crate) out: PathBuf,
-    /// With --compare: also put the table between the compare markers of this README.
-    #[arg(long)]
-    pub(crate) readme: Option<PathBuf>,
     /// Seeds per optimizer in --compare.
     #[arg(long, default_value_t = 5)]
     pub(crate) seeds: u64,

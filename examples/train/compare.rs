@@ -89,15 +89,6 @@ pub(crate) fn compare(args: &Args, splits: &Splits) -> Result<(), Error> {
         rows.join("\n")
     );
     std::fs::write(args.out.join("table.md"), &table)?;
-    if let Some(readme) = &args.readme {
-        let text = std::fs::read_to_string(readme)?;
-        let (begin, end) = ("<!-- compare:begin -->\n", "<!-- compare:end -->");
-        let (Some(a), Some(b)) = (text.find(begin), text.find(end)) else {
-            return Err(format!("{} has no {begin} … {end} block", readme.display()).into());
-        };
-        let new = format!("{}{table}{}", &text[..a + begin.len()], &text[b..]);
-        std::fs::write(readme, new)?;
-    }
     plot(&args.out.join("loss.svg"), &curves)?;
     println!(
         "\n{table}\nwrote {} and {}",

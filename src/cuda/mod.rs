@@ -1,9 +1,11 @@
-//! The CUDA side: kernels embedded by build.rs, the device runtime, device arenas and the engine
-//! that runs a step on the GPU. Raw `unsafe` launches live here and nowhere else.
+//! The CUDA backend: kernels embedded by build.rs, the device runtime, device arenas and the
+//! engine that runs a step on the GPU. Raw `unsafe` launches live here and nowhere else. Public
+//! here: the device arenas (buffers for the communicators), device timing and copy bandwidth
+//! (`runtime`), and what was embedded (`kernels`).
 
-pub mod abi;
+pub(crate) mod abi;
 pub mod arena;
-pub mod engine;
+pub(crate) mod engine;
 pub(crate) mod nvrtc;
 pub mod runtime;
 

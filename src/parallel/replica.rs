@@ -40,7 +40,8 @@ fn outcome(opt: &Optimizer, r: &Result<()>) -> Result<Vec<u64>> {
 }
 
 /// One replica of a data-parallel group: its optimizer, its communicator and the bucket plan.
-/// [`DataParallel::step`] steps them all; [`DataParallel::into_replicas`] hands them out to be
+/// [`DataParallel::step`](super::DataParallel::step) steps them all;
+/// [`DataParallel::into_replicas`](super::DataParallel::into_replicas) hands them out to be
 /// stepped from threads of the caller's own, so that one stalled backward pass blocks only its
 /// own thread while the others' steps fail within the timeout.
 #[derive(Debug)]

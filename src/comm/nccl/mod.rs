@@ -1,8 +1,8 @@
 //! NCCL through cudarc: one rank per GPU, in one process (a thread per GPU) or in many processes
 //! connected by the [`rendezvous`](super::rendezvous).
 //!
-//! NCCL is loaded at run time ([`ffi`]); without it every constructor returns
-//! [`Unavailable::NoNccl`](crate::Unavailable::NoNccl). Collectives on device buffers run on a
+//! NCCL is loaded at run time (`ffi.rs`); without it every constructor returns
+//! [`Unavailable::NoNccl`]. Collectives on device buffers run on a
 //! communication stream of their own, after everything already enqueued on the device's stream
 //! (the gradients written so far) and concurrently with what is enqueued there later (the rest of
 //! the backward pass); they return at once. [`Communicator::barrier`] waits for them, makes the
@@ -31,7 +31,7 @@ use crate::device::Unavailable;
 use crate::error::{Error, Result};
 use crate::DType;
 
-/// Checks that NCCL can be loaded (see [`ffi`] for where it is looked for).
+/// Checks that NCCL can be loaded (`ffi.rs` says where it is looked for).
 pub fn nccl_available() -> Result<()> {
     lib().map(|_| ())
 }
