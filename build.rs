@@ -31,7 +31,10 @@ fn main() {
         "FUSEDOPT_CUDA_ARCHS",
         "FUSEDOPT_NO_FATBIN",
         "PATH",
-    ] {
+    ]
+    .iter()
+    .chain(&NVCC_ENV)
+    {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -241,8 +244,16 @@ fn compile_cached(
     include: &[&Path],
 ) -> String {
     use std::hash::{Hash, Hasher};
+    // Everything that shapes the output: the exact command, nvcc's version, its environment.
+    let command = format!("{:?}", nvcc_command(nvcc, unit, dst, archs, include));
+    let version = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let nvcc_env: Vec<Option<String>> = NVCC_ENV.iter().map(|v| env::var(v).ok()).collect();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (nvcc, archs, inputs, unit).hash(&mut h);
+    (CACHE_VERSION, command, version, nvcc_env, inputs).hash(&mut h);
     let key = format!("{:016x}", h.finish());
     let key_path = dst.with_extension("key");
     let log_path = dst.with_extension("log");
@@ -251,15 +262,42 @@ fn compile_cached(
             return log;
         }
     }
+    // A failed or interrupted compile must never leave a key that vouches for its output.
+    let _ = std::fs::remove_file(&key_path);
     let log = compile(nvcc, unit, dst, archs, include);
     let _ = std::fs::write(&log_path, &log);
     let _ = std::fs::write(&key_path, &key);
     log
 }
 
+/// Bumped when what `compile_cached` must key on changes shape.
+const CACHE_VERSION: u32 = 1;
+/// nvcc's own environment variables, which change what it produces.
+const NVCC_ENV: [&str; 3] = ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"];
+
 /// Compiles one translation unit; panics (failing the build) with nvcc's output on error, since a
 /// kernel that does not compile is a bug in this crate, not in the user's environment.
 fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String], include: &[&Path]) -> String {
+    let mut cmd = nvcc_command(nvcc, unit, dst, archs, include);
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+    let log = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        panic!("nvcc failed on {}:\n{log}", unit.display());
+    }
+    log
+}
+
+/// The nvcc command that compiles `unit` into the fatbin `dst`.
+fn nvcc_command(
+    nvcc: &Path,
+    unit: &Path,
+    dst: &Path,
+    archs: &[String],
+    include: &[&Path],
+) -> Command {
     let mut cmd = Command::new(nvcc);
     for dir in include {
         cmd.arg("-I").arg(dir);
@@ -282,15 +320,7 @@ fn compile(nvcc: &Path, unit: &Path, dst: &Path, archs: &[String], include: &[&P
             "-gencode=arch=compute_{newest},code=compute_{newest}"
         ));
     }
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-    let log = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        panic!("nvcc failed on {}:\n{log}", unit.display());
-    }
-    log
+    cmd
 }
 
 /// What ptxas reported for one kernel on one architecture.

@@ -68,7 +68,7 @@ fn train_batch(opt: &mut Optimizer, x: &Array2<f32>, y: &[usize]) -> fusedopt::R
     let db1 = dh.sum_axis(Axis(0));
     // set_grad works on every device (a copy to the GPU there); on the CPU, grad_mut gives the
     // arena slice itself for a backward pass that writes in place.
-    let grads = opt.params_mut();
+    let mut grads = opt.params_mut();
     let flat = |g: ndarray::ArrayViewD<'_, f32>| g.iter().copied().collect::<Vec<f32>>();
     for (name, g) in [
         ("fc1.weight", dw1.view().into_dyn()),

@@ -14,7 +14,8 @@ export NVCC="$PWD/$nvcc"
 unset FUSEDOPT_NO_FATBIN
 
 # The executables cargo builds, by target name.
-artifacts=$( { cargo test --release --no-run --message-format=json --test gpu --test parallel;
+artifacts=$( { cargo test --release --no-run --message-format=json --test gpu --test parallel \
+                 --test step_decision --test checkpoint;
                cargo build --release --examples --benches --message-format=json; } 2>/dev/null)
 pick() {  # NAME: the executable of that target (the newest when several)
   printf '%s\n' "$artifacts" | python3 -c '
@@ -38,7 +39,7 @@ fi
 
 rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/tests/data"
-for name in gpu parallel replay quickstart train microbench allreduce; do
+for name in gpu parallel step_decision checkpoint replay quickstart train microbench allreduce; do
   exe=$(pick "$name")
   [ -n "$exe" ] || { echo "no executable for $name" >&2; exit 1; }
   cp "$exe" "$dir/bin/$name"

@@ -7,7 +7,8 @@
 #
 #   nvidia-smi · the GPU tests with FUSEDOPT_REQUIRE_GPU=1 (one test thread) · the data-parallel
 #   tests (NCCL with one rank, from the PyPI wheel's libnccl.so.2 when present; single-GPU
-#   replicas) · replay --device cuda over the conformance cases, then compared bit for bit with the
+#   replicas) · the step decision on host and device bit for bit · checkpoints across devices ·
+#   replay --device cuda over the conformance cases, then compared bit for bit with the
 #   same replay on the emulated GPU (carried in the bundle) · compute-sanitizer memcheck,
 #   racecheck, synccheck on a selection · ncu on the Adam and norm kernels · the benchmark program
 #   against the PyTorch baseline, alternating profile by profile (host time per step, eager and
@@ -70,6 +71,8 @@ fi
 
 step "GPU tests, one thread" 150 bin/gpu --test-threads 1
 step "data-parallel tests (NCCL, single-GPU replicas)" 60 bin/parallel --test-threads 1
+step "the step decision on host and device, bit for bit" 30 bin/step_decision --test-threads 1
+step "checkpoints across devices" 30 bin/checkpoint --test-threads 1
 replays=$(mktemp -d)
 step "replay --device cuda, every conformance case" 60 \
   bin/replay --device cuda --out "$replays" tests/data/conformance/optimizers/*.json \

@@ -40,7 +40,7 @@ pub trait Element: Copy + Send + Sync + bytemuck::Pod + std::fmt::Debug + 'stati
 
 /// Copies f32 `src` into `dst`, rounding to nearest even (the identity for f32).
 #[inline]
-pub fn round_into<T: Element>(dst: &mut [T], src: &[f32]) {
+pub(crate) fn round_into<T: Element>(dst: &mut [T], src: &[f32]) {
     dst.iter_mut()
         .zip(src)
         .for_each(|(d, &s)| *d = T::from_f32(s));

@@ -57,5 +57,7 @@ pub use optim::{
     MomentumInit, NonFinitePolicy, Optimizer, OptimizerOptions, RmsProp, Rule, Sgd, StepReport,
     WeightDecay,
 };
-pub use params::{GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, TensorInfo};
+pub use params::{
+    GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, ParamsMut, TensorInfo,
+};
 pub use step::{ClipFormula, GlobalNormClip, MAX_STEP};

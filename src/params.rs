@@ -473,3 +473,52 @@ impl ParamSet {
 fn no_model_copy() -> Error {
     Error::InvalidHyperparameter("this parameter set keeps no model copy".into())
 }
+
+/// A parameter set's tensors, to write: gradients, parameters in place, the gradient arena. Reads
+/// go through to the set ([`std::ops::Deref`]); the set itself cannot be replaced or swapped
+/// through it, since it carries its optimizer's state ([`crate::Optimizer::params_mut`]):
+///
+/// ```compile_fail
+/// # fn swap(a: &mut fusedopt::Optimizer, b: &mut fusedopt::Optimizer) {
+/// std::mem::swap(&mut *a.params_mut(), &mut *b.params_mut()); // no DerefMut: refused
+/// # }
+/// ```
+pub struct ParamsMut<'a>(&'a mut ParamSet);
+
+impl<'a> ParamsMut<'a> {
+    pub(crate) fn new(set: &'a mut ParamSet) -> Self {
+        ParamsMut(set)
+    }
+
+    /// See [`ParamSet::param_mut`].
+    pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
+        self.0.param_mut(name)
+    }
+
+    /// See [`ParamSet::grad_mut`].
+    pub fn grad_mut<T: Element>(&mut self, name: &str) -> Result<&mut [T]> {
+        self.0.grad_mut(name)
+    }
+
+    /// See [`ParamSet::set_grad`].
+    pub fn set_grad(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.0.set_grad(name, values)
+    }
+
+    /// See [`ParamSet::zero_grads`].
+    pub fn zero_grads(&mut self) -> Result<()> {
+        self.0.zero_grads()
+    }
+
+    /// See [`ParamSet::grads_arena_mut`].
+    pub fn grads_arena_mut(&mut self) -> Result<&mut Arena> {
+        self.0.grads_arena_mut()
+    }
+}
+
+impl std::ops::Deref for ParamsMut<'_> {
+    type Target = ParamSet;
+    fn deref(&self) -> &ParamSet {
+        self.0
+    }
+}

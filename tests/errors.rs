@@ -363,3 +363,15 @@ fn a_plateau_schedule_attaches_and_follows_observed_metrics() {
     assert_eq!(back.report().unwrap().lr, opt.report().unwrap().lr);
     assert_eq!(back.report().unwrap().lr, 0.0125);
 }
+
+/// A report tells the lr its step was given, whatever was set since.
+#[test]
+fn a_report_tells_the_lr_its_step_used() {
+    let mut opt = small();
+    opt.set_lr(0.1).unwrap();
+    opt.params_mut().set_grad("b", &[0.1; 3]).unwrap();
+    opt.step().unwrap();
+    opt.set_lr(0.2).unwrap();
+    assert_eq!(opt.report().unwrap().lr, 0.1);
+    assert_eq!(opt.lr(), 0.2);
+}

@@ -591,3 +591,30 @@ fn the_schedule_position_is_saved_and_restored() {
         refused(&mut other, &path, "checkpoint into another schedule");
     }
 }
+
+/// At the step-count limit a step that would apply is refused and changes nothing, while one that
+/// skips (non-finite gradients) still skips as the policy says.
+#[test]
+fn the_step_count_limit_refuses_only_steps_that_would_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, good) = saved(dir.path());
+    let limit = fusedopt::MAX_STEP;
+    std::fs::write(
+        &path,
+        resealed(&good, |h| h["optimizer"]["step"] = limit.into()),
+    )
+    .unwrap();
+    let mut opt = optimizer();
+    opt.load_checkpoint(&path).unwrap();
+    let before = observable(&opt);
+    opt.params_mut().set_grad("w", &[f32::NAN; 6]).unwrap();
+    opt.step().unwrap();
+    assert!(opt.report().unwrap().skipped);
+    opt.params_mut().set_grad("w", &[0.1; 6]).unwrap();
+    let err = opt.step().unwrap_err();
+    assert!(matches!(err, Error::InvalidHyperparameter(_)), "{err}");
+    // Only the dynamic loss scale moved (the skip backed it off), as a skip does.
+    let after = observable(&opt);
+    assert_eq!(after[0], before[0]);
+    assert_eq!(after[3..], before[3..]);
+}

@@ -87,9 +87,13 @@ impl CapturedGraph {
 }
 
 // SAFETY: moving the graph to another thread is sound: cudarc makes the context current on the
-// calling thread before every launch, and the optimizer that owns the graph is used from one thread
-// at a time (it is not `Sync`), so the executable graph is never launched concurrently.
+// calling thread before every launch, and the graph is launched only through `&mut CudaEngine`
+// (`step`), so never from two threads at once.
 unsafe impl Send for CapturedGraph {}
+// SAFETY: a shared reference never touches the graph: it is launched (and replaced) only through
+// `&mut CudaEngine`, so sharing `&CudaEngine` (inside a shared parameter set) across threads
+// cannot use it concurrently.
+unsafe impl Sync for CapturedGraph {}
 
 fn dtype_suffix(d: DType) -> &'static str {
     match d {

@@ -75,16 +75,17 @@ impl HostEngine {
         } else {
             0.0
         };
-        if self.step_state.step >= MAX_STEP {
-            return Err(Error::InvalidHyperparameter(
-                "the step count is at its limit".into(),
-            ));
-        }
-        // Decided on a copy: with NonFinitePolicy::Error a refused step must change nothing.
+        // Decided on a copy: a refused step (NonFinitePolicy::Error, the step count at its
+        // limit) must change nothing.
         let mut st = self.step_state;
         decide(&mut st, &q, sum_sq, needs_norm);
         if st.skip != 0 && q.policy == POLICY_ERROR {
             return Err(Error::NonFiniteGradient { norm: st.norm });
+        }
+        if st.skip == 0 && st.step > MAX_STEP {
+            return Err(Error::InvalidHyperparameter(
+                "the step count is at its limit".into(),
+            ));
         }
         self.step_state = st;
         if st.skip != 0 {

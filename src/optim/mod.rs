@@ -15,7 +15,7 @@ use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage};
 use crate::cuda::runtime::CudaRuntime;
 use crate::error::{Error, Result};
 use crate::host::{HostArenas, HostEngine};
-use crate::params::{ParamSet, Storage};
+use crate::params::{ParamSet, ParamsMut, Storage};
 use crate::plan::LaunchPlan;
 use crate::schedule::LrSchedule;
 use crate::step::StepState;
@@ -103,6 +103,8 @@ pub struct Optimizer {
     rule: Rule,
     options: OptimizerOptions,
     lr: f64,
+    /// The lr the last step was given (what its report tells).
+    step_lr: f64,
     schedule: Option<Box<dyn LrSchedule>>,
 }
 
@@ -140,6 +142,7 @@ impl Optimizer {
         }
         Ok(Optimizer {
             lr,
+            step_lr: lr,
             params,
             rule,
             options,
@@ -168,6 +171,7 @@ impl Optimizer {
     pub(crate) fn step_at_current_lr(&mut self) -> Result<()> {
         let layout = self.params.layout().clone();
         let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
+        self.step_lr = lr;
         let applied = match parts_mut(&mut self.params)? {
             PartsMut::Host(arenas, engine) => engine.step(arenas, &layout, rule, lr)?,
             PartsMut::Cuda(_, arenas, engine) => {
@@ -216,15 +220,22 @@ impl Optimizer {
     /// What the last step did (the initial state before any). On a GPU this reads device memory
     /// and so waits for the queued work.
     pub fn report(&self) -> Result<StepReport> {
-        Ok(self.step_state()?.report(self.lr))
+        Ok(self.step_state()?.report(self.step_lr))
     }
 
     pub fn params(&self) -> &ParamSet {
         &self.params
     }
 
-    /// Parameters and gradients, for the training loop to write gradients into.
-    pub fn params_mut(&mut self) -> &mut ParamSet {
+    /// Parameters and gradients, for the training loop to write gradients (and parameters)
+    /// into. A view, not the set itself: the set carries this optimizer's state, so it cannot be
+    /// swapped out from under the optimizer.
+    pub fn params_mut(&mut self) -> ParamsMut<'_> {
+        ParamsMut::new(&mut self.params)
+    }
+
+    /// The set itself, for the crate's own use (its storage must stay this optimizer's).
+    pub(crate) fn set_mut(&mut self) -> &mut ParamSet {
         &mut self.params
     }
 
@@ -400,6 +411,7 @@ impl Optimizer {
             }
         }
         self.lr = saved.lr;
+        self.step_lr = saved.lr;
         self.schedule = schedule;
         Ok(())
     }

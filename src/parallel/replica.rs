@@ -154,7 +154,7 @@ impl<C: Communicator> Replica<C> {
         let mut by_start: Vec<usize> = (0..buckets.len()).collect();
         by_start.sort_by_key(|&b| buckets[b].range.start);
         let lens: Vec<usize> = by_start.iter().map(|&b| buckets[b].range.len()).collect();
-        let (masters, pieces) = self.optimizer.params_mut().grad_buffers_mut(&lens)?;
+        let (masters, pieces) = self.optimizer.set_mut().grad_buffers_mut(&lens)?;
         let mut pieces: Vec<Option<Buffer<'_>>> = pieces.into_iter().map(Some).collect();
         let mut place = vec![(0, 0); layout.tensors().len()];
         let mut slots = Vec::with_capacity(buckets.len());
@@ -257,6 +257,6 @@ impl<C: Communicator> Replica<C> {
         let mut values = self.optimizer.params().masters_snapshot()?.into_owned();
         self.comm
             .broadcast(HostBuffer::F32(&mut values).into(), 0)?;
-        self.optimizer.params_mut().restore_masters(&values)
+        self.optimizer.set_mut().restore_masters(&values)
     }
 }

@@ -453,7 +453,7 @@ pub(crate) fn max_nan(a: f32, b: f32) -> f32 {
 /// `base^exp` by binary exponentiation: the same multiplications in the same order as `powu` in
 /// common.cuh, so bias corrections have the same bits on both engines (`f64::powi` and CUDA's
 /// `pow` round differently from each other).
-pub fn powu(base: f64, mut exp: u64) -> f64 {
+pub(crate) fn powu(base: f64, mut exp: u64) -> f64 {
     let (mut result, mut b) = (1.0, base);
     while exp > 0 {
         if exp & 1 == 1 {

@@ -41,4 +41,14 @@ impl GlobalNormClip {
             formula: formula.into(),
         }
     }
+
+    /// The factor every gradient is multiplied by, given the pre-clip norm `n` (the step's own
+    /// formula, `clip_factor` in decide.rs and decide.cuh).
+    pub fn factor(&self, n: f64) -> f64 {
+        let q = super::StepParams::new(&super::OptimizerOptions {
+            clip: Some(*self),
+            ..Default::default()
+        });
+        super::clip_factor(&q, n)
+    }
 }

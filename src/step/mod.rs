@@ -1,7 +1,7 @@
 //! The step decision: what a step settles before any parameter changes — the global norm,
 //! whether non-finite gradients skip it, the clip factor, the loss scaler's update and the step
-//! count. Written twice, side by side in this folder: [`decide`](decide.rs) for the CPU engine and
-//! `decide_step` in `decide.cuh` for the GPU, line for line, over one [`StepState`] and one
+//! count. Written twice, side by side in this folder: `decide` in `decide.rs` for the CPU engine
+//! and `decide_step` in `decide.cuh` for the GPU, line for line, over one [`StepState`] and one
 //! [`StepParams`] whose layouts both sides assert. `tests/step_decision.rs` feeds random cases to
 //! both and compares the bits.
 

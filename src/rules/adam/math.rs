@@ -102,7 +102,7 @@ impl Update for AdamCoefficients {
                 }
             }
             // The optimizer allocates exactly `state_names().len()` buffers for its rule.
-            _ => {}
+            _ => debug_assert!(false, "state buffers do not follow state_names"),
         }
     }
 }

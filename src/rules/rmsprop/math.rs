@@ -137,7 +137,7 @@ impl Update for RmsPropCoefficients {
                     })
             }
             // Buffers follow `state_names`: no other shape is allocated.
-            _ => {}
+            _ => debug_assert!(false, "state buffers do not follow state_names"),
         }
     }
 }
