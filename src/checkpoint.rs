@@ -272,7 +272,7 @@ impl Optimizer {
                 .iter()
                 .map(|g| (g.name.clone(), g.options.clone()))
                 .collect(),
-            schedule: self.schedule().map(|s| s.save()),
+            schedule: self.schedule_now()?.map(|s| s.save()),
         };
         let header = serde_json::to_string(&header).map_err(|e| bad(path, e.to_string()))?;
         let crc = checksum(

@@ -679,3 +679,188 @@ fn steps_do_not_synchronise_with_the_host() {
     opt.synchronize().unwrap();
     assert!(syncs() > before, "the driver's counter does not count");
 }
+
+/// An attached schedule ticks once per *applied* step on the GPU as on the CPU: the device picks
+/// each step's lr by its own step count from lrs written ahead. Skipped steps (NaN gradients under
+/// dynamic loss scaling) are interleaved over several refills of the device's lr ring, eagerly
+/// and under a replayed graph; parameters, state and reports equal the CPU engine's bit for bit,
+/// and on the emulated device the steps wait for it only once per ring.
+#[test]
+fn schedules_follow_applied_steps_on_the_device() {
+    use fusedopt::schedule::{optax, torch, Counted, LrSchedule};
+    if !gpu_or_skip("schedules_follow_applied_steps_on_the_device") {
+        return;
+    }
+    let tensors = many_tensors(54, 30);
+    let mix = &MIXES[1];
+    let schedules: [fn() -> Box<dyn LrSchedule>; 2] = [
+        || {
+            let kind = torch::Kind::CosineAnnealingLR {
+                t_max: 97,
+                eta_min: 1e-4,
+            };
+            Box::new(torch::Scheduler::new(kind, 1e-2).unwrap())
+        },
+        || {
+            let s = optax::Schedule::warmup_cosine_decay(0.0, 1e-2, 40.0, 700.0, 1e-5, 1.0);
+            Box::new(Counted::new(s))
+        },
+    ];
+    const STEPS: usize = 700;
+    let run = |device: Device, schedule: fn() -> Box<dyn LrSchedule>, graph: bool| {
+        let options = OptimizerOptions {
+            loss_scale: LossScale::dynamic(),
+            ..Default::default()
+        };
+        let params = build_on(device, &tensors, mix);
+        let mut opt =
+            Optimizer::with_options(params, Adam::adamw(Flavor::PyTorch), options).unwrap();
+        opt.set_schedule(Some(schedule())).unwrap();
+        let syncs = (device != Device::Cpu && Device::Cuda(0).is_emulated())
+            .then(|| emulated_counter("stream_syncs"));
+        let (mut step_syncs, mut reports) = (0, Vec::new());
+        let mut rng = StdRng::seed_from_u64(8);
+        for k in 0..STEPS {
+            for (i, (t, mut g)) in tensors
+                .iter()
+                .zip(random_grads(&mut rng, &tensors, 1.0))
+                .enumerate()
+            {
+                if i == 0 && (k % 7 == 3 || k == 300) {
+                    g[0] = f32::NAN;
+                }
+                opt.params_mut().set_grad(&t.name, &g).unwrap();
+            }
+            let before = syncs.as_ref().map_or(0, |s| s());
+            opt.step().unwrap();
+            step_syncs += syncs.as_ref().map_or(0, |s| s() - before);
+            if graph && k == 0 {
+                opt.capture_graph().unwrap();
+            }
+            if k % 37 == 3 || k + 1 == STEPS {
+                reports.push(opt.report().unwrap());
+            }
+        }
+        let state = observe(&opt, &tensors, mix);
+        (state, reports, step_syncs)
+    };
+    for schedule in schedules {
+        let (cpu, cpu_reports, _) = run(Device::Cpu, schedule, false);
+        assert!(cpu_reports.iter().any(|r| r.skipped));
+        for graph in [false, true] {
+            let (gpu, gpu_reports, syncs) = run(Device::Cuda(0), schedule, graph);
+            let what = format!("{:?}, graph {graph}", schedule());
+            let key = |r: &StepReport| (r.step, r.lr, r.skipped, r.loss_scale);
+            let (g, c): (Vec<_>, Vec<_>) = (
+                gpu_reports.iter().map(key).collect(),
+                cpu_reports.iter().map(key).collect(),
+            );
+            assert_eq!(g, c, "{what}: reports differ");
+            assert_agree(&what, &gpu, &cpu, true);
+            if Device::Cuda(0).is_emulated() {
+                // One wait per ring of 256 lrs (the first one was written when attaching).
+                assert!(
+                    syncs <= STEPS as i64 / 256,
+                    "{what}: {syncs} waits in {STEPS} steps"
+                );
+            }
+        }
+    }
+}
+
+/// A schedule's whole life on the device, against the CPU engine's, event for event: attached
+/// after some constant-lr steps; a checkpoint saved mid-window resumes on the device; the step
+/// whose scheduled lr overflows f32 is refused at the same count on both, changing nothing; a
+/// plateau schedule replaces it and cuts the lr on observed metrics; removed, the last lr stays.
+#[test]
+fn a_schedules_life_on_the_device_matches_the_cpu() {
+    use fusedopt::schedule::plateau::ReduceLrOnPlateau;
+    use fusedopt::schedule::{optax, Counted, LrSchedule};
+    if !gpu_or_skip("a_schedules_life_on_the_device_matches_the_cpu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = many_tensors(55, 20);
+    let mix = &MIXES[0];
+    let piecewise = || -> Box<dyn LrSchedule> {
+        Box::new(Counted::new(optax::Schedule::PiecewiseConstant {
+            init_value: 1e-3,
+            boundaries_and_scales: vec![(100.0, 0.5), (290.0, 1e42)],
+        }))
+    };
+    let scenario = |device: Device| {
+        let path = dir.path().join(format!("{device}.safetensors"));
+        let new = || {
+            let params = build_on(device, &tensors, mix);
+            Optimizer::new(params, Adam::preset(Flavor::Optax)).unwrap()
+        };
+        let mut opt = new();
+        let mut log = Vec::new();
+        // Step k's gradients, the same for every optimizer that takes step k.
+        let grads = |k: usize| {
+            let mut g = random_grads(&mut StdRng::seed_from_u64(k as u64), &tensors, 1.0);
+            if k % 11 == 5 {
+                g[1][0] = f32::INFINITY;
+            }
+            g
+        };
+        let step = |opt: &mut Optimizer, k: usize, log: &mut Vec<String>| {
+            for (t, g) in tensors.iter().zip(grads(k)) {
+                opt.params_mut().set_grad(&t.name, &g).unwrap();
+            }
+            match opt.step() {
+                Ok(()) if k % 13 == 0 => {
+                    let r = opt.report().unwrap();
+                    log.push(format!("{k}: {} {} {}", r.step, r.lr, r.skipped));
+                }
+                Ok(()) => {}
+                Err(e) => log.push(format!("{k}: {e:?}")),
+            }
+        };
+        opt.set_lr(3e-3).unwrap();
+        for k in 0..10 {
+            step(&mut opt, k, &mut log);
+        }
+        opt.set_schedule(Some(piecewise())).unwrap();
+        for k in 10..150 {
+            step(&mut opt, k, &mut log);
+        }
+        opt.save_checkpoint(&path).unwrap();
+        let mut resumed = new();
+        resumed.set_schedule(Some(piecewise())).unwrap();
+        resumed.load_checkpoint(&path).unwrap();
+        for k in 150..340 {
+            step(&mut opt, k, &mut log);
+            step(&mut resumed, k, &mut Vec::new());
+        }
+        let same = observe(&resumed, &tensors, mix) == observe(&opt, &tensors, mix);
+        assert!(same, "{device}: resumed from a checkpoint, the run differs");
+        let mut plateau = ReduceLrOnPlateau::pytorch(2e-3);
+        plateau.patience = 2;
+        opt.set_schedule(Some(Box::new(plateau))).unwrap();
+        for (k, metric) in (340..350).zip([5.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.0, 3.0]) {
+            step(&mut opt, k, &mut log);
+            opt.observe(metric).unwrap();
+            log.push(format!("{k}: observed, lr {}", opt.report().unwrap().lr));
+        }
+        opt.set_schedule(None).unwrap();
+        log.push(format!("removed: lr {}", opt.lr()));
+        for k in 350..360 {
+            step(&mut opt, k, &mut log);
+        }
+        let r = opt.report().unwrap();
+        log.push(format!("end: {} {} {}", r.step, r.lr, r.skipped));
+        (log, observe(&opt, &tensors, mix))
+    };
+    let (cpu_log, cpu) = scenario(Device::Cpu);
+    let refusals = cpu_log
+        .iter()
+        .filter(|l| l.contains("InvalidHyperparameter"));
+    assert!(refusals.count() > 0, "{cpu_log:#?}");
+    let (gpu_log, gpu) = scenario(Device::Cuda(0));
+    for (c, g) in cpu_log.iter().zip(&gpu_log) {
+        assert_eq!(g, c, "the GPU's events differ from the CPU's");
+    }
+    assert_eq!(gpu_log.len(), cpu_log.len());
+    assert_agree("after the scenario", &gpu, &cpu, true);
+}

@@ -22,6 +22,10 @@ use crate::DType;
 
 const BLOCK: u32 = 256;
 
+/// How many steps ahead the device's lr ring reaches: a schedule on a GPU costs one
+/// synchronisation per this many steps (see `optim::lr_window`).
+pub(crate) const LR_RING_LEN: usize = 256;
+
 /// A parameter set's arenas in device memory: the fp32 masters, the gradients, and the optional
 /// low-precision model copy.
 #[derive(Debug)]
@@ -64,7 +68,11 @@ pub(crate) struct CudaEngine {
     segments: CudaSlice<DeviceSegment>,
     configs: CudaSlice<GroupConfig>,
     step_state: CudaSlice<StepState>,
-    lr: CudaSlice<f64>,
+    /// The lr of each step, by its applied-step count modulo [`LR_RING_LEN`]: one value
+    /// everywhere after [`CudaEngine::set_lr`], a schedule's next values after
+    /// [`CudaEngine::write_lr_window`]. Device memory, so a replayed graph reads it too.
+    lr_ring: CudaSlice<f64>,
+    lr_ring_len: u32,
     partials: CudaSlice<f64>,
     step_params: StepParams,
     pub(crate) state: Vec<DeviceArena>,
@@ -169,7 +177,9 @@ impl CudaEngine {
             .map_err(err(bytes(plan.segments().len(), 16)))?;
         let configs_dev = stream.clone_htod(&configs).map_err(err(0))?;
         let step_state = stream.clone_htod(&[initial]).map_err(err(0))?;
-        let lr_dev = stream.clone_htod(&[lr]).map_err(err(0))?;
+        let lr_ring = stream
+            .clone_htod(&[lr; LR_RING_LEN])
+            .map_err(err(bytes(LR_RING_LEN, 8)))?;
         let partials = stream
             .alloc_zeros::<f64>(plan.num_chunks().max(1))
             .map_err(err(bytes(plan.num_chunks(), 8)))?;
@@ -183,7 +193,8 @@ impl CudaEngine {
             segments: segments_dev,
             configs: configs_dev,
             step_state,
-            lr: lr_dev,
+            lr_ring,
+            lr_ring_len: LR_RING_LEN as u32,
             partials,
             state,
             graph: None,
@@ -194,12 +205,27 @@ impl CudaEngine {
         &self.plan
     }
 
-    /// Sets the lr the next step reads, in stream order (a replayed graph reads it too). A copy
+    /// Sets the lr of every later step, in stream order (a replayed graph reads it too). A copy
     /// from pageable memory: staged by the driver, so nothing waits for the device.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.write_lr_ring(&[lr; LR_RING_LEN])
+    }
+
+    /// Gives the step that applies at count `anchor + i` the lr `lrs[i]` (at most
+    /// [`LR_RING_LEN`] of them), in stream order. Slots no step may read hold NaN, so that a read
+    /// outside the window shows.
+    pub fn write_lr_window(&mut self, anchor: u64, lrs: &[f64]) -> Result<()> {
+        let mut ring = [f64::NAN; LR_RING_LEN];
+        for (count, &lr) in (anchor..).zip(lrs.iter().take(LR_RING_LEN)) {
+            ring[(count % LR_RING_LEN as u64) as usize] = lr;
+        }
+        self.write_lr_ring(&ring)
+    }
+
+    fn write_lr_ring(&mut self, ring: &[f64; LR_RING_LEN]) -> Result<()> {
         self.rt
             .stream
-            .memcpy_htod(&[lr], &mut self.lr)
+            .memcpy_htod(ring, &mut self.lr_ring)
             .map_err(driver_error(self.rt.device, 0))
     }
 
@@ -285,7 +311,8 @@ impl CudaEngine {
         b.arg(&self.segments)
             .arg(&self.configs)
             .arg(&self.step_state)
-            .arg(&self.lr)
+            .arg(&self.lr_ring)
+            .arg(&self.lr_ring_len)
             .arg(&mut p.masters);
         push_arena(&mut b, &p.grads);
         for slot in 0..3 {
@@ -309,10 +336,11 @@ impl CudaEngine {
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match `update_<rule>_<grad>_<state>` in kernels/update.cu, chosen
-        // in `new` from this rule and these dtypes: segment table, group configs, step state, lr,
-        // fp32 masters, gradients, the rule's state buffers in slot order (null pointers for slots
-        // the rule does not use, which the kernel never touches), the model copy or null, and its
-        // kind. Every segment lies inside the arenas, which all have the layout's length.
+        // in `new` from this rule and these dtypes: segment table, group configs, step state, lr
+        // ring and its length, fp32 masters, gradients, the rule's state buffers in slot order
+        // (null pointers for slots the rule does not use, which the kernel never touches), the
+        // model copy or null, and its kind. Every segment lies inside the arenas, which all have
+        // the layout's length.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(driver_error(dev, 0))

@@ -1,5 +1,7 @@
 //! The optimizer: a rule, its state, and the engine that runs the fused step.
 
+mod lr_window;
+
 pub use crate::rules::adagrad::Adagrad;
 pub use crate::rules::adam::{Adam, AdamEps, AmsGrad};
 pub use crate::rules::rmsprop::RmsProp;
@@ -11,7 +13,7 @@ pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, 
 use std::sync::Arc;
 
 use crate::arena::Arena;
-use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage};
+use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage, LR_RING_LEN};
 use crate::cuda::runtime::CudaRuntime;
 use crate::error::{Error, Result};
 use crate::host::{HostArenas, HostEngine};
@@ -20,6 +22,7 @@ use crate::plan::LaunchPlan;
 use crate::schedule::LrSchedule;
 use crate::step::StepState;
 use crate::Device;
+use lr_window::LrWindow;
 
 /// The scalar part of an optimizer, as checkpoints record it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -105,7 +108,10 @@ pub struct Optimizer {
     lr: f64,
     /// The lr the last step was given (what its report tells).
     step_lr: f64,
+    /// On the CPU at the current step; on a GPU at its `lr_window`'s anchor.
     schedule: Option<Box<dyn LrSchedule>>,
+    /// On a GPU with a schedule: the lrs written ahead to the device.
+    lr_window: Option<LrWindow>,
 }
 
 impl Clone for Box<dyn LrSchedule> {
@@ -147,6 +153,7 @@ impl Optimizer {
             rule,
             options,
             schedule: None,
+            lr_window: None,
         })
     }
 
@@ -172,24 +179,26 @@ impl Optimizer {
         let layout = self.params.layout().clone();
         let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
         self.step_lr = lr;
-        let applied = match parts_mut(&mut self.params)? {
-            PartsMut::Host(arenas, engine) => engine.step(arenas, &layout, rule, lr)?,
+        match parts_mut(&mut self.params)? {
+            PartsMut::Host(arenas, engine) => {
+                if engine.step(arenas, &layout, rule, lr)? {
+                    if let Some(s) = &mut self.schedule {
+                        s.step();
+                    }
+                }
+            }
             PartsMut::Cuda(_, arenas, engine) => {
                 engine.step(arenas)?;
+                // The schedule ticks on the device: the step reads its lr from the window.
+                if let Some(w) = &mut self.lr_window {
+                    w.enqueued += 1;
+                }
                 if policy == NonFinitePolicy::Error {
                     let st = engine.read_state()?;
                     if st.skip != 0 {
                         return Err(Error::NonFiniteGradient { norm: st.norm });
                     }
                 }
-                // The host cannot know about a skip without synchronising: on a GPU an attached
-                // schedule ticks on every call.
-                true
-            }
-        };
-        if applied {
-            if let Some(s) = &mut self.schedule {
-                s.step();
             }
         }
         Ok(())
@@ -220,7 +229,16 @@ impl Optimizer {
     /// What the last step did (the initial state before any). On a GPU this reads device memory
     /// and so waits for the queued work.
     pub fn report(&self) -> Result<StepReport> {
-        Ok(self.step_state()?.report(self.step_lr))
+        let st = self.step_state()?;
+        Ok(st.report(self.last_step_lr(&st)))
+    }
+
+    /// The lr the last step was given: on a GPU with a schedule, found from the device's count.
+    fn last_step_lr(&self, st: &StepState) -> f64 {
+        self.lr_window
+            .as_ref()
+            .and_then(|w| w.last_lr(st))
+            .unwrap_or(self.step_lr)
     }
 
     pub fn params(&self) -> &ParamSet {
@@ -247,25 +265,34 @@ impl Optimizer {
         &self.options
     }
 
+    /// The lr set last, or the one an attached schedule gave the last step (on a GPU: as of the
+    /// last time the host read the device's step count, see [`Optimizer::set_schedule`]).
     pub fn lr(&self) -> f64 {
         self.lr
     }
 
     /// Sets the learning rate for the next steps; a scalar write (to device memory on a GPU, in
-    /// stream order), nothing is rebuilt and a captured graph stays valid.
+    /// stream order), nothing is rebuilt and a captured graph stays valid. An attached schedule
+    /// overrides it at the next step.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         check_lr(self.params.layout(), lr)?;
-        if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
-            engine.set_lr(lr)?;
+        if self.lr_window.is_none() {
+            if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
+                engine.set_lr(lr)?;
+            }
         }
         self.lr = lr;
         Ok(())
     }
 
     /// Lets `schedule` set the lr of every step; it ticks once per applied step (skipped steps do
-    /// not advance it, as Keras' and Optax's iteration counts do not; on a GPU it ticks on every
-    /// call). PyTorch-style per-epoch schedulers are better ticked by the caller with
-    /// [`Optimizer::set_lr`].
+    /// not advance it, as Keras' and Optax's iteration counts do not). PyTorch-style per-epoch
+    /// schedulers are better ticked by the caller with [`Optimizer::set_lr`].
+    ///
+    /// On a GPU the host does not know which steps apply without waiting for the device, so the
+    /// schedule's next lrs go to device memory ahead of time and each step picks its own by the
+    /// device's step count (a captured graph too): the host waits for the device once every 256
+    /// steps, and when attaching or removing a schedule, observing a metric, reporting or saving.
     ///
     /// A schedule whose tables leave some step without an lr, or whose first lr the step cannot
     /// use, is refused and the optimizer keeps what it had.
@@ -274,21 +301,55 @@ impl Optimizer {
             s.validate()?;
             check_lr(self.params.layout(), s.lr())?;
         }
-        self.schedule = schedule;
-        Ok(())
+        if self.params.device() == Device::Cpu {
+            self.schedule = schedule;
+            return Ok(());
+        }
+        match schedule {
+            Some(s) => {
+                let st = self.sync_lr()?;
+                self.write_lr_window(s, st.step)
+            }
+            None => {
+                if self.lr_window.is_some() {
+                    // The lr the schedule gave the last step stays, as on the CPU.
+                    self.sync_lr()?;
+                    let lr = self.lr;
+                    if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
+                        engine.set_lr(lr)?;
+                    }
+                }
+                self.schedule = None;
+                self.lr_window = None;
+                Ok(())
+            }
+        }
     }
 
     /// Passes a metric the training loop observed (a validation loss, say) to the attached
     /// schedule: a plateau schedule ([`crate::schedule::plateau`]) sets the next steps' lr from
     /// it. Without a schedule, or with one that ignores metrics, nothing changes.
     pub fn observe(&mut self, metric: f64) -> Result<()> {
-        if let Some(s) = &mut self.schedule {
-            let mut next = s.boxed_clone();
-            next.observe(metric)?;
-            check_lr(self.params.layout(), next.lr())?;
-            *s = next;
+        if self.schedule.is_none() {
+            return Ok(());
         }
-        Ok(())
+        let step = match self.params.device() {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some(self.sync_lr()?.step),
+        };
+        let Some(s) = &self.schedule else {
+            return Ok(());
+        };
+        let mut next = s.boxed_clone();
+        next.observe(metric)?;
+        check_lr(self.params.layout(), next.lr())?;
+        match step {
+            None => {
+                self.schedule = Some(next);
+                Ok(())
+            }
+            Some(step) => self.write_lr_window(next, step),
+        }
     }
 
     /// Steps applied so far (skipped steps do not count). Reads device memory on a GPU.
@@ -339,10 +400,14 @@ impl Optimizer {
     /// The scalar part of the optimizer that a checkpoint records.
     pub(crate) fn saved(&self) -> Result<Saved> {
         let st = self.step_state()?;
+        let lr = match &self.lr_window {
+            Some(w) => w.last_lr(&st).unwrap_or(self.lr),
+            None => self.lr,
+        };
         Ok(Saved {
             rule: self.rule.clone(),
             options: self.options,
-            lr: self.lr,
+            lr,
             step: st.step,
             loss_scale: st.loss_scale,
             good_steps: st.good_steps,
@@ -412,21 +477,92 @@ impl Optimizer {
         }
         self.lr = saved.lr;
         self.step_lr = saved.lr;
-        self.schedule = schedule;
-        Ok(())
-    }
-
-    /// Sets the lr of the next step from the attached schedule, if any; an lr the step cannot use
-    /// is refused with nothing changed.
-    pub(crate) fn apply_schedule(&mut self) -> Result<()> {
-        match &self.schedule {
-            Some(s) => self.set_lr(s.lr()),
-            None => Ok(()),
+        self.lr_window = None;
+        match schedule {
+            Some(s) if self.params.device() != Device::Cpu => {
+                // A restored schedule whose next lr is unusable refuses the next step: an empty
+                // window makes that step try again, and fail as the CPU engine's would.
+                let layout = self.params.layout().clone();
+                let window = LrWindow::ahead(s.as_ref(), saved.step, LR_RING_LEN, |lr| {
+                    check_lr(&layout, lr)
+                })
+                .unwrap_or_else(|_| LrWindow::empty(saved.step));
+                self.install_lr_window(s, window)
+            }
+            s => {
+                self.schedule = s;
+                Ok(())
+            }
         }
     }
 
-    /// The attached schedule, if any.
+    /// Gives the next step its lr from the attached schedule, if any; an lr the step cannot use
+    /// is refused with nothing changed. On the CPU this sets the lr; on a GPU it writes the next
+    /// lrs ahead when the next step could run past those written (see [`LrWindow`]).
+    pub(crate) fn apply_schedule(&mut self) -> Result<()> {
+        let Some(s) = &self.schedule else {
+            return Ok(());
+        };
+        if self.params.device() == Device::Cpu {
+            return self.set_lr(s.lr());
+        }
+        match &self.lr_window {
+            Some(w) if !w.exhausted() => Ok(()),
+            _ => {
+                let st = self.sync_lr()?;
+                let at_step = match (&self.schedule, &self.lr_window) {
+                    (Some(s), Some(w)) => w.advanced(s.as_ref(), st.step)?,
+                    (Some(s), None) => s.boxed_clone(),
+                    (None, _) => return Ok(()),
+                };
+                self.write_lr_window(at_step, st.step)
+            }
+        }
+    }
+
+    /// On a GPU: waits for the device and records the lr its last step was given as the current
+    /// one (the schedule keeps standing at its window's anchor).
+    fn sync_lr(&mut self) -> Result<StepState> {
+        let st = self.step_state()?;
+        if let Some(lr) = self.lr_window.as_ref().and_then(|w| w.last_lr(&st)) {
+            self.lr = lr;
+            self.step_lr = lr;
+        }
+        Ok(st)
+    }
+
+    /// On a GPU: attaches `schedule`, which stands at the device's applied-step count `step`,
+    /// and writes its next lrs to the device. Refused, with nothing changed, when the next one is
+    /// unusable.
+    fn write_lr_window(&mut self, schedule: Box<dyn LrSchedule>, step: u64) -> Result<()> {
+        let layout = self.params.layout().clone();
+        let window = LrWindow::ahead(schedule.as_ref(), step, LR_RING_LEN, |lr| {
+            check_lr(&layout, lr)
+        })?;
+        self.install_lr_window(schedule, window)
+    }
+
+    fn install_lr_window(&mut self, schedule: Box<dyn LrSchedule>, window: LrWindow) -> Result<()> {
+        if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
+            engine.write_lr_window(window.anchor, &window.lrs)?;
+        }
+        self.schedule = Some(schedule);
+        self.lr_window = Some(window);
+        Ok(())
+    }
+
+    /// The attached schedule, if any, standing where its configuration can be compared (not
+    /// necessarily at the current step on a GPU: see [`Optimizer::schedule_now`]).
     pub(crate) fn schedule(&self) -> Option<&dyn LrSchedule> {
         self.schedule.as_deref()
+    }
+
+    /// The attached schedule at the current step (on a GPU, found from the device's count).
+    pub(crate) fn schedule_now(&self) -> Result<Option<Box<dyn LrSchedule>>> {
+        match (&self.schedule, &self.lr_window) {
+            (None, _) => Ok(None),
+            (Some(s), None) => Ok(Some(s.boxed_clone())),
+            (Some(s), Some(w)) => Ok(Some(w.advanced(s.as_ref(), self.step_state()?.step)?)),
+        }
     }
 }

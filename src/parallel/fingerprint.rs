@@ -59,7 +59,10 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
         ),
         (
             "schedule",
-            json(opt.schedule().map_or(serde_json::Value::Null, |s| s.save())),
+            json(
+                opt.schedule_now()?
+                    .map_or(serde_json::Value::Null, |s| s.save()),
+            ),
         ),
         ("state", json(serde_json::json!(state))),
     ])
