@@ -37,11 +37,13 @@ def flat(values):
     return [to_json_value(v) for v in np.asarray(values, dtype=np.float32).reshape(-1)]
 
 
-def make_data(seed, nonfinite=False, zeros=False):
+def make_data(seed, nonfinite=False, zeros=False, tiny=False):
     rng = np.random.default_rng(seed)
     params0 = [rng.normal(0, 1, size=s).astype(np.float32) for s in SHAPES]
+    # Tiny gradients (around 1e-7) are where each framework's ε placement shows.
+    scale = 1.5e-7 if tiny else 1.5
     grads = [
-        [rng.normal(0, 1.5, size=s).astype(np.float32) for s in SHAPES] for _ in range(STEPS)
+        [rng.normal(0, scale, size=s).astype(np.float32) for s in SHAPES] for _ in range(STEPS)
     ]
     if nonfinite:
         grads[1][0].reshape(-1)[2] = np.nan
@@ -60,12 +62,19 @@ def run_torch(kind, args, clip, lrs, params0, grads):
     import torch
 
     params = [torch.nn.Parameter(torch.tensor(p)) for p in params0]
+    if kind == "lion":
+        # PyTorch has no Lion: the reference implementation, lion-pytorch.
+        from lion_pytorch import Lion
     cls = {
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
         "adamw": torch.optim.AdamW,
         "rmsprop": torch.optim.RMSprop,
         "adagrad": torch.optim.Adagrad,
+        "adamax": torch.optim.Adamax,
+        "radam": torch.optim.RAdam,
+        "adadelta": torch.optim.Adadelta,
+        "lion": Lion if kind == "lion" else None,
     }[kind]
     opt = cls(params, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
     out, norms = [], []
@@ -98,6 +107,9 @@ def run_keras(kind, args, clip, lrs, params0, grads):
         "adamw": keras.optimizers.AdamW,
         "rmsprop": keras.optimizers.RMSprop,
         "adagrad": keras.optimizers.Adagrad,
+        "adamax": keras.optimizers.Adamax,
+        "adadelta": keras.optimizers.Adadelta,
+        "lion": keras.optimizers.Lion,
     }[kind]
     kw = dict(args)
     if clip is not None:
@@ -128,6 +140,13 @@ def run_optax(kind, args, clip, lrs, params0, grads, decayed_weights):
         "amsgrad": optax.amsgrad,
         "rmsprop": optax.rmsprop,
         "adagrad": optax.adagrad,
+        "nadam": optax.nadam,
+        "nadamw": optax.nadamw,
+        "adamax": optax.adamax,
+        "adamaxw": optax.adamaxw,
+        "lion": optax.lion,
+        "radam": optax.radam,
+        "adadelta": optax.adadelta,
     }[kind]
     parts = []
     if clip is not None:
@@ -271,6 +290,58 @@ GRID = {
     ],
 }
 
+# The rules added after the first recording, appended so that the earlier cases keep their seeds.
+# Each gets every variant: clipping, a schedule, NaN/∞ and tiny gradients.
+GRID_ADDED = {
+    "pytorch": [
+        ("adamax", {}),
+        ("adamax", {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6, "weight_decay": 0.1}),
+        ("adamax", {"lr": 0.01, "maximize": True}),
+        ("radam", {}),
+        ("radam", {"lr": 0.01, "betas": [0.9, 0.9]}),
+        ("radam", {"lr": 0.01, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.1}),
+        ("radam", {"lr": 0.01, "betas": [0.9, 0.9], "weight_decay": 0.1,
+                   "decoupled_weight_decay": True}),
+        ("adadelta", {}),
+        ("adadelta", {"lr": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1}),
+        ("adadelta", {"lr": 0.5, "maximize": True}),
+        ("lion", {}),
+        ("lion", {"lr": 0.003, "betas": [0.8, 0.9], "weight_decay": 0.1}),
+        ("lion", {"lr": 0.003, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ],
+    "keras": [
+        ("adamax", {}),
+        ("adamax", {"learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-5,
+                    "weight_decay": 0.1}),
+        ("adadelta", {}),
+        ("adadelta", {"learning_rate": 0.5, "rho": 0.8, "epsilon": 1e-5, "weight_decay": 0.1}),
+        ("lion", {}),
+        ("lion", {"learning_rate": 0.003, "beta_1": 0.8, "beta_2": 0.9, "weight_decay": 0.1}),
+        ("lion", {"learning_rate": 0.003, "beta_1": 1.0}),
+    ],
+    "optax": [
+        ("adam", {"learning_rate": 0.01, "nesterov": False}),
+        ("adam", {"learning_rate": 0.01, "nesterov": True}),
+        ("nadam", {"learning_rate": 0.01}),
+        ("nadam", {"learning_rate": 0.02, "b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8}),
+        ("nadamw", {"learning_rate": 0.01, "weight_decay": 0.1}),
+        ("adamw", {"learning_rate": 0.01, "weight_decay": 0.1, "nesterov": True}),
+        ("adamax", {"learning_rate": 0.01}),
+        ("adamax", {"learning_rate": 0.01, "b1": 0.8, "b2": 0.99, "eps": 1e-6}),
+        ("adamaxw", {"learning_rate": 0.01, "weight_decay": 0.1}),
+        ("lion", {"learning_rate": 0.003}),
+        ("lion", {"learning_rate": 0.003, "b1": 0.8, "b2": 0.9, "weight_decay": 0.1}),
+        ("radam", {"learning_rate": 0.01}),
+        ("radam", {"learning_rate": 0.01, "b2": 0.9}),
+        ("radam", {"learning_rate": 0.01, "b1": 0.8, "b2": 0.95, "eps": 1e-6, "eps_root": 1e-8,
+                   "threshold": 4.5}),
+        ("radam", {"learning_rate": 0.01, "b2": 0.9, "nesterov": True}),
+        ("adadelta", {"learning_rate": 0.5}),
+        ("adadelta", {"learning_rate": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1}),
+        ("adadelta", {}),
+    ],
+}
+
 # Optax has no weight decay in sgd/adam: chain add_decayed_weights first (coupled L2).
 OPTAX_DECAYED = [("sgd", {"learning_rate": 0.05, "momentum": 0.9}, 0.05),
                  ("adam", {"learning_rate": 0.01}, 0.1)]
@@ -295,41 +366,57 @@ def run_case(flavor, kind, args, clip, lrs, params0, grads, decayed):
     return run_tf1(kind, args, clip, lrs, params0, grads)
 
 
-def optimizer_cases():
-    seed = 0
+def grid_entries():
+    """(flavor, index, kind, args, decayed, variants): the first grid, then the added rules."""
     for flavor, grid in GRID.items():
         entries = [(k, a, None) for k, a in grid]
         if flavor == "optax":
             entries += OPTAX_DECAYED
         for index, (kind, args, decayed) in enumerate(entries):
-            variants = [("", None, False, False), ("_clip", 1.5, False, False)]
+            variants = [("", None, False, False, False), ("_clip", 1.5, False, False, False)]
             if index % 3 == 0:
-                variants.append(("_sched", None, True, False))
-                variants.append(("_clip_sched", 0.8, True, False))
+                variants.append(("_sched", None, True, False, False))
+                variants.append(("_clip_sched", 0.8, True, False, False))
             if index % 4 == 1:
-                variants.append(("_nonfinite", None, False, True))
-                variants.append(("_clip_nonfinite", 1.5, False, True))
-            for suffix, clip, sched, nonfinite in variants:
-                seed += 1
-                zeros = "initial_accumulator_value" in args and args.get("eps") == 0.0
-                params0, grads = make_data(seed, nonfinite=nonfinite, zeros=zeros)
-                lrs = None
-                if sched:
-                    lrs = scheduled_lrs(args.get(LR_KEY[flavor]) or DEFAULT_LR[flavor])
-                out, norms = run_case(flavor, kind, args, clip, lrs, params0, grads, decayed)
-                name = f"{flavor}_{kind}_{index:02d}{suffix}"
-                yield name, {
-                    "name": name,
-                    "flavor": flavor,
-                    "optimizer": {"kind": kind, **args},
-                    "add_decayed_weights": decayed,
-                    "clip_global_norm": clip,
-                    "lrs": lrs,
-                    "params0": [{"shape": list(p.shape), "values": flat(p)} for p in params0],
-                    "grads": [[flat(g) for g in step] for step in grads],
-                    "expected_params": [[flat(p) for p in step] for step in out],
-                    "expected_global_norm": [to_json_value(n) for n in norms],
-                }
+                variants.append(("_nonfinite", None, False, True, False))
+                variants.append(("_clip_nonfinite", 1.5, False, True, False))
+            yield flavor, index, kind, args, decayed, variants
+    for flavor, grid in GRID_ADDED.items():
+        first = len(GRID[flavor]) + (len(OPTAX_DECAYED) if flavor == "optax" else 0)
+        for index, (kind, args) in enumerate(grid, start=first):
+            variants = [("", None, False, False, False), ("_clip", 1.5, False, False, False),
+                        ("_nonfinite", None, False, True, False),
+                        ("_tiny", None, False, False, True)]
+            # Optax's learning_rate None leaves no lr to schedule.
+            if flavor != "optax" or "learning_rate" in args:
+                variants.append(("_clip_sched", 0.8, True, False, False))
+            yield flavor, index, kind, args, None, variants
+
+
+def optimizer_cases():
+    seed = 0
+    for flavor, index, kind, args, decayed, variants in grid_entries():
+        for suffix, clip, sched, nonfinite, tiny in variants:
+            seed += 1
+            zeros = "initial_accumulator_value" in args and args.get("eps") == 0.0
+            params0, grads = make_data(seed, nonfinite=nonfinite, zeros=zeros, tiny=tiny)
+            lrs = None
+            if sched:
+                lrs = scheduled_lrs(args.get(LR_KEY[flavor]) or DEFAULT_LR[flavor])
+            out, norms = run_case(flavor, kind, args, clip, lrs, params0, grads, decayed)
+            name = f"{flavor}_{kind}_{index:02d}{suffix}"
+            yield name, {
+                "name": name,
+                "flavor": flavor,
+                "optimizer": {"kind": kind, **args},
+                "add_decayed_weights": decayed,
+                "clip_global_norm": clip,
+                "lrs": lrs,
+                "params0": [{"shape": list(p.shape), "values": flat(p)} for p in params0],
+                "grads": [[flat(g) for g in step] for step in grads],
+                "expected_params": [[flat(p) for p in step] for step in out],
+                "expected_global_norm": [to_json_value(n) for n in norms],
+            }
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -518,9 +605,10 @@ def main():
             json.dump(case, f, separators=(",", ":"))
         counts[flavor + " schedules"] = counts.get(flavor + " schedules", 0) + 1
     import keras, optax, tensorflow, torch, jax  # noqa: E401
+    from importlib.metadata import version
     versions = {"torch": torch.__version__, "keras": keras.__version__,
                 "tensorflow": tensorflow.__version__, "optax": optax.__version__,
-                "jax": jax.__version__}
+                "jax": jax.__version__, "lion-pytorch": version("lion-pytorch")}
     with open(os.path.join(out_dir, "VERSIONS.json"), "w") as f:
         json.dump({"versions": versions, "counts": counts}, f, indent=1, sort_keys=True)
     print(json.dumps(counts, sort_keys=True))

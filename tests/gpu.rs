@@ -58,7 +58,23 @@ fn all_rules() -> Vec<Rule> {
                 .with_weight_decay(wd)
                 .into(),
             );
+            v.push(Adamax::preset(f).with_lr(0.01).with_weight_decay(wd).into());
+            v.push(Lion::preset(f).with_lr(0.003).with_weight_decay(wd).into());
+            v.push(
+                Adadelta::preset(f)
+                    .with_lr(0.5)
+                    .with_weight_decay(wd)
+                    .into(),
+            );
+            // β2 = 0.9: ρ∞ = 19, rectified from the sixth step.
+            let radam = Radam {
+                beta2: 0.9,
+                nesterov: f == Flavor::Optax && wd == WeightDecay::None,
+                ..Radam::preset(f)
+            };
+            v.push(radam.with_lr(0.01).with_weight_decay(wd).into());
         }
+        v.push(Adam::nadam_optax().with_lr(0.01).into());
         for centered in [false, true] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
                 v.push(
@@ -150,7 +166,12 @@ fn run(
         Optimizer::with_options(build_on(device, tensors, mix), rule.clone(), options).unwrap();
     let mut rng = StdRng::seed_from_u64(17);
     let base = rule.lr();
-    for (step, lr) in [base, base, 0.4 * base, 0.2 * base].into_iter().enumerate() {
+    // RAdam rectifies from the sixth step (ρ_t > 5): it runs long enough for both branches.
+    let steps = if matches!(rule, Rule::Radam(_)) { 7 } else { 4 };
+    let lrs = [base, base, 0.4 * base]
+        .into_iter()
+        .chain(std::iter::repeat(0.2 * base));
+    for (step, lr) in lrs.take(steps).enumerate() {
         for (t, g) in tensors.iter().zip(random_grads(&mut rng, tensors, 1.0)) {
             opt.params_mut().set_grad(&t.name, &g).unwrap();
         }

@@ -123,6 +123,108 @@ fn adagrad_variants() -> Vec<Rule> {
     v
 }
 
+/// Optax's `adam(nesterov=True)` (its `nadam`), with every decay.
+fn nadam_variants() -> Vec<Rule> {
+    DECAYS
+        .iter()
+        .map(|&wd| {
+            Rule::Adam(
+                Adam {
+                    eps_root: 1e-8,
+                    ..Adam::nadam_optax()
+                }
+                .with_lr(0.01)
+                .with_weight_decay(wd)
+                .maximizing(wd == WeightDecay::L1(0.01)),
+            )
+        })
+        .collect()
+}
+
+fn adamax_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for f in FLAVORS {
+        for wd in DECAYS {
+            v.push(Rule::Adamax(
+                Adamax::preset(f)
+                    .with_lr(0.01)
+                    .with_weight_decay(wd)
+                    .maximizing(wd == WeightDecay::None),
+            ));
+        }
+    }
+    v
+}
+
+/// Lion in every flavor and decay. Its step is ±lr by the sign of `c = β1·m + (1−β1)·g`: an
+/// element whose `c` is within f32 rounding of 0 could take the other sign than the f64 oracle
+/// (a 2·lr difference); these seeds have none (β1 = 1, where `c` is the slowly moving `m`, had).
+fn lion_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for f in FLAVORS {
+        for wd in DECAYS {
+            v.push(Rule::Lion(
+                Lion {
+                    beta1: if wd == WeightDecay::L1(0.01) {
+                        0.8
+                    } else {
+                        0.9
+                    },
+                    ..Lion::preset(f)
+                }
+                .with_lr(0.003)
+                .with_weight_decay(wd)
+                .maximizing(wd == WeightDecay::L2(0.05)),
+            ));
+        }
+    }
+    v
+}
+
+/// RAdam in both flavors, Optax's Nesterov variant too; β2 = 0.9, 0.95 and 0.999 cross the
+/// threshold at steps 6, 6 and 6 (and Optax's inclusive 4.5 at 5, 5, 5), within the nine steps.
+fn radam_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for f in [Flavor::PyTorch, Flavor::Optax] {
+        for (k, wd) in DECAYS.into_iter().enumerate() {
+            for beta2 in [0.9, 0.95, 0.999] {
+                v.push(Rule::Radam(
+                    Radam {
+                        beta2,
+                        eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
+                        nesterov: f == Flavor::Optax && k % 2 == 1,
+                        threshold: if f == Flavor::Optax && k >= 2 {
+                            4.5
+                        } else {
+                            5.0
+                        },
+                        ..Radam::preset(f)
+                    }
+                    .with_lr(0.01)
+                    .with_weight_decay(wd)
+                    .maximizing(beta2 == 0.95 && k == 0),
+                ));
+            }
+        }
+    }
+    v
+}
+
+fn adadelta_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for f in FLAVORS {
+        for wd in DECAYS {
+            v.push(Rule::Adadelta(
+                Adadelta::preset(f)
+                    .with_lr(0.5)
+                    .with_weight_decay(wd)
+                    .maximizing(wd == WeightDecay::Decoupled(0.1)),
+            ));
+        }
+    }
+    v
+}
+
 /// Runs `rule` on the engine and the oracle for 5 steps with a changing lr; optional clipping.
 fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64) {
     let options = OptimizerOptions {
@@ -134,10 +236,12 @@ fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64
     let mut oracle = Oracle::new(rule.clone(), clip, tensors);
     let mut rng = StdRng::seed_from_u64(seed);
     let base = rule.lr();
-    for (step, lr) in [base, base, 0.4 * base, 0.4 * base, 0.2 * base]
+    // RAdam rectifies from the sixth step at the earliest (ρ_t > 5): it runs on to the ninth.
+    let steps = if matches!(rule, Rule::Radam(_)) { 9 } else { 5 };
+    let lrs = [base, base, 0.4 * base, 0.4 * base]
         .into_iter()
-        .enumerate()
-    {
+        .chain(std::iter::repeat(0.2 * base));
+    for (step, lr) in lrs.take(steps).enumerate() {
         let grads = random_grads(&mut rng, tensors, 1.0);
         for (t, g) in tensors.iter().zip(&grads) {
             opt.params_mut().set_grad(&t.name, g).unwrap();
@@ -205,6 +309,31 @@ fn rmsprop_matches_oracle() {
 #[test]
 fn adagrad_matches_oracle() {
     check_all(adagrad_variants());
+}
+
+#[test]
+fn nadam_matches_oracle() {
+    check_all(nadam_variants());
+}
+
+#[test]
+fn adamax_matches_oracle() {
+    check_all(adamax_variants());
+}
+
+#[test]
+fn lion_matches_oracle() {
+    check_all(lion_variants());
+}
+
+#[test]
+fn radam_matches_oracle() {
+    check_all(radam_variants());
+}
+
+#[test]
+fn adadelta_matches_oracle() {
+    check_all(adadelta_variants());
 }
 
 #[test]

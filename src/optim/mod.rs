@@ -2,11 +2,15 @@
 
 mod lr_window;
 
+pub use crate::rules::adadelta::Adadelta;
 pub use crate::rules::adagrad::Adagrad;
 pub use crate::rules::adam::{Adam, AdamEps, AmsGrad};
+pub use crate::rules::adamax::{Adamax, AdamaxEps};
+pub use crate::rules::lion::{Lion, NanSign};
+pub use crate::rules::radam::Radam;
 pub use crate::rules::rmsprop::RmsProp;
 pub use crate::rules::sgd::{MomentumInit, Sgd};
-pub use crate::rules::{Common, EpsPlacement, Flavor, LrPlacement, Rule, WeightDecay};
+pub use crate::rules::{Common, EpsPlacement, Flavor, LrPlacement, MomentForm, Rule, WeightDecay};
 
 pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, MAX_STEP};
 

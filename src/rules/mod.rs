@@ -112,6 +112,10 @@ rules! {
     adam::Adam,
     rmsprop::RmsProp,
     adagrad::Adagrad,
+    adamax::Adamax,
+    lion::Lion,
+    radam::Radam,
+    adadelta::Adadelta,
 }
 
 /// What a rule is, as the engines see it. Implemented by each rule in its folder.
@@ -299,6 +303,16 @@ pub enum EpsPlacement {
     OutsideSqrt,
     /// `√(v + ε)` (Keras, Optax default, TF1).
     InsideSqrt,
+}
+
+/// How a first moment is averaged: the same number, but not the same rounding, and not the same
+/// result once `m` is infinite (`m + (1−β)(g − m)` is then NaN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MomentForm {
+    /// `m + (1−β)(g − m)` (PyTorch's `lerp_`, Keras).
+    Lerp,
+    /// `β·m + (1−β)·g` (Optax's `update_moment`).
+    Average,
 }
 
 /// The knobs every rule has.

@@ -21,6 +21,11 @@ pub(crate) struct AdamCoefficients {
     eps_root: f32,
     /// What `v` is multiplied by before the AMSGrad max: 1/bc2 for Optax's max over `v̂`, else 1.
     max_scale: f32,
+    /// Nesterov: the step is `lr·(nm·m + ng·g)/denom`, with `nm = β1/bc1(t+1)`,
+    /// `ng = (1−β1)/bc1(t)` (and `step_size` = lr).
+    nesterov: bool,
+    nm: f32,
+    ng: f32,
 }
 
 impl AdamCoefficients {
@@ -29,6 +34,8 @@ impl AdamCoefficients {
         let bc2 = 1.0 - powu(r.beta2, ctx.step);
         let corrected = r.eps_scale == AdamEps::BiasCorrected;
         let max_corrected = r.amsgrad == AmsGrad::MaxCorrected;
+        // Nesterov's m̂ is corrected already: the step leaves bc1 out.
+        let bc1_step = if r.nesterov { 1.0 } else { bc1 };
         AdamCoefficients {
             gscale: ctx.grad_scale as f32,
             decay: Decay::new(ctx.weight_decay, ctx.lr),
@@ -36,9 +43,9 @@ impl AdamCoefficients {
             beta2: r.beta2 as f32,
             one_minus_beta2: (1.0 - r.beta2) as f32,
             step_size: if corrected {
-                ctx.lr / bc1
+                ctx.lr / bc1_step
             } else {
-                ctx.lr * bc2.sqrt() / bc1
+                ctx.lr * bc2.sqrt() / bc1_step
             } as f32,
             // The running max of Optax's AMSGrad is on the corrected scale (it maxes v̂), so it is
             // taken back to raw scale when ε sits there.
@@ -50,11 +57,14 @@ impl AdamCoefficients {
             eps: r.eps as f32,
             eps_root: r.eps_root as f32,
             max_scale: if max_corrected { 1.0 / bc2 } else { 1.0 } as f32,
+            nesterov: r.nesterov,
+            nm: (r.beta1 / (1.0 - powu(r.beta1, ctx.step.saturating_add(1)))) as f32,
+            ng: ((1.0 - r.beta1) / bc1) as f32,
         }
     }
 
     #[inline(always)]
-    pub(crate) fn element<const AMSGRAD: bool>(
+    pub(crate) fn element<const AMSGRAD: bool, const NESTEROV: bool>(
         &self,
         p: &mut f32,
         g: f32,
@@ -72,7 +82,33 @@ impl AdamCoefficients {
             *v
         };
         let denom = (u * self.v_scale + self.eps_root).sqrt() + self.eps;
-        *p = p0 - self.step_size * *m / denom;
+        let n = if NESTEROV {
+            self.nm * *m + self.ng * g
+        } else {
+            *m
+        };
+        *p = p0 - self.step_size * n / denom;
+    }
+}
+
+impl AdamCoefficients {
+    #[inline(always)]
+    fn two_slots<const NESTEROV: bool, G: Element, S: Element>(
+        &self,
+        p: &mut [f32],
+        g: &[G],
+        m: &mut [S],
+        v: &mut [S],
+    ) {
+        let mut unused = 0.0;
+        let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+        for (((p, &g), m), v) in it {
+            stored(m, |m| {
+                stored(v, |v| {
+                    self.element::<false, NESTEROV>(p, g.to_f32(), m, v, &mut unused)
+                })
+            });
+        }
     }
 }
 
@@ -85,22 +121,15 @@ impl Update for AdamCoefficients {
                 for ((((p, &g), m), v), vmax) in it.zip(vmax.iter_mut()) {
                     stored(m, |m| {
                         stored(v, |v| {
-                            stored(vmax, |x| self.element::<true>(p, g.to_f32(), m, v, x))
+                            stored(vmax, |x| {
+                                self.element::<true, false>(p, g.to_f32(), m, v, x)
+                            })
                         })
                     });
                 }
             }
-            [m, v] => {
-                let mut unused = 0.0;
-                let it = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-                for (((p, &g), m), v) in it {
-                    stored(m, |m| {
-                        stored(v, |v| {
-                            self.element::<false>(p, g.to_f32(), m, v, &mut unused)
-                        })
-                    });
-                }
-            }
+            [m, v] if self.nesterov => self.two_slots::<true, G, S>(p, g, m, v),
+            [m, v] => self.two_slots::<false, G, S>(p, g, m, v),
             // The optimizer allocates exactly `state_names().len()` buffers for its rule.
             _ => debug_assert!(false, "state buffers do not follow state_names"),
         }

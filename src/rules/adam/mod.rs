@@ -42,6 +42,10 @@ pub struct Adam {
     pub eps_root: f64,
     pub eps_scale: AdamEps,
     pub amsgrad: AmsGrad,
+    /// Nesterov's momentum: `m̂ = β1·m/(1−β1^(t+1)) + (1−β1)·g/(1−β1^t)` (Optax
+    /// `adam(nesterov=True)`, which is its `nadam`).
+    #[serde(default)]
+    pub nesterov: bool,
 }
 
 impl Adam {
@@ -58,6 +62,15 @@ impl Adam {
                 Flavor::Keras | Flavor::Tf1 => AdamEps::Raw,
             },
             amsgrad: AmsGrad::Off,
+            nesterov: false,
+        }
+    }
+
+    /// Optax's `nadam`: `adam(nesterov=True)`.
+    pub fn nadam_optax() -> Self {
+        Adam {
+            nesterov: true,
+            ..Adam::preset(Flavor::Optax)
         }
     }
 
@@ -89,6 +102,7 @@ impl Adam {
 /// `GroupConfig::flags` of an Adam group (`ADAM_*` in adam.cuh); params are β1, β2, ε, eps_root.
 const EPS_RAW: u32 = 1 << 0;
 const AMS_CORRECTED: u32 = 1 << 1;
+const NESTEROV: u32 = 1 << 2;
 
 impl RuleSpec for Adam {
     type Coefficients = AdamCoefficients;
@@ -101,7 +115,10 @@ impl RuleSpec for Adam {
         check_unit("beta1", self.beta1)?;
         check_unit("beta2", self.beta2)?;
         check_nonneg("eps", self.eps)?;
-        check_nonneg("eps_root", self.eps_root)
+        check_nonneg("eps_root", self.eps_root)?;
+        super::check(!(self.nesterov && self.amsgrad != AmsGrad::Off), || {
+            "Adam with both Nesterov momentum and AMSGrad: no framework has it".to_string()
+        })
     }
 
     fn state_names(&self) -> &'static [&'static str] {
@@ -113,10 +130,12 @@ impl RuleSpec for Adam {
     }
 
     fn family(&self) -> &'static str {
-        if self.amsgrad != AmsGrad::Off {
-            "adam_amsgrad"
-        } else {
-            "adam"
+        match (self.amsgrad != AmsGrad::Off, self.nesterov) {
+            (true, false) => "adam_amsgrad",
+            (false, true) => "adam_nesterov",
+            (false, false) => "adam",
+            // Refused by validate: no framework has both.
+            (true, true) => "adam_amsgrad",
         }
     }
 
@@ -124,7 +143,8 @@ impl RuleSpec for Adam {
         let flag = |on: bool, bit: u32| if on { bit } else { 0 };
         DeviceConfig {
             flags: flag(self.eps_scale == AdamEps::Raw, EPS_RAW)
-                | flag(self.amsgrad == AmsGrad::MaxCorrected, AMS_CORRECTED),
+                | flag(self.amsgrad == AmsGrad::MaxCorrected, AMS_CORRECTED)
+                | flag(self.nesterov, NESTEROV),
             params: [
                 self.beta1,
                 self.beta2,
