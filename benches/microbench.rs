@@ -11,8 +11,8 @@
 use std::time::Instant;
 
 use fusedopt::{
-    Adagrad, Adam, DType, Device, Flavor, GlobalNormClip, Optimizer, OptimizerOptions, ParamSet,
-    RmsProp, Rule, Sgd,
+    Adadelta, Adagrad, Adam, Adamax, DType, Device, Flavor, GlobalNormClip, Lion, Optimizer,
+    OptimizerOptions, ParamSet, Radam, RmsProp, Rule, Sgd,
 };
 use serde_json::{json, Value};
 
@@ -119,6 +119,13 @@ fn rules() -> Vec<(&'static str, Rule)> {
             .into(),
         ),
         ("adagrad", Adagrad::preset(f).into()),
+        // PyTorch's NAdam is another algorithm (momentum decay); this is Optax's nadam, the
+        // same traffic (two moments).
+        ("nadam", Adam::nadam_optax().into()),
+        ("radam", Radam::preset(f).into()),
+        ("adamax", Adamax::preset(f).into()),
+        ("adadelta", Adadelta::preset(f).into()),
+        ("lion", Lion::preset(f).into()),
     ]
 }
 

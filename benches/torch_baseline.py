@@ -4,7 +4,8 @@
 Usage: python3 benches/torch_baseline.py [--device cpu|cuda] [--json FILE] [--quick] [--profiles a,b]
 
 Implementations: `torch_fused` (Adam/AdamW/SGD with fused=True, on CPU and CUDA) and
-`torch_foreach` (every rule with foreach=True; RMSProp and Adagrad have no fused version).
+`torch_foreach` (every rule with foreach=True; RMSProp, Adagrad and the rules after them have no
+fused version; Lion, which PyTorch lacks, is the reference lion-pytorch's foreach version).
 Clipping is `clip_grad_norm_(foreach=True)` before the step. The bf16 mix is PyTorch's closest
 equivalent of bf16 training with fp32 master weights: bf16 model weights and gradients, fp32
 masters; a step copies the bf16 gradients into the masters' .grad, steps the masters and copies
@@ -40,7 +41,7 @@ PROFILES = {
 }
 
 STATE_BUFFERS = {"sgd_momentum": 1, "adam": 2, "adamw": 2, "rmsprop": 1, "rmsprop_centered": 2,
-                 "adagrad": 1}
+                 "adagrad": 1, "nadam": 2, "radam": 2, "adamax": 2, "adadelta": 2, "lion": 1}
 
 
 def make_optimizer(rule, params, impl):
@@ -55,6 +56,18 @@ def make_optimizer(rule, params, impl):
         return torch.optim.RMSprop(params, lr=1e-2, **kw)
     if rule == "rmsprop_centered":
         return torch.optim.RMSprop(params, lr=1e-2, centered=True, **kw)
+    if rule == "nadam":
+        return torch.optim.NAdam(params, lr=2e-3, **kw)
+    if rule == "radam":
+        return torch.optim.RAdam(params, lr=1e-3, **kw)
+    if rule == "adamax":
+        return torch.optim.Adamax(params, lr=2e-3, **kw)
+    if rule == "adadelta":
+        return torch.optim.Adadelta(params, lr=1.0, **kw)
+    if rule == "lion":
+        # PyTorch has no Lion: the reference implementation's foreach version (lion-pytorch).
+        from lion_pytorch.foreach import Lion
+        return Lion(params, lr=1e-4)
     return torch.optim.Adagrad(params, lr=1e-2, **kw)
 
 
