@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use fusedopt::{
-    Adadelta, Adagrad, Adam, Adamax, DType, Device, Flavor, GlobalNormClip, Lion, Optimizer,
+    Adadelta, Adagrad, Adam, Adamax, DType, Device, Flavor, GlobalNormClip, Lion, Nadam, Optimizer,
     OptimizerOptions, ParamSet, Radam, RmsProp, Rule, Sgd,
 };
 use serde_json::{json, Value};
@@ -119,9 +119,7 @@ fn rules() -> Vec<(&'static str, Rule)> {
             .into(),
         ),
         ("adagrad", Adagrad::preset(f).into()),
-        // PyTorch's NAdam is another algorithm (momentum decay); this is Optax's nadam, the
-        // same traffic (two moments).
-        ("nadam", Adam::nadam_optax().into()),
+        ("nadam", Nadam::preset(f).into()),
         ("radam", Radam::preset(f).into()),
         ("adamax", Adamax::preset(f).into()),
         ("adadelta", Adadelta::preset(f).into()),

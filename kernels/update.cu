@@ -1,13 +1,22 @@
 // The fused update: one launch walks every segment of the launch plan and applies its group's
 // rule to parameters, gradients and state in one pass, writing the optional bf16/f16 model copy
 // in the same pass. Coefficients are built per block from the group's config and the step state
-// in device memory (so a captured graph replays with the current lr and step). The lr comes from a
-// ring the host fills ahead, indexed by the step's own applied-step count, so a schedule follows
-// applied steps without the host knowing which steps applied. A rule's kernel
+// in device memory (so a captured graph replays with the current lr and step). The lr (and a rule's
+// host-computed scalars) come from a ring the host fills ahead, indexed by the step's own
+// applied-step count, so a schedule follows applied steps without the host knowing which applied. A rule's kernel
 // family (src/rules/*/*.cuh) and the gradient and state dtypes are template parameters; every
 // entry point has the same signature.
 #include "multi_tensor.cuh"
 #include "rules/common.cuh"
+
+// One step's lr and its rule's host-computed scalars (cuda/abi.rs: StepEntry), in the ring the
+// update indexes by the step's applied-step count.
+struct StepEntry {
+    double lr;
+    double scalars[3];
+};
+static_assert(sizeof(StepEntry) == 32, "StepEntry");
+ABI_FIELD(StepEntry, lr, 0); ABI_FIELD(StepEntry, scalars, 8);
 
 // model_kind: 0 none, 1 bf16, 2 f16.
 __device__ __forceinline__ void store_model4(void* model, int kind, unsigned long long i, float4 v) {
@@ -23,15 +32,15 @@ __device__ __forceinline__ void store_model1(void* model, int kind, unsigned lon
 // touched), F::make builds the group's coefficients, F::apply updates one element.
 template <typename F, typename G, typename S>
 __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepState* st,
-                       const double* lr_ring, unsigned int lr_ring_len, float* p, const G* g,
+                       const StepEntry* ring, unsigned int ring_len, float* p, const G* g,
                        S* s0, S* s1, S* s2, void* model, int model_kind) {
     if (st->skip) return;
     const Segment seg = segs[blockIdx.x];
     const GroupConfig cfg = cfgs[seg.group];
     // An applied step has counted itself: its count is step - 1.
-    const double lr = lr_ring[(st->step - 1) % lr_ring_len];
-    const typename F::Coefficients k =
-        F::make(cfg, lr * cfg.lr_scale, st->step, (float)(st->grad_scale * cfg.sign));
+    const StepEntry& e = ring[(st->step - 1) % ring_len];
+    const typename F::Coefficients k = F::make(cfg, e.lr * cfg.lr_scale, st->step,
+                                               (float)(st->grad_scale * cfg.sign), e.scalars);
     constexpr int n = F::slots;
     for_each_element(
         seg,
@@ -71,9 +80,9 @@ __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepS
 #define ENTRY(NAME, G, GN, S, SN, ...)                                                           \
     extern "C" __global__ void __launch_bounds__(256) update_##NAME##_##GN##_##SN(                \
         const Segment* segs, const GroupConfig* cfgs, const StepState* st,                       \
-        const double* lr_ring, unsigned int lr_ring_len, float* p, const G* g, S* s0, S* s1,      \
+        const StepEntry* ring, unsigned int ring_len, float* p, const G* g, S* s0, S* s1,        \
         S* s2, void* model, int model_kind) {                                                    \
-        update<__VA_ARGS__, G, S>(segs, cfgs, st, lr_ring, lr_ring_len, p, g, s0, s1, s2, model,  \
+        update<__VA_ARGS__, G, S>(segs, cfgs, st, ring, ring_len, p, g, s0, s1, s2, model,        \
                                   model_kind);                                                   \
     }
 // The entry points of one kernel family, for every gradient × state dtype; each rule's .cuh

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import zlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -74,6 +75,7 @@ def run_torch(kind, args, clip, lrs, params0, grads):
         "adamax": torch.optim.Adamax,
         "radam": torch.optim.RAdam,
         "adadelta": torch.optim.Adadelta,
+        "nadam": torch.optim.NAdam,
         "lion": Lion if kind == "lion" else None,
     }[kind]
     opt = cls(params, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
@@ -109,6 +111,7 @@ def run_keras(kind, args, clip, lrs, params0, grads):
         "adagrad": keras.optimizers.Adagrad,
         "adamax": keras.optimizers.Adamax,
         "adadelta": keras.optimizers.Adadelta,
+        "nadam": keras.optimizers.Nadam,
         "lion": keras.optimizers.Lion,
     }[kind]
     kw = dict(args)
@@ -308,6 +311,11 @@ GRID_ADDED = {
         ("lion", {}),
         ("lion", {"lr": 0.003, "betas": [0.8, 0.9], "weight_decay": 0.1}),
         ("lion", {"lr": 0.003, "weight_decay": 0.1, "decoupled_weight_decay": True}),
+        ("nadam", {}),
+        ("nadam", {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6, "momentum_decay": 0.3}),
+        ("nadam", {"lr": 0.01, "weight_decay": 0.1}),
+        ("nadam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True,
+                   "maximize": True}),
     ],
     "keras": [
         ("adamax", {}),
@@ -318,6 +326,9 @@ GRID_ADDED = {
         ("lion", {}),
         ("lion", {"learning_rate": 0.003, "beta_1": 0.8, "beta_2": 0.9, "weight_decay": 0.1}),
         ("lion", {"learning_rate": 0.003, "beta_1": 1.0}),
+        ("nadam", {}),
+        ("nadam", {"learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-5,
+                   "weight_decay": 0.1}),
     ],
     "optax": [
         ("adam", {"learning_rate": 0.01, "nesterov": False}),
@@ -367,7 +378,9 @@ def run_case(flavor, kind, args, clip, lrs, params0, grads, decayed):
 
 
 def grid_entries():
-    """(flavor, index, kind, args, decayed, variants): the first grid, then the added rules."""
+    """(flavor, index, kind, args, decayed, variants, seeded): the first grid, whose cases take
+    seeds in order, then the added rules, whose cases are seeded by their names (so that adding
+    one never changes another)."""
     for flavor, grid in GRID.items():
         entries = [(k, a, None) for k, a in grid]
         if flavor == "optax":
@@ -380,7 +393,7 @@ def grid_entries():
             if index % 4 == 1:
                 variants.append(("_nonfinite", None, False, True, False))
                 variants.append(("_clip_nonfinite", 1.5, False, True, False))
-            yield flavor, index, kind, args, decayed, variants
+            yield flavor, index, kind, args, decayed, variants, False
     for flavor, grid in GRID_ADDED.items():
         first = len(GRID[flavor]) + (len(OPTAX_DECAYED) if flavor == "optax" else 0)
         for index, (kind, args) in enumerate(grid, start=first):
@@ -390,21 +403,23 @@ def grid_entries():
             # Optax's learning_rate None leaves no lr to schedule.
             if flavor != "optax" or "learning_rate" in args:
                 variants.append(("_clip_sched", 0.8, True, False, False))
-            yield flavor, index, kind, args, None, variants
+            yield flavor, index, kind, args, None, variants, True
 
 
 def optimizer_cases():
     seed = 0
-    for flavor, index, kind, args, decayed, variants in grid_entries():
+    for flavor, index, kind, args, decayed, variants, by_name in grid_entries():
         for suffix, clip, sched, nonfinite, tiny in variants:
             seed += 1
+            name = f"{flavor}_{kind}_{index:02d}{suffix}"
+            if by_name:
+                seed = zlib.crc32(name.encode())
             zeros = "initial_accumulator_value" in args and args.get("eps") == 0.0
             params0, grads = make_data(seed, nonfinite=nonfinite, zeros=zeros, tiny=tiny)
             lrs = None
             if sched:
                 lrs = scheduled_lrs(args.get(LR_KEY[flavor]) or DEFAULT_LR[flavor])
             out, norms = run_case(flavor, kind, args, clip, lrs, params0, grads, decayed)
-            name = f"{flavor}_{kind}_{index:02d}{suffix}"
             yield name, {
                 "name": name,
                 "flavor": flavor,

@@ -54,8 +54,8 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
     Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, AmsGrad, Common, EpsPlacement, Flavor,
-    Lion, LossScale, LrPlacement, MomentForm, MomentumInit, NanSign, NonFinitePolicy, Optimizer,
-    OptimizerOptions, Radam, RmsProp, Rule, Sgd, StepReport, WeightDecay,
+    Lion, LossScale, LrPlacement, MomentForm, MomentumInit, Nadam, NanSign, NonFinitePolicy,
+    Optimizer, OptimizerOptions, Radam, RmsProp, Rule, Sgd, StepReport, WeightDecay,
 };
 pub use params::{
     GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, ParamsMut, TensorInfo,

@@ -75,6 +75,8 @@ fn all_rules() -> Vec<Rule> {
             v.push(radam.with_lr(0.01).with_weight_decay(wd).into());
         }
         v.push(Adam::nadam_optax().with_lr(0.01).into());
+        // Its μ-product comes from the host through the device's ring, step by step.
+        v.push(Nadam::preset(f).with_lr(0.01).into());
         for centered in [false, true] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
                 v.push(
@@ -702,7 +704,7 @@ fn steps_do_not_synchronise_with_the_host() {
 }
 
 /// An attached schedule ticks once per *applied* step on the GPU as on the CPU: the device picks
-/// each step's lr by its own step count from lrs written ahead. Skipped steps (NaN gradients under
+/// each step's lr (and NAdam its μ-product) by its own step count from entries written ahead. Skipped steps (NaN gradients under
 /// dynamic loss scaling) are interleaved over several refills of the device's lr ring, eagerly
 /// and under a replayed graph; parameters, state and reports equal the CPU engine's bit for bit,
 /// and on the emulated device the steps wait for it only once per ring.
@@ -714,29 +716,36 @@ fn schedules_follow_applied_steps_on_the_device() {
     }
     let tensors = many_tensors(54, 30);
     let mix = &MIXES[1];
-    let schedules: [fn() -> Box<dyn LrSchedule>; 2] = [
-        || {
-            let kind = torch::Kind::CosineAnnealingLR {
-                t_max: 97,
-                eta_min: 1e-4,
-            };
-            Box::new(torch::Scheduler::new(kind, 1e-2).unwrap())
-        },
-        || {
-            let s = optax::Schedule::warmup_cosine_decay(0.0, 1e-2, 40.0, 700.0, 1e-5, 1.0);
-            Box::new(Counted::new(s))
-        },
+    type Schedule = Option<fn() -> Box<dyn LrSchedule>>;
+    let torch_cosine: Schedule = Some(|| {
+        let kind = torch::Kind::CosineAnnealingLR {
+            t_max: 97,
+            eta_min: 1e-4,
+        };
+        Box::new(torch::Scheduler::new(kind, 1e-2).unwrap())
+    });
+    let optax_warmup: Schedule = Some(|| {
+        let s = optax::Schedule::warmup_cosine_decay(0.0, 1e-2, 40.0, 700.0, 1e-5, 1.0);
+        Box::new(Counted::new(s))
+    });
+    // NAdam's μ-product reaches the device through the same ring, with or without a schedule.
+    let cases: [(Rule, Schedule); 4] = [
+        (Adam::adamw(Flavor::PyTorch).into(), torch_cosine),
+        (Adam::adamw(Flavor::PyTorch).into(), optax_warmup),
+        (Nadam::preset(Flavor::PyTorch).into(), None),
+        (Nadam::preset(Flavor::Keras).into(), optax_warmup),
     ];
     const STEPS: usize = 700;
-    let run = |device: Device, schedule: fn() -> Box<dyn LrSchedule>, graph: bool| {
+    let run = |device: Device, rule: &Rule, schedule: Schedule, graph: bool| {
         let options = OptimizerOptions {
             loss_scale: LossScale::dynamic(),
             ..Default::default()
         };
         let params = build_on(device, &tensors, mix);
-        let mut opt =
-            Optimizer::with_options(params, Adam::adamw(Flavor::PyTorch), options).unwrap();
-        opt.set_schedule(Some(schedule())).unwrap();
+        let mut opt = Optimizer::with_options(params, rule.clone(), options).unwrap();
+        if let Some(schedule) = schedule {
+            opt.set_schedule(Some(schedule())).unwrap();
+        }
         let syncs = (device != Device::Cpu && Device::Cuda(0).is_emulated())
             .then(|| emulated_counter("stream_syncs"));
         let (mut step_syncs, mut reports) = (0, Vec::new());
@@ -765,12 +774,12 @@ fn schedules_follow_applied_steps_on_the_device() {
         let state = observe(&opt, &tensors, mix);
         (state, reports, step_syncs)
     };
-    for schedule in schedules {
-        let (cpu, cpu_reports, _) = run(Device::Cpu, schedule, false);
+    for (rule, schedule) in &cases {
+        let (cpu, cpu_reports, _) = run(Device::Cpu, rule, *schedule, false);
         assert!(cpu_reports.iter().any(|r| r.skipped));
         for graph in [false, true] {
-            let (gpu, gpu_reports, syncs) = run(Device::Cuda(0), schedule, graph);
-            let what = format!("{:?}, graph {graph}", schedule());
+            let (gpu, gpu_reports, syncs) = run(Device::Cuda(0), rule, *schedule, graph);
+            let what = format!("{rule:?}, {:?}, graph {graph}", schedule.map(|s| s()));
             let key = |r: &StepReport| (r.step, r.lr, r.skipped, r.loss_scale);
             let (g, c): (Vec<_>, Vec<_>) = (
                 gpu_reports.iter().map(key).collect(),
@@ -809,11 +818,11 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
             boundaries_and_scales: vec![(100.0, 0.5), (290.0, 1e42)],
         }))
     };
-    let scenario = |device: Device| {
+    let scenario = |device: Device, rule: &Rule| {
         let path = dir.path().join(format!("{device}.safetensors"));
         let new = || {
             let params = build_on(device, &tensors, mix);
-            Optimizer::new(params, Adam::preset(Flavor::Optax)).unwrap()
+            Optimizer::new(params, rule.clone()).unwrap()
         };
         let mut opt = new();
         let mut log = Vec::new();
@@ -873,15 +882,21 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
         log.push(format!("end: {} {} {}", r.step, r.lr, r.skipped));
         (log, observe(&opt, &tensors, mix))
     };
-    let (cpu_log, cpu) = scenario(Device::Cpu);
-    let refusals = cpu_log
-        .iter()
-        .filter(|l| l.contains("InvalidHyperparameter"));
-    assert!(refusals.count() > 0, "{cpu_log:#?}");
-    let (gpu_log, gpu) = scenario(Device::Cuda(0));
-    for (c, g) in cpu_log.iter().zip(&gpu_log) {
-        assert_eq!(g, c, "the GPU's events differ from the CPU's");
+    // NAdam also carries its μ-product through the checkpoint (recomputed from the step count).
+    for rule in [
+        Adam::preset(Flavor::Optax).into(),
+        Nadam::preset(Flavor::PyTorch).into(),
+    ] {
+        let (cpu_log, cpu) = scenario(Device::Cpu, &rule);
+        let refusals = cpu_log
+            .iter()
+            .filter(|l| l.contains("InvalidHyperparameter"));
+        assert!(refusals.count() > 0, "{cpu_log:#?}");
+        let (gpu_log, gpu) = scenario(Device::Cuda(0), &rule);
+        for (c, g) in cpu_log.iter().zip(&gpu_log) {
+            assert_eq!(g, c, "{rule:?}: the GPU's events differ from the CPU's");
+        }
+        assert_eq!(gpu_log.len(), cpu_log.len());
+        assert_agree(&format!("{rule:?} after the scenario"), &gpu, &cpu, true);
     }
-    assert_eq!(gpu_log.len(), cpu_log.len());
-    assert_agree("after the scenario", &gpu, &cpu, true);
 }

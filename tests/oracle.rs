@@ -141,6 +141,22 @@ fn nadam_variants() -> Vec<Rule> {
         .collect()
 }
 
+/// PyTorch's NAdam and Keras' Nadam (ψ = 4e-3 and 1), with every decay.
+fn nadam_pytorch_keras_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for f in [Flavor::PyTorch, Flavor::Keras] {
+        for wd in DECAYS {
+            v.push(Rule::Nadam(
+                Nadam::preset(f)
+                    .with_lr(0.01)
+                    .with_weight_decay(wd)
+                    .maximizing(wd == WeightDecay::L2(0.05)),
+            ));
+        }
+    }
+    v
+}
+
 fn adamax_variants() -> Vec<Rule> {
     let mut v = Vec::new();
     for f in FLAVORS {
@@ -314,6 +330,11 @@ fn adagrad_matches_oracle() {
 #[test]
 fn nadam_matches_oracle() {
     check_all(nadam_variants());
+}
+
+#[test]
+fn nadam_pytorch_keras_matches_oracle() {
+    check_all(nadam_pytorch_keras_variants());
 }
 
 #[test]

@@ -10,6 +10,15 @@ use crate::plan::Segment;
 pub(crate) use crate::rules::GroupConfig;
 pub(crate) use crate::step::{StepParams, StepState};
 
+/// `StepEntry` in update.cu: one step's lr and its rule's host-computed scalars, in the ring the
+/// update indexes by the step's applied-step count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct StepEntry {
+    pub lr: f64,
+    pub scalars: [f64; 3],
+}
+
 /// `Segment` in multi_tensor.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -41,6 +50,10 @@ unsafe impl DeviceRepr for GroupConfig {}
 unsafe impl DeviceRepr for StepState {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for StepParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for StepEntry {}
 
 // The same numbers as the static_asserts in kernels/multi_tensor.cuh.
 abi_layout!(DeviceSegment, 16, { start: 0, len: 8, group: 12 });
+// The same numbers as the static_asserts in kernels/update.cu.
+abi_layout!(StepEntry, 32, { lr: 0, scalars: 8 });

@@ -10,7 +10,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::abi::{DeviceSegment, GroupConfig, StepParams, StepState};
+use super::abi::{DeviceSegment, GroupConfig, StepEntry, StepParams, StepState};
 use super::arena::DeviceArena;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
@@ -68,10 +68,10 @@ pub(crate) struct CudaEngine {
     segments: CudaSlice<DeviceSegment>,
     configs: CudaSlice<GroupConfig>,
     step_state: CudaSlice<StepState>,
-    /// The lr of each step, by its applied-step count modulo [`LR_RING_LEN`]: one value
-    /// everywhere after [`CudaEngine::set_lr`], a schedule's next values after
+    /// The lr (and rule scalars) of each step, by its applied-step count modulo
+    /// [`LR_RING_LEN`]: one lr everywhere after [`CudaEngine::set_lr`], the next steps' own after
     /// [`CudaEngine::write_lr_window`]. Device memory, so a replayed graph reads it too.
-    lr_ring: CudaSlice<f64>,
+    lr_ring: CudaSlice<StepEntry>,
     lr_ring_len: u32,
     partials: CudaSlice<f64>,
     step_params: StepParams,
@@ -178,8 +178,8 @@ impl CudaEngine {
         let configs_dev = stream.clone_htod(&configs).map_err(err(0))?;
         let step_state = stream.clone_htod(&[initial]).map_err(err(0))?;
         let lr_ring = stream
-            .clone_htod(&[lr; LR_RING_LEN])
-            .map_err(err(bytes(LR_RING_LEN, 8)))?;
+            .clone_htod(&[constant_lr(lr); LR_RING_LEN])
+            .map_err(err(bytes(LR_RING_LEN, 32)))?;
         let partials = stream
             .alloc_zeros::<f64>(plan.num_chunks().max(1))
             .map_err(err(bytes(plan.num_chunks(), 8)))?;
@@ -208,21 +208,25 @@ impl CudaEngine {
     /// Sets the lr of every later step, in stream order (a replayed graph reads it too). A copy
     /// from pageable memory: staged by the driver, so nothing waits for the device.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
-        self.write_lr_ring(&[lr; LR_RING_LEN])
+        self.write_lr_ring(&[constant_lr(lr); LR_RING_LEN])
     }
 
-    /// Gives the step that applies at count `anchor + i` the lr `lrs[i]` (at most
+    /// Gives the step that applies at count `anchor + i` the entry `entries[i]` (at most
     /// [`LR_RING_LEN`] of them), in stream order. Slots no step may read hold NaN, so that a read
     /// outside the window shows.
-    pub fn write_lr_window(&mut self, anchor: u64, lrs: &[f64]) -> Result<()> {
-        let mut ring = [f64::NAN; LR_RING_LEN];
-        for (count, &lr) in (anchor..).zip(lrs.iter().take(LR_RING_LEN)) {
-            ring[(count % LR_RING_LEN as u64) as usize] = lr;
+    pub fn write_lr_window(&mut self, anchor: u64, entries: &[StepEntry]) -> Result<()> {
+        let unread = StepEntry {
+            lr: f64::NAN,
+            scalars: [f64::NAN; 3],
+        };
+        let mut ring = [unread; LR_RING_LEN];
+        for (count, e) in (anchor..).zip(entries.iter().take(LR_RING_LEN)) {
+            ring[(count % LR_RING_LEN as u64) as usize] = *e;
         }
         self.write_lr_ring(&ring)
     }
 
-    fn write_lr_ring(&mut self, ring: &[f64; LR_RING_LEN]) -> Result<()> {
+    fn write_lr_ring(&mut self, ring: &[StepEntry; LR_RING_LEN]) -> Result<()> {
         self.rt
             .stream
             .memcpy_htod(ring, &mut self.lr_ring)
@@ -412,6 +416,14 @@ pub(crate) fn decide_cases(
         out.extend(stream.clone_dtoh(&states_dev).map_err(err(0))?);
     }
     Ok(out)
+}
+
+/// A ring entry with `lr` and no rule scalars.
+fn constant_lr(lr: f64) -> StepEntry {
+    StepEntry {
+        lr,
+        scalars: [0.0; 3],
+    }
 }
 
 fn nonempty(mut v: Vec<DeviceSegment>) -> Vec<DeviceSegment> {

@@ -9,7 +9,7 @@ use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
-use crate::rules::{Coefficients, Rule, StepContext};
+use crate::rules::{Coefficients, Rule, StepContext, StepMemo};
 use crate::step::{decide, OptimizerOptions, StepParams, StepState, MAX_STEP, POLICY_ERROR};
 use kernels::CpuEngine;
 
@@ -37,6 +37,7 @@ pub(crate) struct HostEngine {
     coeffs: Vec<Coefficients>,
     pub step_state: StepState,
     step_params: StepParams,
+    memo: StepMemo,
 }
 
 impl HostEngine {
@@ -53,6 +54,7 @@ impl HostEngine {
             coeffs: Vec::with_capacity(layout.groups().len()),
             step_state: StepState::initial(options),
             step_params: StepParams::new(options),
+            memo: StepMemo::default(),
         })
     }
 
@@ -92,6 +94,7 @@ impl HostEngine {
             return Ok(false);
         }
         let sign = if rule.maximize() { -1.0 } else { 1.0 };
+        let scalars = rule.step_scalars(st.step, &mut self.memo);
         self.coeffs.clear();
         for group in layout.groups() {
             let wd = rule.weight_decay();
@@ -103,6 +106,7 @@ impl HostEngine {
                     .map_or(wd, |l| wd.with_coefficient(l)),
                 step: st.step,
                 grad_scale: st.grad_scale * sign,
+                scalars,
             };
             self.coeffs.push(rule.coefficients(&ctx));
         }

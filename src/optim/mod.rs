@@ -7,6 +7,7 @@ pub use crate::rules::adagrad::Adagrad;
 pub use crate::rules::adam::{Adam, AdamEps, AmsGrad};
 pub use crate::rules::adamax::{Adamax, AdamaxEps};
 pub use crate::rules::lion::{Lion, NanSign};
+pub use crate::rules::nadam::Nadam;
 pub use crate::rules::radam::Radam;
 pub use crate::rules::rmsprop::RmsProp;
 pub use crate::rules::sgd::{MomentumInit, Sgd};
@@ -17,7 +18,7 @@ pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, 
 use std::sync::Arc;
 
 use crate::arena::Arena;
-use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage, LR_RING_LEN};
+use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage};
 use crate::cuda::runtime::CudaRuntime;
 use crate::error::{Error, Result};
 use crate::host::{HostArenas, HostEngine};
@@ -114,7 +115,8 @@ pub struct Optimizer {
     step_lr: f64,
     /// On the CPU at the current step; on a GPU at its `lr_window`'s anchor.
     schedule: Option<Box<dyn LrSchedule>>,
-    /// On a GPU with a schedule: the lrs written ahead to the device.
+    /// On a GPU with a schedule or a rule with step scalars: the steps written ahead to the
+    /// device.
     lr_window: Option<LrWindow>,
 }
 
@@ -150,7 +152,7 @@ impl Optimizer {
                 d.engine = Some(Box::new(engine));
             }
         }
-        Ok(Optimizer {
+        let mut opt = Optimizer {
             lr,
             step_lr: lr,
             params,
@@ -158,7 +160,11 @@ impl Optimizer {
             options,
             schedule: None,
             lr_window: None,
-        })
+        };
+        if opt.uses_lr_window() {
+            opt.write_lr_window(None, 0, Default::default())?;
+        }
+        Ok(opt)
     }
 
     /// The engine beside its arenas.
@@ -280,10 +286,8 @@ impl Optimizer {
     /// overrides it at the next step.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         check_lr(self.params.layout(), lr)?;
-        if self.lr_window.is_none() {
-            if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
-                engine.set_lr(lr)?;
-            }
+        if self.schedule.is_none() {
+            self.write_constant_lr(lr)?;
         }
         self.lr = lr;
         Ok(())
@@ -309,51 +313,24 @@ impl Optimizer {
             self.schedule = schedule;
             return Ok(());
         }
-        match schedule {
-            Some(s) => {
-                let st = self.sync_lr()?;
-                self.write_lr_window(s, st.step)
-            }
-            None => {
-                if self.lr_window.is_some() {
-                    // The lr the schedule gave the last step stays, as on the CPU.
-                    self.sync_lr()?;
-                    let lr = self.lr;
-                    if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
-                        engine.set_lr(lr)?;
-                    }
-                }
-                self.schedule = None;
-                self.lr_window = None;
-                Ok(())
-            }
-        }
+        self.set_schedule_on_device(schedule)
     }
 
     /// Passes a metric the training loop observed (a validation loss, say) to the attached
     /// schedule: a plateau schedule ([`crate::schedule::plateau`]) sets the next steps' lr from
     /// it. Without a schedule, or with one that ignores metrics, nothing changes.
     pub fn observe(&mut self, metric: f64) -> Result<()> {
-        if self.schedule.is_none() {
-            return Ok(());
-        }
-        let step = match self.params.device() {
-            Device::Cpu => None,
-            Device::Cuda(_) => Some(self.sync_lr()?.step),
-        };
         let Some(s) = &self.schedule else {
             return Ok(());
         };
+        if self.params.device() != Device::Cpu {
+            return self.observe_on_device(metric);
+        }
         let mut next = s.boxed_clone();
         next.observe(metric)?;
         check_lr(self.params.layout(), next.lr())?;
-        match step {
-            None => {
-                self.schedule = Some(next);
-                Ok(())
-            }
-            Some(step) => self.write_lr_window(next, step),
-        }
+        self.schedule = Some(next);
+        Ok(())
     }
 
     /// Steps applied so far (skipped steps do not count). Reads device memory on a GPU.
@@ -482,91 +459,29 @@ impl Optimizer {
         self.lr = saved.lr;
         self.step_lr = saved.lr;
         self.lr_window = None;
-        match schedule {
-            Some(s) if self.params.device() != Device::Cpu => {
-                // A restored schedule whose next lr is unusable refuses the next step: an empty
-                // window makes that step try again, and fail as the CPU engine's would.
-                let layout = self.params.layout().clone();
-                let window = LrWindow::ahead(s.as_ref(), saved.step, LR_RING_LEN, |lr| {
-                    check_lr(&layout, lr)
-                })
-                .unwrap_or_else(|_| LrWindow::empty(saved.step));
-                self.install_lr_window(s, window)
-            }
-            s => {
-                self.schedule = s;
-                Ok(())
-            }
+        self.schedule = schedule;
+        if self.uses_lr_window() {
+            self.restore_lr_window(saved.step)?;
         }
+        Ok(())
     }
 
     /// Gives the next step its lr from the attached schedule, if any; an lr the step cannot use
     /// is refused with nothing changed. On the CPU this sets the lr; on a GPU it writes the next
-    /// lrs ahead when the next step could run past those written (see [`LrWindow`]).
+    /// steps' entries ahead when the next step could run past those written (see `lr_window`).
     pub(crate) fn apply_schedule(&mut self) -> Result<()> {
-        let Some(s) = &self.schedule else {
-            return Ok(());
-        };
-        if self.params.device() == Device::Cpu {
-            return self.set_lr(s.lr());
+        if self.params.device() != Device::Cpu {
+            return self.refill_lr_window();
         }
-        match &self.lr_window {
-            Some(w) if !w.exhausted() => Ok(()),
-            _ => {
-                let st = self.sync_lr()?;
-                let at_step = match (&self.schedule, &self.lr_window) {
-                    (Some(s), Some(w)) => w.advanced(s.as_ref(), st.step)?,
-                    (Some(s), None) => s.boxed_clone(),
-                    (None, _) => return Ok(()),
-                };
-                self.write_lr_window(at_step, st.step)
-            }
+        match &self.schedule {
+            Some(s) => self.set_lr(s.lr()),
+            None => Ok(()),
         }
-    }
-
-    /// On a GPU: waits for the device and records the lr its last step was given as the current
-    /// one (the schedule keeps standing at its window's anchor).
-    fn sync_lr(&mut self) -> Result<StepState> {
-        let st = self.step_state()?;
-        if let Some(lr) = self.lr_window.as_ref().and_then(|w| w.last_lr(&st)) {
-            self.lr = lr;
-            self.step_lr = lr;
-        }
-        Ok(st)
-    }
-
-    /// On a GPU: attaches `schedule`, which stands at the device's applied-step count `step`,
-    /// and writes its next lrs to the device. Refused, with nothing changed, when the next one is
-    /// unusable.
-    fn write_lr_window(&mut self, schedule: Box<dyn LrSchedule>, step: u64) -> Result<()> {
-        let layout = self.params.layout().clone();
-        let window = LrWindow::ahead(schedule.as_ref(), step, LR_RING_LEN, |lr| {
-            check_lr(&layout, lr)
-        })?;
-        self.install_lr_window(schedule, window)
-    }
-
-    fn install_lr_window(&mut self, schedule: Box<dyn LrSchedule>, window: LrWindow) -> Result<()> {
-        if let PartsMut::Cuda(_, _, engine) = parts_mut(&mut self.params)? {
-            engine.write_lr_window(window.anchor, &window.lrs)?;
-        }
-        self.schedule = Some(schedule);
-        self.lr_window = Some(window);
-        Ok(())
     }
 
     /// The attached schedule, if any, standing where its configuration can be compared (not
     /// necessarily at the current step on a GPU: see [`Optimizer::schedule_now`]).
     pub(crate) fn schedule(&self) -> Option<&dyn LrSchedule> {
         self.schedule.as_deref()
-    }
-
-    /// The attached schedule at the current step (on a GPU, found from the device's count).
-    pub(crate) fn schedule_now(&self) -> Result<Option<Box<dyn LrSchedule>>> {
-        match (&self.schedule, &self.lr_window) {
-            (None, _) => Ok(None),
-            (Some(s), None) => Ok(Some(s.boxed_clone())),
-            (Some(s), Some(w)) => Ok(Some(w.advanced(s.as_ref(), self.step_state()?.step)?)),
-        }
     }
 }

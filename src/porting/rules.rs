@@ -5,8 +5,8 @@ use serde_json::{Map, Value};
 use super::{bad, Args, Knob};
 use crate::error::Result;
 use crate::optim::{
-    Adadelta, Adagrad, Adam, Adamax, AmsGrad, Common, EpsPlacement, Flavor, Lion, Radam, RmsProp,
-    Rule, Sgd, WeightDecay,
+    Adadelta, Adagrad, Adam, Adamax, AmsGrad, Common, EpsPlacement, Flavor, Lion, Nadam, Radam,
+    RmsProp, Rule, Sgd, WeightDecay,
 };
 
 /// How a framework's optimizer takes weight decay.
@@ -33,16 +33,16 @@ fn decay_arg(flavor: Flavor, kind: &str) -> DecayArg {
         (Flavor::Optax, "adadelta") => Coupled,
         (Flavor::Optax, _) => Absent,
         (Flavor::PyTorch, "adamw" | "lion") => Decoupled,
-        (Flavor::PyTorch, "adam" | "radam") => CoupledUnlessFlag,
+        (Flavor::PyTorch, "adam" | "radam" | "nadam") => CoupledUnlessFlag,
         (Flavor::PyTorch, _) => Coupled,
     }
 }
 
 /// Builds the rule a framework's optimizer computes from its own constructor arguments.
 /// `kind` is the optimizer's name in that framework, lower case: `sgd`, `adam`, `adamw`,
-/// `rmsprop`, `adagrad`, `adamax`, `adadelta`; `radam` (PyTorch, Optax); `lion` (Keras, Optax,
-/// and for PyTorch the reference `lion-pytorch`); Optax's `amsgrad`, `nadam`, `nadamw` and
-/// `adamaxw`. `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
+/// `rmsprop`, `adagrad`, `adamax`, `adadelta`, `nadam` (PyTorch and Keras: [`Nadam`]; Optax:
+/// Adam with Nesterov momentum); `radam` (PyTorch, Optax); `lion` (Keras, Optax, and for PyTorch
+/// the reference `lion-pytorch`); Optax's `amsgrad`, `nadamw` and `adamaxw`. `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
 pub fn rule_from_framework(
     flavor: Flavor,
     kind: &str,
@@ -78,6 +78,21 @@ pub fn rule_from_framework(
                 dampening: a.knob(f, Knob::Dampening, 0.0)?,
                 nesterov: a.flag(f, Knob::Nesterov, false)?,
                 ..d
+            })
+        }
+        "nadam" if matches!(f, Flavor::PyTorch | Flavor::Keras) => {
+            let d = Nadam::preset(f);
+            let (beta1, beta2) = betas(&mut a, (d.beta1, d.beta2))?;
+            Rule::Nadam(Nadam {
+                common: common(&mut a, &d.common)?,
+                beta1,
+                beta2,
+                eps: a.knob(f, Knob::Eps, d.eps)?,
+                momentum_decay: if f == Flavor::PyTorch {
+                    a.f64("momentum_decay", d.momentum_decay)?
+                } else {
+                    d.momentum_decay
+                },
             })
         }
         "adam" | "adamw" | "amsgrad" | "nadam" | "nadamw" => {

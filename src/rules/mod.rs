@@ -116,6 +116,7 @@ rules! {
     lion::Lion,
     radam::Radam,
     adadelta::Adadelta,
+    nadam::Nadam,
 }
 
 /// What a rule is, as the engines see it. Implemented by each rule in its folder.
@@ -137,10 +138,41 @@ pub(crate) trait RuleSpec {
     /// Its part of a parameter group's device config, as its `.cuh` reads it.
     fn device_config(&self) -> DeviceConfig;
     fn coefficients(&self, ctx: &StepContext) -> Self::Coefficients;
+    /// Whether its steps need [`StepScalars`] (computed on the host, where the device could not
+    /// reproduce them bit for bit).
+    fn needs_step_scalars(&self) -> bool {
+        false
+    }
+    /// The scalars of step `t` (1-based); `memo` carries what earlier steps computed.
+    fn step_scalars(&self, _t: u64, _memo: &mut StepMemo) -> StepScalars {
+        [0.0; 3]
+    }
+}
+
+/// Per-step scalars of a rule that only the host computes (NAdam's μ_t, μ_{t+1} and its running
+/// f32 product Π_t, made with `powf` and a product over every earlier step): the CPU engine passes
+/// them in [`StepContext`], the CUDA engine writes them ahead into device memory beside each step's
+/// lr (`optim::lr_window`).
+pub(crate) type StepScalars = [f64; 3];
+
+/// What a rule's [`RuleSpec::step_scalars`] remembers between steps: the last step it computed
+/// and its running product.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct StepMemo {
+    pub t: u64,
+    pub product: f64,
+}
+
+impl Default for StepMemo {
+    fn default() -> Self {
+        StepMemo { t: 0, product: 1.0 }
+    }
 }
 
 /// [`RuleSpec`] without its associated type, for dispatch through `&dyn`.
 trait RuleSpecDyn {
+    fn needs_step_scalars(&self) -> bool;
+    fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars;
     fn common(&self) -> &Common;
     fn validate(&self) -> Result<()>;
     fn state_names(&self) -> &'static [&'static str];
@@ -150,6 +182,12 @@ trait RuleSpecDyn {
 }
 
 impl<R: RuleSpec> RuleSpecDyn for R {
+    fn needs_step_scalars(&self) -> bool {
+        RuleSpec::needs_step_scalars(self)
+    }
+    fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars {
+        RuleSpec::step_scalars(self, t, memo)
+    }
     fn common(&self) -> &Common {
         RuleSpec::common(self)
     }
@@ -380,6 +418,16 @@ impl Rule {
     pub(crate) fn device_config(&self) -> DeviceConfig {
         self.spec().device_config()
     }
+
+    /// Whether its steps need host-computed [`StepScalars`].
+    pub(crate) fn needs_step_scalars(&self) -> bool {
+        self.spec().needs_step_scalars()
+    }
+
+    /// The host-computed scalars of step `t` (1-based).
+    pub(crate) fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars {
+        self.spec().step_scalars(t, memo)
+    }
 }
 
 /// What a step needs to know beyond the rule: the group's lr and decay, the 1-based step number,
@@ -391,6 +439,7 @@ pub(crate) struct StepContext {
     pub weight_decay: WeightDecay,
     pub step: u64,
     pub grad_scale: f64,
+    pub scalars: StepScalars,
 }
 
 /// Weight decay folded into an element: `g += l2·θ + l1·sign θ`, then `θ *= keep`

@@ -315,6 +315,16 @@ fn update(
                 }
             }
         }
+        Rule::Nadam(r) => {
+            let mu = |t: i32| r.beta1 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * r.momentum_decay));
+            let product: f64 = (1..=t).map(mu).product();
+            *a = r.beta1 * *a + (1.0 - r.beta1) * g;
+            *b = r.beta2 * *b + (1.0 - r.beta2) * g * g;
+            let d = (*b / (1.0 - r.beta2.powi(t))).sqrt() + r.eps;
+            let (mu_t, mu_next) = (mu(t), mu(t + 1));
+            p - lr * (1.0 - mu_t) / (1.0 - product) * g / d
+                - lr * mu_next / (1.0 - product * mu_next) * *a / d
+        }
         Rule::Adadelta(r) => {
             *a = r.rho * *a + (1.0 - r.rho) * g * g;
             let delta = (*b + r.eps).sqrt() / (*a + r.eps).sqrt() * g;

@@ -44,7 +44,8 @@ struct AdagradFamily {
     static constexpr int slots = 1;
     using Coefficients = AdagradCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
+                                                        unsigned long long t, float gscale,
+                                                        const double* scalars) {
         return make_adagrad(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

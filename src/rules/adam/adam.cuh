@@ -60,7 +60,8 @@ template <bool AMSGRAD, bool NESTEROV> struct AdamFamily {
     static constexpr int slots = AMSGRAD ? 3 : 2;
     using Coefficients = AdamCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
+                                                        unsigned long long t, float gscale,
+                                                        const double* scalars) {
         return make_adam(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

@@ -41,7 +41,8 @@ struct LionFamily {
     static constexpr int slots = 1;
     using Coefficients = LionCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
+                                                        unsigned long long t, float gscale,
+                                                        const double* scalars) {
         return make_lion(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

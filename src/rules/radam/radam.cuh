@@ -75,7 +75,8 @@ struct RadamFamily {
     static constexpr int slots = 2;
     using Coefficients = RadamCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
+                                                        unsigned long long t, float gscale,
+                                                        const double* scalars) {
         return make_radam(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

@@ -80,7 +80,8 @@ template <bool CENTERED, bool MOMENTUM> struct RmsPropFamily {
     static constexpr int slots = 1 + (CENTERED ? 1 : 0) + (MOMENTUM ? 1 : 0);
     using Coefficients = RmsPropCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
+                                                        unsigned long long t, float gscale,
+                                                        const double* scalars) {
         return make_rmsprop(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

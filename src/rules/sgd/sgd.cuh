@@ -50,7 +50,8 @@ template <bool MOMENTUM> struct SgdFamily {
     static constexpr int slots = MOMENTUM ? 1 : 0;
     using Coefficients = SgdCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
+                                                        unsigned long long t, float gscale,
+                                                        const double* scalars) {
         return make_sgd(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
