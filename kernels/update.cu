@@ -9,15 +9,6 @@
 #include "multi_tensor.cuh"
 #include "rules/common.cuh"
 
-// One step's lr and its rule's host-computed scalars (cuda/abi.rs: StepEntry), in the ring the
-// update indexes by the step's applied-step count.
-struct StepEntry {
-    double lr;
-    double scalars[3];
-};
-static_assert(sizeof(StepEntry) == 32, "StepEntry");
-ABI_FIELD(StepEntry, lr, 0); ABI_FIELD(StepEntry, scalars, 8);
-
 // model_kind: 0 none, 1 bf16, 2 f16.
 __device__ __forceinline__ void store_model4(void* model, int kind, unsigned long long i, float4 v) {
     if (kind == 1) Quad<__nv_bfloat16>::store(static_cast<__nv_bfloat16*>(model) + i, v);
@@ -40,7 +31,7 @@ __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepS
     // An applied step has counted itself: its count is step - 1.
     const StepEntry& e = ring[(st->step - 1) % ring_len];
     const typename F::Coefficients k = F::make(cfg, e.lr * cfg.lr_scale, st->step,
-                                               (float)(st->grad_scale * cfg.sign), e.scalars);
+                                               (float)(st->grad_scale * cfg.sign), e);
     constexpr int n = F::slots;
     for_each_element(
         seg,

@@ -59,7 +59,7 @@ def make_data(seed, nonfinite=False, zeros=False, tiny=False):
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def run_torch(kind, args, clip, lrs, params0, grads):
+def run_torch(kind, args, clip, lrs, params0, grads, scheduler=None):
     import torch
 
     params = [torch.nn.Parameter(torch.tensor(p)) for p in params0]
@@ -79,6 +79,10 @@ def run_torch(kind, args, clip, lrs, params0, grads):
         "lion": Lion if kind == "lion" else None,
     }[kind]
     opt = cls(params, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
+    sched = None
+    if scheduler is not None:
+        sargs = {k: v for k, v in scheduler.items() if k != "kind"}
+        sched = getattr(torch.optim.lr_scheduler, scheduler["kind"])(opt, **sargs)
     out, norms = [], []
     for t, step_grads in enumerate(grads):
         if lrs is not None:
@@ -91,6 +95,8 @@ def run_torch(kind, args, clip, lrs, params0, grads):
         else:
             norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in params])))
         opt.step()
+        if sched is not None:
+            sched.step()
         out.append([p.detach().numpy().copy() for p in params])
     return out, norms
 
@@ -353,6 +359,29 @@ GRID_ADDED = {
     ],
 }
 
+# PyTorch optimizers driven by a scheduler stepped after every step, which also cycles momentum
+# (or Adam's β1) where `cycle_momentum` is on (its default).
+SCHEDULED = [
+    ("sgd", {"lr": 0.05, "momentum": 0.9}, {"kind": "OneCycleLR", "max_lr": 0.5, "total_steps": 6}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9}, {"kind": "OneCycleLR", "max_lr": 0.5, "total_steps": 6,
+                                            "cycle_momentum": False}),
+    ("adam", {"lr": 0.01}, {"kind": "OneCycleLR", "max_lr": 0.05, "total_steps": 6,
+                            "three_phase": True, "anneal_strategy": "linear"}),
+    ("adamw", {"lr": 0.01, "amsgrad": True},
+     {"kind": "CyclicLR", "base_lr": 0.001, "max_lr": 0.01, "step_size_up": 2,
+      "mode": "triangular2"}),
+    ("sgd", {"lr": 0.05, "momentum": 0.8, "nesterov": True},
+     {"kind": "CyclicLR", "base_lr": 0.01, "max_lr": 0.1, "step_size_up": 2, "step_size_down": 1,
+      "mode": "exp_range", "gamma": 0.9}),
+    ("rmsprop", {"lr": 0.01, "momentum": 0.5},
+     {"kind": "CyclicLR", "base_lr": 0.001, "max_lr": 0.01, "step_size_up": 3,
+      "base_momentum": 0.4, "max_momentum": 0.7}),
+    ("radam", {"lr": 0.01, "betas": [0.9, 0.9]},
+     {"kind": "OneCycleLR", "max_lr": 0.02, "total_steps": 6, "base_momentum": 0.8,
+      "max_momentum": 0.9}),
+    ("adamax", {}, {"kind": "CyclicLR", "base_lr": 0.001, "max_lr": 0.01, "step_size_up": 2}),
+]
+
 # Optax has no weight decay in sgd/adam: chain add_decayed_weights first (coupled L2).
 OPTAX_DECAYED = [("sgd", {"learning_rate": 0.05, "momentum": 0.9}, 0.05),
                  ("adam", {"learning_rate": 0.01}, 0.1)]
@@ -427,6 +456,28 @@ def optimizer_cases():
                 "add_decayed_weights": decayed,
                 "clip_global_norm": clip,
                 "lrs": lrs,
+                "params0": [{"shape": list(p.shape), "values": flat(p)} for p in params0],
+                "grads": [[flat(g) for g in step] for step in grads],
+                "expected_params": [[flat(p) for p in step] for step in out],
+                "expected_global_norm": [to_json_value(n) for n in norms],
+            }
+
+
+def scheduled_cases():
+    """PyTorch trajectories under a stepped scheduler (SCHEDULED), seeded by name."""
+    for index, (kind, args, scheduler) in enumerate(SCHEDULED):
+        for suffix, clip in [("", None), ("_clip", 1.5)]:
+            name = f"pytorch_{kind}_{scheduler['kind']}_{index:02d}{suffix}"
+            params0, grads = make_data(zlib.crc32(name.encode()))
+            out, norms = run_torch(kind, args, clip, None, params0, grads, scheduler)
+            yield name, {
+                "name": name,
+                "flavor": "pytorch",
+                "optimizer": {"kind": kind, **args},
+                "lr_scheduler": scheduler,
+                "add_decayed_weights": None,
+                "clip_global_norm": clip,
+                "lrs": None,
                 "params0": [{"shape": list(p.shape), "values": flat(p)} for p in params0],
                 "grads": [[flat(g) for g in step] for step in grads],
                 "expected_params": [[flat(p) for p in step] for step in out],
@@ -609,7 +660,7 @@ def main():
     os.makedirs(os.path.join(out_dir, "optimizers"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "schedules"), exist_ok=True)
     counts = {}
-    for name, case in optimizer_cases():
+    for name, case in list(optimizer_cases()) + list(scheduled_cases()):
         with open(os.path.join(out_dir, "optimizers", name + ".json"), "w") as f:
             json.dump(case, f, separators=(",", ":"))
         counts[case["flavor"]] = counts.get(case["flavor"], 0) + 1

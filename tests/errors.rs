@@ -375,3 +375,57 @@ fn a_report_tells_the_lr_its_step_used() {
     assert_eq!(opt.report().unwrap().lr, 0.1);
     assert_eq!(opt.lr(), 0.2);
 }
+
+/// A schedule that cycles momentum attaches only to a rule that has one to cycle (PyTorch raises
+/// for the others); refused, the optimizer keeps its old schedule.
+#[test]
+fn momentum_cycling_needs_a_momentum() {
+    use fusedopt::schedule::torch::{Kind, MomentumRange, OneCycle, Scheduler};
+    let one_cycle = |momentum: Option<MomentumRange>| {
+        let kind = Kind::OneCycleLR(OneCycle {
+            max_lr: 0.1,
+            total_steps: 10,
+            pct_start: 0.3,
+            cosine: true,
+            div_factor: 25.0,
+            final_div_factor: 1e4,
+            three_phase: false,
+            momentum,
+        });
+        Box::new(Scheduler::new(kind, 0.1).unwrap())
+    };
+    let cycling = Some(MomentumRange {
+        base: 0.85,
+        max: 0.95,
+    });
+    let build = |rule: Rule| {
+        let mut b = ParamSet::builder();
+        b.add("w", &[3], &[1.0, 2.0, 3.0]).unwrap();
+        Optimizer::new(b.build(Device::Cpu).unwrap(), rule).unwrap()
+    };
+    for rule in [
+        Rule::from(Adagrad::preset(Flavor::PyTorch)),
+        Adadelta::preset(Flavor::PyTorch).into(),
+        Nadam::preset(Flavor::PyTorch).into(),
+        Sgd::preset(Flavor::PyTorch).into(),
+    ] {
+        let mut opt = build(rule.clone());
+        assert!(
+            matches!(
+                opt.set_schedule(Some(one_cycle(cycling))),
+                Err(Error::InvalidHyperparameter(_))
+            ),
+            "{rule:?}"
+        );
+        opt.step().unwrap();
+        assert_eq!(
+            opt.report().unwrap().lr,
+            rule.lr(),
+            "{rule:?}: a schedule stuck"
+        );
+        // Without cycling the same schedule attaches.
+        opt.set_schedule(Some(one_cycle(None))).unwrap();
+    }
+    let mut adam = build(Adam::preset(Flavor::PyTorch).into());
+    adam.set_schedule(Some(one_cycle(cycling))).unwrap();
+}

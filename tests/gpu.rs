@@ -728,12 +728,34 @@ fn schedules_follow_applied_steps_on_the_device() {
         let s = optax::Schedule::warmup_cosine_decay(0.0, 1e-2, 40.0, 700.0, 1e-5, 1.0);
         Box::new(Counted::new(s))
     });
+    // Cycling momentum (or β1) reaches the device through the same ring.
+    let cyclic: Schedule = Some(|| {
+        let kind = torch::Kind::CyclicLR(torch::Cyclic {
+            base_lr: 1e-3,
+            max_lr: 1e-2,
+            step_size_up: 37.0,
+            step_size_down: 23.0,
+            mode: torch::CyclicMode::Triangular2,
+            gamma: 1.0,
+            momentum: Some(torch::MomentumRange {
+                base: 0.8,
+                max: 0.95,
+            }),
+        });
+        Box::new(torch::Scheduler::new(kind, 1e-3).unwrap())
+    });
+    let sgd = Sgd {
+        momentum: 0.9,
+        ..Sgd::preset(Flavor::PyTorch)
+    };
     // NAdam's μ-product reaches the device through the same ring, with or without a schedule.
-    let cases: [(Rule, Schedule); 4] = [
+    let cases: [(Rule, Schedule); 6] = [
         (Adam::adamw(Flavor::PyTorch).into(), torch_cosine),
         (Adam::adamw(Flavor::PyTorch).into(), optax_warmup),
         (Nadam::preset(Flavor::PyTorch).into(), None),
         (Nadam::preset(Flavor::Keras).into(), optax_warmup),
+        (sgd.into(), cyclic),
+        (Adam::preset(Flavor::PyTorch).into(), cyclic),
     ];
     const STEPS: usize = 700;
     let run = |device: Device, rule: &Rule, schedule: Schedule, graph: bool| {

@@ -10,12 +10,14 @@ use crate::plan::Segment;
 pub(crate) use crate::rules::GroupConfig;
 pub(crate) use crate::step::{StepParams, StepState};
 
-/// `StepEntry` in update.cu: one step's lr and its rule's host-computed scalars, in the ring the
-/// update indexes by the step's applied-step count.
+/// `StepEntry` in rules/common.cuh: one step's lr, the momentum a schedule cycles (NaN: the
+/// rule's own) and the rule's host-computed scalars, in the ring the update indexes by the step's
+/// applied-step count.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StepEntry {
     pub lr: f64,
+    pub momentum: f64,
     pub scalars: [f64; 3],
 }
 
@@ -55,5 +57,5 @@ unsafe impl DeviceRepr for StepEntry {}
 
 // The same numbers as the static_asserts in kernels/multi_tensor.cuh.
 abi_layout!(DeviceSegment, 16, { start: 0, len: 8, group: 12 });
-// The same numbers as the static_asserts in kernels/update.cu.
-abi_layout!(StepEntry, 32, { lr: 0, scalars: 8 });
+// The same numbers as the static_asserts in src/rules/common.cuh.
+abi_layout!(StepEntry, 40, { lr: 0, momentum: 8, scalars: 16 });

@@ -179,7 +179,7 @@ impl CudaEngine {
         let step_state = stream.clone_htod(&[initial]).map_err(err(0))?;
         let lr_ring = stream
             .clone_htod(&[constant_lr(lr); LR_RING_LEN])
-            .map_err(err(bytes(LR_RING_LEN, 32)))?;
+            .map_err(err(bytes(LR_RING_LEN, 40)))?;
         let partials = stream
             .alloc_zeros::<f64>(plan.num_chunks().max(1))
             .map_err(err(bytes(plan.num_chunks(), 8)))?;
@@ -217,6 +217,7 @@ impl CudaEngine {
     pub fn write_lr_window(&mut self, anchor: u64, entries: &[StepEntry]) -> Result<()> {
         let unread = StepEntry {
             lr: f64::NAN,
+            momentum: f64::NAN,
             scalars: [f64::NAN; 3],
         };
         let mut ring = [unread; LR_RING_LEN];
@@ -422,6 +423,7 @@ pub(crate) fn decide_cases(
 fn constant_lr(lr: f64) -> StepEntry {
     StepEntry {
         lr,
+        momentum: f64::NAN,
         scalars: [0.0; 3],
     }
 }

@@ -69,6 +69,7 @@ impl HostEngine {
         layout: &Layout,
         rule: &Rule,
         lr: f64,
+        momentum: Option<f64>,
     ) -> Result<bool> {
         let q = self.step_params;
         let needs_norm = q.needs_norm();
@@ -107,6 +108,7 @@ impl HostEngine {
                 step: st.step,
                 grad_scale: st.grad_scale * sign,
                 scalars,
+                momentum,
             };
             self.coeffs.push(rule.coefficients(&ctx));
         }

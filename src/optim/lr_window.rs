@@ -76,7 +76,15 @@ impl LrWindow {
                 scalars = rule.step_scalars(count.saturating_add(1), memo);
                 memos.push(*memo);
             }
-            entries.push(StepEntry { lr, scalars });
+            let momentum = schedule
+                .as_ref()
+                .and_then(|s| s.momentum())
+                .unwrap_or(f64::NAN);
+            entries.push(StepEntry {
+                lr,
+                momentum,
+                scalars,
+            });
             if let Some(s) = &mut schedule {
                 s.step();
             }

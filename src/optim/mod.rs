@@ -63,6 +63,19 @@ pub(crate) fn check_lr(layout: &crate::params::Layout, lr: f64) -> Result<()> {
     Ok(())
 }
 
+/// Checks that a schedule may cycle `rule`'s momentum (or β1), starting at `momentum`. (NAdam's
+/// μ-product would need each step's β1; PyTorch refuses rules without momentum or betas.)
+fn check_momentum(rule: &Rule, momentum: f64) -> Result<()> {
+    if !rule.cycles_momentum() {
+        return Err(Error::InvalidHyperparameter(format!(
+            "the schedule cycles momentum, which {} cannot follow: turn off cycle_momentum \
+             (SGD and RMSProp need a momentum ≠ 0 when built)",
+            rule.family()
+        )));
+    }
+    crate::rules::check_unit("the scheduled momentum", momentum)
+}
+
 /// What an optimizer's engine is beside: the arenas it steps, on their device.
 enum Parts<'a> {
     Host(&'a HostEngine),
@@ -188,10 +201,11 @@ impl Optimizer {
     pub(crate) fn step_at_current_lr(&mut self) -> Result<()> {
         let layout = self.params.layout().clone();
         let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
+        let momentum = self.schedule.as_ref().and_then(|s| s.momentum());
         self.step_lr = lr;
         match parts_mut(&mut self.params)? {
             PartsMut::Host(arenas, engine) => {
-                if engine.step(arenas, &layout, rule, lr)? {
+                if engine.step(arenas, &layout, rule, lr, momentum)? {
                     if let Some(s) = &mut self.schedule {
                         s.step();
                     }
@@ -308,6 +322,9 @@ impl Optimizer {
         if let Some(s) = &schedule {
             s.validate()?;
             check_lr(self.params.layout(), s.lr())?;
+            if let Some(m) = s.momentum() {
+                check_momentum(&self.rule, m)?;
+            }
         }
         if self.params.device() == Device::Cpu {
             self.schedule = schedule;

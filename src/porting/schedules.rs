@@ -61,7 +61,7 @@ pub fn schedule_from_framework(
         }
         Flavor::PyTorch => {
             let base = a.f64("base_lr", 0.1)?;
-            let k = torch_kind(&kind, &mut a)?;
+            let k = torch_kind(&kind, &mut a, base)?;
             FrameworkSchedule::Stepped(Box::new(torch::Scheduler::new(k, base)?))
         }
         Flavor::Keras => {
@@ -83,12 +83,22 @@ fn int(a: &mut Args, key: &str, default: Option<i64>) -> Result<i64> {
     }
 }
 
+/// `cycle_momentum` (default on) with `base_momentum` and `max_momentum` (defaults given).
+fn momentum_range(a: &mut Args, (base, max): (f64, f64)) -> Result<Option<torch::MomentumRange>> {
+    let range = torch::MomentumRange {
+        base: a.f64("base_momentum", base)?,
+        max: a.f64("max_momentum", max)?,
+    };
+    Ok(a.bool("cycle_momentum", true)?.then_some(range))
+}
+
 fn req(a: &mut Args, key: &str) -> Result<f64> {
     a.opt_f64(key)?
         .ok_or_else(|| bad(format!("{}: '{key}' is required", a.what)))
 }
 
-fn torch_kind(kind: &str, a: &mut Args) -> Result<torch::Kind> {
+/// A PyTorch scheduler from its arguments; `base` is the optimizer's lr (CyclicLR's `base_lr`).
+fn torch_kind(kind: &str, a: &mut Args, base: f64) -> Result<torch::Kind> {
     use torch::Kind as K;
     Ok(match kind {
         "StepLR" => K::StepLR {
@@ -135,7 +145,33 @@ fn torch_kind(kind: &str, a: &mut Args) -> Result<torch::Kind> {
             div_factor: a.f64("div_factor", 25.0)?,
             final_div_factor: a.f64("final_div_factor", 1e4)?,
             three_phase: a.bool("three_phase", false)?,
+            momentum: momentum_range(a, (0.85, 0.95))?,
         }),
+        "CyclicLR" => {
+            let up = a.f64("step_size_up", 2000.0)?;
+            let mode = match a.str("mode")?.as_deref() {
+                None | Some("triangular") => torch::CyclicMode::Triangular,
+                Some("triangular2") => torch::CyclicMode::Triangular2,
+                Some("exp_range") => torch::CyclicMode::ExpRange,
+                Some(m) => return Err(bad(format!("CyclicLR has no mode '{m}'"))),
+            };
+            if a.take("scale_fn").is_some() {
+                return Err(bad(
+                    "CyclicLR: a custom scale_fn is Python code, not an argument",
+                ));
+            }
+            // Without scale_fn PyTorch replaces scale_mode by the mode's own.
+            a.str("scale_mode")?;
+            K::CyclicLR(torch::Cyclic {
+                base_lr: base,
+                max_lr: req(a, "max_lr")?,
+                step_size_up: up,
+                step_size_down: a.f64("step_size_down", up)?,
+                mode,
+                gamma: a.f64("gamma", 1.0)?,
+                momentum: momentum_range(a, (0.8, 0.9))?,
+            })
+        }
         "SequentialLR" => {
             let children = a.take("schedulers").unwrap_or(Value::Null);
             let children = children
@@ -149,7 +185,7 @@ fn torch_kind(kind: &str, a: &mut Args) -> Result<torch::Kind> {
                     let k = map.get("kind").and_then(Value::as_str).unwrap_or_default();
                     let mut ca = Args::new(map, k);
                     ca.take("kind");
-                    let kind = torch_kind(k, &mut ca)?;
+                    let kind = torch_kind(k, &mut ca, base)?;
                     ca.finish(kind)
                 })
                 .collect::<Result<Vec<_>>>()?;

@@ -21,6 +21,22 @@ ABI_FIELD(GroupConfig, lr_scale, 0); ABI_FIELD(GroupConfig, decay, 8);
 ABI_FIELD(GroupConfig, sign, 16); ABI_FIELD(GroupConfig, params, 24);
 ABI_FIELD(GroupConfig, decay_kind, 88); ABI_FIELD(GroupConfig, flags, 92);
 
+// One step's lr, the momentum a schedule cycles (NaN: the rule's own) and the rule's
+// host-computed scalars (cuda/abi.rs: StepEntry), in the ring the update indexes by the step's
+// applied-step count.
+struct StepEntry {
+    double lr;
+    double momentum;
+    double scalars[3];
+};
+static_assert(sizeof(StepEntry) == 40, "StepEntry");
+ABI_FIELD(StepEntry, lr, 0); ABI_FIELD(StepEntry, momentum, 8); ABI_FIELD(StepEntry, scalars, 16);
+
+// The step's momentum (or β1): the schedule's when it cycles one, else the rule's own.
+__device__ __forceinline__ double momentum_or(const StepEntry& e, double own) {
+    return e.momentum == e.momentum ? e.momentum : own;
+}
+
 struct Decay {
     float l2, l1, keep;
 };

@@ -12,7 +12,11 @@
 //! `FUSEDOPT_FAMILY`), and one line in the `rules!` registry below. The kernels find every
 //! `src/rules/*/*.cuh` themselves.
 
+mod common;
+
 use serde::{Deserialize, Serialize};
+
+pub(crate) use common::{max_nan, powu, stored, Decay};
 
 use crate::error::{Error, Result};
 use crate::Element;
@@ -138,6 +142,10 @@ pub(crate) trait RuleSpec {
     /// Its part of a parameter group's device config, as its `.cuh` reads it.
     fn device_config(&self) -> DeviceConfig;
     fn coefficients(&self, ctx: &StepContext) -> Self::Coefficients;
+    /// Whether a schedule may set its momentum (or β1) step by step (PyTorch's `cycle_momentum`).
+    fn cycles_momentum(&self) -> bool {
+        false
+    }
     /// Whether its steps need [`StepScalars`] (computed on the host, where the device could not
     /// reproduce them bit for bit).
     fn needs_step_scalars(&self) -> bool {
@@ -171,6 +179,7 @@ impl Default for StepMemo {
 
 /// [`RuleSpec`] without its associated type, for dispatch through `&dyn`.
 trait RuleSpecDyn {
+    fn cycles_momentum(&self) -> bool;
     fn needs_step_scalars(&self) -> bool;
     fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars;
     fn common(&self) -> &Common;
@@ -182,6 +191,9 @@ trait RuleSpecDyn {
 }
 
 impl<R: RuleSpec> RuleSpecDyn for R {
+    fn cycles_momentum(&self) -> bool {
+        RuleSpec::cycles_momentum(self)
+    }
     fn needs_step_scalars(&self) -> bool {
         RuleSpec::needs_step_scalars(self)
     }
@@ -419,6 +431,11 @@ impl Rule {
         self.spec().device_config()
     }
 
+    /// Whether a schedule may set its momentum (or β1) step by step.
+    pub fn cycles_momentum(&self) -> bool {
+        self.spec().cycles_momentum()
+    }
+
     /// Whether its steps need host-computed [`StepScalars`].
     pub(crate) fn needs_step_scalars(&self) -> bool {
         self.spec().needs_step_scalars()
@@ -440,92 +457,8 @@ pub(crate) struct StepContext {
     pub step: u64,
     pub grad_scale: f64,
     pub scalars: StepScalars,
-}
-
-/// Weight decay folded into an element: `g += l2·θ + l1·sign θ`, then `θ *= keep`
-/// (`Decay` in common.cuh).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct Decay {
-    l2: f32,
-    l1: f32,
-    keep: f32,
-}
-
-impl Decay {
-    pub(crate) fn new(wd: WeightDecay, lr: f64) -> Self {
-        let lambda = wd.coefficient();
-        Decay {
-            l2: if matches!(wd, WeightDecay::L2(_)) {
-                lambda as f32
-            } else {
-                0.0
-            },
-            l1: if matches!(wd, WeightDecay::L1(_)) {
-                lambda as f32
-            } else {
-                0.0
-            },
-            keep: if matches!(wd, WeightDecay::Decoupled(_)) {
-                (1.0 - lr * lambda) as f32
-            } else {
-                1.0
-            },
-        }
-    }
-
-    /// Returns the decayed parameter and the gradient with coupled decay added.
-    #[inline(always)]
-    pub(crate) fn apply(&self, p: f32, g: f32) -> (f32, f32) {
-        let sign = if p > 0.0 {
-            1.0
-        } else if p < 0.0 {
-            -1.0
-        } else {
-            0.0
-        };
-        let g = if self.l2 != 0.0 { g + self.l2 * p } else { g };
-        let g = if self.l1 != 0.0 {
-            g + self.l1 * sign
-        } else {
-            g
-        };
-        let p = if self.keep != 1.0 { p * self.keep } else { p };
-        (p, g)
-    }
-}
-
-/// Runs `f` on a state element widened to f32, then stores it back rounded to its dtype (the
-/// identity for f32 state, which compiles away).
-#[inline(always)]
-pub(crate) fn stored<S: Element>(x: &mut S, f: impl FnOnce(&mut f32)) {
-    let mut wide = x.to_f32();
-    f(&mut wide);
-    *x = S::from_f32(wide);
-}
-
-/// `max` that propagates NaN from either side, like `torch.maximum` and `jnp.maximum`.
-#[inline(always)]
-pub(crate) fn max_nan(a: f32, b: f32) -> f32 {
-    if a > b || a.is_nan() {
-        a
-    } else {
-        b
-    }
-}
-
-/// `base^exp` by binary exponentiation: the same multiplications in the same order as `powu` in
-/// common.cuh, so bias corrections have the same bits on both engines (`f64::powi` and CUDA's
-/// `pow` round differently from each other).
-pub(crate) fn powu(base: f64, mut exp: u64) -> f64 {
-    let (mut result, mut b) = (1.0, base);
-    while exp > 0 {
-        if exp & 1 == 1 {
-            result *= b;
-        }
-        b *= b;
-        exp >>= 1;
-    }
-    result
+    /// The momentum (or β1) a schedule cycles; `None`: the rule's own.
+    pub momentum: Option<f64>,
 }
 
 pub(crate) fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {

@@ -30,6 +30,12 @@ pub trait LrSchedule: Send + Sync + std::fmt::Debug {
     fn lr(&self) -> f64;
     /// One tick of the clock, after every applied step.
     fn step(&mut self);
+    /// The momentum (SGD, RMSProp) or β1 (the Adam family, Lion) the schedule sets for the next
+    /// step, for schedules that cycle it (PyTorch's `OneCycleLR` and `CyclicLR` with
+    /// `cycle_momentum`); `None` leaves the rule's own.
+    fn momentum(&self) -> Option<f64> {
+        None
+    }
     /// A metric the training loop observed (a validation loss, say): ReduceLROnPlateau decides
     /// from it; schedules driven by the step count ignore it.
     fn observe(&mut self, _metric: f64) -> Result<()> {

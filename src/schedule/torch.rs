@@ -45,6 +45,7 @@ pub enum Kind {
         eta_min: f64,
     },
     OneCycleLR(OneCycle),
+    CyclicLR(Cyclic),
     SequentialLR {
         schedulers: Vec<Kind>,
         milestones: Vec<i64>,
@@ -61,6 +62,41 @@ pub struct OneCycle {
     pub div_factor: f64,
     pub final_div_factor: f64,
     pub three_phase: bool,
+    /// `cycle_momentum` (PyTorch's default): momentum or β1 from `max` down to `base` while the
+    /// lr rises, and back.
+    #[serde(default)]
+    pub momentum: Option<MomentumRange>,
+}
+
+/// The momentum (or Adam's β1) a cycling schedule moves between.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MomentumRange {
+    pub base: f64,
+    pub max: f64,
+}
+
+/// `CyclicLR`'s arguments (closed form of `last_epoch`; no custom `scale_fn`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Cyclic {
+    pub base_lr: f64,
+    pub max_lr: f64,
+    pub step_size_up: f64,
+    pub step_size_down: f64,
+    pub mode: CyclicMode,
+    pub gamma: f64,
+    /// `cycle_momentum`: momentum from `max` to `base` as the lr rises, and back.
+    pub momentum: Option<MomentumRange>,
+}
+
+/// `CyclicLR`'s `mode`, which also fixes its scale mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CyclicMode {
+    /// Scale 1, per cycle.
+    Triangular,
+    /// Scale 1/2^(cycle − 1), per cycle.
+    Triangular2,
+    /// Scale γ^iteration, per iteration.
+    ExpRange,
 }
 
 impl Kind {
@@ -219,6 +255,7 @@ impl Node {
                         / 2.0
             }
             Kind::OneCycleLR(c) => c.lr_at(e),
+            Kind::CyclicLR(c) => c.at(e).0,
             Kind::SequentialLR { .. } => lr,
         }
     }
@@ -244,36 +281,74 @@ impl OneCycle {
     }
 
     fn lr_at(&self, step: i64) -> f64 {
+        self.at(step).0
+    }
+
+    /// The lr and (with `cycle_momentum`) the momentum at `step`, as `get_lr()` computes them:
+    /// each phase anneals both from its start to its end values.
+    fn at(&self, step: i64) -> (f64, Option<f64>) {
         let initial = self.initial_lr();
         let min = initial / self.final_div_factor;
         let pct_end = self.pct_start * self.total_steps as f64;
         let last = (self.total_steps - 1) as f64;
-        let phases: &[(f64, f64, f64)] = if self.three_phase {
+        let (lo, hi) = self.momentum.map_or((0.0, 0.0), |m| (m.base, m.max));
+        // (end step, lr from, lr to, momentum from, momentum to)
+        let phases: &[(f64, f64, f64, f64, f64)] = if self.three_phase {
             &[
-                (pct_end - 1.0, initial, self.max_lr),
-                (2.0 * pct_end - 2.0, self.max_lr, initial),
-                (last, initial, min),
+                (pct_end - 1.0, initial, self.max_lr, hi, lo),
+                (2.0 * pct_end - 2.0, self.max_lr, initial, lo, hi),
+                (last, initial, min, hi, hi),
             ]
         } else {
             &[
-                (pct_end - 1.0, initial, self.max_lr),
-                (last, self.max_lr, min),
+                (pct_end - 1.0, initial, self.max_lr, hi, lo),
+                (last, self.max_lr, min, lo, hi),
             ]
+        };
+        let anneal = |from: f64, to: f64, pct: f64| {
+            if self.cosine {
+                to + (from - to) / 2.0 * ((PI * pct).cos() + 1.0)
+            } else {
+                (to - from) * pct + from
+            }
         };
         let mut start_step = 0.0;
         let step = step as f64;
-        for (i, &(end_step, from, to)) in phases.iter().enumerate() {
+        for (i, &(end_step, from, to, m_from, m_to)) in phases.iter().enumerate() {
             if step <= end_step || i == phases.len() - 1 {
                 let pct = (step - start_step) / (end_step - start_step);
-                return if self.cosine {
-                    to + (from - to) / 2.0 * ((PI * pct).cos() + 1.0)
-                } else {
-                    (to - from) * pct + from
-                };
+                let momentum = self.momentum.map(|_| anneal(m_from, m_to, pct));
+                return (anneal(from, to, pct), momentum);
             }
             start_step = end_step;
         }
-        min // not reached: the last phase always answers
+        (min, None) // not reached: the last phase always answers
+    }
+}
+
+impl Cyclic {
+    /// The lr and (with `cycle_momentum`) the momentum at `epoch`, as `get_lr()` computes them.
+    fn at(&self, epoch: i64) -> (f64, Option<f64>) {
+        let total = self.step_size_up + self.step_size_down;
+        let ratio = self.step_size_up / total;
+        let e = epoch as f64;
+        let cycle = (1.0 + e / total).floor();
+        let x = 1.0 + e / total - cycle;
+        let factor = if x <= ratio {
+            x / ratio
+        } else {
+            (x - 1.0) / (ratio - 1.0)
+        };
+        let scale = match self.mode {
+            CyclicMode::Triangular => 1.0,
+            CyclicMode::Triangular2 => 1.0 / 2f64.powf(cycle - 1.0),
+            CyclicMode::ExpRange => self.gamma.powf(e),
+        };
+        let lr = self.base_lr + (self.max_lr - self.base_lr) * factor * scale;
+        let momentum = self
+            .momentum
+            .map(|m| m.max - (m.max - m.base) * factor * scale);
+        (lr, momentum)
     }
 }
 
@@ -283,6 +358,8 @@ impl Scheduler {
         validate(&kind)?;
         let lr = match &kind {
             Kind::OneCycleLR(c) => c.initial_lr(),
+            // CyclicLR sets the optimizer's lr to its base_lr.
+            Kind::CyclicLR(c) => c.base_lr,
             _ => base_lr,
         };
         let base = lr;
@@ -315,6 +392,14 @@ impl LrSchedule for Scheduler {
 
     fn step(&mut self) {
         self.lr = self.root.step(self.lr, self.base_lr);
+    }
+
+    fn momentum(&self) -> Option<f64> {
+        match &self.root.kind {
+            Kind::OneCycleLR(c) => c.at(self.root.last_epoch).1,
+            Kind::CyclicLR(c) => c.at(self.root.last_epoch).1,
+            _ => None,
+        }
     }
 
     fn boxed_clone(&self) -> Box<dyn LrSchedule> {
@@ -380,6 +465,7 @@ fn validate(kind: &Kind) -> Result<()> {
         Kind::CosineAnnealingLR { t_max, .. } => vec![*t_max],
         Kind::CosineAnnealingWarmRestarts { t_0, t_mult, .. } => vec![*t_0, *t_mult],
         Kind::OneCycleLR(c) => vec![c.total_steps],
+        Kind::CyclicLR(c) => vec![c.step_size_up as i64, c.step_size_down as i64],
         Kind::SequentialLR { milestones, .. } => milestones.clone(),
         Kind::ExponentialLR { .. } => vec![],
     };
@@ -404,12 +490,30 @@ fn validate(kind: &Kind) -> Result<()> {
         Kind::OneCycleLR(c) if c.total_steps <= 0 || !(0.0..=1.0).contains(&c.pct_start) => {
             bad("OneCycleLR needs total_steps > 0 and pct_start in [0, 1]")
         }
+        Kind::CyclicLR(c)
+            if ![c.step_size_up, c.step_size_down]
+                .iter()
+                .all(|s| *s > 0.0 && s.is_finite()) =>
+        {
+            bad("CyclicLR needs step sizes > 0")
+        }
         Kind::SequentialLR {
             schedulers,
             milestones,
         } => {
             if schedulers.len() != milestones.len() + 1 {
                 return bad("SequentialLR needs one more scheduler than milestones");
+            }
+            let cycles = |k: &Kind| match k {
+                Kind::OneCycleLR(c) => c.momentum.is_some(),
+                Kind::CyclicLR(c) => c.momentum.is_some(),
+                _ => false,
+            };
+            if schedulers.iter().any(cycles) {
+                return bad(
+                    "a momentum-cycling OneCycleLR or CyclicLR inside SequentialLR: turn off \
+                     cycle_momentum there",
+                );
             }
             schedulers.iter().try_for_each(validate)
         }

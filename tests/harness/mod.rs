@@ -138,6 +138,16 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
         ..Default::default()
     };
     let mut opt = Optimizer::with_options(builder.build(device)?, rule, options)?;
+    // A scheduler stepped after every optimizer step, setting the lr (and cycling momentum).
+    if let Some(spec) = case.get("lr_scheduler").filter(|v| !v.is_null()) {
+        let spec = spec
+            .as_object()
+            .ok_or_else(|| bad("lr_scheduler must be an object"))?;
+        match schedule_from_framework(flavor, spec)? {
+            FrameworkSchedule::Stepped(s) => opt.set_schedule(Some(s))?,
+            FrameworkSchedule::Plateau(_) => return Err(bad("lr_scheduler cannot be a plateau")),
+        }
+    }
     let grads = field(case, "grads")?
         .as_array()
         .ok_or_else(|| bad("grads"))?;

@@ -38,7 +38,7 @@ struct AdadeltaFamily {
     using Coefficients = AdadeltaCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
+                                                        const StepEntry& e) {
         return make_adadelta(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

@@ -45,7 +45,7 @@ struct AdagradFamily {
     using Coefficients = AdagradCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
+                                                        const StepEntry& e) {
         return make_adagrad(c, lr, t, gscale);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {

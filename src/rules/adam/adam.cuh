@@ -13,8 +13,9 @@ struct AdamCoefficients {
 };
 
 __device__ __forceinline__ AdamCoefficients make_adam(const GroupConfig& c, double lr,
-                                                      unsigned long long t, float gscale) {
-    const double beta1 = c.params[0], beta2 = c.params[1], eps = c.params[2], eps_root = c.params[3];
+                                                      unsigned long long t, float gscale, const StepEntry& e) {
+    const double beta1 = momentum_or(e, c.params[0]), beta2 = c.params[1], eps = c.params[2],
+                 eps_root = c.params[3];
     const double bc1 = 1.0 - powu(beta1, t);
     const double bc2 = 1.0 - powu(beta2, t);
     const bool corrected = !(c.flags & ADAM_EPS_RAW);
@@ -61,8 +62,8 @@ template <bool AMSGRAD, bool NESTEROV> struct AdamFamily {
     using Coefficients = AdamCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_adam(c, lr, t, gscale);
+                                                        const StepEntry& e) {
+        return make_adam(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         adam<AMSGRAD, NESTEROV>(k, p, g, s[0], s[1], s[2]);

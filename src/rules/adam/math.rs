@@ -30,7 +30,8 @@ pub(crate) struct AdamCoefficients {
 
 impl AdamCoefficients {
     pub(crate) fn new(r: &Adam, ctx: &StepContext) -> Self {
-        let bc1 = 1.0 - powu(r.beta1, ctx.step);
+        let beta1 = ctx.momentum.unwrap_or(r.beta1);
+        let bc1 = 1.0 - powu(beta1, ctx.step);
         let bc2 = 1.0 - powu(r.beta2, ctx.step);
         let corrected = r.eps_scale == AdamEps::BiasCorrected;
         let max_corrected = r.amsgrad == AmsGrad::MaxCorrected;
@@ -39,7 +40,7 @@ impl AdamCoefficients {
         AdamCoefficients {
             gscale: ctx.grad_scale as f32,
             decay: Decay::new(ctx.weight_decay, ctx.lr),
-            one_minus_beta1: (1.0 - r.beta1) as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
             beta2: r.beta2 as f32,
             one_minus_beta2: (1.0 - r.beta2) as f32,
             step_size: if corrected {
@@ -58,8 +59,8 @@ impl AdamCoefficients {
             eps_root: r.eps_root as f32,
             max_scale: if max_corrected { 1.0 / bc2 } else { 1.0 } as f32,
             nesterov: r.nesterov,
-            nm: (r.beta1 / (1.0 - powu(r.beta1, ctx.step.saturating_add(1)))) as f32,
-            ng: ((1.0 - r.beta1) / bc1) as f32,
+            nm: (beta1 / (1.0 - powu(beta1, ctx.step.saturating_add(1)))) as f32,
+            ng: ((1.0 - beta1) / bc1) as f32,
         }
     }
 

@@ -121,6 +121,11 @@ impl RuleSpec for Adam {
         })
     }
 
+    /// β1 (PyTorch's `betas[0]`).
+    fn cycles_momentum(&self) -> bool {
+        true
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         if self.amsgrad != AmsGrad::Off {
             &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]

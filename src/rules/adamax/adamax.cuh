@@ -12,8 +12,8 @@ struct AdamaxCoefficients {
 };
 
 __device__ __forceinline__ AdamaxCoefficients make_adamax(const GroupConfig& c, double lr,
-                                                          unsigned long long t, float gscale) {
-    const double beta1 = c.params[0], beta2 = c.params[1], eps = c.params[2];
+                                                          unsigned long long t, float gscale, const StepEntry& e) {
+    const double beta1 = momentum_or(e, c.params[0]), beta2 = c.params[1], eps = c.params[2];
     const bool inside = !(c.flags & ADAMAX_EPS_DENOMINATOR);
     AdamaxCoefficients s;
     s.gscale = gscale;
@@ -41,8 +41,8 @@ struct AdamaxFamily {
     using Coefficients = AdamaxCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_adamax(c, lr, t, gscale);
+                                                        const StepEntry& e) {
+        return make_adamax(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         adamax(k, p, g, s[0], s[1]);

@@ -21,12 +21,13 @@ pub(crate) struct AdamaxCoefficients {
 impl AdamaxCoefficients {
     pub(crate) fn new(r: &Adamax, ctx: &StepContext) -> Self {
         let inside = r.eps_placement == AdamaxEps::InsideMax;
+        let beta1 = ctx.momentum.unwrap_or(r.beta1);
         AdamaxCoefficients {
             gscale: ctx.grad_scale as f32,
             decay: Decay::new(ctx.weight_decay, ctx.lr),
-            one_minus_beta1: (1.0 - r.beta1) as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
             beta2: r.beta2 as f32,
-            step_size: (ctx.lr / (1.0 - powu(r.beta1, ctx.step))) as f32,
+            step_size: (ctx.lr / (1.0 - powu(beta1, ctx.step))) as f32,
             eps_max: if inside { r.eps as f32 } else { 0.0 },
             eps_div: if inside { 0.0 } else { r.eps as f32 },
         }

@@ -63,6 +63,11 @@ impl RuleSpec for Adamax {
         check_nonneg("eps", self.eps)
     }
 
+    /// β1 (PyTorch's `betas[0]`).
+    fn cycles_momentum(&self) -> bool {
+        true
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_inf"]
     }

@@ -13,8 +13,8 @@ struct LionCoefficients {
 };
 
 __device__ __forceinline__ LionCoefficients make_lion(const GroupConfig& c, double lr,
-                                                      unsigned long long t, float gscale) {
-    const double beta1 = c.params[0], beta2 = c.params[1];
+                                                      unsigned long long t, float gscale, const StepEntry& e) {
+    const double beta1 = momentum_or(e, c.params[0]), beta2 = c.params[1];
     LionCoefficients s;
     s.gscale = gscale;
     s.decay = make_decay(c, lr);
@@ -42,8 +42,8 @@ struct LionFamily {
     using Coefficients = LionCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_lion(c, lr, t, gscale);
+                                                        const StepEntry& e) {
+        return make_lion(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         lion(k, p, g, s[0]);

@@ -19,12 +19,13 @@ pub(crate) struct LionCoefficients {
 
 impl LionCoefficients {
     pub(crate) fn new(r: &Lion, ctx: &StepContext) -> Self {
+        let beta1 = ctx.momentum.unwrap_or(r.beta1);
         LionCoefficients {
             gscale: ctx.grad_scale as f32,
             decay: Decay::new(ctx.weight_decay, ctx.lr),
             lr: ctx.lr as f32,
-            beta1: r.beta1 as f32,
-            one_minus_beta1: (1.0 - r.beta1) as f32,
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
             beta2: r.beta2 as f32,
             one_minus_beta2: (1.0 - r.beta2) as f32,
             nan_sign_zero: r.nan_sign == NanSign::Zero,

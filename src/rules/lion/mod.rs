@@ -71,6 +71,11 @@ impl RuleSpec for Lion {
         Ok(())
     }
 
+    /// β1 (PyTorch's `betas[0]`).
+    fn cycles_momentum(&self) -> bool {
+        true
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg"]
     }

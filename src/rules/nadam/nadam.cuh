@@ -1,5 +1,5 @@
 // NAdam (PyTorch, Keras) on the GPU: math.rs beside it, line for line; mod.rs packs its
-// GroupConfig and computes the per-step scalars μ_t, μ_{t+1}, Π_t that arrive in `scalars`.
+// GroupConfig and computes the per-step scalars μ_t, μ_{t+1}, Π_t that arrive in the step's entry.
 #pragma once
 #include "rules/common.cuh"
 
@@ -12,9 +12,9 @@ struct NadamCoefficients {
 
 __device__ __forceinline__ NadamCoefficients make_nadam(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
+                                                        const StepEntry& e) {
     const double beta1 = c.params[0], beta2 = c.params[1], eps = c.params[2];
-    const double mu = scalars[0], mu_next = scalars[1], product = scalars[2];
+    const double mu = e.scalars[0], mu_next = e.scalars[1], product = e.scalars[2];
     NadamCoefficients s;
     s.gscale = gscale;
     s.decay = make_decay(c, lr);
@@ -45,8 +45,8 @@ struct NadamFamily {
     using Coefficients = NadamCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_nadam(c, lr, t, gscale, scalars);
+                                                        const StepEntry& e) {
+        return make_nadam(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         nadam(k, p, g, s[0], s[1]);

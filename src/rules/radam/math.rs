@@ -48,7 +48,8 @@ pub(crate) fn rectification(r: &Radam, t: u64) -> (bool, f64) {
 impl RadamCoefficients {
     pub(crate) fn new(r: &Radam, ctx: &StepContext) -> Self {
         let t = ctx.step;
-        let bc1 = 1.0 - powu(r.beta1, t);
+        let beta1 = ctx.momentum.unwrap_or(r.beta1);
+        let bc1 = 1.0 - powu(beta1, t);
         let bc2 = 1.0 - powu(r.beta2, t);
         let (rectified, rect) = rectification(r, t);
         let corrected = r.eps_scale == AdamEps::BiasCorrected;
@@ -58,13 +59,13 @@ impl RadamCoefficients {
             gscale: ctx.grad_scale as f32,
             decay: Decay::new(ctx.weight_decay, ctx.lr),
             average: r.moment == MomentForm::Average,
-            beta1: r.beta1 as f32,
-            one_minus_beta1: (1.0 - r.beta1) as f32,
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
             beta2: r.beta2 as f32,
             one_minus_beta2: (1.0 - r.beta2) as f32,
             nesterov: r.nesterov,
-            nm: (r.beta1 / (1.0 - powu(r.beta1, t.saturating_add(1)))) as f32,
-            ng: ((1.0 - r.beta1) / bc1) as f32,
+            nm: (beta1 / (1.0 - powu(beta1, t.saturating_add(1)))) as f32,
+            ng: ((1.0 - beta1) / bc1) as f32,
             rectified,
             step_size: if corrected {
                 ctx.lr * rect / bc1_step

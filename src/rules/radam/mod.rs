@@ -85,6 +85,11 @@ impl RuleSpec for Radam {
         check_nonneg("threshold", self.threshold)
     }
 
+    /// β1 (PyTorch's `betas[0]`).
+    fn cycles_momentum(&self) -> bool {
+        true
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq"]
     }

@@ -20,8 +20,8 @@ struct RadamCoefficients {
 };
 
 __device__ __forceinline__ RadamCoefficients make_radam(const GroupConfig& c, double lr,
-                                                        unsigned long long t, float gscale) {
-    const double beta1 = c.params[0], beta2 = c.params[1], eps = c.params[2],
+                                                        unsigned long long t, float gscale, const StepEntry& e) {
+    const double beta1 = momentum_or(e, c.params[0]), beta2 = c.params[1], eps = c.params[2],
                  eps_root = c.params[3], threshold = c.params[4];
     const double bc1 = 1.0 - powu(beta1, t);
     const double bc2 = 1.0 - powu(beta2, t);
@@ -76,8 +76,8 @@ struct RadamFamily {
     using Coefficients = RadamCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_radam(c, lr, t, gscale);
+                                                        const StepEntry& e) {
+        return make_radam(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         radam(k, p, g, s[0], s[1]);

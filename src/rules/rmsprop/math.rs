@@ -41,7 +41,7 @@ impl RmsPropCoefficients {
             eps: r.eps as f32,
             eps_inside: r.eps_placement == EpsPlacement::InsideSqrt,
             centered: r.centered,
-            momentum: r.momentum as f32,
+            momentum: ctx.momentum.unwrap_or(r.momentum) as f32,
             nesterov: r.nesterov,
             gin: if inside { ctx.lr } else { 1.0 } as f32,
             outer: if inside { 1.0 } else { ctx.lr } as f32,

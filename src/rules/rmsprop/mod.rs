@@ -93,6 +93,11 @@ impl RuleSpec for RmsProp {
         })
     }
 
+    /// Only with a momentum buffer (momentum ≠ 0 when built).
+    fn cycles_momentum(&self) -> bool {
+        self.momentum != 0.0
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         match (self.centered, self.momentum != 0.0) {
             (false, false) => &["square_avg"],

@@ -22,8 +22,8 @@ struct RmsPropCoefficients {
 };
 
 __device__ __forceinline__ RmsPropCoefficients make_rmsprop(const GroupConfig& c, double lr,
-                                                            unsigned long long t, float gscale) {
-    const double alpha = c.params[0], eps = c.params[1], momentum = c.params[2];
+                                                            unsigned long long t, float gscale, const StepEntry& e) {
+    const double alpha = c.params[0], eps = c.params[1], momentum = momentum_or(e, c.params[2]);
     const bool inside = (c.flags & RMSPROP_LR_INSIDE) || momentum == 0.0;
     RmsPropCoefficients s;
     s.gscale = gscale;
@@ -81,8 +81,8 @@ template <bool CENTERED, bool MOMENTUM> struct RmsPropFamily {
     using Coefficients = RmsPropCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_rmsprop(c, lr, t, gscale);
+                                                        const StepEntry& e) {
+        return make_rmsprop(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         // s[2] is scratch where a slot is unused.

@@ -25,14 +25,15 @@ pub(crate) struct SgdCoefficients {
 impl SgdCoefficients {
     pub(crate) fn new(r: &Sgd, ctx: &StepContext) -> Self {
         let first_copy = ctx.step == 1 && r.momentum_init == MomentumInit::CopyGrad;
+        let momentum = ctx.momentum.unwrap_or(r.momentum);
         let inside = r.lr_placement == LrPlacement::Inside;
         let lr_in = if inside { ctx.lr } else { 1.0 };
         SgdCoefficients {
             gscale: ctx.grad_scale as f32,
             decay: Decay::new(ctx.weight_decay, ctx.lr),
             lr: ctx.lr as f32,
-            momentum: r.momentum as f32,
-            keep: if first_copy { 0.0 } else { r.momentum as f32 },
+            momentum: momentum as f32,
+            keep: if first_copy { 0.0 } else { momentum as f32 },
             gin: (if first_copy { 1.0 } else { 1.0 - r.dampening } * lr_in) as f32,
             ng: lr_in as f32,
             outer: if inside { 1.0 } else { ctx.lr as f32 },

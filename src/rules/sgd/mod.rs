@@ -75,6 +75,11 @@ impl RuleSpec for Sgd {
         )
     }
 
+    /// Only with a momentum buffer (momentum ≠ 0 when built).
+    fn cycles_momentum(&self) -> bool {
+        self.momentum != 0.0
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         if self.momentum != 0.0 {
             &["momentum_buffer"]

@@ -13,8 +13,8 @@ struct SgdCoefficients {
 };
 
 __device__ __forceinline__ SgdCoefficients make_sgd(const GroupConfig& c, double lr,
-                                                    unsigned long long t, float gscale) {
-    const double momentum = c.params[0], dampening = c.params[1];
+                                                    unsigned long long t, float gscale, const StepEntry& e) {
+    const double momentum = momentum_or(e, c.params[0]), dampening = c.params[1];
     const bool first_copy = t == 1 && (c.flags & SGD_COPY_FIRST);
     const bool inside = c.flags & SGD_LR_INSIDE;
     const double lr_in = inside ? lr : 1.0;
@@ -51,8 +51,8 @@ template <bool MOMENTUM> struct SgdFamily {
     using Coefficients = SgdCoefficients;
     static __device__ __forceinline__ Coefficients make(const GroupConfig& c, double lr,
                                                         unsigned long long t, float gscale,
-                                                        const double* scalars) {
-        return make_sgd(c, lr, t, gscale);
+                                                        const StepEntry& e) {
+        return make_sgd(c, lr, t, gscale, e);
     }
     static __device__ __forceinline__ void apply(const Coefficients& k, float& p, float g, float* s) {
         if (MOMENTUM) sgd_momentum(k, p, g, s[0]);
