@@ -156,13 +156,17 @@ def run_optax(kind, args, clip, lrs, params0, grads, decayed_weights):
         "lion": optax.lion,
         "radam": optax.radam,
         "adadelta": optax.adadelta,
+        "adopt": optax.contrib.adopt,
+        "ademamix": optax.contrib.ademamix,
     }[kind]
+    # Callable defaults stay callables (inject_hyperparams would call them as schedules).
+    static = {"adopt": ("clip_value_fn",), "ademamix": ("b3", "alpha")}.get(kind, ())
     parts = []
     if clip is not None:
         parts.append(optax.clip_by_global_norm(clip))
     if decayed_weights is not None:
         parts.append(optax.add_decayed_weights(decayed_weights))
-    parts.append(optax.inject_hyperparams(fn)(**args))
+    parts.append(optax.inject_hyperparams(fn, static_args=static)(**args))
     tx = optax.chain(*parts)
     params = [jnp.asarray(p) for p in params0]
     state = tx.init(params)
@@ -356,6 +360,12 @@ GRID_ADDED = {
         ("adadelta", {"learning_rate": 0.5}),
         ("adadelta", {"learning_rate": 0.5, "rho": 0.8, "eps": 1e-5, "weight_decay": 0.1}),
         ("adadelta", {}),
+        ("adopt", {"learning_rate": 0.01}),
+        ("adopt", {"learning_rate": 0.01, "b1": 0.8, "b2": 0.99, "eps": 1e-4, "nesterov": True}),
+        ("adopt", {"learning_rate": 0.01, "use_clipping": False}),
+        ("ademamix", {"learning_rate": 0.01}),
+        ("ademamix", {"learning_rate": 0.01, "b1": 0.8, "b2": 0.99, "b3": 0.99, "alpha": 2.0,
+                      "eps": 1e-6, "eps_root": 1e-8, "weight_decay": 0.1}),
     ],
 }
 

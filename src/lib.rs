@@ -53,9 +53,10 @@ pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
-    Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, AmsGrad, Common, EpsPlacement, Flavor,
-    Lion, LossScale, LrPlacement, MomentForm, MomentumInit, Nadam, NanSign, NonFinitePolicy,
-    Optimizer, OptimizerOptions, Radam, RmsProp, Rule, Sgd, StepReport, WeightDecay,
+    Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, Ademamix, Adopt, AmsGrad, Common,
+    EpsPlacement, Flavor, Lion, LossScale, LrPlacement, MomentForm, MomentumInit, Nadam, NanSign,
+    NonFinitePolicy, Optimizer, OptimizerOptions, Radam, RmsProp, Rule, Sgd, StepReport,
+    WeightDecay,
 };
 pub use params::{
     GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, ParamsMut, TensorInfo,

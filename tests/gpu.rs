@@ -77,6 +77,13 @@ fn all_rules() -> Vec<Rule> {
         v.push(Adam::nadam_optax().with_lr(0.01).into());
         // Its μ-product comes from the host through the device's ring, step by step.
         v.push(Nadam::preset(f).with_lr(0.01).into());
+        let adopt = Adopt {
+            nesterov: f == Flavor::Keras,
+            clipping: f != Flavor::Tf1,
+            ..Adopt::preset(f)
+        };
+        v.push(adopt.with_lr(0.01).into());
+        v.push(Ademamix::preset(f).with_lr(0.01).into());
         for centered in [false, true] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
                 v.push(

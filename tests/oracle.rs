@@ -157,6 +157,35 @@ fn nadam_pytorch_keras_variants() -> Vec<Rule> {
     v
 }
 
+/// ADOPT (clipping on and off, Nesterov) and AdEMAMix, with every decay.
+fn adopt_ademamix_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for (k, wd) in DECAYS.into_iter().enumerate() {
+        v.push(Rule::Adopt(
+            Adopt {
+                clipping: k != 1,
+                nesterov: k >= 2,
+                beta2: 0.99,
+                ..Adopt::preset(Flavor::Optax)
+            }
+            .with_lr(0.01)
+            .with_weight_decay(wd)
+            .maximizing(k == 3),
+        ));
+        v.push(Rule::Ademamix(
+            Ademamix {
+                beta3: 0.99,
+                eps_root: 1e-8,
+                ..Ademamix::preset(Flavor::Optax)
+            }
+            .with_lr(0.01)
+            .with_weight_decay(wd)
+            .maximizing(k == 0),
+        ));
+    }
+    v
+}
+
 fn adamax_variants() -> Vec<Rule> {
     let mut v = Vec::new();
     for f in FLAVORS {
@@ -335,6 +364,11 @@ fn nadam_matches_oracle() {
 #[test]
 fn nadam_pytorch_keras_matches_oracle() {
     check_all(nadam_pytorch_keras_variants());
+}
+
+#[test]
+fn adopt_and_ademamix_match_oracle() {
+    check_all(adopt_ademamix_variants());
 }
 
 #[test]

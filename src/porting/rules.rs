@@ -5,8 +5,8 @@ use serde_json::{Map, Value};
 use super::{bad, Args, Knob};
 use crate::error::Result;
 use crate::optim::{
-    Adadelta, Adagrad, Adam, Adamax, AmsGrad, Common, EpsPlacement, Flavor, Lion, Nadam, Radam,
-    RmsProp, Rule, Sgd, WeightDecay,
+    Adadelta, Adagrad, Adam, Adamax, Ademamix, Adopt, AmsGrad, Common, EpsPlacement, Flavor, Lion,
+    Nadam, Radam, RmsProp, Rule, Sgd, WeightDecay,
 };
 
 /// How a framework's optimizer takes weight decay.
@@ -29,7 +29,7 @@ fn decay_arg(flavor: Flavor, kind: &str) -> DecayArg {
     match (flavor, kind) {
         (Flavor::Tf1, _) => Absent,
         (Flavor::Keras, _) => Decoupled,
-        (Flavor::Optax, "adamw" | "nadamw" | "adamaxw" | "lion") => Decoupled,
+        (Flavor::Optax, "adamw" | "nadamw" | "adamaxw" | "lion" | "ademamix") => Decoupled,
         (Flavor::Optax, "adadelta") => Coupled,
         (Flavor::Optax, _) => Absent,
         (Flavor::PyTorch, "adamw" | "lion") => Decoupled,
@@ -42,7 +42,9 @@ fn decay_arg(flavor: Flavor, kind: &str) -> DecayArg {
 /// `kind` is the optimizer's name in that framework, lower case: `sgd`, `adam`, `adamw`,
 /// `rmsprop`, `adagrad`, `adamax`, `adadelta`, `nadam` (PyTorch and Keras: [`Nadam`]; Optax:
 /// Adam with Nesterov momentum); `radam` (PyTorch, Optax); `lion` (Keras, Optax, and for PyTorch
-/// the reference `lion-pytorch`); Optax's `amsgrad`, `nadamw` and `adamaxw`. `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
+/// the reference `lion-pytorch`); Optax's `amsgrad`, `nadamw`, `adamaxw`, and `adopt` and
+/// `ademamix` from `optax.contrib`. A framework argument that is Python code (Optax's
+/// `clip_value_fn`, a schedule for `b3` or `alpha`) is not an argument here: refused. `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
 pub fn rule_from_framework(
     flavor: Flavor,
     kind: &str,
@@ -235,6 +237,31 @@ pub fn rule_from_framework(
                 common,
                 rho: a.f64("rho", d.rho)?,
                 eps: a.knob(f, Knob::Eps, d.eps)?,
+            })
+        }
+        "adopt" if optax => {
+            let d = Adopt::preset(f);
+            let (beta1, beta2) = betas(&mut a, (d.beta1, d.beta2))?;
+            Rule::Adopt(Adopt {
+                common: common(&mut a, &d.common)?,
+                beta1,
+                beta2,
+                eps: a.knob(f, Knob::Eps, d.eps)?,
+                clipping: a.bool("use_clipping", d.clipping)?,
+                nesterov: a.bool("nesterov", d.nesterov)?,
+            })
+        }
+        "ademamix" if optax => {
+            let d = Ademamix::preset(f);
+            let (beta1, beta2) = betas(&mut a, (d.beta1, d.beta2))?;
+            Rule::Ademamix(Ademamix {
+                common: common(&mut a, &d.common)?,
+                beta1,
+                beta2,
+                beta3: a.f64("b3", d.beta3)?,
+                alpha: a.f64("alpha", d.alpha)?,
+                eps: a.knob(f, Knob::Eps, d.eps)?,
+                eps_root: a.knob(f, Knob::EpsRoot, d.eps_root)?,
             })
         }
         _ => return Err(missing()),

@@ -121,6 +121,8 @@ rules! {
     radam::Radam,
     adadelta::Adadelta,
     nadam::Nadam,
+    adopt::Adopt,
+    ademamix::Ademamix,
 }
 
 /// What a rule is, as the engines see it. Implemented by each rule in its folder.

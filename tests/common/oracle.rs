@@ -325,6 +325,33 @@ fn update(
             p - lr * (1.0 - mu_t) / (1.0 - product) * g / d
                 - lr * mu_next / (1.0 - product * mu_next) * *a / d
         }
+        Rule::Adopt(r) => {
+            // The first step only sets v = g² (β1 = 1, β2 = 0, clip 0).
+            let (b1, b2) = if t == 1 {
+                (1.0, 0.0)
+            } else {
+                (r.beta1, r.beta2)
+            };
+            let x = g / b.sqrt().max(r.eps);
+            let clip = ((t - 1) as f64).powf(0.25);
+            let u = if r.clipping { x.clamp(-clip, clip) } else { x };
+            *b = b2 * *b + (1.0 - b2) * g * g;
+            *a = b1 * *a + (1.0 - b1) * u;
+            let n = if r.nesterov {
+                b1 * *a + (1.0 - b1) * u
+            } else {
+                *a
+            };
+            p - lr * n
+        }
+        Rule::Ademamix(r) => {
+            *a = r.beta1 * *a + (1.0 - r.beta1) * g;
+            *b = r.beta3 * *b + (1.0 - r.beta3) * g;
+            *c = r.beta2 * *c + (1.0 - r.beta2) * g * g;
+            let m_hat = *a / (1.0 - r.beta1.powi(t));
+            let v_hat = *c / (1.0 - r.beta2.powi(t));
+            p - lr * (m_hat + r.alpha * *b) / ((v_hat + r.eps_root).sqrt() + r.eps)
+        }
         Rule::Adadelta(r) => {
             *a = r.rho * *a + (1.0 - r.rho) * g * g;
             let delta = (*b + r.eps).sqrt() / (*a + r.eps).sqrt() * g;
