@@ -21,6 +21,12 @@ ROWS = [  # (label, rule, dtypes, profile, clip, PyTorch implementation)
     ("RMSProp fp32, 10M in 100 tensors", "rmsprop", "fp32", "10Mx100", False, "torch_foreach"),
     ("RMSProp fp32, 10M in 5,000 tensors", "rmsprop", "fp32", "10Mx5000", False, "torch_foreach"),
     ("Adagrad fp32, 10M in 100 tensors", "adagrad", "fp32", "10Mx100", False, "torch_foreach"),
+    ("NAdam fp32, 10M in 100 tensors", "nadam", "fp32", "10Mx100", False, "torch_foreach"),
+    ("RAdam fp32, 10M in 100 tensors", "radam", "fp32", "10Mx100", False, "torch_foreach"),
+    ("Adamax fp32, 10M in 100 tensors", "adamax", "fp32", "10Mx100", False, "torch_foreach"),
+    ("Adadelta fp32, 10M in 100 tensors", "adadelta", "fp32", "10Mx100", False, "torch_foreach"),
+    ("Lion fp32, 10M in 100 tensors (vs lion-pytorch)", "lion", "fp32", "10Mx100", False,
+     "torch_foreach"),
     ("Adam fp32, 256M params", "adam", "fp32", "256M", False, "torch_fused"),
     ("Adam fp32, GPT-2-medium shapes", "adam", "fp32", "gpt2-medium", False, "torch_fused"),
 ]
@@ -28,10 +34,12 @@ ROWS = [  # (label, rule, dtypes, profile, clip, PyTorch implementation)
 
 def section():
     lines = []
+    newest = {}  # device -> its newest (fusedopt, torch) pair; file names start with the date
     for ours_path in sorted(glob.glob(os.path.join(RESULTS, "*-fusedopt.json"))):
         torch_path = ours_path.replace("-fusedopt.json", "-torch.json")
-        if not os.path.exists(torch_path):
-            continue
+        if os.path.exists(torch_path):
+            newest[json.load(open(ours_path))["device"]] = (ours_path, torch_path)
+    for ours_path, torch_path in sorted(newest.values()):
         ours, torch = json.load(open(ours_path)), json.load(open(torch_path))
         name = os.path.basename(ours_path).replace("-fusedopt.json", "")
         lines.append(f"**{ours['device']}** — `benches/results/{name}.md`, commit {ours['git_commit']}, "

@@ -429,3 +429,27 @@ fn momentum_cycling_needs_a_momentum() {
     let mut adam = build(Adam::preset(Flavor::PyTorch).into());
     adam.set_schedule(Some(one_cycle(cycling))).unwrap();
 }
+
+/// A momentum range must lie in (0, 1): at 0 PyTorch skips the momentum buffer, which a rule built
+/// with one cannot follow, and β1 = 1 leaves Adam's bias correction at 0.
+#[test]
+fn a_cycled_momentum_range_lies_in_zero_one() {
+    use fusedopt::porting::schedule_from_framework;
+    use serde_json::json;
+    for (base, max) in [
+        (json!(0.0), json!(0.9)),
+        (json!(0.85), json!(1.0)),
+        (json!(-0.1), json!(0.9)),
+        (json!(0.5), json!("NaN")),
+    ] {
+        let spec = json!({"kind": "OneCycleLR", "max_lr": 0.1, "total_steps": 10,
+            "base_momentum": base, "max_momentum": max});
+        let got = schedule_from_framework(Flavor::PyTorch, spec.as_object().unwrap());
+        assert!(
+            matches!(got, Err(Error::InvalidHyperparameter(_))),
+            "({base}, {max}): {got:?}"
+        );
+    }
+    let cyclic = json!({"kind": "CyclicLR", "max_lr": 0.1});
+    assert!(schedule_from_framework(Flavor::PyTorch, cyclic.as_object().unwrap()).is_err());
+}

@@ -830,7 +830,8 @@ fn schedules_follow_applied_steps_on_the_device() {
 /// A schedule's whole life on the device, against the CPU engine's, event for event: attached
 /// after some constant-lr steps; a checkpoint saved mid-window resumes on the device; the step
 /// whose scheduled lr overflows f32 is refused at the same count on both, changing nothing; a
-/// plateau schedule replaces it and cuts the lr on observed metrics; removed, the last lr stays.
+/// plateau schedule replaces it and cuts the lr on observed metrics; an lr set before removing it
+/// stays; a new lr set without a schedule leaves the report of the step before it alone.
 #[test]
 fn a_schedules_life_on_the_device_matches_the_cpu() {
     use fusedopt::schedule::plateau::ReduceLrOnPlateau;
@@ -879,6 +880,11 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
         opt.set_lr(3e-3).unwrap();
         for k in 0..10 {
             step(&mut opt, k, &mut log);
+            if k == 6 {
+                // A new lr: the report still tells the one the last step used.
+                opt.set_lr(2e-3).unwrap();
+                log.push(format!("set: lr {} {}", opt.lr(), opt.report().unwrap().lr));
+            }
         }
         opt.set_schedule(Some(piecewise())).unwrap();
         for k in 10..150 {
@@ -902,9 +908,13 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
             opt.observe(metric).unwrap();
             log.push(format!("{k}: observed, lr {}", opt.report().unwrap().lr));
         }
+        // An lr set while a schedule is attached is overridden at the next step; removed first,
+        // the set lr stays.
+        step(&mut opt, 350, &mut log);
+        opt.set_lr(7e-4).unwrap();
         opt.set_schedule(None).unwrap();
         log.push(format!("removed: lr {}", opt.lr()));
-        for k in 350..360 {
+        for k in 351..360 {
             step(&mut opt, k, &mut log);
         }
         let r = opt.report().unwrap();

@@ -30,6 +30,9 @@ pub(crate) struct LrWindow {
     /// `anchor..anchor + enqueued`, so the next step's is inside the window while
     /// `enqueued < entries.len()`.
     pub enqueued: usize,
+    /// `enqueued` when the lrs were last rewritten ([`Optimizer::set_lr`]): steps before it ran
+    /// with the old lr, which the entries no longer tell.
+    rewritten_at: usize,
     /// The rule's memo before the window, and after each of its steps (rules with scalars only).
     start_memo: StepMemo,
     memos: Vec<StepMemo>,
@@ -93,6 +96,7 @@ impl LrWindow {
             anchor,
             entries,
             enqueued: 0,
+            rewritten_at: 0,
             start_memo,
             memos,
         })
@@ -113,6 +117,7 @@ impl LrWindow {
             anchor,
             entries: Vec::new(),
             enqueued: 0,
+            rewritten_at: 0,
             start_memo: memo,
             memos: Vec::new(),
         }
@@ -124,9 +129,9 @@ impl LrWindow {
     }
 
     /// The lr the last step was given, from the step state read after it; `None` when no step
-    /// was enqueued since the window was written.
+    /// was enqueued since the window (or its lrs) was written.
     pub fn last_lr(&self, st: &StepState) -> Option<f64> {
-        if self.enqueued == 0 {
+        if self.enqueued <= self.rewritten_at {
             return None;
         }
         // A skipped step was given the lr of the count it did not reach.
@@ -170,6 +175,14 @@ impl Optimizer {
     /// Sets one lr for every later step, without a schedule: the window's entries keep their
     /// rule scalars (no need to know where the device stands), else the whole ring takes it.
     pub(super) fn write_constant_lr(&mut self, lr: f64) -> Result<()> {
+        // Steps already enqueued ran with the lr in force so far (one lr: no schedule).
+        if self
+            .lr_window
+            .as_ref()
+            .is_some_and(|w| w.enqueued > w.rewritten_at)
+        {
+            self.step_lr = self.lr;
+        }
         let window = self.lr_window.as_ref().map(|w| {
             let mut entries = w.entries.clone();
             entries.iter_mut().for_each(|e| e.lr = lr);
@@ -183,6 +196,7 @@ impl Optimizer {
         }
         if let (Some(w), Some((_, entries))) = (&mut self.lr_window, window) {
             w.entries = entries;
+            w.rewritten_at = w.enqueued;
         }
         Ok(())
     }
@@ -257,11 +271,14 @@ impl Optimizer {
     }
 
     /// On a GPU: waits for the device and records the lr its last step was given as the current
-    /// one (the schedule keeps standing at its window's anchor).
+    /// one, unless [`Optimizer::set_lr`] set one since, as on the CPU (the schedule keeps standing
+    /// at its window's anchor).
     pub(super) fn sync_lr(&mut self) -> Result<StepState> {
         let st = self.step_state()?;
         if let Some(lr) = self.lr_window.as_ref().and_then(|w| w.last_lr(&st)) {
-            self.lr = lr;
+            if !self.lr_set_since_step {
+                self.lr = lr;
+            }
             self.step_lr = lr;
         }
         Ok(st)

@@ -133,6 +133,9 @@ pub struct Optimizer {
     /// On a GPU with a schedule or a rule with step scalars: the steps written ahead to the
     /// device.
     lr_window: Option<LrWindow>,
+    /// [`Optimizer::set_lr`] was called after the last step (an attached schedule overrides it
+    /// at the next step; removed first, the set lr stays).
+    lr_set_since_step: bool,
 }
 
 impl Clone for Box<dyn LrSchedule> {
@@ -175,6 +178,7 @@ impl Optimizer {
             options,
             schedule: None,
             lr_window: None,
+            lr_set_since_step: false,
         };
         if opt.uses_lr_window() {
             opt.write_lr_window(None, 0, Default::default())?;
@@ -205,6 +209,7 @@ impl Optimizer {
         let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
         let momentum = self.schedule.as_ref().and_then(|s| s.momentum());
         self.step_lr = lr;
+        self.lr_set_since_step = false;
         match parts_mut(&mut self.params)? {
             PartsMut::Host(arenas, engine) => {
                 if engine.step(arenas, &layout, rule, lr, momentum)? {
@@ -292,7 +297,8 @@ impl Optimizer {
     }
 
     /// The lr set last, or the one an attached schedule gave the last step (on a GPU: as of the
-    /// last time the host read the device's step count, see [`Optimizer::set_schedule`]).
+    /// last time the host refreshed its window of steps, see [`Optimizer::set_schedule`];
+    /// [`Optimizer::report`] tells each step's own).
     pub fn lr(&self) -> f64 {
         self.lr
     }
@@ -306,6 +312,7 @@ impl Optimizer {
             self.write_constant_lr(lr)?;
         }
         self.lr = lr;
+        self.lr_set_since_step = true;
         Ok(())
     }
 
@@ -477,6 +484,7 @@ impl Optimizer {
         }
         self.lr = saved.lr;
         self.step_lr = saved.lr;
+        self.lr_set_since_step = false;
         self.lr_window = None;
         self.schedule = schedule;
         if self.uses_lr_window() {

@@ -185,8 +185,11 @@ pub fn rule_from_framework(
             let d = Lion::preset(f);
             let (beta1, beta2) = betas(&mut a, (d.beta1, d.beta2))?;
             if f == Flavor::PyTorch {
-                // lion-pytorch's Triton kernel computes the same update.
+                // lion-pytorch's Triton kernel computes the same update; it has no `maximize`.
                 a.bool("use_triton", false)?;
+                if args.contains_key("maximize") {
+                    return Err(bad("lion-pytorch's Lion has no argument 'maximize'"));
+                }
             }
             Rule::Lion(Lion {
                 common: common(&mut a, &d.common)?,

@@ -60,7 +60,11 @@ pub fn schedule_from_framework(
             FrameworkSchedule::Plateau(p)
         }
         Flavor::PyTorch => {
-            let base = a.f64("base_lr", 0.1)?;
+            // CyclicLR's own base_lr is required; the others take the optimizer's lr.
+            let base = match kind.as_str() {
+                "CyclicLR" => req(&mut a, "base_lr")?,
+                _ => a.f64("base_lr", 0.1)?,
+            };
             let k = torch_kind(&kind, &mut a, base)?;
             FrameworkSchedule::Stepped(Box::new(torch::Scheduler::new(k, base)?))
         }

@@ -490,6 +490,16 @@ fn validate(kind: &Kind) -> Result<()> {
         Kind::OneCycleLR(c) if c.total_steps <= 0 || !(0.0..=1.0).contains(&c.pct_start) => {
             bad("OneCycleLR needs total_steps > 0 and pct_start in [0, 1]")
         }
+        // PyTorch skips the momentum buffer at a momentum of 0, which a rule built with one
+        // cannot follow; β1 must stay below 1.
+        Kind::OneCycleLR(OneCycle {
+            momentum: Some(m), ..
+        })
+        | Kind::CyclicLR(Cyclic {
+            momentum: Some(m), ..
+        }) if !(m.base > 0.0 && m.base < 1.0 && m.max > 0.0 && m.max < 1.0) => {
+            bad("base_momentum and max_momentum must be in (0, 1)")
+        }
         Kind::CyclicLR(c)
             if ![c.step_size_up, c.step_size_down]
                 .iter()

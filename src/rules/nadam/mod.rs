@@ -13,7 +13,8 @@ use super::{
 use crate::error::Result;
 pub(crate) use math::NadamCoefficients;
 
-/// NAdam: `μ_t = β1·(1 − ½·0.96^(t·ψ))`, `Π_t = μ_1⋯μ_t` (kept in f32 as both frameworks keep it);
+/// NAdam: `μ_t = β1·(1 − ½·0.96^(t·ψ))`, `Π_t = μ_1⋯μ_t` (kept in f32, as both frameworks keep it;
+/// PyTorch's rounding exactly, Keras' within its own f32 evaluation of μ_t);
 /// `m += (1−β1)(g − m)`, `v = β2·v + (1−β2)·g²`, `d = √(v/bc2) + ε`;
 /// `θ -= lr·(1−μ_t)/(1−Π_t) · g/d + lr·μ_{t+1}/(1−Π_t·μ_{t+1}) · m/d`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -41,7 +42,7 @@ impl Nadam {
         }
     }
 
-    /// μ_t (f64, as both frameworks compute it before rounding the product).
+    /// μ_t in f64, as PyTorch computes it (Keras computes it in f32).
     fn mu(&self, t: u64) -> f64 {
         self.beta1 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * self.momentum_decay))
     }
@@ -86,12 +87,18 @@ impl RuleSpec for Nadam {
     }
 
     /// `[μ_t, μ_{t+1}, Π_t]`, the product rounded to f32 after every factor, as PyTorch's
-    /// `mu_product` tensor and Keras' `_u_product` variable hold it.
+    /// `mu_product` tensor holds it (Keras' `_u_product` rounds twice per factor: within the
+    /// tolerance of its recorded cases).
     fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars {
         if memo.t > t {
             *memo = StepMemo::default();
         }
         while memo.t < t {
+            if memo.product == 0.0 {
+                // Underflowed (within a few hundred steps): it stays 0 from here on.
+                memo.t = t;
+                break;
+            }
             memo.t += 1;
             memo.product = (memo.product as f32 * self.mu(memo.t) as f32) as f64;
         }

@@ -22,9 +22,11 @@ struct RmsPropCoefficients {
 };
 
 __device__ __forceinline__ RmsPropCoefficients make_rmsprop(const GroupConfig& c, double lr,
-                                                            unsigned long long t, float gscale, const StepEntry& e) {
+                                                            unsigned long long t, float gscale,
+                                                            const StepEntry& e) {
     const double alpha = c.params[0], eps = c.params[1], momentum = momentum_or(e, c.params[2]);
-    const bool inside = (c.flags & RMSPROP_LR_INSIDE) || momentum == 0.0;
+    // Where the lr sits follows the momentum the rule was built with (it decides the buffer).
+    const bool inside = (c.flags & RMSPROP_LR_INSIDE) || c.params[2] == 0.0;
     RmsPropCoefficients s;
     s.gscale = gscale;
     s.decay = make_decay(c, lr);
