@@ -3,8 +3,9 @@
 # .gpu-bundle, which git ignores; carry it to the GPU machine): the test binaries that touch the
 # GPU, the replay, quickstart and train examples, the benchmark programs (stripped), the committed
 # conformance cases and their replay on the emulated GPU (to compare bit for bit), the PyTorch
-# baseline, and gpu-validate.sh, which runs it all there in one command. Refuses a build whose
-# kernels would come from NVRTC (no fatbin embedded).
+# baseline, and gpu-validate.sh, which runs it all there in one command; the executables as
+# bin.tar.xz, which gpu-validate.sh unpacks. Refuses a build whose kernels would come from NVRTC
+# (no fatbin embedded).
 # Usage: scripts/gpu-bundle.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +60,15 @@ scripts/emulated-gpu.sh "$dir/bin/replay" --device cuda --out "$emulated" \
 python3 scripts/compare_replays.py --combine "$dir/replay-emulated.json" "$emulated"
 rm -rf "$emulated" "$emulated.log"
 git rev-parse --short HEAD > "$dir/COMMIT" 2>/dev/null || echo unknown > "$dir/COMMIT"
+# The executables travel xz-compressed (each embeds every fatbin; together they outgrow a device
+# call uncompressed); gpu-validate.sh unpacks them with Python's own lzma before its first step.
+python3 - "$dir" <<'PY'
+import sys, tarfile
+d = sys.argv[1]
+with tarfile.open(f"{d}/bin.tar.xz", "w:xz", preset=6) as t:
+    t.add(f"{d}/bin", arcname="bin")
+PY
+rm -rf "$dir/bin"
 size=$(du -sm "$dir" | cut -f1)
 if [ "$size" -ge 60 ]; then
   echo "the bundle is $size MiB: over what one device call carries (64 MiB with the tree)" >&2

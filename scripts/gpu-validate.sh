@@ -23,6 +23,11 @@ out=${1:-${OUT:?give an output folder, or set OUT}}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$here"
+# The bundle carries its executables xz-compressed: unpack them once (Python's lzma, no xz needed).
+if [ ! -d bin ] && [ -f bin.tar.xz ]; then
+  python3 -c 'import tarfile; tarfile.open("bin.tar.xz").extractall(".")' \
+    || { echo "cannot unpack bin.tar.xz" >&2; exit 1; }
+fi
 export FUSEDOPT_REPO="$here" FUSEDOPT_REQUIRE_GPU=1 RUST_BACKTRACE=1
 emulated=${FUSEDOPT_EMULATED_GPU:+yes}
 deadline=$((SECONDS + ${FUSEDOPT_VALIDATE_BUDGET:-540}))
