@@ -22,6 +22,8 @@ struct Args {
     quick: bool,
     baseline: Option<String>,
     profiles: Option<Vec<String>>,
+    /// Only these rules (by their names in [`rules`]).
+    rules: Option<Vec<String>>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -31,6 +33,7 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         baseline: None,
         profiles: None,
+        rules: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
             "--profiles" => {
                 a.profiles = it.next().map(|p| p.split(',').map(String::from).collect())
             }
+            "--rules" => a.rules = it.next().map(|r| r.split(',').map(String::from).collect()),
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown argument {other}")),
         }
@@ -290,7 +294,8 @@ fn main() {
             std::process::exit(2);
         };
         let params: usize = sizes.iter().sum();
-        for (rname, rule) in rules() {
+        let wanted = |name: &str| !matches!(&args.rules, Some(r) if !r.iter().any(|w| w == name));
+        for (rname, rule) in rules().into_iter().filter(|(n, _)| wanted(n)) {
             for (mname, grads, model) in mixes {
                 for clip in [false, true] {
                     let bytes = params * bytes_per_param(&rule, grads, model, clip);

@@ -154,6 +154,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--profiles")
+    ap.add_argument("--rules", help="only these rules, comma-separated")
     a = ap.parse_args()
     gpu = a.device == "cuda"
     default = {(True, False): ["1M", "16M", "256M", "10000x4096", "gpt2-medium"],
@@ -168,7 +169,7 @@ def main():
     for pname in profiles:
         sizes = PROFILES[pname]
         params = sum(sizes)
-        for rule in STATE_BUFFERS:
+        for rule in (a.rules.split(",") if a.rules else STATE_BUFFERS):
             impls = ["torch_fused", "torch_foreach"] if rule in ("sgd_momentum", "adam", "adamw") \
                 else ["torch_foreach"]
             for impl in impls:
