@@ -66,6 +66,9 @@ def run_torch(kind, args, clip, lrs, params0, grads, scheduler=None):
     if kind == "lion":
         # PyTorch has no Lion: the reference implementation, lion-pytorch.
         from lion_pytorch import Lion
+    if kind.startswith("schedule_free"):
+        # Nor schedule-free: the reference implementation, schedulefree.
+        import schedulefree
     cls = {
         "sgd": torch.optim.SGD,
         "adam": torch.optim.Adam,
@@ -77,13 +80,18 @@ def run_torch(kind, args, clip, lrs, params0, grads, scheduler=None):
         "adadelta": torch.optim.Adadelta,
         "nadam": torch.optim.NAdam,
         "lion": Lion if kind == "lion" else None,
+        "schedule_free_sgd": kind == "schedule_free_sgd" and schedulefree.SGDScheduleFree,
+        "schedule_free_adamw": kind == "schedule_free_adamw" and schedulefree.AdamWScheduleFree,
     }[kind]
     opt = cls(params, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in args.items()})
+    averaged = kind.startswith("schedule_free")
+    if averaged:
+        opt.train()
     sched = None
     if scheduler is not None:
         sargs = {k: v for k, v in scheduler.items() if k != "kind"}
         sched = getattr(torch.optim.lr_scheduler, scheduler["kind"])(opt, **sargs)
-    out, norms = [], []
+    out, norms, evals = [], [], []
     for t, step_grads in enumerate(grads):
         if lrs is not None:
             for g in opt.param_groups:
@@ -98,7 +106,13 @@ def run_torch(kind, args, clip, lrs, params0, grads, scheduler=None):
         if sched is not None:
             sched.step()
         out.append([p.detach().numpy().copy() for p in params])
-    return out, norms
+        if averaged:
+            # What the reference's eval() sets the parameters to, on copies.
+            group = opt.param_groups[0]
+            beta1 = group["betas"][0] if "betas" in group else group["momentum"]
+            evals.append([p.detach().clone().lerp_(opt.state[p]["z"], 1 - 1 / beta1).numpy()
+                          for p in params])
+    return out, norms, (evals if averaged else None)
 
 
 # ----------------------------------------------------------------------------- Keras 3
@@ -158,9 +172,16 @@ def run_optax(kind, args, clip, lrs, params0, grads, decayed_weights):
         "adadelta": optax.adadelta,
         "adopt": optax.contrib.adopt,
         "ademamix": optax.contrib.ademamix,
+        "schedule_free_sgd": optax.contrib.schedule_free_sgd,
+        "schedule_free_adamw": optax.contrib.schedule_free_adamw,
     }[kind]
-    # Callable defaults stay callables (inject_hyperparams would call them as schedules).
-    static = {"adopt": ("clip_value_fn",), "ademamix": ("b3", "alpha")}.get(kind, ())
+    # Callable defaults stay callables (inject_hyperparams would call them as schedules);
+    # schedule-free's other arguments stay Python numbers, as a direct call passes them.
+    schedule_free = ("warmup_steps", "b1", "weight_decay", "weight_lr_power", "state_dtype")
+    static = {"adopt": ("clip_value_fn",), "ademamix": ("b3", "alpha"),
+              "schedule_free_sgd": schedule_free,
+              "schedule_free_adamw": schedule_free + ("b2", "eps")}.get(kind, ())
+    averaged = kind.startswith("schedule_free")
     parts = []
     if clip is not None:
         parts.append(optax.clip_by_global_norm(clip))
@@ -170,7 +191,7 @@ def run_optax(kind, args, clip, lrs, params0, grads, decayed_weights):
     tx = optax.chain(*parts)
     params = [jnp.asarray(p) for p in params0]
     state = tx.init(params)
-    out, norms = [], []
+    out, norms, evals = [], [], []
     for t, step_grads in enumerate(grads):
         if lrs is not None:
             state[-1].hyperparams["learning_rate"] = jnp.asarray(lrs[t], dtype=jnp.float32)
@@ -179,7 +200,10 @@ def run_optax(kind, args, clip, lrs, params0, grads, decayed_weights):
         updates, state = tx.update(gs, state, params)
         params = optax.apply_updates(params, updates)
         out.append([np.array(p) for p in params])
-    return out, norms
+        if averaged:
+            x = optax.contrib.schedule_free_eval_params(state[-1].inner_state, params)
+            evals.append([np.array(p) for p in x])
+    return out, norms, (evals if averaged else None)
 
 
 # ----------------------------------------------------------------------------- TensorFlow 1
@@ -326,6 +350,14 @@ GRID_ADDED = {
         ("nadam", {"lr": 0.01, "weight_decay": 0.1}),
         ("nadam", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True,
                    "maximize": True}),
+        ("schedule_free_sgd", {}),
+        ("schedule_free_sgd", {"lr": 0.1, "momentum": 0.8, "weight_decay": 0.05,
+                               "warmup_steps": 3}),
+        ("schedule_free_sgd", {"lr": 0.1, "r": 0.5, "weight_lr_power": 1.0}),
+        ("schedule_free_adamw", {}),
+        ("schedule_free_adamw", {"lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-6,
+                                 "weight_decay": 0.1, "warmup_steps": 4}),
+        ("schedule_free_adamw", {"lr": 0.01, "r": 1.0, "weight_lr_power": 0.0}),
     ],
     "keras": [
         ("adamax", {}),
@@ -366,6 +398,14 @@ GRID_ADDED = {
         ("ademamix", {"learning_rate": 0.01}),
         ("ademamix", {"learning_rate": 0.01, "b1": 0.8, "b2": 0.99, "b3": 0.99, "alpha": 2.0,
                       "eps": 1e-6, "eps_root": 1e-8, "weight_decay": 0.1}),
+        ("schedule_free_sgd", {"learning_rate": 0.1}),
+        ("schedule_free_sgd", {"learning_rate": 0.1, "b1": 0.8, "weight_decay": 0.05,
+                               "warmup_steps": 3}),
+        ("schedule_free_adamw", {"learning_rate": 0.01}),
+        ("schedule_free_adamw", {"learning_rate": 0.01, "b1": 0.8, "b2": 0.99, "eps": 1e-6,
+                                 "weight_decay": 0.1, "warmup_steps": 4,
+                                 "weight_lr_power": 1.0}),
+        ("schedule_free_adamw", {}),
     ],
 }
 
@@ -407,13 +447,14 @@ def scheduled_lrs(base):
 
 
 def run_case(flavor, kind, args, clip, lrs, params0, grads, decayed):
+    """(params after each step, global norms, evaluation params after each step or None)."""
     if flavor == "pytorch":
         return run_torch(kind, args, clip, lrs, params0, grads)
     if flavor == "keras":
-        return run_keras(kind, args, clip, lrs, params0, grads)
+        return (*run_keras(kind, args, clip, lrs, params0, grads), None)
     if flavor == "optax":
         return run_optax(kind, args, clip, lrs, params0, grads, decayed)
-    return run_tf1(kind, args, clip, lrs, params0, grads)
+    return (*run_tf1(kind, args, clip, lrs, params0, grads), None)
 
 
 def grid_entries():
@@ -458,8 +499,8 @@ def optimizer_cases():
             lrs = None
             if sched:
                 lrs = scheduled_lrs(args.get(LR_KEY[flavor]) or DEFAULT_LR[flavor])
-            out, norms = run_case(flavor, kind, args, clip, lrs, params0, grads, decayed)
-            yield name, {
+            out, norms, evals = run_case(flavor, kind, args, clip, lrs, params0, grads, decayed)
+            case = {
                 "name": name,
                 "flavor": flavor,
                 "optimizer": {"kind": kind, **args},
@@ -471,6 +512,9 @@ def optimizer_cases():
                 "expected_params": [[flat(p) for p in step] for step in out],
                 "expected_global_norm": [to_json_value(n) for n in norms],
             }
+            if evals is not None:
+                case["expected_eval_params"] = [[flat(p) for p in step] for step in evals]
+            yield name, case
 
 
 def scheduled_cases():
@@ -479,7 +523,7 @@ def scheduled_cases():
         for suffix, clip in [("", None), ("_clip", 1.5)]:
             name = f"pytorch_{kind}_{scheduler['kind']}_{index:02d}{suffix}"
             params0, grads = make_data(zlib.crc32(name.encode()))
-            out, norms = run_torch(kind, args, clip, None, params0, grads, scheduler)
+            out, norms, _ = run_torch(kind, args, clip, None, params0, grads, scheduler)
             yield name, {
                 "name": name,
                 "flavor": "pytorch",
@@ -684,7 +728,8 @@ def main():
     from importlib.metadata import version
     versions = {"torch": torch.__version__, "keras": keras.__version__,
                 "tensorflow": tensorflow.__version__, "optax": optax.__version__,
-                "jax": jax.__version__, "lion-pytorch": version("lion-pytorch")}
+                "jax": jax.__version__, "lion-pytorch": version("lion-pytorch"),
+                "schedulefree": version("schedulefree")}
     with open(os.path.join(out_dir, "VERSIONS.json"), "w") as f:
         json.dump({"versions": versions, "counts": counts}, f, indent=1, sort_keys=True)
     print(json.dumps(counts, sort_keys=True))

@@ -2,8 +2,9 @@
 //! position in one safetensors file (format `fusedopt-checkpoint-2`).
 //!
 //! Tensors are `param/<name>` (the f32 masters) and `state/<buffer>/<name>` (in the state's own
-//! dtype). The metadata holds `format`, `header` (JSON: the rule, the options, lr, step count and
-//! loss-scale state, the parameter groups, the attached schedule) and `crc32`: CRC-32 (hex) over
+//! dtype). The metadata holds `format`, `header` (JSON: the rule, the options, lr, step count,
+//! loss-scale state and the rule's running step scalars, the parameter groups, the attached
+//! schedule) and `crc32`: CRC-32 (hex) over
 //! framed items, each a u64 little-endian length then the bytes: the format, the header, then
 //! every tensor's name and data in name order. So the header is checksummed like the data.
 //!
@@ -13,7 +14,8 @@
 //! options, another rule or hyperparameter, other options (clipping, non-finite policy, state dtype,
 //! loss scaling), or another schedule (or a schedule on one side only). The error names the first
 //! difference. What it restores: masters (and the model copy), state, step count, loss scale and
-//! its growth counter, the lr, and the schedule's position.
+//! its growth counter, the lr, the rule's running scalars (NAdam's product, schedule-free's
+//! weight sum and largest lr), and the schedule's position.
 //!
 //! **A save is atomic**: a temp file `.<name>.<random>.<host>.<pid>.fusedopt-tmp` beside the
 //! target, created exclusively (never through an existing file or link) and written through that
@@ -377,6 +379,26 @@ impl Optimizer {
         }
         if saved.step > MAX_STEP {
             return Err(bad(path, format!("step count {} is past 2^53", saved.step)));
+        }
+        // The rule's running scalars belong to the saved step (for NAdam's product any earlier
+        // one will do: it is recomputed from there).
+        let m = &saved.memo;
+        let memo_step_ok = if saved.rule.memo_is_history() {
+            m.t == saved.step
+        } else {
+            m.t <= saved.step
+        };
+        let memo_values_ok = [m.product, m.weight_sum, m.max_lr]
+            .iter()
+            .all(|x| x.is_finite() && *x >= 0.0);
+        if !memo_step_ok || !memo_values_ok {
+            return Err(bad(
+                path,
+                format!(
+                    "the rule's running scalars {m:?} cannot belong to step {}",
+                    saved.step
+                ),
+            ));
         }
         // A dynamic scale moves (within f32: it never grows past it); the others never move.
         check_loss_scale("the saved loss scale", saved.loss_scale).map_err(refuse)?;

@@ -453,3 +453,83 @@ fn a_cycled_momentum_range_lies_in_zero_one() {
     let cyclic = json!({"kind": "CyclicLR", "max_lr": 0.1});
     assert!(schedule_from_framework(Flavor::PyTorch, cyclic.as_object().unwrap()).is_err());
 }
+
+/// Schedule-free's knobs are validated up front, Optax's form takes no schedule (it would need
+/// two lrs per step), and its framework arguments are mapped or refused.
+#[test]
+fn schedule_free_refusals_are_typed_and_change_nothing() {
+    use fusedopt::porting::rule_from_framework;
+    use fusedopt::schedule::{optax, Counted};
+    let params = || small().params().try_clone().unwrap();
+    let bad = [
+        ScheduleFree {
+            beta1: 1.0,
+            ..ScheduleFree::sgd(Flavor::PyTorch)
+        },
+        ScheduleFree {
+            r: 0.5,
+            ..ScheduleFree::adamw(Flavor::Optax)
+        },
+        ScheduleFree::sgd(Flavor::PyTorch).with_weight_decay(WeightDecay::Decoupled(0.1)),
+    ];
+    for rule in bad {
+        let err = Optimizer::new(params(), rule.clone()).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidHyperparameter(_)),
+            "{rule:?}: {err}"
+        );
+    }
+    let mut opt = Optimizer::new(params(), ScheduleFree::adamw(Flavor::Optax)).unwrap();
+    let before = snapshot(&opt);
+    let warmup = optax::Schedule::warmup_cosine_decay(0.0, 1e-2, 5.0, 50.0, 0.0, 1.0);
+    let err = opt
+        .set_schedule(Some(Box::new(Counted::new(warmup))))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidHyperparameter(_)), "{err}");
+    assert_eq!(snapshot(&opt), before);
+    // The reference form takes schedules, as its lr is read every step.
+    let mut reference = Optimizer::new(params(), ScheduleFree::adamw(Flavor::PyTorch)).unwrap();
+    let warmup = optax::Schedule::warmup_cosine_decay(0.0, 1e-2, 5.0, 50.0, 0.0, 1.0);
+    reference
+        .set_schedule(Some(Box::new(Counted::new(warmup))))
+        .unwrap();
+
+    let args = |json: &str| serde_json::from_str::<serde_json::Map<_, _>>(json).unwrap();
+    for (flavor, json) in [
+        (Flavor::Optax, r#"{"state_dtype": "bfloat16"}"#),
+        (Flavor::Optax, r#"{"warmup_steps": 2.5}"#),
+        (Flavor::Optax, r#"{"r": 0.5}"#),
+        (Flavor::PyTorch, r#"{"momentum": 0.0}"#),
+    ] {
+        assert!(
+            rule_from_framework(flavor, "schedule_free_sgd", &args(json), None).is_err(),
+            "{flavor:?} {json}"
+        );
+    }
+    let rule = rule_from_framework(
+        Flavor::PyTorch,
+        "schedule_free_adamw",
+        &args(r#"{"lr": 0.01, "betas": [0.8, 0.99], "weight_decay": 0.1, "warmup_steps": 3, "foreach": false}"#),
+        None,
+    )
+    .unwrap();
+    let Rule::ScheduleFree(sf) = rule else {
+        panic!("{rule:?}")
+    };
+    assert_eq!(
+        (
+            sf.beta1,
+            sf.beta2,
+            sf.warmup_steps,
+            sf.form,
+            sf.common.weight_decay
+        ),
+        (
+            0.8,
+            0.99,
+            3,
+            ScheduleFreeForm::InPlace,
+            WeightDecay::Decoupled(0.1)
+        )
+    );
+}

@@ -84,6 +84,21 @@ fn all_rules() -> Vec<Rule> {
         };
         v.push(adopt.with_lr(0.01).into());
         v.push(Ademamix::preset(f).with_lr(0.01).into());
+        // Schedule-free's averaging weights come from the host through the ring; z starts as the
+        // parameters.
+        for (sf, wd) in [
+            (ScheduleFree::sgd(f).with_lr(0.05), WeightDecay::L2(0.05)),
+            (
+                ScheduleFree::adamw(f).with_lr(0.01),
+                WeightDecay::Decoupled(0.1),
+            ),
+        ] {
+            let sf = ScheduleFree {
+                warmup_steps: 2,
+                ..sf
+            };
+            v.push(sf.with_weight_decay(wd).into());
+        }
         for centered in [false, true] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
                 v.push(
@@ -157,6 +172,7 @@ fn observe(opt: &Optimizer, tensors: &[Tensor], mix: &Mix) -> Vec<Vec<f32>> {
         for s in opt.state_names() {
             out.push(opt.state(s, &t.name).unwrap());
         }
+        out.push(opt.eval_param(&t.name).unwrap());
     }
     out
 }
@@ -756,13 +772,20 @@ fn schedules_follow_applied_steps_on_the_device() {
         ..Sgd::preset(Flavor::PyTorch)
     };
     // NAdam's μ-product reaches the device through the same ring, with or without a schedule.
-    let cases: [(Rule, Schedule); 6] = [
+    // Schedule-free's averaging weights follow each applied step's lr.
+    let schedule_free = ScheduleFree {
+        warmup_steps: 50,
+        ..ScheduleFree::adamw(Flavor::PyTorch)
+    };
+    let cases: [(Rule, Schedule); 8] = [
         (Adam::adamw(Flavor::PyTorch).into(), torch_cosine),
         (Adam::adamw(Flavor::PyTorch).into(), optax_warmup),
         (Nadam::preset(Flavor::PyTorch).into(), None),
         (Nadam::preset(Flavor::Keras).into(), optax_warmup),
         (sgd.into(), cyclic),
         (Adam::preset(Flavor::PyTorch).into(), cyclic),
+        (schedule_free.into(), torch_cosine),
+        (ScheduleFree::sgd(Flavor::Optax).with_lr(0.01).into(), None),
     ];
     const STEPS: usize = 700;
     let run = |device: Device, rule: &Rule, schedule: Schedule, graph: bool| {
@@ -921,10 +944,13 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
         log.push(format!("end: {} {} {}", r.step, r.lr, r.skipped));
         (log, observe(&opt, &tensors, mix))
     };
-    // NAdam also carries its μ-product through the checkpoint (recomputed from the step count).
+    // NAdam also carries its μ-product through the checkpoint (recomputed from the step count),
+    // schedule-free its running weights (which need every earlier lr), and each lr set on it
+    // rewrites the steps ahead.
     for rule in [
         Adam::preset(Flavor::Optax).into(),
         Nadam::preset(Flavor::PyTorch).into(),
+        ScheduleFree::adamw(Flavor::PyTorch).into(),
     ] {
         let (cpu_log, cpu) = scenario(Device::Cpu, &rule);
         let refusals = cpu_log

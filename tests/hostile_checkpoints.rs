@@ -241,6 +241,14 @@ fn headers_edited_and_resealed_are_validated_like_constructor_arguments() {
             "groups renamed",
             Box::new(|h| h["groups"][1][0] = "other".into()),
         ),
+        (
+            "step scalars of a later step",
+            Box::new(|h| h["optimizer"]["memo"]["t"] = 100.into()),
+        ),
+        (
+            "a negative weight sum",
+            Box::new(|h| h["optimizer"]["memo"]["weight_sum"] = (-1.0).into()),
+        ),
     ];
     let mut target = optimizer();
     run(&mut target, 1, 3.0);
@@ -617,4 +625,59 @@ fn the_step_count_limit_refuses_only_steps_that_would_apply() {
     let after = observable(&opt);
     assert_eq!(after[0], before[0]);
     assert_eq!(after[3..], before[3..]);
+}
+
+/// Schedule-free's averaging weights depend on every earlier step's lr: the checkpoint carries
+/// them, a resumed run continues bit for bit, and running weights that do not belong to the saved
+/// step are refused.
+#[test]
+fn schedule_free_checkpoints_carry_the_running_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sf.safetensors");
+    for rule in [
+        ScheduleFree::adamw(Flavor::PyTorch),
+        ScheduleFree::sgd(Flavor::Optax).with_lr(0.05),
+    ] {
+        let rule = ScheduleFree {
+            warmup_steps: 2,
+            ..rule
+        };
+        let new = || Optimizer::with_options(params(["w", "b"]), rule.clone(), options()).unwrap();
+        let mut a = new();
+        for (k, lr) in [1e-2, 3e-2, 5e-3].into_iter().enumerate() {
+            a.set_lr(lr).unwrap();
+            run(&mut a, 1, k as f32);
+        }
+        a.save_checkpoint(&path).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        let mut b = new();
+        b.load_checkpoint(&path).unwrap();
+        assert_eq!(observable(&a), observable(&b));
+        run(&mut a, 2, 7.0);
+        run(&mut b, 2, 7.0);
+        assert_eq!(
+            observable(&a),
+            observable(&b),
+            "{rule:?}: resumed run differs"
+        );
+        assert_eq!(a.eval_param("w").unwrap(), b.eval_param("w").unwrap());
+
+        let mut fresh = new();
+        for (what, edit) in [
+            ("weights of an earlier step", ("t", 2.into())),
+            ("another weight sum", ("weight_sum", Value::from(0.0))),
+        ] {
+            std::fs::write(
+                &path,
+                resealed(&good, |h| h["optimizer"]["memo"][edit.0] = edit.1.clone()),
+            )
+            .unwrap();
+            if what == "another weight sum" {
+                // A weight sum is a value, not a contradiction: it loads and is used.
+                fresh.load_checkpoint(&path).unwrap();
+                continue;
+            }
+            refused(&mut fresh, &path, what);
+        }
+    }
 }

@@ -270,6 +270,42 @@ fn adadelta_variants() -> Vec<Rule> {
     v
 }
 
+/// Schedule-free SGD and AdamW in both forms and every decay (SGD's is coupled), with warmup,
+/// the reference's `r` and other weight powers and β1.
+fn schedule_free_variants() -> Vec<Rule> {
+    let mut v = Vec::new();
+    for f in [Flavor::PyTorch, Flavor::Optax] {
+        for (k, wd) in DECAYS.into_iter().enumerate() {
+            for adamw in [false, true] {
+                if !adamw && matches!(wd, WeightDecay::Decoupled(_)) {
+                    continue;
+                }
+                let d = if adamw {
+                    ScheduleFree::adamw(f).with_lr(0.01)
+                } else {
+                    ScheduleFree::sgd(f).with_lr(0.05)
+                };
+                v.push(Rule::ScheduleFree(
+                    ScheduleFree {
+                        warmup_steps: [0, 3, 1, 7][k],
+                        r: if f == Flavor::PyTorch && k % 2 == 1 {
+                            0.5
+                        } else {
+                            0.0
+                        },
+                        weight_lr_power: if k == 2 { 1.0 } else { 2.0 },
+                        beta1: if k == 3 { 0.8 } else { 0.9 },
+                        ..d
+                    }
+                    .with_weight_decay(wd)
+                    .maximizing(k == 1),
+                ));
+            }
+        }
+    }
+    v
+}
+
 /// Runs `rule` on the engine and the oracle for 5 steps with a changing lr; optional clipping.
 fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64) {
     let options = OptimizerOptions {
@@ -305,6 +341,13 @@ fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64
                 &format!("{rule:?} clip={clip:?} step {step} tensor {}", t.name),
                 opt.params().param(&t.name).unwrap(),
                 &oracle.params[i],
+                2e-6,
+                2e-5,
+            );
+            assert_close(
+                &format!("{rule:?} clip={clip:?} step {step} eval params {}", t.name),
+                &opt.eval_param(&t.name).unwrap(),
+                &oracle.eval_params(i),
                 2e-6,
                 2e-5,
             );
@@ -389,6 +432,11 @@ fn radam_matches_oracle() {
 #[test]
 fn adadelta_matches_oracle() {
     check_all(adadelta_variants());
+}
+
+#[test]
+fn schedule_free_matches_oracle() {
+    check_all(schedule_free_variants());
 }
 
 #[test]

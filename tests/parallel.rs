@@ -296,6 +296,38 @@ fn a_failing_or_panicking_replica_fails_every_replica_and_nobody_steps() {
     }
 }
 
+/// Schedule-free's z starts as the parameters: replicas from different random starts take rank
+/// 0's parameters and their z with them, and stay identical, z and evaluation parameters too.
+#[test]
+fn schedule_free_replicas_take_rank_zeros_start_and_stay_identical() {
+    let problem = Problem::new(24 * 4);
+    let rule = ScheduleFree::adamw(Flavor::PyTorch).with_lr(0.05);
+    let opts = (0..3)
+        .map(|r| {
+            let params = optimizer(100 + r).params().try_clone().unwrap();
+            Optimizer::new(params, rule.clone()).unwrap()
+        })
+        .collect();
+    let mut dp = DataParallel::cpu(opts, small_buckets()).unwrap();
+    for s in 0..4 {
+        dp.step(backward(&problem, 24 * s..24 * (s + 1), 3, true))
+            .unwrap();
+    }
+    let seen = |opt: &Optimizer| {
+        (
+            opt.params().read_param("w").unwrap(),
+            opt.state("z", "w").unwrap(),
+            opt.eval_param("w").unwrap(),
+            params_of(opt),
+        )
+    };
+    let replicas: Vec<_> = dp.replicas().map(seen).collect();
+    assert_ne!(replicas[0].0, replicas[0].2, "x and y should differ");
+    for (r, seen) in replicas.iter().enumerate() {
+        assert_eq!(seen, &replicas[0], "replica {r} differs from replica 0");
+    }
+}
+
 #[test]
 fn mismatched_replicas_are_refused_at_setup() {
     let mut b = ParamSet::builder();

@@ -28,7 +28,8 @@ fn upload<T: Element + DeviceRepr>(
         .map_err(driver_error(device, std::mem::size_of_val(host)))
 }
 
-fn download<T: Element + DeviceRepr>(
+/// Reads `range` of `src` back as f32 (synchronises the stream).
+pub(crate) fn download<T: Element + DeviceRepr>(
     stream: &Arc<CudaStream>,
     src: &CudaSlice<T>,
     range: std::ops::Range<usize>,

@@ -11,12 +11,12 @@ use cudarc::driver::{
 };
 
 use super::abi::{DeviceSegment, GroupConfig, StepEntry, StepParams, StepState};
-use super::arena::DeviceArena;
+use super::arena::{download, DeviceArena};
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{cuda_chunk_elems, LaunchPlan};
-use crate::rules::Rule;
+use crate::rules::{Rule, StateInit};
 use crate::step::OptimizerOptions;
 use crate::DType;
 
@@ -161,13 +161,22 @@ impl CudaEngine {
             .state_names()
             .iter()
             .map(|n| {
-                DeviceArena::filled(
+                let value = match rule.state_init(n) {
+                    StateInit::Value(v) => v,
+                    StateInit::Params => 0.0,
+                };
+                let mut a = DeviceArena::filled(
                     stream,
                     options.state_dtype,
                     layout.arena_len(),
-                    rule.state_initial_value(n),
+                    value,
                     dev,
-                )
+                )?;
+                if rule.state_init(n) == StateInit::Params {
+                    let masters = download(stream, &params.masters, 0..layout.arena_len(), dev)?;
+                    a.write(stream, 0, &masters, dev)?;
+                }
+                Ok(a)
             })
             .collect::<Result<Vec<_>>>()?;
         // `clone_htod` of an empty slice is a zero-length allocation, which CUDA refuses: keep

@@ -9,7 +9,7 @@ use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
-use crate::rules::{Coefficients, Rule, StepContext, StepMemo};
+use crate::rules::{Coefficients, Rule, StateInit, StepContext, StepMemo};
 use crate::step::{decide, OptimizerOptions, StepParams, StepState, MAX_STEP, POLICY_ERROR};
 use kernels::CpuEngine;
 
@@ -37,16 +37,30 @@ pub(crate) struct HostEngine {
     coeffs: Vec<Coefficients>,
     pub step_state: StepState,
     step_params: StepParams,
-    memo: StepMemo,
+    /// What the rule's step scalars carry from step to step (saved in checkpoints).
+    pub memo: StepMemo,
 }
 
 impl HostEngine {
-    pub(crate) fn new(layout: &Layout, rule: &Rule, options: &OptimizerOptions) -> Result<Self> {
+    /// The engine for `rule` over the arenas whose fp32 masters are `masters`.
+    pub(crate) fn new(
+        layout: &Layout,
+        rule: &Rule,
+        options: &OptimizerOptions,
+        masters: &[f32],
+    ) -> Result<Self> {
         let len = layout.arena_len();
         let state = rule
             .state_names()
             .iter()
-            .map(|n| Arena::filled(options.state_dtype, len, rule.state_initial_value(n)))
+            .map(|n| match rule.state_init(n) {
+                StateInit::Value(v) => Arena::filled(options.state_dtype, len, v),
+                StateInit::Params => {
+                    let mut a = Arena::filled(options.state_dtype, len, 0.0)?;
+                    a.write_f32(0, masters);
+                    Ok(a)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(HostEngine {
             kernels: CpuEngine::new(LaunchPlan::new(layout, CPU_CHUNK_ELEMS)),
@@ -95,7 +109,11 @@ impl HostEngine {
             return Ok(false);
         }
         let sign = if rule.maximize() { -1.0 } else { 1.0 };
-        let scalars = rule.step_scalars(st.step, &mut self.memo);
+        let scalars = if rule.needs_step_scalars() {
+            rule.step_scalars(st.step, lr, &mut self.memo)
+        } else {
+            [0.0; 3]
+        };
         self.coeffs.clear();
         for group in layout.groups() {
             let wd = rule.weight_decay();

@@ -76,7 +76,7 @@ impl LrWindow {
             }
             let mut scalars = [0.0; 3];
             if rule.needs_step_scalars() {
-                scalars = rule.step_scalars(count.saturating_add(1), memo);
+                scalars = rule.step_scalars(count.saturating_add(1), lr, memo);
                 memos.push(*memo);
             }
             let momentum = schedule
@@ -173,8 +173,19 @@ impl Optimizer {
     }
 
     /// Sets one lr for every later step, without a schedule: the window's entries keep their
-    /// rule scalars (no need to know where the device stands), else the whole ring takes it.
+    /// rule scalars (no need to know where the device stands) unless those follow the lr, else
+    /// the whole ring takes it.
     pub(super) fn write_constant_lr(&mut self, lr: f64) -> Result<()> {
+        if self.rule.scalars_follow_lr() && self.uses_lr_window() {
+            // The steps ahead have scalars made from the old lr: written again from where the
+            // device stands (one wait).
+            let st = self.sync_lr()?;
+            let memo = self.memo_at(st.step);
+            let previous = std::mem::replace(&mut self.lr, lr);
+            let written = self.write_lr_window(None, st.step, memo);
+            self.lr = previous;
+            return written;
+        }
         // Steps already enqueued ran with the lr in force so far (one lr: no schedule).
         if self
             .lr_window
@@ -255,9 +266,9 @@ impl Optimizer {
     /// After a checkpoint restore at applied-step count `step`. A restored schedule whose next lr
     /// is unusable refuses the next step: an empty window makes that step try again, and fail as
     /// the CPU engine's would.
-    pub(super) fn restore_lr_window(&mut self, step: u64) -> Result<()> {
+    pub(super) fn restore_lr_window(&mut self, step: u64, memo: StepMemo) -> Result<()> {
         let layout = self.params.layout().clone();
-        let mut memo = StepMemo::default();
+        let (memo_before, mut memo) = (memo, memo);
         let lrs = match &self.schedule {
             Some(s) => LrSource::Schedule(s.as_ref()),
             None => LrSource::Constant(self.lr),
@@ -265,7 +276,7 @@ impl Optimizer {
         let window = LrWindow::ahead(lrs, &self.rule, &mut memo, step, LR_RING_LEN, |lr| {
             check_lr(&layout, lr)
         })
-        .unwrap_or_else(|_| LrWindow::empty(step, StepMemo::default()));
+        .unwrap_or_else(|_| LrWindow::empty(step, memo_before));
         let schedule = self.schedule.take();
         self.install_lr_window(schedule, window)
     }
@@ -285,7 +296,7 @@ impl Optimizer {
     }
 
     /// The rule's memo at the device's count, from the current window (or from the first step).
-    fn memo_at(&self, count: u64) -> StepMemo {
+    pub(super) fn memo_at(&self, count: u64) -> StepMemo {
         self.lr_window
             .as_ref()
             .and_then(|w| w.memo_at(count))

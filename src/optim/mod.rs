@@ -12,8 +12,11 @@ pub use crate::rules::lion::{Lion, NanSign};
 pub use crate::rules::nadam::Nadam;
 pub use crate::rules::radam::Radam;
 pub use crate::rules::rmsprop::RmsProp;
+pub use crate::rules::schedule_free::{ScheduleFree, ScheduleFreeBase, ScheduleFreeForm};
 pub use crate::rules::sgd::{MomentumInit, Sgd};
-pub use crate::rules::{Common, EpsPlacement, Flavor, LrPlacement, MomentForm, Rule, WeightDecay};
+pub use crate::rules::{
+    Common, EpsPlacement, Flavor, LrPlacement, MomentForm, Rule, StateInit, WeightDecay,
+};
 
 pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, MAX_STEP};
 
@@ -26,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::host::{HostArenas, HostEngine};
 use crate::params::{ParamSet, ParamsMut, Storage};
 use crate::plan::LaunchPlan;
+use crate::rules::StepMemo;
 use crate::schedule::LrSchedule;
 use crate::step::StepState;
 use crate::Device;
@@ -40,6 +44,9 @@ pub(crate) struct Saved {
     pub step: u64,
     pub loss_scale: f64,
     pub good_steps: u64,
+    /// What the rule's step scalars carry from step to step (absent before they did).
+    #[serde(default)]
+    pub memo: StepMemo,
 }
 
 /// Everything a load writes into an optimizer, checked against it and prepared in fresh buffers.
@@ -163,7 +170,8 @@ impl Optimizer {
         let layout = params.layout().clone();
         match params.storage_mut() {
             Storage::Host(h) => {
-                h.engine = Some(Box::new(HostEngine::new(&layout, &rule, &options)?));
+                let engine = HostEngine::new(&layout, &rule, &options, &h.arenas.masters)?;
+                h.engine = Some(Box::new(engine));
             }
             Storage::Cuda(d) => {
                 let engine = CudaEngine::new(&d.rt, &d.arenas, &layout, &rule, &options, lr)?;
@@ -329,6 +337,9 @@ impl Optimizer {
     /// use, is refused and the optimizer keeps what it had.
     pub fn set_schedule(&mut self, schedule: Option<Box<dyn LrSchedule>>) -> Result<()> {
         if let Some(s) = &schedule {
+            if let Some(why) = self.rule.schedule_conflict() {
+                return Err(Error::InvalidHyperparameter(why.into()));
+            }
             s.validate()?;
             check_lr(self.params.layout(), s.lr())?;
             if let Some(m) = s.momentum() {
@@ -384,6 +395,20 @@ impl Optimizer {
         }
     }
 
+    /// One tensor's parameters to evaluate the model at: the trained ones, except for a rule
+    /// that averages its iterates (schedule-free: `x`, from `y` and `z` by its framework's
+    /// formula, as Optax's `schedule_free_eval_params` or the reference's `eval()` give it).
+    /// Training goes on from the trained ones; on a GPU this reads device memory.
+    pub fn eval_param(&self, tensor: &str) -> Result<Vec<f32>> {
+        let y = self.params.read_param(tensor)?;
+        let state = self
+            .state_names()
+            .iter()
+            .map(|buffer| self.state(buffer, tensor))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.rule.eval_params(&y, &state).unwrap_or(y))
+    }
+
     pub fn device(&self) -> Device {
         self.params.device()
     }
@@ -404,12 +429,42 @@ impl Optimizer {
             .ok_or_else(|| Error::UnknownTensor(format!("state buffer '{buffer}'")))
     }
 
+    /// Before the first step: sets the state buffers that start as a copy of the parameters
+    /// (schedule-free's z) to the current ones (after a replica took rank 0's).
+    pub(crate) fn copy_params_into_state(&mut self) -> Result<()> {
+        if self.saved()?.step > 0 {
+            return Ok(());
+        }
+        let masters = self.params.masters_snapshot()?.into_owned();
+        let slots: Vec<usize> = (self.rule.state_names().iter().enumerate())
+            .filter(|(_, n)| self.rule.state_init(n) == StateInit::Params)
+            .map(|(i, _)| i)
+            .collect();
+        match parts_mut(&mut self.params)? {
+            PartsMut::Host(_, engine) => {
+                for &i in &slots {
+                    engine.state[i].write_f32(0, &masters);
+                }
+            }
+            PartsMut::Cuda(rt, _, engine) => {
+                for &i in &slots {
+                    engine.state[i].write(&rt.stream, 0, &masters, rt.device)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The scalar part of the optimizer that a checkpoint records.
     pub(crate) fn saved(&self) -> Result<Saved> {
         let st = self.step_state()?;
         let lr = match &self.lr_window {
             Some(w) => w.last_lr(&st).unwrap_or(self.lr),
             None => self.lr,
+        };
+        let memo = match self.parts()? {
+            Parts::Host(engine) => engine.memo,
+            Parts::Cuda(..) => self.memo_at(st.step),
         };
         Ok(Saved {
             rule: self.rule.clone(),
@@ -418,6 +473,7 @@ impl Optimizer {
             step: st.step,
             loss_scale: st.loss_scale,
             good_steps: st.good_steps,
+            memo,
         })
     }
 
@@ -473,6 +529,7 @@ impl Optimizer {
             PartsMut::Host(_, engine) => {
                 engine.state = state;
                 engine.step_state = restored;
+                engine.memo = saved.memo;
             }
             PartsMut::Cuda(rt, _, engine) => {
                 for (dst, src) in engine.state.iter_mut().zip(&state) {
@@ -488,7 +545,7 @@ impl Optimizer {
         self.lr_window = None;
         self.schedule = schedule;
         if self.uses_lr_window() {
-            self.restore_lr_window(saved.step)?;
+            self.restore_lr_window(saved.step, saved.memo)?;
         }
         Ok(())
     }

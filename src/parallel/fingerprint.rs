@@ -1,7 +1,7 @@
 //! What replicas must agree on to stay identical, hashed part by part so a mismatch is named.
 
 use crate::error::{Error, Result};
-use crate::Optimizer;
+use crate::{Optimizer, StateInit};
 
 /// FNV-1a of `text`.
 pub(super) fn fnv1a(text: &[u8]) -> u64 {
@@ -11,9 +11,10 @@ pub(super) fn fnv1a(text: &[u8]) -> u64 {
 }
 
 /// Hashes of everything replicas must agree on to stay identical, each part named: the layout
-/// and dtypes, the groups, the rule, the lr, the options, the step count, the loss-scale state,
+/// and dtypes, the groups, the rule, the lr, the options, the step count and the rule's running
+/// step scalars, the loss-scale state,
 /// the schedule and its position, and the optimizer state. (Parameters may differ: rank 0's are
-/// broadcast.) Each part is hashed from its JSON, so no two different values read alike.
+/// broadcast, and before the first step the state copied from them follows.) Each part is hashed from its JSON, so no two different values read alike.
 pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
     let json = |v: serde_json::Value| fnv1a(v.to_string().as_bytes());
     let params = opt.params();
@@ -36,9 +37,13 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
         .collect();
     let dtypes = format!("{:?} {:?}", params.grad_dtype(), params.model_dtype());
     let state = opt.state_arenas()?;
+    // Before the first step a buffer that starts as a copy of the parameters (schedule-free's
+    // z) differs as they do: it follows rank 0's with them.
     let state: Vec<u32> = state
         .iter()
-        .map(|a| crc32fast::hash(a.bytes(0..a.len())))
+        .zip(opt.state_names())
+        .filter(|(_, n)| saved.step > 0 || opt.rule().state_init(n) != StateInit::Params)
+        .map(|(a, _)| crc32fast::hash(a.bytes(0..a.len())))
         .collect();
     Ok(vec![
         (
@@ -50,6 +55,7 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
         ("lr", saved.lr.to_bits()),
         ("options", json(serde_json::json!(saved.options))),
         ("step", saved.step),
+        ("step scalars", json(serde_json::json!(saved.memo))),
         (
             "loss scale",
             json(serde_json::json!([

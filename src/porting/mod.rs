@@ -71,6 +71,18 @@ impl Args {
         self.take(key).map(|v| number(&v)).transpose()
     }
 
+    /// A whole number of steps, `default` when absent.
+    fn steps(&mut self, key: &str, default: u64) -> Result<u64> {
+        match self.opt_f64(key)? {
+            None => Ok(default),
+            Some(x) if x >= 0.0 && x.fract() == 0.0 && x < 2f64.powi(31) => Ok(x as u64),
+            Some(x) => Err(bad(format!(
+                "{}: '{key}' must be a whole number of steps, got {x}",
+                self.what
+            ))),
+        }
+    }
+
     fn bool(&mut self, key: &str, default: bool) -> Result<bool> {
         match self.take(key) {
             None => Ok(default),

@@ -6,7 +6,7 @@ use super::{bad, Args, Knob};
 use crate::error::Result;
 use crate::optim::{
     Adadelta, Adagrad, Adam, Adamax, Ademamix, Adopt, AmsGrad, Common, EpsPlacement, Flavor, Lion,
-    Nadam, Radam, RmsProp, Rule, Sgd, WeightDecay,
+    Nadam, Radam, RmsProp, Rule, ScheduleFree, ScheduleFreeBase, Sgd, WeightDecay,
 };
 
 /// How a framework's optimizer takes weight decay.
@@ -30,7 +30,8 @@ fn decay_arg(flavor: Flavor, kind: &str) -> DecayArg {
         (Flavor::Tf1, _) => Absent,
         (Flavor::Keras, _) => Decoupled,
         (Flavor::Optax, "adamw" | "nadamw" | "adamaxw" | "lion" | "ademamix") => Decoupled,
-        (Flavor::Optax, "adadelta") => Coupled,
+        (Flavor::Optax | Flavor::PyTorch, "schedule_free_adamw") => Decoupled,
+        (Flavor::Optax, "adadelta" | "schedule_free_sgd") => Coupled,
         (Flavor::Optax, _) => Absent,
         (Flavor::PyTorch, "adamw" | "lion") => Decoupled,
         (Flavor::PyTorch, "adam" | "radam" | "nadam") => CoupledUnlessFlag,
@@ -43,7 +44,9 @@ fn decay_arg(flavor: Flavor, kind: &str) -> DecayArg {
 /// `rmsprop`, `adagrad`, `adamax`, `adadelta`, `nadam` (PyTorch and Keras: [`Nadam`]; Optax:
 /// Adam with Nesterov momentum); `radam` (PyTorch, Optax); `lion` (Keras, Optax, and for PyTorch
 /// the reference `lion-pytorch`); Optax's `amsgrad`, `nadamw`, `adamaxw`, and `adopt` and
-/// `ademamix` from `optax.contrib`. A framework argument that is Python code (Optax's
+/// `ademamix` from `optax.contrib`; `schedule_free_sgd` and `schedule_free_adamw` (Optax's
+/// `optax.contrib` functions, and for PyTorch the reference `schedulefree` package's
+/// `SGDScheduleFree` and `AdamWScheduleFree`). A framework argument that is Python code (Optax's
 /// `clip_value_fn`, a schedule for `b3` or `alpha`) is not an argument here: refused. `add_decayed_weights` is Optax's coupled L2 chained before the optimizer.
 pub fn rule_from_framework(
     flavor: Flavor,
@@ -265,6 +268,49 @@ pub fn rule_from_framework(
                 alpha: a.f64("alpha", d.alpha)?,
                 eps: a.knob(f, Knob::Eps, d.eps)?,
                 eps_root: a.knob(f, Knob::EpsRoot, d.eps_root)?,
+            })
+        }
+        "schedule_free_sgd" | "schedule_free_adamw"
+            if matches!(f, Flavor::PyTorch | Flavor::Optax) =>
+        {
+            let adamw = kind == "schedule_free_adamw";
+            let d = if adamw {
+                ScheduleFree::adamw(f)
+            } else {
+                ScheduleFree::sgd(f)
+            };
+            let (beta1, beta2) = match (f, adamw) {
+                (Flavor::PyTorch, false) => (a.knob(f, Knob::Momentum, d.beta1)?, d.beta2),
+                (Flavor::PyTorch, true) => a.pair("betas", (d.beta1, d.beta2))?,
+                (_, false) => (a.knob(f, Knob::Beta1, d.beta1)?, d.beta2),
+                (_, true) => betas(&mut a, (d.beta1, d.beta2))?,
+            };
+            if optax && a.str("state_dtype")?.is_some() {
+                return Err(bad(
+                    "Optax's state_dtype is OptimizerOptions::state_dtype here (for every buffer)",
+                ));
+            }
+            if !optax {
+                a.bool("foreach", true)?;
+            }
+            Rule::ScheduleFree(ScheduleFree {
+                common: common(&mut a, &d.common)?,
+                base: if adamw {
+                    ScheduleFreeBase::AdamW
+                } else {
+                    ScheduleFreeBase::Sgd
+                },
+                beta1,
+                beta2,
+                eps: if adamw {
+                    a.knob(f, Knob::Eps, d.eps)?
+                } else {
+                    d.eps
+                },
+                warmup_steps: a.steps("warmup_steps", 0)?,
+                r: if optax { 0.0 } else { a.f64("r", d.r)? },
+                weight_lr_power: a.f64("weight_lr_power", d.weight_lr_power)?,
+                ..d
             })
         }
         _ => return Err(missing()),

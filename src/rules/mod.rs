@@ -123,6 +123,7 @@ rules! {
     nadam::Nadam,
     adopt::Adopt,
     ademamix::Ademamix,
+    schedule_free::ScheduleFree,
 }
 
 /// What a rule is, as the engines see it. Implemented by each rule in its folder.
@@ -134,9 +135,9 @@ pub(crate) trait RuleSpec {
     fn validate(&self) -> Result<()>;
     /// The optimizer state buffers it keeps, in slot order.
     fn state_names(&self) -> &'static [&'static str];
-    /// The initial value of state buffer `name`.
-    fn state_initial_value(&self, _name: &str) -> f32 {
-        0.0
+    /// What state buffer `name` starts as.
+    fn state_init(&self, _name: &str) -> StateInit {
+        StateInit::Value(0.0)
     }
     /// Its kernel family: the CUDA entry points are `update_<family>_<grad>_<state>` (declared by
     /// `FUSEDOPT_FAMILY` in its `.cuh`).
@@ -153,10 +154,38 @@ pub(crate) trait RuleSpec {
     fn needs_step_scalars(&self) -> bool {
         false
     }
-    /// The scalars of step `t` (1-based); `memo` carries what earlier steps computed.
-    fn step_scalars(&self, _t: u64, _memo: &mut StepMemo) -> StepScalars {
+    /// The scalars of step `t` (1-based) at the optimizer's lr `lr` (before any group's scale);
+    /// `memo` carries what earlier steps computed.
+    fn step_scalars(&self, _t: u64, _lr: f64, _memo: &mut StepMemo) -> StepScalars {
         [0.0; 3]
     }
+    /// Whether its scalars depend on each step's lr (then an lr set on a GPU rewrites the steps
+    /// written ahead from where the device stands).
+    fn scalars_follow_lr(&self) -> bool {
+        false
+    }
+    /// Whether its scalars need every earlier step's (its memo cannot be rebuilt from the step
+    /// count alone, so checkpoints must carry it).
+    fn memo_is_history(&self) -> bool {
+        false
+    }
+    /// The parameters to evaluate the model at, from the trained ones `y` and the state buffers
+    /// (slot order): `None` when they are the trained ones.
+    fn eval_params(&self, _y: &[f32], _state: &[Vec<f32>]) -> Option<Vec<f32>> {
+        None
+    }
+    /// Why no schedule may drive it, if none may.
+    fn schedule_conflict(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// What a state buffer starts as.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StateInit {
+    Value(f32),
+    /// A copy of the parameters (schedule-free's `z`).
+    Params,
 }
 
 /// Per-step scalars of a rule that only the host computes (NAdam's μ_t, μ_{t+1} and its running
@@ -165,17 +194,27 @@ pub(crate) trait RuleSpec {
 /// lr (`optim::lr_window`).
 pub(crate) type StepScalars = [f64; 3];
 
-/// What a rule's [`RuleSpec::step_scalars`] remembers between steps: the last step it computed
-/// and its running product.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// What a rule's [`RuleSpec::step_scalars`] remembers between steps: the last step it computed,
+/// NAdam's running product, and schedule-free's running weight sum and largest lr. Saved in
+/// checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct StepMemo {
     pub t: u64,
     pub product: f64,
+    #[serde(default)]
+    pub weight_sum: f64,
+    #[serde(default)]
+    pub max_lr: f64,
 }
 
 impl Default for StepMemo {
     fn default() -> Self {
-        StepMemo { t: 0, product: 1.0 }
+        StepMemo {
+            t: 0,
+            product: 1.0,
+            weight_sum: 0.0,
+            max_lr: 0.0,
+        }
     }
 }
 
@@ -183,11 +222,15 @@ impl Default for StepMemo {
 trait RuleSpecDyn {
     fn cycles_momentum(&self) -> bool;
     fn needs_step_scalars(&self) -> bool;
-    fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars;
+    fn step_scalars(&self, t: u64, lr: f64, memo: &mut StepMemo) -> StepScalars;
+    fn scalars_follow_lr(&self) -> bool;
+    fn memo_is_history(&self) -> bool;
+    fn eval_params(&self, y: &[f32], state: &[Vec<f32>]) -> Option<Vec<f32>>;
+    fn schedule_conflict(&self) -> Option<&'static str>;
     fn common(&self) -> &Common;
     fn validate(&self) -> Result<()>;
     fn state_names(&self) -> &'static [&'static str];
-    fn state_initial_value(&self, name: &str) -> f32;
+    fn state_init(&self, name: &str) -> StateInit;
     fn family(&self) -> &'static str;
     fn device_config(&self) -> DeviceConfig;
 }
@@ -199,8 +242,20 @@ impl<R: RuleSpec> RuleSpecDyn for R {
     fn needs_step_scalars(&self) -> bool {
         RuleSpec::needs_step_scalars(self)
     }
-    fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars {
-        RuleSpec::step_scalars(self, t, memo)
+    fn step_scalars(&self, t: u64, lr: f64, memo: &mut StepMemo) -> StepScalars {
+        RuleSpec::step_scalars(self, t, lr, memo)
+    }
+    fn scalars_follow_lr(&self) -> bool {
+        RuleSpec::scalars_follow_lr(self)
+    }
+    fn memo_is_history(&self) -> bool {
+        RuleSpec::memo_is_history(self)
+    }
+    fn eval_params(&self, y: &[f32], state: &[Vec<f32>]) -> Option<Vec<f32>> {
+        RuleSpec::eval_params(self, y, state)
+    }
+    fn schedule_conflict(&self) -> Option<&'static str> {
+        RuleSpec::schedule_conflict(self)
     }
     fn common(&self) -> &Common {
         RuleSpec::common(self)
@@ -211,8 +266,8 @@ impl<R: RuleSpec> RuleSpecDyn for R {
     fn state_names(&self) -> &'static [&'static str] {
         RuleSpec::state_names(self)
     }
-    fn state_initial_value(&self, name: &str) -> f32 {
-        RuleSpec::state_initial_value(self, name)
+    fn state_init(&self, name: &str) -> StateInit {
+        RuleSpec::state_init(self, name)
     }
     fn family(&self) -> &'static str {
         RuleSpec::family(self)
@@ -412,9 +467,9 @@ impl Rule {
         self.spec().state_names()
     }
 
-    /// Initial value of each state buffer.
-    pub fn state_initial_value(&self, name: &str) -> f32 {
-        self.spec().state_initial_value(name)
+    /// What each state buffer starts as.
+    pub fn state_init(&self, name: &str) -> StateInit {
+        self.spec().state_init(name)
     }
 
     /// Refuses hyperparameters no framework accepts, before anything is allocated.
@@ -443,9 +498,29 @@ impl Rule {
         self.spec().needs_step_scalars()
     }
 
-    /// The host-computed scalars of step `t` (1-based).
-    pub(crate) fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars {
-        self.spec().step_scalars(t, memo)
+    /// The host-computed scalars of step `t` (1-based) at the optimizer's lr `lr`.
+    pub(crate) fn step_scalars(&self, t: u64, lr: f64, memo: &mut StepMemo) -> StepScalars {
+        self.spec().step_scalars(t, lr, memo)
+    }
+
+    /// Whether its step scalars depend on each step's lr.
+    pub(crate) fn scalars_follow_lr(&self) -> bool {
+        self.spec().scalars_follow_lr()
+    }
+
+    /// Whether its memo holds history a checkpoint must carry.
+    pub(crate) fn memo_is_history(&self) -> bool {
+        self.spec().memo_is_history()
+    }
+
+    /// The parameters to evaluate at, or `None` when they are the trained ones.
+    pub(crate) fn eval_params(&self, y: &[f32], state: &[Vec<f32>]) -> Option<Vec<f32>> {
+        self.spec().eval_params(y, state)
+    }
+
+    /// Why no schedule may drive it, if none may.
+    pub(crate) fn schedule_conflict(&self) -> Option<&'static str> {
+        self.spec().schedule_conflict()
     }
 }
 

@@ -3,7 +3,8 @@
 
 use fusedopt::{
     AdamEps, AdamaxEps, AmsGrad, ClipFormula, EpsPlacement, GlobalNormClip, LrPlacement,
-    MomentForm, MomentumInit, NanSign, Rule, WeightDecay,
+    MomentForm, MomentumInit, NanSign, Rule, ScheduleFree, ScheduleFreeBase, ScheduleFreeForm,
+    WeightDecay,
 };
 
 use super::{Tensor, NODECAY_LR_SCALE};
@@ -18,6 +19,8 @@ pub struct Oracle {
     s2: Vec<Vec<f64>>,
     s3: Vec<Vec<f64>>,
     pub t: u64,
+    /// Schedule-free's running weight sum and largest lr, per tensor (each at its own lr).
+    averaging: Vec<(f64, f64)>,
     /// Rounds state after every update, as storage in a narrower dtype does.
     pub state_round: fn(f64) -> f64,
 }
@@ -31,6 +34,11 @@ impl Oracle {
         let s1 = match &rule {
             Rule::RmsProp(r) => fill(r.initial_square_avg),
             Rule::Adagrad(r) => fill(r.initial_accumulator),
+            // z starts at the parameters.
+            Rule::ScheduleFree(_) => tensors
+                .iter()
+                .map(|t| t.values.iter().map(|&x| x as f64).collect())
+                .collect(),
             _ => zeros(),
         };
         Oracle {
@@ -43,6 +51,7 @@ impl Oracle {
             s2: zeros(),
             s3: zeros(),
             t: 0,
+            averaging: vec![(0.0, 0.0); tensors.len()],
             rule,
             clip,
             state_round: |x| x,
@@ -89,6 +98,19 @@ impl Oracle {
             } else {
                 self.rule_weight_decay()
             };
+            if let Rule::ScheduleFree(r) = &self.rule {
+                let r = r.clone();
+                let c = averaging_weight(&r, &mut self.averaging[i], lr, self.t);
+                for j in 0..self.params[i].len() {
+                    let g = grads[i][j] as f64 * factor;
+                    let g = if self.maximize() { -g } else { g };
+                    let (z, v) = (&mut self.s1[i][j], &mut self.s2[i][j]);
+                    self.params[i][j] = schedule_free(&r, self.params[i][j], g, lr, t, c, wd, z, v);
+                    *z = (self.state_round)(*z);
+                    *v = (self.state_round)(*v);
+                }
+                continue;
+            }
             for j in 0..self.params[i].len() {
                 let mut g = grads[i][j] as f64 * factor;
                 let mut p = self.params[i][j];
@@ -110,6 +132,18 @@ impl Oracle {
             }
         }
         norm
+    }
+
+    /// Tensor `i`'s parameters to evaluate at: schedule-free's `x = (y − (1−β1)·z)/β1`.
+    pub fn eval_params(&self, i: usize) -> Vec<f64> {
+        match &self.rule {
+            Rule::ScheduleFree(r) => self.params[i]
+                .iter()
+                .zip(&self.s1[i])
+                .map(|(y, z)| (y - (1.0 - r.beta1) * z) / r.beta1)
+                .collect(),
+            _ => self.params[i].clone(),
+        }
     }
 
     fn rule_weight_decay(&self) -> WeightDecay {
@@ -352,6 +386,7 @@ fn update(
             let v_hat = *c / (1.0 - r.beta2.powi(t));
             p - lr * (m_hat + r.alpha * *b) / ((v_hat + r.eps_root).sqrt() + r.eps)
         }
+        Rule::ScheduleFree(_) => unreachable!("schedule-free steps in Oracle::step"),
         Rule::Adadelta(r) => {
             *a = r.rho * *a + (1.0 - r.rho) * g * g;
             let delta = (*b + r.eps).sqrt() / (*a + r.eps).sqrt() * g;
@@ -359,6 +394,69 @@ fn update(
             p - lr * delta
         }
     }
+}
+
+/// Schedule-free's warmup factor of the lr at 1-based step `t`: `min(1, t/W)`.
+fn warmup(r: &ScheduleFree, t: u64) -> f64 {
+    if r.warmup_steps == 0 {
+        1.0
+    } else {
+        (t as f64 / r.warmup_steps as f64).min(1.0)
+    }
+}
+
+/// Step `t`'s averaging weight `c_t = w_t/Σw`, `w_t = t^r·max_lr^p` (Optax weights step t by its
+/// warmup at t, and steps by it at t − 1; the reference by both at t).
+fn averaging_weight(r: &ScheduleFree, (sum, max_lr): &mut (f64, f64), lr: f64, t: u64) -> f64 {
+    *max_lr = max_lr.max(lr * warmup(r, t));
+    let w = (t as f64).powf(r.r) * max_lr.powf(r.weight_lr_power);
+    *sum += w;
+    if *sum == 0.0 {
+        0.0
+    } else {
+        w / *sum
+    }
+}
+
+/// Schedule-free, as the paper writes it: `x = (y − (1−β1)·z)/β1`, `z' = z − lr·d`,
+/// `x' = (1−c)·x + c·z'`, `y' = β1·x' + (1−β1)·z'`, with `d` the base optimizer's direction at `y`
+/// (AdamW's decoupled decay joins it, coupled decay the gradient).
+#[allow(clippy::too_many_arguments)]
+fn schedule_free(
+    r: &ScheduleFree,
+    y: f64,
+    g: f64,
+    lr: f64,
+    t: i32,
+    c: f64,
+    wd: WeightDecay,
+    z: &mut f64,
+    v: &mut f64,
+) -> f64 {
+    let t = t as u64;
+    let step_lr = match r.form {
+        ScheduleFreeForm::Explicit => lr * warmup(r, t - 1),
+        ScheduleFreeForm::InPlace => lr * warmup(r, t),
+    };
+    let g = match wd {
+        WeightDecay::L2(l) => g + l * y,
+        WeightDecay::L1(l) => g + l * (if y == 0.0 { 0.0 } else { y.signum() }),
+        _ => g,
+    };
+    let mut d = match r.base {
+        ScheduleFreeBase::Sgd => g,
+        ScheduleFreeBase::AdamW => {
+            *v = r.beta2 * *v + (1.0 - r.beta2) * g * g;
+            g / ((*v / (1.0 - r.beta2.powi(t as i32))).sqrt() + r.eps)
+        }
+    };
+    if let WeightDecay::Decoupled(l) = wd {
+        d += l * y;
+    }
+    let x = (y - (1.0 - r.beta1) * *z) / r.beta1;
+    *z -= step_lr * d;
+    let x = (1.0 - c) * x + c * *z;
+    r.beta1 * x + (1.0 - r.beta1) * *z
 }
 
 /// `max` that propagates NaN from either side (`torch.maximum`, `jnp.maximum`, `tf.maximum`).

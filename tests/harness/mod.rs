@@ -39,30 +39,33 @@ pub struct Replay {
     pub name: String,
     /// `params[step][tensor][element]`; empty for schedule cases.
     pub params: Vec<Vec<Vec<f32>>>,
+    /// The parameters to evaluate at after each step ([`Optimizer::eval_param`]), alike.
+    pub eval_params: Vec<Vec<Vec<f32>>>,
     pub global_norm: Option<Vec<f64>>,
     pub lrs: Vec<f64>,
 }
 
 impl Replay {
     pub fn to_json(&self) -> Value {
-        let params: Vec<Value> = self
-            .params
-            .iter()
-            .map(|step| {
-                Value::from(
-                    step.iter()
-                        .map(|t| {
-                            Value::from(
-                                t.iter().map(|&x| json_number(x as f64)).collect::<Vec<_>>(),
-                            )
-                        })
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .collect();
+        let steps = |v: &[Vec<Vec<f32>>]| -> Vec<Value> {
+            v.iter()
+                .map(|step| {
+                    Value::from(
+                        step.iter()
+                            .map(|t| {
+                                Value::from(
+                                    t.iter().map(|&x| json_number(x as f64)).collect::<Vec<_>>(),
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                })
+                .collect()
+        };
         serde_json::json!({
             "name": self.name,
-            "params": params,
+            "params": steps(&self.params),
+            "eval_params": steps(&self.eval_params),
             "global_norm": self.global_norm.as_ref().map(|n| n.iter().map(|&x| json_number(x)).collect::<Vec<_>>()),
             "lrs": self.lrs.iter().map(|&x| json_number(x)).collect::<Vec<_>>(),
         })
@@ -184,6 +187,11 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
                 .map(|i| opt.params().read_param(&format!("t{i}")))
                 .collect::<fusedopt::Result<_>>()?,
         );
+        out.eval_params.push(
+            (0..params0.len())
+                .map(|i| opt.eval_param(&format!("t{i}")))
+                .collect::<fusedopt::Result<_>>()?,
+        );
     }
     Ok(out)
 }
@@ -245,36 +253,50 @@ pub fn worst_error<'a>(pairs: impl IntoIterator<Item = (f64, f64)> + 'a) -> f64 
 
 /// Compares a replay with the case's expectations; returns the worst normalised error.
 pub fn compare(case: &Value, replay: &Replay) -> Result<f64> {
-    let mut worst: f64 = 0.0;
-    if let Some(expected) = case.get("expected_params") {
-        let steps = expected.as_array().ok_or_else(|| bad("expected_params"))?;
-        if steps.len() != replay.params.len() {
-            return Ok(f64::INFINITY);
-        }
-        for (exp_step, got_step) in steps.iter().zip(&replay.params) {
-            let tensors = exp_step
-                .as_array()
-                .ok_or_else(|| bad("expected_params[t]"))?;
-            for (exp, got) in tensors.iter().zip(got_step) {
-                let exp = numbers(exp)?;
-                if exp.len() != got.len() {
-                    return Ok(f64::INFINITY);
-                }
-                worst = worst.max(worst_error(got.iter().map(|&g| g as f64).zip(exp)));
-            }
-        }
-        if let (Some(exp), Some(got)) = (
-            case.get("expected_global_norm").filter(|v| !v.is_null()),
-            &replay.global_norm,
-        ) {
-            worst = worst.max(worst_error(got.iter().copied().zip(numbers(exp)?)));
-        }
-    } else {
+    let Some(expected) = case.get("expected_params") else {
         let exp = numbers(field(case.as_object().ok_or_else(|| bad("case"))?, "lrs")?)?;
         if exp.len() != replay.lrs.len() {
             return Ok(f64::INFINITY);
         }
-        worst = worst_error(replay.lrs.iter().copied().zip(exp));
+        return Ok(worst_error(replay.lrs.iter().copied().zip(exp)));
+    };
+    let mut worst = trajectory_error(expected, &replay.params)?;
+    if let Some(expected) = case.get("expected_eval_params") {
+        worst = worst.max(trajectory_error(expected, &replay.eval_params)?);
+    }
+    if let (Some(exp), Some(got)) = (
+        case.get("expected_global_norm").filter(|v| !v.is_null()),
+        &replay.global_norm,
+    ) {
+        worst = worst.max(worst_error(got.iter().copied().zip(numbers(exp)?)));
+    }
+    Ok(worst)
+}
+
+/// The worst normalised error of a replayed `[step][tensor][element]` trajectory against the
+/// recorded one.
+fn trajectory_error(expected: &Value, got: &[Vec<Vec<f32>>]) -> Result<f64> {
+    let steps = expected
+        .as_array()
+        .ok_or_else(|| bad("expected trajectory"))?;
+    if steps.len() != got.len() {
+        return Ok(f64::INFINITY);
+    }
+    let mut worst: f64 = 0.0;
+    for (exp_step, got_step) in steps.iter().zip(got) {
+        let tensors = exp_step
+            .as_array()
+            .ok_or_else(|| bad("expected trajectory[t]"))?;
+        if tensors.len() != got_step.len() {
+            return Ok(f64::INFINITY);
+        }
+        for (exp, got) in tensors.iter().zip(got_step) {
+            let exp = numbers(exp)?;
+            if exp.len() != got.len() {
+                return Ok(f64::INFINITY);
+            }
+            worst = worst.max(worst_error(got.iter().map(|&g| g as f64).zip(exp)));
+        }
     }
     Ok(worst)
 }

@@ -5,7 +5,7 @@ mod math;
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_nonneg, Common, DeviceConfig, EpsPlacement, Flavor, RuleSpec, StepContext};
+use super::{StateInit, check_nonneg, Common, DeviceConfig, EpsPlacement, Flavor, RuleSpec, StepContext};
 use crate::error::Result;
 pub(crate) use math::AdagradCoefficients;
 
@@ -68,12 +68,12 @@ impl RuleSpec for Adagrad {
         &["sum"]
     }
 
-    fn state_initial_value(&self, name: &str) -> f32 {
-        if name == "sum" {
+    fn state_init(&self, name: &str) -> StateInit {
+        StateInit::Value(if name == "sum" {
             self.initial_accumulator as f32
         } else {
             0.0
-        }
+        })
     }
 
     fn family(&self) -> &'static str {

@@ -89,7 +89,7 @@ impl RuleSpec for Nadam {
     /// `[μ_t, μ_{t+1}, Π_t]`, the product rounded to f32 after every factor, as PyTorch's
     /// `mu_product` tensor holds it (Keras' `_u_product` rounds twice per factor: within the
     /// tolerance of its recorded cases).
-    fn step_scalars(&self, t: u64, memo: &mut StepMemo) -> StepScalars {
+    fn step_scalars(&self, t: u64, _lr: f64, memo: &mut StepMemo) -> StepScalars {
         if memo.t > t {
             *memo = StepMemo::default();
         }

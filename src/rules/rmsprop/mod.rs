@@ -5,7 +5,7 @@ mod math;
 
 use serde::{Deserialize, Serialize};
 
-use super::{
+use super::{StateInit, 
     check, check_nonneg, Common, DeviceConfig, EpsPlacement, Flavor, LrPlacement, RuleSpec,
     StepContext,
 };
@@ -107,12 +107,12 @@ impl RuleSpec for RmsProp {
         }
     }
 
-    fn state_initial_value(&self, name: &str) -> f32 {
-        if name == "square_avg" {
+    fn state_init(&self, name: &str) -> StateInit {
+        StateInit::Value(if name == "square_avg" {
             self.initial_square_avg as f32
         } else {
             0.0
-        }
+        })
     }
 
     fn family(&self) -> &'static str {
