@@ -71,7 +71,7 @@ fn bench(c: &mut Criterion) {
     ];
     for tensors in [100, 5000] {
         for (name, rule, bytes_per_param) in &rules {
-            let mut opt = Optimizer::new(param_set(tensors), rule.clone()).unwrap();
+            let mut opt = Optimizer::new(param_set(tensors), rule.clone(), 1e-3).unwrap();
             group.throughput(Throughput::Bytes(bytes_per_param * PARAMS as u64));
             group.bench_function(format!("{name}/{tensors}_tensors"), |b| {
                 b.iter(|| opt.step().unwrap())

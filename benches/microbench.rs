@@ -108,7 +108,6 @@ fn rules() -> Vec<(&'static str, Rule)> {
                 momentum: 0.9,
                 ..Sgd::preset(f)
             }
-            .with_lr(1e-3)
             .into(),
         ),
         ("adam", Adam::preset(f).into()),
@@ -308,7 +307,7 @@ fn main() {
                     let mut opts = Vec::new();
                     for _ in 0..sets {
                         match build(args.device, &sizes, grads, model)
-                            .and_then(|p| Optimizer::with_options(p, rule.clone(), options))
+                            .and_then(|p| Optimizer::with_options(p, rule.clone(), 1e-3, options))
                         {
                             Ok(o) => opts.push(o),
                             Err(e) => {

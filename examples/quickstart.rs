@@ -170,16 +170,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let steps_per_epoch = train_idx.len().div_ceil(BATCH);
     let total = (EPOCHS * steps_per_epoch) as f64;
-    let rule = Adam::adamw(Flavor::PyTorch).with_lr(3e-3);
+    let (rule, lr) = (Adam::adamw(Flavor::PyTorch), 3e-3);
     let options = OptimizerOptions {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         ..Default::default()
     };
-    let mut opt = match Optimizer::with_options(params, rule.clone(), options) {
+    let mut opt = match Optimizer::with_options(params, rule.clone(), lr, options) {
         Ok(opt) => opt,
         Err(e) if device != Device::Cpu => {
             println!("device: cpu (the CUDA engine could not start: {e})");
-            Optimizer::with_options(build(Device::Cpu)?, rule, options)?
+            Optimizer::with_options(build(Device::Cpu)?, rule, lr, options)?
         }
         Err(e) => return Err(e.into()),
     };

@@ -232,15 +232,6 @@ fn to_json<T: serde::Serialize>(path: &Path, what: &str, x: &T) -> Result<Value>
     serde_json::to_value(x).map_err(|e| bad(path, format!("{what}: {e}")))
 }
 
-/// The rule as JSON without its lr: the lr is state (a schedule moves it), not configuration.
-fn rule_config(path: &Path, saved: &Saved) -> Result<Value> {
-    let mut rule = to_json(path, "rule", &saved.rule)?;
-    if let Value::Object(m) = &mut rule {
-        m.remove("lr");
-    }
-    Ok(rule)
-}
-
 impl Optimizer {
     /// Saves parameters, state, step count, loss-scale state, lr and the schedule's position to
     /// `path`, atomically (see the module docs).
@@ -445,7 +436,7 @@ impl Optimizer {
         }
         let configuration = |s: &Saved, g: &[(String, GroupOptions)]| -> Result<Value> {
             Ok(serde_json::json!({
-                "rule": rule_config(path, s)?,
+                "rule": to_json(path, "rule", &s.rule)?,
                 "options": to_json(path, "options", &s.options)?,
                 "groups": groups(g)?,
             }))

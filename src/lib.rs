@@ -8,7 +8,7 @@
 //! let mut b = ParamSet::builder();
 //! b.add("w", &[2, 3], &[0.1, -0.2, 0.3, 0.4, -0.5, 0.6])?;
 //! b.add("b", &[3], &[0.0; 3])?;
-//! let mut opt = Optimizer::new(b.build(Device::Cpu)?, Adam::preset(Flavor::PyTorch))?;
+//! let mut opt = Optimizer::new(b.build(Device::Cpu)?, Adam::preset(Flavor::PyTorch), 1e-3)?;
 //! opt.params_mut().set_grad("w", &[0.01, 0.02, 0.03, 0.0, -0.3, 2.5])?;
 //! opt.step()?;
 //! assert!(!opt.report()?.skipped && opt.params().read_param("w")?[0] < 0.1);

@@ -44,7 +44,7 @@ fn round_trip_resumes_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("opt.safetensors");
     let tensors = awkward_tensors(21);
-    let mut a = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    let mut a = Optimizer::with_options(build(&tensors), rule(), 1e-3, options()).unwrap();
     let mut rng = StdRng::seed_from_u64(1);
     run(&mut a, &tensors, &mut rng, 3);
     a.set_lr(3e-4).unwrap();
@@ -56,7 +56,7 @@ fn round_trip_resumes_bit_identically() {
     );
 
     // A load restores state into an optimizer configured the same way (the lr is state).
-    let mut b = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    let mut b = Optimizer::with_options(build(&tensors), rule(), 1e-3, options()).unwrap();
     b.load_checkpoint(&path).unwrap();
     assert_eq!(observable(&a, &tensors), observable(&b, &tensors));
     assert_eq!(b.options(), a.options());
@@ -71,13 +71,13 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("opt.safetensors");
     let tensors = many_tensors(5, 50);
-    let mut saved = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    let mut saved = Optimizer::with_options(build(&tensors), rule(), 1e-3, options()).unwrap();
     let mut rng = StdRng::seed_from_u64(2);
     run(&mut saved, &tensors, &mut rng, 2);
     saved.save_checkpoint(&path).unwrap();
     let good = std::fs::read(&path).unwrap();
 
-    let mut target = Optimizer::with_options(build(&tensors), rule(), options()).unwrap();
+    let mut target = Optimizer::with_options(build(&tensors), rule(), 1e-3, options()).unwrap();
     run(&mut target, &tensors, &mut rng, 1);
     let before = observable(&target, &tensors);
 
@@ -108,12 +108,13 @@ fn bad_checkpoints_are_refused_and_change_nothing() {
     // Mismatched layouts and rules.
     std::fs::write(&path, &good).unwrap();
     let other_shapes = many_tensors(6, 50);
-    let mut wrong = Optimizer::with_options(build(&other_shapes), rule(), options()).unwrap();
+    let mut wrong = Optimizer::with_options(build(&other_shapes), rule(), 1e-3, options()).unwrap();
     assert!(matches!(
         wrong.load_checkpoint(&path),
         Err(Error::BadCheckpoint { .. })
     ));
-    let mut wrong_rule = Optimizer::new(build(&tensors), Sgd::preset(Flavor::PyTorch)).unwrap();
+    let mut wrong_rule =
+        Optimizer::new(build(&tensors), Sgd::preset(Flavor::PyTorch), 1e-3).unwrap();
     let before_sgd = observable(&wrong_rule, &tensors);
     assert!(matches!(
         wrong_rule.load_checkpoint(&path),
@@ -135,11 +136,11 @@ fn bf16_state_and_model_copy_round_trip() {
         loss_scale: LossScale::dynamic(),
         ..Default::default()
     };
-    let mut a = Optimizer::with_options(build_mixed(), rule(), options).unwrap();
+    let mut a = Optimizer::with_options(build_mixed(), rule(), 1e-3, options).unwrap();
     let mut rng = StdRng::seed_from_u64(4);
     run(&mut a, &tensors, &mut rng, 3);
     a.save_checkpoint(&path).unwrap();
-    let mut b = Optimizer::with_options(build_mixed(), rule(), options).unwrap();
+    let mut b = Optimizer::with_options(build_mixed(), rule(), 1e-3, options).unwrap();
     b.load_checkpoint(&path).unwrap();
     assert_eq!(observable(&a, &tensors), observable(&b, &tensors));
     assert_eq!(a.loss_scale().unwrap(), b.loss_scale().unwrap());
@@ -151,9 +152,9 @@ fn bf16_state_and_model_copy_round_trip() {
         assert_eq!(ca, cb, "model copy of {}", t.name);
     }
     // A checkpoint of f32 state does not load into bf16 state.
-    let mut f32_state = Optimizer::with_options(build_mixed(), rule(), options).unwrap();
+    let mut f32_state = Optimizer::with_options(build_mixed(), rule(), 1e-3, options).unwrap();
     let f32_path = dir.path().join("f32.safetensors");
-    Optimizer::new(build(&tensors), rule())
+    Optimizer::new(build(&tensors), rule(), 1e-3)
         .unwrap()
         .save_checkpoint(&f32_path)
         .unwrap();
@@ -180,7 +181,7 @@ fn checkpoints_move_between_devices() {
     };
     let on = |device| {
         let set = build_with(device, &tensors, DType::F32, None);
-        Optimizer::with_options(set, rule(), options).unwrap()
+        Optimizer::with_options(set, rule(), 1e-3, options).unwrap()
     };
     let mut gpu = on(Device::Cuda(0));
     let mut rng = StdRng::seed_from_u64(9);

@@ -38,7 +38,8 @@ fn child_step() {
     };
     let run = |device| {
         let set = build_with(device, &tensors, DType::F32, None);
-        let mut opt = Optimizer::with_options(set, Adam::preset(Flavor::PyTorch), options).unwrap();
+        let mut opt =
+            Optimizer::with_options(set, Adam::preset(Flavor::PyTorch), 1e-3, options).unwrap();
         let mut rng = StdRng::seed_from_u64(3);
         for _ in 0..2 {
             let g = random_grads(&mut rng, &tensors, 1.0);

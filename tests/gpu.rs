@@ -17,8 +17,9 @@ use rand::SeedableRng;
 const FLAVORS: [Flavor; 4] = [Flavor::PyTorch, Flavor::Keras, Flavor::Optax, Flavor::Tf1];
 
 /// Every rule with every mode switch, in every flavor.
-fn all_rules() -> Vec<Rule> {
-    let mut v: Vec<Rule> = Vec::new();
+/// Every rule, option and flavor, each with the lr it starts at.
+fn all_rules() -> Vec<(Rule, f64)> {
+    let mut v: Vec<(Rule, f64)> = Vec::new();
     for f in FLAVORS {
         for wd in [
             WeightDecay::None,
@@ -27,81 +28,73 @@ fn all_rules() -> Vec<Rule> {
             WeightDecay::Decoupled(0.1),
         ] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.8, true)] {
-                v.push(
+                v.push((
                     Sgd {
                         momentum,
                         nesterov,
                         ..Sgd::preset(f)
                     }
-                    .with_lr(0.05)
                     .with_weight_decay(wd)
                     .into(),
-                );
+                    0.05,
+                ));
             }
             for ams in [AmsGrad::Off, AmsGrad::MaxRaw, AmsGrad::MaxCorrected] {
-                v.push(
+                v.push((
                     Adam {
                         amsgrad: ams,
                         ..Adam::preset(f)
                     }
-                    .with_lr(0.01)
                     .with_weight_decay(wd)
                     .into(),
-                );
+                    0.01,
+                ));
             }
-            v.push(
+            v.push((
                 Adagrad {
                     lr_decay: 0.1,
                     ..Adagrad::preset(f)
                 }
-                .with_lr(0.02)
                 .with_weight_decay(wd)
                 .into(),
-            );
-            v.push(Adamax::preset(f).with_lr(0.01).with_weight_decay(wd).into());
-            v.push(Lion::preset(f).with_lr(0.003).with_weight_decay(wd).into());
-            v.push(
-                Adadelta::preset(f)
-                    .with_lr(0.5)
-                    .with_weight_decay(wd)
-                    .into(),
-            );
+                0.02,
+            ));
+            v.push((Adamax::preset(f).with_weight_decay(wd).into(), 0.01));
+            v.push((Lion::preset(f).with_weight_decay(wd).into(), 0.003));
+            v.push((Adadelta::preset(f).with_weight_decay(wd).into(), 0.5));
             // β2 = 0.9: ρ∞ = 19, rectified from the sixth step.
             let radam = Radam {
                 beta2: 0.9,
                 nesterov: f == Flavor::Optax && wd == WeightDecay::None,
                 ..Radam::preset(f)
             };
-            v.push(radam.with_lr(0.01).with_weight_decay(wd).into());
+            v.push((radam.with_weight_decay(wd).into(), 0.01));
         }
-        v.push(Adam::nadam_optax().with_lr(0.01).into());
+        v.push((Adam::nadam_optax().into(), 0.01));
         // Its μ-product comes from the host through the device's ring, step by step.
-        v.push(Nadam::preset(f).with_lr(0.01).into());
+        v.push((Nadam::preset(f).into(), 0.01));
         let adopt = Adopt {
             nesterov: f == Flavor::Keras,
             clipping: f != Flavor::Tf1,
             ..Adopt::preset(f)
         };
-        v.push(adopt.with_lr(0.01).into());
-        v.push(Ademamix::preset(f).with_lr(0.01).into());
+        v.push((adopt.into(), 0.01));
+        v.push((Ademamix::preset(f).into(), 0.01));
         // Schedule-free's averaging weights come from the host through the ring; z starts as the
         // parameters.
-        for (sf, wd) in [
-            (ScheduleFree::sgd(f).with_lr(0.05), WeightDecay::L2(0.05)),
-            (
-                ScheduleFree::adamw(f).with_lr(0.01),
-                WeightDecay::Decoupled(0.1),
-            ),
+        for (sf, lr, wd) in [
+            (ScheduleFree::sgd(f), 0.05, WeightDecay::L2(0.05)),
+            (ScheduleFree::adamw(f), 0.01, WeightDecay::Decoupled(0.1)),
         ] {
             let sf = ScheduleFree {
                 warmup_steps: 2,
                 ..sf
             };
-            v.push(sf.with_weight_decay(wd).into());
+            v.push((sf.with_weight_decay(wd).into(), lr));
         }
         for centered in [false, true] {
             for (momentum, nesterov) in [(0.0, false), (0.9, false), (0.5, true)] {
-                v.push(
+                v.push((
                     RmsProp {
                         centered,
                         momentum,
@@ -109,21 +102,21 @@ fn all_rules() -> Vec<Rule> {
                         bias_correction: f == Flavor::Optax,
                         ..RmsProp::preset(f)
                     }
-                    .with_lr(0.002)
                     .into(),
-                );
+                    0.002,
+                ));
             }
         }
-        v.push(
+        v.push((
             Sgd {
                 momentum: 0.9,
                 dampening: 0.3,
                 ..Sgd::preset(f)
             }
-            .with_lr(0.05)
             .maximizing(true)
             .into(),
-        );
+            0.05,
+        ));
     }
     v
 }
@@ -182,15 +175,16 @@ fn observe(opt: &Optimizer, tensors: &[Tensor], mix: &Mix) -> Vec<Vec<f32>> {
 fn run(
     device: Device,
     rule: &Rule,
+    base: f64,
     options: OptimizerOptions,
     tensors: &[Tensor],
     mix: &Mix,
     graph: bool,
 ) -> Vec<Vec<f32>> {
     let mut opt =
-        Optimizer::with_options(build_on(device, tensors, mix), rule.clone(), options).unwrap();
+        Optimizer::with_options(build_on(device, tensors, mix), rule.clone(), base, options)
+            .unwrap();
     let mut rng = StdRng::seed_from_u64(17);
-    let base = rule.lr();
     // RAdam rectifies from the sixth step (ρ_t > 5): it runs long enough for both branches.
     let steps = if matches!(rule, Rule::Radam(_)) { 7 } else { 4 };
     let lrs = [base, base, 0.4 * base]
@@ -238,7 +232,7 @@ fn gpu_matches_cpu_for_every_rule_and_dtype_mix() {
         return;
     }
     let tensors = awkward_tensors(41);
-    for (i, rule) in all_rules().iter().enumerate() {
+    for (i, (rule, lr)) in all_rules().iter().enumerate() {
         for mix in &MIXES {
             let clip = [
                 None,
@@ -256,8 +250,8 @@ fn gpu_matches_cpu_for_every_rule_and_dtype_mix() {
                 "{rule:?} grads {} state {} clip {clip:?}",
                 mix.grads, mix.state
             );
-            let cpu = run(Device::Cpu, rule, options, &tensors, mix, false);
-            let gpu = run(Device::Cuda(0), rule, options, &tensors, mix, false);
+            let cpu = run(Device::Cpu, rule, *lr, options, &tensors, mix, false);
+            let gpu = run(Device::Cuda(0), rule, *lr, options, &tensors, mix, false);
             assert_agree(&what, &gpu, &cpu, clip.is_none());
         }
     }
@@ -269,21 +263,40 @@ fn graph_replay_equals_eager_steps_with_changing_lr() {
         return;
     }
     let tensors = many_tensors(42, 500);
-    for rule in [
-        Rule::from(Adam::adamw(Flavor::PyTorch)),
-        Sgd {
-            momentum: 0.9,
-            ..Sgd::preset(Flavor::Keras)
-        }
-        .into(),
+    for (rule, lr) in [
+        (Rule::from(Adam::adamw(Flavor::PyTorch)), 1e-3),
+        (
+            Sgd {
+                momentum: 0.9,
+                ..Sgd::preset(Flavor::Keras)
+            }
+            .into(),
+            0.01,
+        ),
     ] {
         let options = OptimizerOptions {
             clip: Some(GlobalNormClip::new(5.0, Flavor::PyTorch)),
             loss_scale: LossScale::dynamic(),
             ..Default::default()
         };
-        let eager = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[1], false);
-        let graph = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[1], true);
+        let eager = run(
+            Device::Cuda(0),
+            &rule,
+            lr,
+            options,
+            &tensors,
+            &MIXES[1],
+            false,
+        );
+        let graph = run(
+            Device::Cuda(0),
+            &rule,
+            lr,
+            options,
+            &tensors,
+            &MIXES[1],
+            true,
+        );
         assert_eq!(
             eager, graph,
             "{rule:?}: graph replay differs from eager steps"
@@ -302,8 +315,24 @@ fn steps_are_deterministic() {
         clip: Some(GlobalNormClip::new(3.0, Flavor::Optax)),
         ..Default::default()
     };
-    let a = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[0], false);
-    let b = run(Device::Cuda(0), &rule, options, &tensors, &MIXES[0], false);
+    let a = run(
+        Device::Cuda(0),
+        &rule,
+        1e-3,
+        options,
+        &tensors,
+        &MIXES[0],
+        false,
+    );
+    let b = run(
+        Device::Cuda(0),
+        &rule,
+        1e-3,
+        options,
+        &tensors,
+        &MIXES[0],
+        false,
+    );
     assert_eq!(a, b, "two runs differ");
 }
 
@@ -317,6 +346,7 @@ fn non_finite_gradients_skip_bit_identically() {
     let mut opt = Optimizer::new(
         build_on(Device::Cuda(0), &tensors, mix),
         Adam::preset(Flavor::PyTorch),
+        1e-3,
     )
     .unwrap();
     let mut rng = StdRng::seed_from_u64(5);
@@ -353,6 +383,7 @@ fn ten_thousand_tiny_tensors() {
     let cpu = run(
         Device::Cpu,
         &rule,
+        1e-2,
         OptimizerOptions::default(),
         &tensors,
         &MIXES[0],
@@ -361,6 +392,7 @@ fn ten_thousand_tiny_tensors() {
     let gpu = run(
         Device::Cuda(0),
         &rule,
+        1e-2,
         OptimizerOptions::default(),
         &tensors,
         &MIXES[0],
@@ -394,7 +426,7 @@ fn a_tensor_beyond_two_to_the_31_elements() {
         }
         Err(e) => panic!("{e}"),
     };
-    let mut opt = Optimizer::new(set, Sgd::preset(Flavor::PyTorch).with_lr(0.5)).unwrap();
+    let mut opt = Optimizer::new(set, Sgd::preset(Flavor::PyTorch), 0.5).unwrap();
     let mut g = vec![0.0; n];
     g[n - 1] = 2.0;
     g[(1 << 31) - 1] = 4.0;
@@ -486,6 +518,7 @@ fn reports_agree_with_the_cpu_engine() {
             let mut opt = Optimizer::with_options(
                 build_on(device, &tensors, &MIXES[0]),
                 Adam::preset(Flavor::PyTorch),
+                1e-3,
                 options,
             )
             .unwrap();
@@ -535,7 +568,8 @@ fn capture_while_other_threads_step() {
     let grads = random_grads(&mut StdRng::seed_from_u64(8), &tensors, 1.0);
     let rule: Rule = Adam::preset(Flavor::PyTorch).into();
     let make = |device| {
-        let mut opt = Optimizer::new(build_on(device, &tensors, &MIXES[0]), rule.clone()).unwrap();
+        let mut opt =
+            Optimizer::new(build_on(device, &tensors, &MIXES[0]), rule.clone(), 1e-3).unwrap();
         for (t, g) in tensors.iter().zip(&grads) {
             opt.params_mut().set_grad(&t.name, g).unwrap();
         }
@@ -597,6 +631,7 @@ fn device_time_and_copy_bandwidth_are_measured() {
     let mut opt = Optimizer::new(
         build_on(Device::Cuda(0), &tensors, &MIXES[0]),
         Adam::preset(Flavor::PyTorch),
+        1e-3,
     )
     .unwrap();
     let seconds = fusedopt::cuda::runtime::time_on_device(0, || opt.step()).unwrap();
@@ -617,6 +652,7 @@ fn kernels_load_once() {
         Optimizer::new(
             build_on(Device::Cuda(0), &tensors, &MIXES[0]),
             Adam::preset(Flavor::PyTorch),
+            1e-3,
         )
         .unwrap()
     };
@@ -656,6 +692,7 @@ fn norm_over_more_chunks_than_threads() {
         let mut opt = Optimizer::with_options(
             build_on(device, &tensors, &MIXES[0]),
             Adam::preset(Flavor::PyTorch),
+            1e-3,
             options,
         )
         .unwrap();
@@ -700,6 +737,7 @@ fn steps_do_not_synchronise_with_the_host() {
     let mut opt = Optimizer::with_options(
         build_on(Device::Cuda(0), &tensors, &MIXES[1]),
         Adam::preset(Flavor::PyTorch),
+        1e-3,
         options,
     )
     .unwrap();
@@ -777,24 +815,24 @@ fn schedules_follow_applied_steps_on_the_device() {
         warmup_steps: 50,
         ..ScheduleFree::adamw(Flavor::PyTorch)
     };
-    let cases: [(Rule, Schedule); 8] = [
-        (Adam::adamw(Flavor::PyTorch).into(), torch_cosine),
-        (Adam::adamw(Flavor::PyTorch).into(), optax_warmup),
-        (Nadam::preset(Flavor::PyTorch).into(), None),
-        (Nadam::preset(Flavor::Keras).into(), optax_warmup),
-        (sgd.into(), cyclic),
-        (Adam::preset(Flavor::PyTorch).into(), cyclic),
-        (schedule_free.into(), torch_cosine),
-        (ScheduleFree::sgd(Flavor::Optax).with_lr(0.01).into(), None),
+    let cases: [(Rule, f64, Schedule); 8] = [
+        (Adam::adamw(Flavor::PyTorch).into(), 1e-3, torch_cosine),
+        (Adam::adamw(Flavor::PyTorch).into(), 1e-3, optax_warmup),
+        (Nadam::preset(Flavor::PyTorch).into(), 2e-3, None),
+        (Nadam::preset(Flavor::Keras).into(), 1e-3, optax_warmup),
+        (sgd.into(), 1e-3, cyclic),
+        (Adam::preset(Flavor::PyTorch).into(), 1e-3, cyclic),
+        (schedule_free.into(), 2.5e-3, torch_cosine),
+        (ScheduleFree::sgd(Flavor::Optax).into(), 0.01, None),
     ];
     const STEPS: usize = 700;
-    let run = |device: Device, rule: &Rule, schedule: Schedule, graph: bool| {
+    let run = |device: Device, rule: &Rule, lr: f64, schedule: Schedule, graph: bool| {
         let options = OptimizerOptions {
             loss_scale: LossScale::dynamic(),
             ..Default::default()
         };
         let params = build_on(device, &tensors, mix);
-        let mut opt = Optimizer::with_options(params, rule.clone(), options).unwrap();
+        let mut opt = Optimizer::with_options(params, rule.clone(), lr, options).unwrap();
         if let Some(schedule) = schedule {
             opt.set_schedule(Some(schedule())).unwrap();
         }
@@ -826,11 +864,11 @@ fn schedules_follow_applied_steps_on_the_device() {
         let state = observe(&opt, &tensors, mix);
         (state, reports, step_syncs)
     };
-    for (rule, schedule) in &cases {
-        let (cpu, cpu_reports, _) = run(Device::Cpu, rule, *schedule, false);
+    for (rule, lr, schedule) in &cases {
+        let (cpu, cpu_reports, _) = run(Device::Cpu, rule, *lr, *schedule, false);
         assert!(cpu_reports.iter().any(|r| r.skipped));
         for graph in [false, true] {
-            let (gpu, gpu_reports, syncs) = run(Device::Cuda(0), rule, *schedule, graph);
+            let (gpu, gpu_reports, syncs) = run(Device::Cuda(0), rule, *lr, *schedule, graph);
             let what = format!("{rule:?}, {:?}, graph {graph}", schedule.map(|s| s()));
             let key = |r: &StepReport| (r.step, r.lr, r.skipped, r.loss_scale);
             let (g, c): (Vec<_>, Vec<_>) = (
@@ -875,7 +913,7 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
         let path = dir.path().join(format!("{device}.safetensors"));
         let new = || {
             let params = build_on(device, &tensors, mix);
-            Optimizer::new(params, rule.clone()).unwrap()
+            Optimizer::new(params, rule.clone(), 1e-3).unwrap()
         };
         let mut opt = new();
         let mut log = Vec::new();

@@ -40,7 +40,7 @@ fn out_of_device_memory_is_a_typed_error_and_frees_everything() {
             state_dtype: DType::BF16,
             ..Default::default()
         };
-        Optimizer::with_options(set, Adam::amsgrad(Flavor::PyTorch), options)
+        Optimizer::with_options(set, Adam::amsgrad(Flavor::PyTorch), 1e-3, options)
     };
     let live = emulated_counter("live_bytes");
     // Frees are stream-ordered: wait for them before counting. Held for the whole test, so every

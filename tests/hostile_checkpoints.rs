@@ -32,7 +32,13 @@ fn options() -> OptimizerOptions {
 }
 
 fn optimizer() -> Optimizer {
-    Optimizer::with_options(params(["w", "b"]), Adam::adamw(Flavor::PyTorch), options()).unwrap()
+    Optimizer::with_options(
+        params(["w", "b"]),
+        Adam::adamw(Flavor::PyTorch),
+        1e-3,
+        options(),
+    )
+    .unwrap()
 }
 
 fn run(opt: &mut Optimizer, steps: usize, seed: f32) {
@@ -364,7 +370,12 @@ fn saver_process() {
     let n = 1 << 22;
     let mut b = ParamSet::builder();
     b.add("w", &[n], &vec![0.5; n]).unwrap();
-    let opt = Optimizer::new(b.build(Device::Cpu).unwrap(), Adam::preset(Flavor::PyTorch)).unwrap();
+    let opt = Optimizer::new(
+        b.build(Device::Cpu).unwrap(),
+        Adam::preset(Flavor::PyTorch),
+        1e-3,
+    )
+    .unwrap();
     loop {
         opt.save_checkpoint(&path).unwrap();
     }
@@ -452,7 +463,7 @@ fn a_checkpoint_that_could_never_load_is_not_written() {
     let path = dir.path().join("long.safetensors");
     let long = |c: char| c.to_string().repeat(55_000_000);
     let (a, b) = (long('a'), long('b'));
-    let opt = Optimizer::new(params([&a, &b]), Sgd::preset(Flavor::PyTorch)).unwrap();
+    let opt = Optimizer::new(params([&a, &b]), Sgd::preset(Flavor::PyTorch), 1e-3).unwrap();
     let err = opt.save_checkpoint(&path).unwrap_err();
     assert!(err.to_string().contains("header"), "{err}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -468,6 +479,7 @@ fn a_load_into_a_differently_configured_optimizer_is_refused_and_names_the_diffe
             Optimizer::with_options(
                 params(["w", "b"]),
                 Adam::adamw(Flavor::PyTorch),
+                1e-3,
                 OptimizerOptions {
                     clip: None,
                     ..options()
@@ -480,6 +492,7 @@ fn a_load_into_a_differently_configured_optimizer_is_refused_and_names_the_diffe
             Optimizer::with_options(
                 params(["w", "b"]),
                 Adam::adamw(Flavor::PyTorch),
+                1e-3,
                 OptimizerOptions {
                     loss_scale: LossScale::None,
                     ..options()
@@ -495,6 +508,7 @@ fn a_load_into_a_differently_configured_optimizer_is_refused_and_names_the_diffe
                     beta2: 0.99,
                     ..Adam::adamw(Flavor::PyTorch)
                 },
+                1e-3,
                 options(),
             )
             .unwrap(),
@@ -507,6 +521,7 @@ fn a_load_into_a_differently_configured_optimizer_is_refused_and_names_the_diffe
             Optimizer::with_options(
                 b.build(Device::Cpu).unwrap(),
                 Adam::adamw(Flavor::PyTorch),
+                1e-3,
                 options(),
             )
             .unwrap()
@@ -636,13 +651,14 @@ fn schedule_free_checkpoints_carry_the_running_weights() {
     let path = dir.path().join("sf.safetensors");
     for rule in [
         ScheduleFree::adamw(Flavor::PyTorch),
-        ScheduleFree::sgd(Flavor::Optax).with_lr(0.05),
+        ScheduleFree::sgd(Flavor::Optax),
     ] {
         let rule = ScheduleFree {
             warmup_steps: 2,
             ..rule
         };
-        let new = || Optimizer::with_options(params(["w", "b"]), rule.clone(), options()).unwrap();
+        let new =
+            || Optimizer::with_options(params(["w", "b"]), rule.clone(), 1e-3, options()).unwrap();
         let mut a = new();
         for (k, lr) in [1e-2, 3e-2, 5e-3].into_iter().enumerate() {
             a.set_lr(lr).unwrap();

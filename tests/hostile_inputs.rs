@@ -33,10 +33,7 @@ const BEYOND_F32: f64 = 1e39;
 
 #[test]
 fn hyperparameters_beyond_f32_are_refused() {
-    invalid(
-        "lr 1e39",
-        Optimizer::new(params(), adam().with_lr(BEYOND_F32)),
-    );
+    invalid("lr 1e39", Optimizer::new(params(), adam(), BEYOND_F32));
     invalid(
         "eps 1e39",
         Optimizer::new(
@@ -45,6 +42,7 @@ fn hyperparameters_beyond_f32_are_refused() {
                 eps: BEYOND_F32,
                 ..adam()
             },
+            1e-3,
         ),
     );
     invalid(
@@ -52,9 +50,10 @@ fn hyperparameters_beyond_f32_are_refused() {
         Optimizer::new(
             params(),
             Sgd::preset(Flavor::PyTorch).with_weight_decay(WeightDecay::L2(BEYOND_F32)),
+            1e-3,
         ),
     );
-    let mut opt = Optimizer::new(params(), adam()).unwrap();
+    let mut opt = Optimizer::new(params(), adam(), 1e-3).unwrap();
     invalid("set_lr 1e39", opt.set_lr(BEYOND_F32));
     assert_eq!(opt.lr(), 1e-3, "a refused lr changed the optimizer");
 
@@ -70,13 +69,14 @@ fn hyperparameters_beyond_f32_are_refused() {
     .unwrap();
     b.add_to("hot", "w", &[3], &[1.0; 3]).unwrap();
     let set = b.build(Device::Cpu).unwrap();
-    let mut opt = Optimizer::new(set, Sgd::preset(Flavor::PyTorch)).unwrap();
+    let mut opt = Optimizer::new(set, Sgd::preset(Flavor::PyTorch), 1e-3).unwrap();
     invalid("lr 1e10 × group scale 1e30", opt.set_lr(1e10));
     invalid(
         "rule lr 1e10 × group scale 1e30",
         Optimizer::new(
             opt.params().try_clone().unwrap(),
-            Sgd::preset(Flavor::PyTorch).with_lr(1e10),
+            Sgd::preset(Flavor::PyTorch),
+            1e10,
         ),
     );
 }
@@ -102,6 +102,7 @@ fn loss_scales_that_would_corrupt_every_step_are_refused() {
         Optimizer::with_options(
             params(),
             adam(),
+            1e-3,
             OptimizerOptions {
                 loss_scale,
                 ..Default::default()
@@ -145,6 +146,7 @@ fn rmsprop_bias_correction_with_alpha_one_is_refused() {
                 bias_correction: true,
                 ..RmsProp::preset(Flavor::Optax)
             },
+            1e-3,
         ),
     );
     // Without bias correction α = 1 is legal (the average never moves) and steps fine.
@@ -154,6 +156,7 @@ fn rmsprop_bias_correction_with_alpha_one_is_refused() {
             alpha: 1.0,
             ..RmsProp::preset(Flavor::PyTorch)
         },
+        1e-3,
     )
     .unwrap();
     opt.params_mut().set_grad("w", &[0.1; 4]).unwrap();
@@ -209,7 +212,7 @@ fn malformed_schedules_are_refused_when_attached() {
         ),
     ];
     for (what, schedule) in bad {
-        let mut opt = Optimizer::new(params(), adam()).unwrap();
+        let mut opt = Optimizer::new(params(), adam(), 1e-3).unwrap();
         invalid(what, opt.set_schedule(Some(schedule)));
         // Nothing attached: the optimizer steps with its own lr.
         opt.params_mut().set_grad("w", &[0.1; 4]).unwrap();
@@ -244,7 +247,7 @@ fn malformed_schedules_are_refused_when_attached() {
 /// error and changes nothing.
 #[test]
 fn a_schedule_gone_bad_fails_the_step_and_changes_nothing() {
-    let mut opt = Optimizer::new(params(), Sgd::preset(Flavor::PyTorch)).unwrap();
+    let mut opt = Optimizer::new(params(), Sgd::preset(Flavor::PyTorch), 1e-3).unwrap();
     // Linear from 0.1 towards -0.1: negative after the midpoint.
     let falling = optax::Schedule::linear(0.1, -0.1, 4.0, 0.0);
     opt.set_schedule(Some(Box::new(Counted::new(falling))))
@@ -327,6 +330,7 @@ fn a_dynamic_loss_scale_never_grows_past_f32() {
     let mut opt = Optimizer::with_options(
         params(),
         Sgd::preset(Flavor::PyTorch),
+        1e-3,
         OptimizerOptions {
             loss_scale: LossScale::Dynamic {
                 init_scale: 1e30,
@@ -404,7 +408,7 @@ fn a_dynamic_loss_scale_never_backs_off_into_an_unusable_scale() {
         },
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(params(), adam(), options).unwrap();
+    let mut opt = Optimizer::with_options(params(), adam(), 1e-3, options).unwrap();
     opt.params_mut().set_grad("w", &[f32::INFINITY; 4]).unwrap();
     for _ in 0..300 {
         opt.step().unwrap();
@@ -421,7 +425,7 @@ fn a_dynamic_loss_scale_never_backs_off_into_an_unusable_scale() {
     assert!(w.iter().all(|x| x.is_finite()), "{w:?}");
     let file = tempfile::NamedTempFile::new().unwrap();
     opt.save_checkpoint(file.path()).unwrap();
-    let mut back = Optimizer::with_options(params(), adam(), options).unwrap();
+    let mut back = Optimizer::with_options(params(), adam(), 1e-3, options).unwrap();
     back.load_checkpoint(file.path()).unwrap();
     assert_eq!(back.loss_scale().unwrap(), opt.loss_scale().unwrap());
 }

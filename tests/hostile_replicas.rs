@@ -23,12 +23,15 @@ fn params() -> ParamSet {
     b.build(Device::Cpu).unwrap()
 }
 
+/// The replicas' lr.
+const LR: f64 = 0.01;
+
 fn adam() -> Adam {
-    Adam::adamw(Flavor::PyTorch).with_lr(0.01)
+    Adam::adamw(Flavor::PyTorch)
 }
 
 fn optimizer() -> Optimizer {
-    Optimizer::new(params(), adam()).unwrap()
+    Optimizer::new(params(), adam(), LR).unwrap()
 }
 
 fn options(timeout_ms: u64) -> DataParallelOptions {
@@ -153,6 +156,7 @@ fn non_finite_policy_error_fails_every_replica_alike_and_the_group_recovers() {
             Optimizer::with_options(
                 params(),
                 adam(),
+                1e-3,
                 OptimizerOptions {
                     non_finite: NonFinitePolicy::Error,
                     ..Default::default()
@@ -207,8 +211,9 @@ fn a_step_that_one_replica_cannot_take_is_taken_by_none() {
 #[test]
 fn replicas_that_would_diverge_are_refused_at_setup_and_the_reason_is_named() {
     let base = || optimizer();
-    let with_rule = |rule: Rule| Optimizer::new(params(), rule).unwrap();
-    let with_options = |o: OptimizerOptions| Optimizer::with_options(params(), adam(), o).unwrap();
+    let with_rule = |rule: Rule| Optimizer::new(params(), rule, LR).unwrap();
+    let with_options =
+        |o: OptimizerOptions| Optimizer::with_options(params(), adam(), LR, o).unwrap();
     let stepped = || {
         let mut o = base();
         o.params_mut().set_grad("w", &[0.1; N]).unwrap();
@@ -231,10 +236,7 @@ fn replicas_that_would_diverge_are_refused_at_setup_and_the_reason_is_named() {
                 .into(),
             ),
         ),
-        (
-            "rule",
-            with_rule(Adam::adamw(Flavor::Keras).with_lr(0.01).into()),
-        ),
+        ("rule", with_rule(Adam::adamw(Flavor::Keras).into())),
         (
             "rule",
             with_rule(adam().with_weight_decay(WeightDecay::Decoupled(0.1)).into()),

@@ -17,31 +17,42 @@ fn round(dtype: DType, x: f32) -> f32 {
     }
 }
 
-fn rules() -> Vec<Rule> {
+/// Rules with the lr each runs at.
+fn rules() -> Vec<(Rule, f64)> {
     vec![
-        Adam::adamw(Flavor::PyTorch).with_lr(0.01).into(),
-        Adam::amsgrad(Flavor::Optax).with_lr(0.01).into(),
-        Sgd {
-            momentum: 0.9,
-            nesterov: true,
-            ..Sgd::preset(Flavor::Keras)
-        }
-        .with_lr(0.05)
-        .into(),
-        RmsProp {
-            centered: true,
-            momentum: 0.5,
-            ..RmsProp::preset(Flavor::PyTorch)
-        }
-        .with_lr(0.002)
-        .into(),
-        Adagrad::preset(Flavor::Keras).with_lr(0.02).into(),
+        (Adam::adamw(Flavor::PyTorch).into(), 0.01),
+        (Adam::amsgrad(Flavor::Optax).into(), 0.01),
+        (
+            Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                ..Sgd::preset(Flavor::Keras)
+            }
+            .into(),
+            0.05,
+        ),
+        (
+            RmsProp {
+                centered: true,
+                momentum: 0.5,
+                ..RmsProp::preset(Flavor::PyTorch)
+            }
+            .into(),
+            0.002,
+        ),
+        (Adagrad::preset(Flavor::Keras).into(), 0.02),
     ]
 }
 
 /// Runs 5 steps with gradients of `grad_dtype` (multiplied by `scale`), state of `state_dtype` and
 /// a model copy of `model`, and checks masters against the oracle and the copy bit for bit.
-fn check(rule: Rule, grad_dtype: DType, state_dtype: DType, model: Option<DType>, scale: f64) {
+fn check(
+    (rule, lr): (Rule, f64),
+    grad_dtype: DType,
+    state_dtype: DType,
+    model: Option<DType>,
+    scale: f64,
+) {
     let tensors = awkward_tensors(31);
     let set = build_with(Device::Cpu, &tensors, grad_dtype, model);
     let options = OptimizerOptions {
@@ -53,7 +64,7 @@ fn check(rule: Rule, grad_dtype: DType, state_dtype: DType, model: Option<DType>
         },
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(set, rule.clone(), options).unwrap();
+    let mut opt = Optimizer::with_options(set, rule.clone(), lr, options).unwrap();
     let mut oracle = Oracle::new(rule.clone(), None, &tensors);
     if state_dtype == DType::BF16 {
         oracle.state_round = |x| bf16::from_f64(x).to_f64();
@@ -76,7 +87,7 @@ fn check(rule: Rule, grad_dtype: DType, state_dtype: DType, model: Option<DType>
         opt.step().unwrap();
         let report = opt.report().unwrap();
         assert_eq!(report.loss_scale, scale);
-        oracle.step(&seen, rule.lr());
+        oracle.step(&seen, lr);
     }
     // With bf16 state, f32 (engine) and f64 (oracle) arithmetic may round a state element to
     // neighbouring bf16 values; Keras' lr-inside momentum (|m| up to ~0.2, ulp ~1e-3) adds that ulp
@@ -165,6 +176,7 @@ fn dynamic_loss_scale_backs_off_and_grows() {
     let mut opt = Optimizer::with_options(
         b.build(Device::Cpu).unwrap(),
         Adam::preset(Flavor::PyTorch),
+        1e-3,
         options,
     )
     .unwrap();
@@ -220,6 +232,7 @@ fn dtype_misuse_is_a_typed_error() {
     assert!(Optimizer::with_options(
         set.try_clone().unwrap(),
         Adam::preset(Flavor::Keras),
+        1e-3,
         f16_state
     )
     .is_err());
@@ -228,5 +241,7 @@ fn dtype_misuse_is_a_typed_error() {
         non_finite: NonFinitePolicy::Propagate,
         ..Default::default()
     };
-    assert!(Optimizer::with_options(set, Adam::preset(Flavor::Keras), dynamic_propagate).is_err());
+    assert!(
+        Optimizer::with_options(set, Adam::preset(Flavor::Keras), 1e-3, dynamic_propagate).is_err()
+    );
 }

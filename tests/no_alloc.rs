@@ -45,7 +45,8 @@ fn steps_do_not_allocate() {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(set, Adam::adamw(Flavor::PyTorch), options).unwrap();
+    let mut opt =
+        Optimizer::with_options(set, Adam::adamw(Flavor::PyTorch), 1e-3, options).unwrap();
     for _ in 0..5 {
         opt.step().unwrap(); // warm the thread pool
     }

@@ -15,7 +15,7 @@ const DECAYS: [WeightDecay; 4] = [
     WeightDecay::Decoupled(0.1),
 ];
 
-fn sgd_variants() -> Vec<Rule> {
+fn sgd_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
@@ -25,16 +25,18 @@ fn sgd_variants() -> Vec<Rule> {
                 (0.9, 0.3, false),
                 (0.8, 0.0, true),
             ] {
-                v.push(Rule::Sgd(
-                    Sgd {
-                        momentum,
-                        dampening,
-                        nesterov,
-                        ..Sgd::preset(f)
-                    }
-                    .with_lr(0.05)
-                    .with_weight_decay(wd)
-                    .maximizing(wd == WeightDecay::L1(0.01)),
+                v.push((
+                    Rule::Sgd(
+                        Sgd {
+                            momentum,
+                            dampening,
+                            nesterov,
+                            ..Sgd::preset(f)
+                        }
+                        .with_weight_decay(wd)
+                        .maximizing(wd == WeightDecay::L1(0.01)),
+                    ),
+                    0.05,
                 ));
             }
         }
@@ -42,29 +44,31 @@ fn sgd_variants() -> Vec<Rule> {
     v
 }
 
-fn adam_variants() -> Vec<Rule> {
+fn adam_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
             for ams in [AmsGrad::Off, AmsGrad::MaxRaw, AmsGrad::MaxCorrected] {
-                v.push(Rule::Adam(
-                    Adam {
-                        amsgrad: ams,
-                        eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
-                        ..Adam::preset(f)
-                    }
-                    .with_lr(0.01)
-                    .with_weight_decay(wd)
-                    .maximizing(ams == AmsGrad::MaxRaw && wd == WeightDecay::None),
+                v.push((
+                    Rule::Adam(
+                        Adam {
+                            amsgrad: ams,
+                            eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
+                            ..Adam::preset(f)
+                        }
+                        .with_weight_decay(wd)
+                        .maximizing(ams == AmsGrad::MaxRaw && wd == WeightDecay::None),
+                    ),
+                    0.01,
                 ));
             }
         }
-        v.push(Rule::Adam(Adam::adamw(f)));
+        v.push((Rule::Adam(Adam::adamw(f)), 1e-3));
     }
     v
 }
 
-fn rmsprop_variants() -> Vec<Rule> {
+fn rmsprop_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for centered in [false, true] {
@@ -74,22 +78,24 @@ fn rmsprop_variants() -> Vec<Rule> {
                     WeightDecay::L2(0.05),
                     WeightDecay::Decoupled(0.1),
                 ] {
-                    v.push(Rule::RmsProp(
-                        RmsProp {
-                            centered,
-                            momentum,
-                            nesterov,
-                            bias_correction: f == Flavor::Optax && centered,
-                            initial_square_avg: if f == Flavor::Optax {
-                                0.3
-                            } else {
-                                RmsProp::preset(f).initial_square_avg
-                            },
-                            ..RmsProp::preset(f)
-                        }
-                        .with_lr(0.002)
-                        .with_weight_decay(wd)
-                        .maximizing(wd == WeightDecay::L2(0.05) && !centered),
+                    v.push((
+                        Rule::RmsProp(
+                            RmsProp {
+                                centered,
+                                momentum,
+                                nesterov,
+                                bias_correction: f == Flavor::Optax && centered,
+                                initial_square_avg: if f == Flavor::Optax {
+                                    0.3
+                                } else {
+                                    RmsProp::preset(f).initial_square_avg
+                                },
+                                ..RmsProp::preset(f)
+                            }
+                            .with_weight_decay(wd)
+                            .maximizing(wd == WeightDecay::L2(0.05) && !centered),
+                        ),
+                        0.002,
                     ));
                 }
             }
@@ -98,24 +104,26 @@ fn rmsprop_variants() -> Vec<Rule> {
     v
 }
 
-fn adagrad_variants() -> Vec<Rule> {
+fn adagrad_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
             for lr_decay in [0.0, 0.1] {
-                v.push(Rule::Adagrad(
-                    Adagrad {
-                        lr_decay,
-                        eps: if f == Flavor::Tf1 {
-                            1e-10
-                        } else {
-                            Adagrad::preset(f).eps
-                        },
-                        ..Adagrad::preset(f)
-                    }
-                    .with_lr(0.02)
-                    .with_weight_decay(wd)
-                    .maximizing(lr_decay > 0.0 && wd == WeightDecay::None),
+                v.push((
+                    Rule::Adagrad(
+                        Adagrad {
+                            lr_decay,
+                            eps: if f == Flavor::Tf1 {
+                                1e-10
+                            } else {
+                                Adagrad::preset(f).eps
+                            },
+                            ..Adagrad::preset(f)
+                        }
+                        .with_weight_decay(wd)
+                        .maximizing(lr_decay > 0.0 && wd == WeightDecay::None),
+                    ),
+                    0.02,
                 ));
             }
         }
@@ -124,33 +132,33 @@ fn adagrad_variants() -> Vec<Rule> {
 }
 
 /// Optax's `adam(nesterov=True)` (its `nadam`), with every decay.
-fn nadam_variants() -> Vec<Rule> {
+fn nadam_variants() -> Vec<(Rule, f64)> {
     DECAYS
         .iter()
         .map(|&wd| {
-            Rule::Adam(
-                Adam {
-                    eps_root: 1e-8,
-                    ..Adam::nadam_optax()
-                }
-                .with_lr(0.01)
-                .with_weight_decay(wd)
-                .maximizing(wd == WeightDecay::L1(0.01)),
-            )
+            let rule = Adam {
+                eps_root: 1e-8,
+                ..Adam::nadam_optax()
+            }
+            .with_weight_decay(wd)
+            .maximizing(wd == WeightDecay::L1(0.01));
+            (rule.into(), 0.01)
         })
         .collect()
 }
 
 /// PyTorch's NAdam and Keras' Nadam (ψ = 4e-3 and 1), with every decay.
-fn nadam_pytorch_keras_variants() -> Vec<Rule> {
+fn nadam_pytorch_keras_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in [Flavor::PyTorch, Flavor::Keras] {
         for wd in DECAYS {
-            v.push(Rule::Nadam(
-                Nadam::preset(f)
-                    .with_lr(0.01)
-                    .with_weight_decay(wd)
-                    .maximizing(wd == WeightDecay::L2(0.05)),
+            v.push((
+                Rule::Nadam(
+                    Nadam::preset(f)
+                        .with_weight_decay(wd)
+                        .maximizing(wd == WeightDecay::L2(0.05)),
+                ),
+                0.01,
             ));
         }
     }
@@ -158,43 +166,49 @@ fn nadam_pytorch_keras_variants() -> Vec<Rule> {
 }
 
 /// ADOPT (clipping on and off, Nesterov) and AdEMAMix, with every decay.
-fn adopt_ademamix_variants() -> Vec<Rule> {
+fn adopt_ademamix_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for (k, wd) in DECAYS.into_iter().enumerate() {
-        v.push(Rule::Adopt(
-            Adopt {
-                clipping: k != 1,
-                nesterov: k >= 2,
-                beta2: 0.99,
-                ..Adopt::preset(Flavor::Optax)
-            }
-            .with_lr(0.01)
-            .with_weight_decay(wd)
-            .maximizing(k == 3),
+        v.push((
+            Rule::Adopt(
+                Adopt {
+                    clipping: k != 1,
+                    nesterov: k >= 2,
+                    beta2: 0.99,
+                    ..Adopt::preset(Flavor::Optax)
+                }
+                .with_weight_decay(wd)
+                .maximizing(k == 3),
+            ),
+            0.01,
         ));
-        v.push(Rule::Ademamix(
-            Ademamix {
-                beta3: 0.99,
-                eps_root: 1e-8,
-                ..Ademamix::preset(Flavor::Optax)
-            }
-            .with_lr(0.01)
-            .with_weight_decay(wd)
-            .maximizing(k == 0),
+        v.push((
+            Rule::Ademamix(
+                Ademamix {
+                    beta3: 0.99,
+                    eps_root: 1e-8,
+                    ..Ademamix::preset(Flavor::Optax)
+                }
+                .with_weight_decay(wd)
+                .maximizing(k == 0),
+            ),
+            0.01,
         ));
     }
     v
 }
 
-fn adamax_variants() -> Vec<Rule> {
+fn adamax_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
-            v.push(Rule::Adamax(
-                Adamax::preset(f)
-                    .with_lr(0.01)
-                    .with_weight_decay(wd)
-                    .maximizing(wd == WeightDecay::None),
+            v.push((
+                Rule::Adamax(
+                    Adamax::preset(f)
+                        .with_weight_decay(wd)
+                        .maximizing(wd == WeightDecay::None),
+                ),
+                0.01,
             ));
         }
     }
@@ -204,22 +218,24 @@ fn adamax_variants() -> Vec<Rule> {
 /// Lion in every flavor and decay. Its step is ±lr by the sign of `c = β1·m + (1−β1)·g`: an
 /// element whose `c` is within f32 rounding of 0 could take the other sign than the f64 oracle
 /// (a 2·lr difference); these seeds have none (β1 = 1, where `c` is the slowly moving `m`, had).
-fn lion_variants() -> Vec<Rule> {
+fn lion_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
-            v.push(Rule::Lion(
-                Lion {
-                    beta1: if wd == WeightDecay::L1(0.01) {
-                        0.8
-                    } else {
-                        0.9
-                    },
-                    ..Lion::preset(f)
-                }
-                .with_lr(0.003)
-                .with_weight_decay(wd)
-                .maximizing(wd == WeightDecay::L2(0.05)),
+            v.push((
+                Rule::Lion(
+                    Lion {
+                        beta1: if wd == WeightDecay::L1(0.01) {
+                            0.8
+                        } else {
+                            0.9
+                        },
+                        ..Lion::preset(f)
+                    }
+                    .with_weight_decay(wd)
+                    .maximizing(wd == WeightDecay::L2(0.05)),
+                ),
+                0.003,
             ));
         }
     }
@@ -228,26 +244,28 @@ fn lion_variants() -> Vec<Rule> {
 
 /// RAdam in both flavors, Optax's Nesterov variant too; β2 = 0.9, 0.95 and 0.999 cross the
 /// threshold at steps 6, 6 and 6 (and Optax's inclusive 4.5 at 5, 5, 5), within the nine steps.
-fn radam_variants() -> Vec<Rule> {
+fn radam_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in [Flavor::PyTorch, Flavor::Optax] {
         for (k, wd) in DECAYS.into_iter().enumerate() {
             for beta2 in [0.9, 0.95, 0.999] {
-                v.push(Rule::Radam(
-                    Radam {
-                        beta2,
-                        eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
-                        nesterov: f == Flavor::Optax && k % 2 == 1,
-                        threshold: if f == Flavor::Optax && k >= 2 {
-                            4.5
-                        } else {
-                            5.0
-                        },
-                        ..Radam::preset(f)
-                    }
-                    .with_lr(0.01)
-                    .with_weight_decay(wd)
-                    .maximizing(beta2 == 0.95 && k == 0),
+                v.push((
+                    Rule::Radam(
+                        Radam {
+                            beta2,
+                            eps_root: if f == Flavor::Optax { 1e-8 } else { 0.0 },
+                            nesterov: f == Flavor::Optax && k % 2 == 1,
+                            threshold: if f == Flavor::Optax && k >= 2 {
+                                4.5
+                            } else {
+                                5.0
+                            },
+                            ..Radam::preset(f)
+                        }
+                        .with_weight_decay(wd)
+                        .maximizing(beta2 == 0.95 && k == 0),
+                    ),
+                    0.01,
                 ));
             }
         }
@@ -255,15 +273,17 @@ fn radam_variants() -> Vec<Rule> {
     v
 }
 
-fn adadelta_variants() -> Vec<Rule> {
+fn adadelta_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in FLAVORS {
         for wd in DECAYS {
-            v.push(Rule::Adadelta(
-                Adadelta::preset(f)
-                    .with_lr(0.5)
-                    .with_weight_decay(wd)
-                    .maximizing(wd == WeightDecay::Decoupled(0.1)),
+            v.push((
+                Rule::Adadelta(
+                    Adadelta::preset(f)
+                        .with_weight_decay(wd)
+                        .maximizing(wd == WeightDecay::Decoupled(0.1)),
+                ),
+                0.5,
             ));
         }
     }
@@ -272,7 +292,7 @@ fn adadelta_variants() -> Vec<Rule> {
 
 /// Schedule-free SGD and AdamW in both forms and every decay (SGD's is coupled), with warmup,
 /// the reference's `r` and other weight powers and β1.
-fn schedule_free_variants() -> Vec<Rule> {
+fn schedule_free_variants() -> Vec<(Rule, f64)> {
     let mut v = Vec::new();
     for f in [Flavor::PyTorch, Flavor::Optax] {
         for (k, wd) in DECAYS.into_iter().enumerate() {
@@ -280,25 +300,28 @@ fn schedule_free_variants() -> Vec<Rule> {
                 if !adamw && matches!(wd, WeightDecay::Decoupled(_)) {
                     continue;
                 }
-                let d = if adamw {
-                    ScheduleFree::adamw(f).with_lr(0.01)
+                let (d, lr) = if adamw {
+                    (ScheduleFree::adamw(f), 0.01)
                 } else {
-                    ScheduleFree::sgd(f).with_lr(0.05)
+                    (ScheduleFree::sgd(f), 0.05)
                 };
-                v.push(Rule::ScheduleFree(
-                    ScheduleFree {
-                        warmup_steps: [0, 3, 1, 7][k],
-                        r: if f == Flavor::PyTorch && k % 2 == 1 {
-                            0.5
-                        } else {
-                            0.0
-                        },
-                        weight_lr_power: if k == 2 { 1.0 } else { 2.0 },
-                        beta1: if k == 3 { 0.8 } else { 0.9 },
-                        ..d
-                    }
-                    .with_weight_decay(wd)
-                    .maximizing(k == 1),
+                v.push((
+                    Rule::ScheduleFree(
+                        ScheduleFree {
+                            warmup_steps: [0, 3, 1, 7][k],
+                            r: if f == Flavor::PyTorch && k % 2 == 1 {
+                                0.5
+                            } else {
+                                0.0
+                            },
+                            weight_lr_power: if k == 2 { 1.0 } else { 2.0 },
+                            beta1: if k == 3 { 0.8 } else { 0.9 },
+                            ..d
+                        }
+                        .with_weight_decay(wd)
+                        .maximizing(k == 1),
+                    ),
+                    lr,
                 ));
             }
         }
@@ -307,16 +330,15 @@ fn schedule_free_variants() -> Vec<Rule> {
 }
 
 /// Runs `rule` on the engine and the oracle for 5 steps with a changing lr; optional clipping.
-fn check(rule: Rule, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64) {
+fn check(rule: Rule, base: f64, clip: Option<GlobalNormClip>, tensors: &[Tensor], seed: u64) {
     let options = OptimizerOptions {
         clip,
         non_finite: NonFinitePolicy::Skip,
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(build(tensors), rule.clone(), options).unwrap();
+    let mut opt = Optimizer::with_options(build(tensors), rule.clone(), base, options).unwrap();
     let mut oracle = Oracle::new(rule.clone(), clip, tensors);
     let mut rng = StdRng::seed_from_u64(seed);
-    let base = rule.lr();
     // RAdam rectifies from the sixth step at the earliest (ρ_t > 5): it runs on to the ninth.
     let steps = if matches!(rule, Rule::Radam(_)) { 9 } else { 5 };
     let lrs = [base, base, 0.4 * base, 0.4 * base]
@@ -362,20 +384,27 @@ fn clip_below_norm(tensors: &[Tensor], formula: ClipFormula) -> Option<GlobalNor
     Some(GlobalNormClip::new(0.5 * (n as f64).sqrt(), formula))
 }
 
-fn check_all(rules: Vec<Rule>) {
+fn check_all(rules: Vec<(Rule, f64)>) {
     let awkward = awkward_tensors(1);
     let many = many_tensors(2, 300);
     assert!(!rules.is_empty());
-    for (i, rule) in rules.into_iter().enumerate() {
+    for (i, (rule, lr)) in rules.into_iter().enumerate() {
         let formula = [ClipFormula::PyTorch, ClipFormula::Keras, ClipFormula::Optax][i % 3];
-        check(rule.clone(), None, &awkward, i as u64);
+        check(rule.clone(), lr, None, &awkward, i as u64);
         check(
             rule.clone(),
+            lr,
             clip_below_norm(&awkward, formula),
             &awkward,
             i as u64 + 7,
         );
-        check(rule, clip_below_norm(&many, formula), &many, i as u64 + 11);
+        check(
+            rule,
+            lr,
+            clip_below_norm(&many, formula),
+            &many,
+            i as u64 + 11,
+        );
     }
 }
 
@@ -444,21 +473,15 @@ fn oracle_detects_a_wrong_knob() {
     // The oracle must tell flavors apart: Keras' lr-inside momentum differs from PyTorch's once the
     // lr changes, so checking one against the other's oracle has to fail.
     let tensors = awkward_tensors(3);
-    let keras = Rule::Sgd(
-        Sgd {
-            momentum: 0.9,
-            ..Sgd::preset(Flavor::Keras)
-        }
-        .with_lr(0.05),
-    );
-    let pytorch = Rule::Sgd(
-        Sgd {
-            momentum: 0.9,
-            ..Sgd::preset(Flavor::PyTorch)
-        }
-        .with_lr(0.05),
-    );
-    let mut opt = Optimizer::new(build(&tensors), keras).unwrap();
+    let keras = Rule::Sgd(Sgd {
+        momentum: 0.9,
+        ..Sgd::preset(Flavor::Keras)
+    });
+    let pytorch = Rule::Sgd(Sgd {
+        momentum: 0.9,
+        ..Sgd::preset(Flavor::PyTorch)
+    });
+    let mut opt = Optimizer::new(build(&tensors), keras, 0.05).unwrap();
     let mut oracle = Oracle::new(pytorch, None, &tensors);
     let mut rng = StdRng::seed_from_u64(5);
     let mut worst: f64 = 0.0;

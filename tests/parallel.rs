@@ -183,7 +183,8 @@ fn optimizer_on(seed: u64, device: Device) -> Optimizer {
     };
     Optimizer::with_options(
         b.build(device).unwrap(),
-        Adam::adamw(Flavor::PyTorch).with_lr(0.05),
+        Adam::adamw(Flavor::PyTorch),
+        0.05,
         options,
     )
     .unwrap()
@@ -301,11 +302,11 @@ fn a_failing_or_panicking_replica_fails_every_replica_and_nobody_steps() {
 #[test]
 fn schedule_free_replicas_take_rank_zeros_start_and_stay_identical() {
     let problem = Problem::new(24 * 4);
-    let rule = ScheduleFree::adamw(Flavor::PyTorch).with_lr(0.05);
+    let rule = ScheduleFree::adamw(Flavor::PyTorch);
     let opts = (0..3)
         .map(|r| {
             let params = optimizer(100 + r).params().try_clone().unwrap();
-            Optimizer::new(params, rule.clone()).unwrap()
+            Optimizer::new(params, rule.clone(), 0.05).unwrap()
         })
         .collect();
     let mut dp = DataParallel::cpu(opts, small_buckets()).unwrap();
@@ -333,13 +334,18 @@ fn mismatched_replicas_are_refused_at_setup() {
     let mut b = ParamSet::builder();
     b.add("w", &[DIM + 1], &[0.0; DIM + 1]).unwrap();
     b.add("b", &[1], &[0.0]).unwrap();
-    let other =
-        Optimizer::new(b.build(Device::Cpu).unwrap(), Adam::adamw(Flavor::PyTorch)).unwrap();
+    let other = Optimizer::new(
+        b.build(Device::Cpu).unwrap(),
+        Adam::adamw(Flavor::PyTorch),
+        1e-3,
+    )
+    .unwrap();
     let err = DataParallel::cpu(vec![optimizer(1), other], small_buckets()).unwrap_err();
     assert!(matches!(err, Error::ReplicasDiffer { .. }), "{err}");
     let sgd = Optimizer::new(
         optimizer(2).params().try_clone().unwrap(),
         Sgd::preset(Flavor::PyTorch),
+        1e-3,
     )
     .unwrap();
     assert!(DataParallel::cpu(vec![optimizer(1), sgd], small_buckets()).is_err());

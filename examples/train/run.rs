@@ -58,30 +58,27 @@ pub(crate) fn model_of(args: &Args, side: usize) -> Model {
     Model { arch, side }
 }
 
-pub(crate) fn rule_of(args: &Args, lr: f64) -> Rule {
+pub(crate) fn rule_of(args: &Args) -> Rule {
     let f = flavor(args.flavor);
     let l2 = WeightDecay::L2(args.weight_decay.unwrap_or(0.0));
     match args.rule {
-        RuleName::Adam => Adam::preset(f).with_lr(lr).with_weight_decay(l2).into(),
+        RuleName::Adam => Adam::preset(f).with_weight_decay(l2).into(),
         RuleName::Adamw => Adam::adamw(f)
-            .with_lr(lr)
             .with_weight_decay(WeightDecay::Decoupled(args.weight_decay.unwrap_or(0.01)))
             .into(),
         RuleName::Sgd => Sgd {
             momentum: args.momentum,
             ..Sgd::preset(f)
         }
-        .with_lr(lr)
         .with_weight_decay(l2)
         .into(),
         RuleName::Rmsprop => RmsProp {
             momentum: args.momentum,
             ..RmsProp::preset(f)
         }
-        .with_lr(lr)
         .with_weight_decay(l2)
         .into(),
-        RuleName::Adagrad => Adagrad::preset(f).with_lr(lr).with_weight_decay(l2).into(),
+        RuleName::Adagrad => Adagrad::preset(f).with_weight_decay(l2).into(),
     }
 }
 
@@ -111,7 +108,7 @@ pub(crate) fn replicas(
                     b.add_to("no_decay", &spec.name, &spec.shape, values)?;
                 }
             }
-            Optimizer::with_options(b.build(Device::Cpu)?, rule_of(args, lr), options)
+            Optimizer::with_options(b.build(Device::Cpu)?, rule_of(args), lr, options)
         })
         .collect()
 }

@@ -152,20 +152,22 @@ impl Clone for Box<dyn LrSchedule> {
 }
 
 impl Optimizer {
-    /// An optimizer with default options (no clipping, non-finite steps skipped).
-    pub fn new(params: ParamSet, rule: impl Into<Rule>) -> Result<Self> {
-        Self::with_options(params, rule, OptimizerOptions::default())
+    /// An optimizer stepping `params` by `rule` at learning rate `lr`, with default options (no
+    /// clipping, non-finite steps skipped). The lr is the optimizer's, as in the frameworks'
+    /// constructors; [`Optimizer::set_lr`] or a schedule changes it.
+    pub fn new(params: ParamSet, rule: impl Into<Rule>, lr: f64) -> Result<Self> {
+        Self::with_options(params, rule, lr, OptimizerOptions::default())
     }
 
     pub fn with_options(
         mut params: ParamSet,
         rule: impl Into<Rule>,
+        lr: f64,
         options: OptimizerOptions,
     ) -> Result<Self> {
         let rule = rule.into();
         rule.validate()?;
         options.validate()?;
-        let lr = rule.lr();
         check_lr(params.layout(), lr)?;
         let layout = params.layout().clone();
         match params.storage_mut() {

@@ -20,11 +20,8 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
     let params = opt.params();
     let layout = params.layout();
     let saved = opt.saved()?;
-    let mut rule = serde_json::to_value(&saved.rule)
+    let rule = serde_json::to_value(&saved.rule)
         .map_err(|e| Error::Communicator(format!("fingerprint: {e}")))?;
-    if let serde_json::Value::Object(m) = &mut rule {
-        m.remove("lr");
-    }
     let tensors: Vec<serde_json::Value> = layout
         .tensors()
         .iter()

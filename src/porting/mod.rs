@@ -9,7 +9,7 @@
 mod rules;
 mod schedules;
 
-pub use rules::rule_from_framework;
+pub use rules::{rule_from_framework, Ported};
 pub use schedules::{schedule_from_framework, FrameworkSchedule};
 
 use serde_json::{Map, Value};

@@ -53,14 +53,14 @@ pub fn rule_from_framework(
     kind: &str,
     args: &Map<String, Value>,
     add_decayed_weights: Option<f64>,
-) -> Result<Rule> {
+) -> Result<Ported> {
     let f = flavor;
     let optax = f == Flavor::Optax;
     let mut a = Args::new(args, &format!("{flavor:?} {kind}"));
+    let lr = a.knob(f, Knob::Lr, default_lr(f, kind))?;
     // The knobs every rule has (weight decay comes after: it depends on the rule).
     let common = |a: &mut Args, d: &Common| -> Result<Common> {
         Ok(Common {
-            lr: a.knob(f, Knob::Lr, d.lr)?,
             maximize: a.flag(f, Knob::Maximize, false)?,
             ..*d
         })
@@ -327,7 +327,7 @@ pub fn rule_from_framework(
         // θ *= 1 − (lr/lr₀)·λ.
         let lion_pytorch = f == Flavor::PyTorch && kind == "lion";
         let lambda = match lion_pytorch && a.bool("decoupled_weight_decay", false)? {
-            true => lambda / rule.lr(),
+            true => lambda / lr,
             false => lambda,
         };
         set_weight_decay(
@@ -349,7 +349,33 @@ pub fn rule_from_framework(
         set_weight_decay(&mut rule, WeightDecay::L2(wd));
     }
     rule.validate()?;
-    Ok(rule)
+    crate::rules::check_nonneg("lr", lr)?;
+    Ok(Ported { rule, lr })
+}
+
+/// A framework optimizer as fusedopt builds it: the rule, and the learning rate the optimizer
+/// starts at (the constructor's, or the framework's default).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ported {
+    pub rule: Rule,
+    pub lr: f64,
+}
+
+/// The framework's default lr for optimizer `kind` (where the framework has none, Optax's
+/// mostly and TF1's, 1e-3).
+fn default_lr(flavor: Flavor, kind: &str) -> f64 {
+    use Flavor::*;
+    match (flavor, kind) {
+        (Keras, "sgd") => 0.01,
+        (PyTorch, "rmsprop" | "adagrad") => 1e-2,
+        (PyTorch, "adamax") => 2e-3,
+        (PyTorch, "nadam") => 2e-3,
+        (PyTorch, "lion") => 1e-4,
+        (PyTorch | Optax, "adadelta") => 1.0,
+        (_, "schedule_free_sgd") => 1.0,
+        (_, "schedule_free_adamw") => 2.5e-3,
+        _ => 1e-3,
+    }
 }
 
 fn set_weight_decay(rule: &mut Rule, wd: WeightDecay) {

@@ -4,8 +4,9 @@
 //!
 //! Each field of a rule is a knob on which the frameworks differ (the flavor table in the README);
 //! the `preset` constructors set every knob, and every default, the way PyTorch, Keras 3, Optax
-//! or TensorFlow 1 does. The knobs every rule has — lr, weight decay, maximize — are one
-//! [`Common`] struct (serialised flat beside the rule's own).
+//! or TensorFlow 1 does. The knobs every rule has — weight decay, maximize — are one [`Common`]
+//! struct (serialised flat beside the rule's own). The learning rate is not a rule's: it belongs
+//! to the optimizer and its schedule (the frameworks' default lrs are the porting module's).
 //!
 //! **Adding a rule**: a folder like `adam/` (the struct implementing [`RuleSpec`], `math.rs` with
 //! its coefficients implementing [`Update`], and a `.cuh` declaring its kernel families with
@@ -45,12 +46,6 @@ macro_rules! rules {
         }
 
         impl $module::$Type {
-            /// The same rule with initial learning rate `lr`.
-            pub fn with_lr(mut self, lr: f64) -> Self {
-                self.common.lr = lr;
-                self
-            }
-
             /// The same rule with weight decay `wd`.
             pub fn with_weight_decay(mut self, wd: WeightDecay) -> Self {
                 self.common.weight_decay = wd;
@@ -425,35 +420,28 @@ pub enum MomentForm {
 /// The knobs every rule has.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Common {
-    /// The initial learning rate (the framework constructor's `lr`); the optimizer owns the
-    /// current one ([`crate::Optimizer::set_lr`], or its schedule).
-    pub lr: f64,
     pub weight_decay: WeightDecay,
     /// Ascend the objective instead (PyTorch `maximize`).
     pub maximize: bool,
 }
 
-impl Common {
-    /// A framework default lr, no decay, minimising.
-    pub(crate) fn with_lr(lr: f64) -> Self {
+impl Default for Common {
+    /// No decay, minimising.
+    fn default() -> Self {
         Common {
-            lr,
             weight_decay: WeightDecay::None,
             maximize: false,
         }
     }
+}
 
+impl Common {
     fn validate(&self) -> Result<()> {
-        check_nonneg("lr", self.lr)?;
         check_nonneg("weight_decay", self.weight_decay.coefficient())
     }
 }
 
 impl Rule {
-    pub fn lr(&self) -> f64 {
-        self.spec().common().lr
-    }
-
     pub fn weight_decay(&self) -> WeightDecay {
         self.spec().common().weight_decay
     }

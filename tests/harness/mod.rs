@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use fusedopt::porting::{
-    number, numbers, rule_from_framework, schedule_from_framework, FrameworkSchedule,
+    number, numbers, rule_from_framework, schedule_from_framework, FrameworkSchedule, Ported,
 };
 use fusedopt::{
     Device, Flavor, GlobalNormClip, NonFinitePolicy, Optimizer, OptimizerOptions, ParamSet,
@@ -108,7 +108,7 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
         .filter(|v| !v.is_null())
         .map(number)
         .transpose()?;
-    let rule = rule_from_framework(flavor, kind, &args, decayed)?;
+    let Ported { rule, lr } = rule_from_framework(flavor, kind, &args, decayed)?;
     let clip = case
         .get("clip_global_norm")
         .filter(|v| !v.is_null())
@@ -140,7 +140,7 @@ pub fn replay(case: &Value, device: Device) -> Result<Replay> {
         non_finite: NonFinitePolicy::Propagate,
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(builder.build(device)?, rule, options)?;
+    let mut opt = Optimizer::with_options(builder.build(device)?, rule, lr, options)?;
     // A scheduler stepped after every optimizer step, setting the lr (and cycling momentum).
     if let Some(spec) = case.get("lr_scheduler").filter(|v| !v.is_null()) {
         let spec = spec

@@ -26,7 +26,7 @@ impl Adadelta {
     pub fn preset(flavor: Flavor) -> Self {
         let keras = matches!(flavor, Flavor::Keras | Flavor::Tf1);
         Adadelta {
-            common: Common::with_lr(if keras { 1e-3 } else { 1.0 }),
+            common: Common::default(),
             rho: if keras { 0.95 } else { 0.9 },
             eps: if keras { 1e-7 } else { 1e-6 },
         }

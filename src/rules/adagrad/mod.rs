@@ -28,7 +28,7 @@ impl Adagrad {
     pub fn preset(flavor: Flavor) -> Self {
         let pytorch = flavor == Flavor::PyTorch;
         Adagrad {
-            common: Common::with_lr(if pytorch { 1e-2 } else { 1e-3 }),
+            common: Common::default(),
             lr_decay: 0.0,
             initial_accumulator: if pytorch { 0.0 } else { 0.1 },
             eps: match flavor {

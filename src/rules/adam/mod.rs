@@ -52,7 +52,7 @@ impl Adam {
     /// The framework's `Adam` with its defaults.
     pub fn preset(flavor: Flavor) -> Self {
         Adam {
-            common: Common::with_lr(1e-3),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.999,
             eps: if flavor == Flavor::Keras { 1e-7 } else { 1e-8 },

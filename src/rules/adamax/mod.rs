@@ -32,10 +32,10 @@ pub struct Adamax {
 
 impl Adamax {
     /// The framework's `Adamax` with its defaults (PyTorch lr 2e-3; Keras 1e-3 and ε 1e-7;
-    /// Optax has no default lr, so 1e-3).
+    /// Optax has no default lr).
     pub fn preset(flavor: Flavor) -> Self {
         Adamax {
-            common: Common::with_lr(if flavor == Flavor::PyTorch { 2e-3 } else { 1e-3 }),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.999,
             eps: if flavor == Flavor::Keras { 1e-7 } else { 1e-8 },

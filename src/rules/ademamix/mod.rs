@@ -28,7 +28,7 @@ impl Ademamix {
     /// 1e-3). The other frameworks have none: the same.
     pub fn preset(_flavor: Flavor) -> Self {
         Ademamix {
-            common: Common::with_lr(1e-3),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.999,
             beta3: 0.9999,

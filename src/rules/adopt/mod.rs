@@ -30,7 +30,7 @@ impl Adopt {
     /// 1e-3). The other frameworks have none: the same.
     pub fn preset(_flavor: Flavor) -> Self {
         Adopt {
-            common: Common::with_lr(1e-3),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.9999,
             eps: 1e-6,

@@ -34,7 +34,7 @@ impl Lion {
     /// implementation `lion-pytorch` (lr 1e-4). TF1 has none: Keras' formulas.
     pub fn preset(flavor: Flavor) -> Self {
         Lion {
-            common: Common::with_lr(if flavor == Flavor::PyTorch { 1e-4 } else { 1e-3 }),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.99,
             nan_sign: if flavor == Flavor::PyTorch {

@@ -34,7 +34,7 @@ impl Nadam {
     pub fn preset(flavor: Flavor) -> Self {
         let keras = flavor == Flavor::Keras;
         Nadam {
-            common: Common::with_lr(if keras { 1e-3 } else { 2e-3 }),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.999,
             eps: if keras { 1e-7 } else { 1e-8 },

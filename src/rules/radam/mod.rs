@@ -41,7 +41,7 @@ impl Radam {
     pub fn preset(flavor: Flavor) -> Self {
         let optax = flavor == Flavor::Optax;
         Radam {
-            common: Common::with_lr(1e-3),
+            common: Common::default(),
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,

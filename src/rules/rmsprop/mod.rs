@@ -37,7 +37,7 @@ impl RmsProp {
     pub fn preset(flavor: Flavor) -> Self {
         let pytorch = flavor == Flavor::PyTorch;
         RmsProp {
-            common: Common::with_lr(if pytorch { 1e-2 } else { 1e-3 }),
+            common: Common::default(),
             alpha: if pytorch { 0.99 } else { 0.9 },
             eps: match flavor {
                 Flavor::PyTorch | Flavor::Optax => 1e-8,

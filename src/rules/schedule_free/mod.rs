@@ -67,19 +67,19 @@ impl ScheduleFree {
     /// `contrib.schedule_free_sgd`, or for PyTorch, which has none, the reference
     /// `SGDScheduleFree`. Keras and TF1 have none: the reference's.
     pub fn sgd(flavor: Flavor) -> Self {
-        Self::preset(flavor, ScheduleFreeBase::Sgd, 1.0)
+        Self::preset(flavor, ScheduleFreeBase::Sgd)
     }
 
     /// Schedule-free AdamW with the framework's defaults (lr 2.5e-3, β 0.9/0.999, ε 1e-8):
     /// Optax `contrib.schedule_free_adamw` or the reference `AdamWScheduleFree`.
     pub fn adamw(flavor: Flavor) -> Self {
-        Self::preset(flavor, ScheduleFreeBase::AdamW, 2.5e-3)
+        Self::preset(flavor, ScheduleFreeBase::AdamW)
             .with_weight_decay(WeightDecay::Decoupled(0.0))
     }
 
-    fn preset(flavor: Flavor, base: ScheduleFreeBase, lr: f64) -> Self {
+    fn preset(flavor: Flavor, base: ScheduleFreeBase) -> Self {
         ScheduleFree {
-            common: Common::with_lr(lr),
+            common: Common::default(),
             base,
             beta1: 0.9,
             beta2: 0.999,

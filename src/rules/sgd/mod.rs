@@ -33,10 +33,10 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// The framework's `SGD` with its defaults (Optax and TF1 have no default lr: 1e-3 is used).
+    /// The framework's `SGD` with its defaults (its lr is the optimizer's).
     pub fn preset(flavor: Flavor) -> Self {
         Sgd {
-            common: Common::with_lr(if flavor == Flavor::Keras { 0.01 } else { 1e-3 }),
+            common: Common::default(),
             momentum: 0.0,
             dampening: 0.0,
             nesterov: false,
