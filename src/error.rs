@@ -40,6 +40,8 @@ pub enum Error {
     OutOfHostMemory { bytes: usize },
     #[error("invalid hyperparameter: {0}")]
     InvalidHyperparameter(String),
+    #[error("custom rule '{rule}': {reason}")]
+    CustomRule { rule: String, reason: String },
     #[error("non-finite gradients (global norm {norm}); the step was refused and nothing changed")]
     NonFiniteGradient { norm: f64 },
     #[error("device unavailable: {0}")]

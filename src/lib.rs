@@ -54,9 +54,10 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
     Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, Ademamix, Adopt, AmsGrad, Common,
-    EpsPlacement, Flavor, Lion, LossScale, LrPlacement, MomentForm, MomentumInit, Nadam, NanSign,
-    NonFinitePolicy, Optimizer, OptimizerOptions, Radam, RmsProp, Rule, ScheduleFree,
-    ScheduleFreeBase, ScheduleFreeForm, Sgd, StateInit, StepReport, WeightDecay,
+    CustomRule, CustomRuleBuilder, EpsPlacement, Flavor, Lion, LossScale, LrPlacement, MomentForm,
+    MomentumInit, Nadam, NanSign, NonFinitePolicy, Optimizer, OptimizerOptions, Radam, RmsProp,
+    Rule, ScheduleFree, ScheduleFreeBase, ScheduleFreeForm, Sgd, StateInit, StepReport,
+    WeightDecay,
 };
 pub use params::{
     GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, ParamsMut, TensorInfo,

@@ -1003,3 +1003,21 @@ fn a_schedules_life_on_the_device_matches_the_cpu() {
         assert_agree(&format!("{rule:?} after the scenario"), &gpu, &cpu, true);
     }
 }
+
+/// Custom rules run on the CPU engine only for now: on a GPU the optimizer refuses one with a
+/// typed error, before anything is allocated for it.
+#[test]
+fn a_custom_rule_on_the_gpu_is_refused_with_a_typed_error() {
+    if !gpu_or_skip("a_custom_rule_on_the_gpu_is_refused_with_a_typed_error") {
+        return;
+    }
+    let mut r = CustomRule::builder("plain_sgd");
+    r.coefficient("lr", "lr")
+        .cpu(|k, p, g, _| *p -= k[0] * g)
+        .cuda("p = p - k.lr * g;");
+    let params = build_on(Device::Cuda(0), &awkward_tensors(46), &MIXES[0]);
+    match Optimizer::new(params, r.build().unwrap(), 0.1) {
+        Err(Error::CustomRule { reason, .. }) => assert!(reason.contains("CPU engine"), "{reason}"),
+        other => panic!("expected a typed refusal, got {other:?}"),
+    }
+}

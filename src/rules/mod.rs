@@ -60,7 +60,7 @@ macro_rules! rules {
         })*
 
         /// One rule's coefficients for one step and parameter group.
-        #[derive(Clone, Copy, Debug, PartialEq)]
+        #[derive(Clone, Debug, PartialEq)]
         pub(crate) enum Coefficients {
             $($Type(<$module::$Type as RuleSpec>::Coefficients),)*
         }
@@ -119,12 +119,13 @@ rules! {
     adopt::Adopt,
     ademamix::Ademamix,
     schedule_free::ScheduleFree,
+    custom::CustomRule,
 }
 
 /// What a rule is, as the engines see it. Implemented by each rule in its folder.
 pub(crate) trait RuleSpec {
     /// Its coefficients for one step and parameter group (`math.rs`).
-    type Coefficients: Update + Copy + std::fmt::Debug + PartialEq;
+    type Coefficients: Update + Clone + std::fmt::Debug + PartialEq;
     fn common(&self) -> &Common;
     /// Refuses hyperparameters no framework accepts (the common ones are checked apart).
     fn validate(&self) -> Result<()>;
@@ -172,6 +173,10 @@ pub(crate) trait RuleSpec {
     /// Why no schedule may drive it, if none may.
     fn schedule_conflict(&self) -> Option<&'static str> {
         None
+    }
+    /// Whether an engine on `device` can run it (a custom rule needs its halves).
+    fn runnable_on(&self, _device: crate::Device) -> Result<()> {
+        Ok(())
     }
 }
 
@@ -222,6 +227,7 @@ trait RuleSpecDyn {
     fn memo_is_history(&self) -> bool;
     fn eval_params(&self, y: &[f32], state: &[Vec<f32>]) -> Option<Vec<f32>>;
     fn schedule_conflict(&self) -> Option<&'static str>;
+    fn runnable_on(&self, device: crate::Device) -> Result<()>;
     fn common(&self) -> &Common;
     fn validate(&self) -> Result<()>;
     fn state_names(&self) -> &'static [&'static str];
@@ -251,6 +257,9 @@ impl<R: RuleSpec> RuleSpecDyn for R {
     }
     fn schedule_conflict(&self) -> Option<&'static str> {
         RuleSpec::schedule_conflict(self)
+    }
+    fn runnable_on(&self, device: crate::Device) -> Result<()> {
+        RuleSpec::runnable_on(self, device)
     }
     fn common(&self) -> &Common {
         RuleSpec::common(self)
@@ -510,6 +519,11 @@ impl Rule {
     pub(crate) fn schedule_conflict(&self) -> Option<&'static str> {
         self.spec().schedule_conflict()
     }
+
+    /// Whether an engine on `device` can run it.
+    pub(crate) fn runnable_on(&self, device: crate::Device) -> Result<()> {
+        self.spec().runnable_on(device)
+    }
 }
 
 /// What a step needs to know beyond the rule: the group's lr and decay, the 1-based step number,
@@ -568,7 +582,9 @@ mod tests {
             "src/rules folders vs the rules! registry"
         );
         for f in &folders {
-            for file in ["mod.rs", "math.rs", &format!("{f}.cuh")] {
+            // A custom rule's CUDA half is the user's, generated at run time.
+            let cuh = (f != "custom").then(|| format!("{f}.cuh"));
+            for file in ["mod.rs", "math.rs"].into_iter().chain(cuh.as_deref()) {
                 assert!(
                     root.join(f).join(file).is_file(),
                     "src/rules/{f}/{file} is missing"

@@ -387,6 +387,9 @@ fn update(
             p - lr * (m_hat + r.alpha * *b) / ((v_hat + r.eps_root).sqrt() + r.eps)
         }
         Rule::ScheduleFree(_) => unreachable!("schedule-free steps in Oracle::step"),
+        Rule::CustomRule(_) => {
+            panic!("a custom rule is checked against the built-in rule it copies")
+        }
         Rule::Adadelta(r) => {
             *a = r.rho * *a + (1.0 - r.rho) * g * g;
             let delta = (*b + r.eps).sqrt() / (*a + r.eps).sqrt() * g;

@@ -1,0 +1,365 @@
+//! Custom rules: Adam and Lion written as custom rules step bit for bit like the built-in ones
+//! (clipping, bf16 gradients and state, a skipped non-finite step, decay, maximize), checkpoints
+//! load only into the same rule, and bad definitions get typed errors.
+
+mod common;
+
+use common::*;
+use fusedopt::parallel::DataParallel;
+use fusedopt::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// PyTorch's Adam (ε on the corrected scale) as a custom rule.
+fn custom_adam(beta1: f64, beta2: f64, eps: f64) -> CustomRule {
+    let mut r = CustomRule::builder("adam_custom");
+    r.hyperparameter("beta1", beta1)
+        .hyperparameter("beta2", beta2)
+        .hyperparameter("eps", eps)
+        .slot("exp_avg", 0.0)
+        .slot("exp_avg_sq", 0.0)
+        .coefficient("one_minus_beta1", "1 - beta1")
+        .coefficient("beta2", "beta2")
+        .coefficient("one_minus_beta2", "1 - beta2")
+        .coefficient("step_size", "lr / (1 - beta1^t)")
+        .coefficient("v_scale", "1 / (1 - beta2^t)")
+        .coefficient("eps", "eps")
+        .cpu(|k, p, g, s| {
+            s[0] += k[0] * (g - s[0]);
+            s[1] = k[1] * s[1] + k[2] * g * g;
+            let denom = (s[1] * k[4]).sqrt() + k[5];
+            *p -= k[3] * s[0] / denom;
+        })
+        .cuda(
+            "s[0] = s[0] + k.one_minus_beta1 * (g - s[0]);
+             s[1] = k.beta2 * s[1] + k.one_minus_beta2 * g * g;
+             p = p - k.step_size * s[0] / (sqrtf(s[1] * k.v_scale) + k.eps);",
+        );
+    r.build().unwrap()
+}
+
+/// Optax's Lion (sign(NaN) = NaN) as a custom rule.
+fn custom_lion(beta1: f64, beta2: f64) -> CustomRule {
+    let mut r = CustomRule::builder("lion_custom");
+    r.hyperparameter("beta1", beta1)
+        .hyperparameter("beta2", beta2)
+        .slot("exp_avg", 0.0)
+        .coefficient("lr", "lr")
+        .coefficient("beta1", "beta1")
+        .coefficient("one_minus_beta1", "1 - beta1")
+        .coefficient("beta2", "beta2")
+        .coefficient("one_minus_beta2", "1 - beta2")
+        .cpu(|k, p, g, s| {
+            let c = k[1] * s[0] + k[2] * g;
+            let sign = if c > 0.0 {
+                1.0
+            } else if c < 0.0 {
+                -1.0
+            } else if c.is_nan() {
+                c
+            } else {
+                0.0
+            };
+            *p -= k[0] * sign;
+            s[0] = k[3] * s[0] + k[4] * g;
+        })
+        .cuda(
+            "const float c = k.beta1 * s[0] + k.one_minus_beta1 * g;
+             p = p - k.lr * (c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : (c != c ? c : 0.0f)));
+             s[0] = k.beta2 * s[0] + k.one_minus_beta2 * g;",
+        );
+    r.build().unwrap()
+}
+
+/// Pairs of (built-in, the same written as a custom rule), each with its lr.
+fn pairs() -> Vec<(Rule, Rule, f64)> {
+    let adam = Adam {
+        beta1: 0.85,
+        beta2: 0.995,
+        eps: 1e-7,
+        ..Adam::preset(Flavor::PyTorch)
+    };
+    let lion = Lion {
+        beta1: 0.8,
+        beta2: 0.98,
+        ..Lion::preset(Flavor::Optax)
+    };
+    let decoupled = WeightDecay::Decoupled(0.05);
+    vec![
+        (
+            adam.clone().into(),
+            custom_adam(0.85, 0.995, 1e-7).into(),
+            0.01,
+        ),
+        (
+            adam.with_weight_decay(WeightDecay::L2(0.1))
+                .maximizing(true)
+                .into(),
+            custom_adam(0.85, 0.995, 1e-7)
+                .with_weight_decay(WeightDecay::L2(0.1))
+                .maximizing(true)
+                .into(),
+            0.01,
+        ),
+        (
+            lion.clone().with_weight_decay(decoupled).into(),
+            custom_lion(0.8, 0.98).with_weight_decay(decoupled).into(),
+            3e-3,
+        ),
+    ]
+}
+
+/// Steps `rule` 7 times (the fourth with a NaN gradient) with changing lrs; returns every
+/// parameter and state value and each step's report.
+fn run(
+    rule: &Rule,
+    lr: f64,
+    grads: DType,
+    state: DType,
+    clip: bool,
+) -> (Vec<Vec<f32>>, Vec<String>) {
+    let tensors = awkward_tensors(61);
+    let model = (grads != DType::F32).then_some(grads);
+    let set = build_with(Device::Cpu, &tensors, grads, model);
+    let options = OptimizerOptions {
+        clip: clip.then(|| GlobalNormClip::new(2.0, Flavor::PyTorch)),
+        state_dtype: state,
+        ..Default::default()
+    };
+    let mut opt = Optimizer::with_options(set, rule.clone(), lr, options).unwrap();
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut reports = Vec::new();
+    for step in 0..7 {
+        let mut grads = random_grads(&mut rng, &tensors, 1.0);
+        if step == 3 {
+            grads[1][0] = f32::NAN;
+        }
+        for (t, g) in tensors.iter().zip(&grads) {
+            opt.params_mut().set_grad(&t.name, g).unwrap();
+        }
+        opt.set_lr(lr * [1.0, 0.5, 0.5, 0.25][step % 4]).unwrap();
+        opt.step().unwrap();
+        let r = opt.report().unwrap();
+        reports.push(format!(
+            "{} {} {} {:?}",
+            r.step, r.skipped, r.lr, r.clip_factor
+        ));
+    }
+    let mut out = Vec::new();
+    for t in &tensors {
+        out.push(opt.params().read_param(&t.name).unwrap());
+        if model.is_some() {
+            out.push(opt.params().read_model_param(&t.name).unwrap());
+        }
+        for s in opt.state_names() {
+            out.push(opt.state(s, &t.name).unwrap());
+        }
+    }
+    (out, reports)
+}
+
+#[test]
+fn custom_adam_and_lion_step_bit_for_bit_like_the_built_in_rules() {
+    for (builtin, custom, lr) in pairs() {
+        for (grads, state) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::F32),
+            (DType::BF16, DType::BF16),
+        ] {
+            for clip in [false, true] {
+                let (want, want_reports) = run(&builtin, lr, grads, state, clip);
+                let (got, got_reports) = run(&custom, lr, grads, state, clip);
+                let what = format!("{custom:?} grads {grads} state {state} clip {clip}");
+                assert_eq!(got_reports, want_reports, "{what}");
+                assert!(
+                    want_reports.iter().any(|r| r.contains("true")),
+                    "no skipped step"
+                );
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: buffer {k} differs");
+                }
+                assert_eq!(got.len(), want.len());
+            }
+        }
+    }
+}
+
+/// The same rule in another shape must not pass for it: the test above can fail.
+#[test]
+fn a_wrong_custom_rule_is_told_apart() {
+    let builtin: Rule = Adam::preset(Flavor::PyTorch).into();
+    let wrong: Rule = custom_adam(0.9, 0.99, 1e-8).into();
+    let (want, _) = run(&builtin, 0.01, DType::F32, DType::F32, false);
+    let (got, _) = run(&wrong, 0.01, DType::F32, DType::F32, false);
+    assert_ne!(got, want);
+}
+
+#[test]
+fn checkpoints_load_only_into_the_same_custom_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("custom.safetensors");
+    let tensors = awkward_tensors(62);
+    let new = |rule: Rule| Optimizer::new(build(&tensors), rule, 0.01).unwrap();
+    let mut a = new(custom_adam(0.9, 0.999, 1e-8).into());
+    let mut rng = StdRng::seed_from_u64(4);
+    for _ in 0..3 {
+        for (t, g) in tensors.iter().zip(random_grads(&mut rng, &tensors, 1.0)) {
+            a.params_mut().set_grad(&t.name, &g).unwrap();
+        }
+        a.step().unwrap();
+    }
+    a.save_checkpoint(&path).unwrap();
+    let mut b = new(custom_adam(0.9, 0.999, 1e-8).into());
+    b.load_checkpoint(&path).unwrap();
+    for t in &tensors {
+        assert_eq!(
+            a.params().param(&t.name).unwrap(),
+            b.params().param(&t.name).unwrap()
+        );
+        assert_eq!(
+            a.state("exp_avg_sq", &t.name).unwrap(),
+            b.state("exp_avg_sq", &t.name).unwrap()
+        );
+    }
+    for other in [
+        Rule::from(custom_adam(0.9, 0.99, 1e-8)),
+        Adam::preset(Flavor::PyTorch).into(),
+        custom_lion(0.9, 0.99).into(),
+    ] {
+        let mut o = new(other.clone());
+        let err = o.load_checkpoint(&path).unwrap_err();
+        assert!(
+            matches!(err, Error::BadCheckpoint { .. }),
+            "{other:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn bad_definitions_get_typed_errors() {
+    let base = || {
+        let mut r = CustomRule::builder("ok");
+        r.hyperparameter("beta", 0.9)
+            .slot("m", 0.0)
+            .coefficient("beta", "beta")
+            .cpu(|_, _, _, _| {})
+            .cuda("s[0] = k.beta * s[0] + g;");
+        r
+    };
+    base().build().unwrap();
+    type Edit = Box<dyn Fn(&mut CustomRuleBuilder)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "declared twice",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.hyperparameter("beta", 0.5);
+            }),
+        ),
+        (
+            "other than",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.hyperparameter("lr", 0.1);
+            }),
+        ),
+        (
+            "at most 3",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.slot("a", 0.0).slot("b", 0.0).slot("c", 0.0);
+            }),
+        ),
+        (
+            "is not a hyperparameter",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.coefficient("x", "gamma * lr");
+            }),
+        ),
+        (
+            "must be t or a whole number",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.coefficient("x", "beta ^ 0.5");
+            }),
+        ),
+        (
+            "'k.bet' is not a coefficient",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.cuda("p = k.bet * g; // β");
+            }),
+        ),
+        (
+            "'s[1]' is not one of the 1 slots",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.cuda("// β\ns[1] = g;");
+            }),
+        ),
+        (
+            "no CUDA body",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.cuda("  ");
+            }),
+        ),
+        (
+            "hyperparameter 'x' is NaN",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.hyperparameter("x", f64::NAN);
+            }),
+        ),
+    ];
+    for (why, edit) in cases {
+        let mut r = base();
+        edit(&mut r);
+        match r.build() {
+            Err(Error::CustomRule { reason, .. }) => {
+                assert!(reason.contains(why), "expected '{why}', got '{reason}'")
+            }
+            other => panic!("{why}: {other:?}"),
+        }
+    }
+    let mut bad_name = CustomRule::builder("2fast");
+    bad_name.cpu(|_, _, _, _| {}).cuda("p = g;");
+    match bad_name.build() {
+        Err(Error::CustomRule { reason, .. }) => {
+            assert!(reason.contains("C identifier"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut no_cpu = CustomRule::builder("no_cpu");
+    no_cpu.cuda("p = g;");
+    assert!(matches!(no_cpu.build(), Err(Error::CustomRule { .. })));
+}
+
+/// Replicas of a custom rule stay identical on CPU threads, and a replica with another custom
+/// rule is refused.
+#[test]
+fn custom_rules_run_data_parallel() {
+    let tensors = awkward_tensors(63);
+    let new = |rule: Rule| Optimizer::new(build(&tensors), rule, 0.003).unwrap();
+    let opts = vec![
+        new(custom_lion(0.9, 0.99).into()),
+        new(custom_lion(0.9, 0.99).into()),
+    ];
+    let mut dp = DataParallel::cpu(opts, Default::default()).unwrap();
+    for step in 0..3 {
+        dp.step(|rank, grads| {
+            for t in &tensors {
+                let g: Vec<f32> = (0..t.values.len())
+                    .map(|i| ((i + 7 * rank + 3 * step) as f32).sin())
+                    .collect();
+                grads.set(&t.name, &g)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    }
+    let params: Vec<Vec<f32>> = dp
+        .replicas()
+        .map(|o| o.params().read_param(&tensors[1].name).unwrap())
+        .collect();
+    assert_eq!(params[0], params[1]);
+    let mixed = vec![
+        new(custom_lion(0.9, 0.99).into()),
+        new(custom_lion(0.8, 0.99).into()),
+    ];
+    let err = DataParallel::cpu(mixed, Default::default()).unwrap_err();
+    assert!(matches!(err, Error::ReplicasDiffer { .. }), "{err}");
+}
