@@ -53,11 +53,11 @@ pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use optim::{
-    Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, Ademamix, Adopt, AmsGrad, Common,
-    CustomRule, CustomRuleBuilder, EpsPlacement, Flavor, Lion, LossScale, LrPlacement, MomentForm,
-    MomentumInit, Nadam, NanSign, NonFinitePolicy, Optimizer, OptimizerOptions, Radam, RmsProp,
-    Rule, ScheduleFree, ScheduleFreeBase, ScheduleFreeForm, Sgd, StateInit, StepReport,
-    WeightDecay,
+    Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, Ademamix, Adopt, AmsGrad,
+    CoefficientValues, Common, CustomRule, CustomRuleBuilder, EpsPlacement, Flavor, Lion,
+    LossScale, LrPlacement, MomentForm, MomentumInit, Nadam, NanSign, NonFinitePolicy, Optimizer,
+    OptimizerOptions, Radam, RmsProp, Rule, ScheduleFree, ScheduleFreeBase, ScheduleFreeForm, Sgd,
+    SlotValues, StateInit, StepReport, WeightDecay,
 };
 pub use params::{
     GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, ParamsMut, TensorInfo,

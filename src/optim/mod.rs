@@ -8,7 +8,7 @@ pub use crate::rules::adam::{Adam, AdamEps, AmsGrad};
 pub use crate::rules::adamax::{Adamax, AdamaxEps};
 pub use crate::rules::ademamix::Ademamix;
 pub use crate::rules::adopt::Adopt;
-pub use crate::rules::custom::{CustomRule, CustomRuleBuilder};
+pub use crate::rules::custom::{CoefficientValues, CustomRule, CustomRuleBuilder, SlotValues};
 pub use crate::rules::lion::{Lion, NanSign};
 pub use crate::rules::nadam::Nadam;
 pub use crate::rules::radam::Radam;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::MAX_COEFFICIENTS;
+use super::{MAX_COEFFICIENTS, MAX_SLOTS};
 use crate::rules::{Decay, Update};
 use crate::{DType, Element};
 
@@ -30,8 +30,7 @@ pub(crate) enum States<'a, 'b> {
 pub(crate) struct StepArgs {
     pub gscale: f32,
     pub decay: Decay,
-    pub values: [f32; MAX_COEFFICIENTS],
-    pub len: usize,
+    pub values: CoefficientValues,
 }
 
 /// The user's update over a run of elements, for every dtype pair.
@@ -39,12 +38,17 @@ pub(crate) trait ElementKernel: Send + Sync {
     fn run(&self, k: &StepArgs, p: &mut [f32], g: Grads<'_>, s: States<'_, '_>);
 }
 
+/// The coefficients a user's function reads (in declaration order; the rest 0).
+pub type CoefficientValues = [f32; MAX_COEFFICIENTS];
+/// The state a user's function updates (in slot order; the rest unused).
+pub type SlotValues = [f32; MAX_SLOTS];
+
 /// A user's `Fn(coefficients, &mut param, grad, state)`.
 pub(crate) struct Elementwise<F>(pub F);
 
 impl<F> ElementKernel for Elementwise<F>
 where
-    F: Fn(&[f32], &mut f32, f32, &mut [f32]) + Send + Sync,
+    F: Fn(&CoefficientValues, &mut f32, f32, &mut SlotValues) + Send + Sync,
 {
     fn run(&self, k: &StepArgs, p: &mut [f32], g: Grads<'_>, s: States<'_, '_>) {
         let f = &self.0;
@@ -62,29 +66,50 @@ where
     }
 }
 
-/// The loop, compiled for the same instruction sets as the built-in rules' (no FMA contraction:
-/// the same bits on every path).
+/// One element: scaled gradient, weight decay, the user's function, state rounded back.
+#[inline(always)]
+fn element<F, S: Element, const N: usize>(f: &F, k: &StepArgs, p: &mut f32, g: f32, s: [&mut S; N])
+where
+    F: Fn(&CoefficientValues, &mut f32, f32, &mut SlotValues),
+{
+    let (mut pi, gi) = k.decay.apply(*p, g * k.gscale);
+    let mut st: SlotValues = [0.0; MAX_SLOTS];
+    for (v, x) in st.iter_mut().zip(&s) {
+        *v = x.to_f32();
+    }
+    f(&k.values, &mut pi, gi, &mut st);
+    *p = pi;
+    for (x, v) in s.into_iter().zip(st) {
+        *x = S::from_f32(v);
+    }
+}
+
+/// The loop over a run, one zip per slot count (so the compiler sees straight-line code to
+/// vectorise, as in the built-in rules), compiled for the same instruction sets as theirs (no FMA
+/// contraction: the same bits on every path).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+avx", "x86_64+avx2+avx"))]
-fn elementwise<F: Fn(&[f32], &mut f32, f32, &mut [f32]), G: Element, S: Element>(
+fn elementwise<F: Fn(&CoefficientValues, &mut f32, f32, &mut SlotValues), G: Element, S: Element>(
     f: &F,
     k: &StepArgs,
     p: &mut [f32],
     g: &[G],
     s: &mut [&mut [S]],
 ) {
-    let values = &k.values[..k.len];
-    let n = s.len();
-    for i in 0..p.len() {
-        let (mut pi, gi) = k.decay.apply(p[i], g[i].to_f32() * k.gscale);
-        let mut st = [0.0f32; 3];
-        for j in 0..n {
-            st[j] = s[j][i].to_f32();
-        }
-        f(values, &mut pi, gi, &mut st[..n]);
-        p[i] = pi;
-        for j in 0..n {
-            s[j][i] = S::from_f32(st[j]);
-        }
+    let pg = p.iter_mut().zip(g);
+    match s {
+        [] => pg.for_each(|(p, g)| element::<F, S, 0>(f, k, p, g.to_f32(), [])),
+        [a] => pg
+            .zip(a.iter_mut())
+            .for_each(|((p, g), a)| element(f, k, p, g.to_f32(), [a])),
+        [a, b] => pg
+            .zip(a.iter_mut())
+            .zip(b.iter_mut())
+            .for_each(|(((p, g), a), b)| element(f, k, p, g.to_f32(), [a, b])),
+        [a, b, c, ..] => pg
+            .zip(a.iter_mut())
+            .zip(b.iter_mut())
+            .zip(c.iter_mut())
+            .for_each(|((((p, g), a), b), c)| element(f, k, p, g.to_f32(), [a, b, c])),
     }
 }
 

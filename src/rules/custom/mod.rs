@@ -46,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::Device;
 use expr::{Expr, Scope};
 pub(crate) use math::CustomCoefficients;
+pub use math::{CoefficientValues, SlotValues};
 use math::{ElementKernel, Elementwise, StepArgs};
 
 /// At most this many per-step coefficients (they travel in the group's config on the GPU).
@@ -160,10 +161,12 @@ impl CustomRuleBuilder {
         self
     }
 
-    /// The per-element update on the CPU: `f(coefficients, &mut param, grad, state)`.
+    /// The per-element update on the CPU: `f(coefficients, &mut param, grad, state)`, the
+    /// coefficients in declaration order and the state in slot order (fixed-size arrays, so
+    /// that indexing them costs nothing; the entries past the rule's own are unused).
     pub fn cpu<F>(&mut self, f: F) -> &mut Self
     where
-        F: Fn(&[f32], &mut f32, f32, &mut [f32]) + Send + Sync + 'static,
+        F: Fn(&CoefficientValues, &mut f32, f32, &mut SlotValues) + Send + Sync + 'static,
     {
         self.cpu = Some(Arc::new(Elementwise(f)));
         self
@@ -397,7 +400,6 @@ impl RuleSpec for CustomRule {
                 gscale: ctx.grad_scale as f32,
                 decay: Decay::new(ctx.weight_decay, ctx.lr),
                 values,
-                len: self.parsed.len(),
             },
             // The optimizer refuses a rule without it (runnable_on) before any step.
             kernel: self.cpu.clone().unwrap_or_else(|| Arc::new(math::Unrunnable)),
