@@ -547,3 +547,58 @@ fn schedule_free_refusals_are_typed_and_change_nothing() {
         )
     );
 }
+
+/// Parameters written after the optimizer was built (pretrained weights loaded into its arena)
+/// are where schedule-free starts: z takes them at the first step, as the reference's lazy
+/// `z = clone(p)` and Optax's `init(params)` do.
+#[test]
+fn schedule_free_starts_from_parameters_written_before_the_first_step() {
+    use rand::SeedableRng;
+    let tensors = awkward_tensors(12);
+    let pretrained: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| Tensor {
+            name: t.name.clone(),
+            group: t.group,
+            values: t.values.iter().map(|x| 0.5 - x).collect(),
+        })
+        .collect();
+    for rule in [
+        ScheduleFree::adamw(Flavor::PyTorch),
+        ScheduleFree::sgd(Flavor::Optax),
+    ] {
+        let mut written = Optimizer::new(build(&tensors), rule.clone(), 0.01).unwrap();
+        for t in &pretrained {
+            let mut params = written.params_mut();
+            params
+                .param_mut(&t.name)
+                .unwrap()
+                .copy_from_slice(&t.values);
+        }
+        let mut direct = Optimizer::new(build(&pretrained), rule.clone(), 0.01).unwrap();
+        for t in &pretrained {
+            let x = written.eval_param(&t.name).unwrap();
+            assert_eq!(x, t.values, "before the first step");
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..3 {
+            let grads = random_grads(&mut rng, &tensors, 1.0);
+            for opt in [&mut written, &mut direct] {
+                for (t, g) in tensors.iter().zip(&grads) {
+                    opt.params_mut().set_grad(&t.name, g).unwrap();
+                }
+                opt.step().unwrap();
+            }
+        }
+        for t in &tensors {
+            let (a, b) = (written.params(), direct.params());
+            assert_eq!(
+                a.param(&t.name).unwrap(),
+                b.param(&t.name).unwrap(),
+                "{rule:?}"
+            );
+            let (x, y) = (written.eval_param(&t.name), direct.eval_param(&t.name));
+            assert_eq!(x.unwrap(), y.unwrap(), "{rule:?}");
+        }
+    }
+}

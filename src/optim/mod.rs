@@ -316,8 +316,9 @@ impl Optimizer {
     }
 
     /// Sets the learning rate for the next steps; a scalar write (to device memory on a GPU, in
-    /// stream order), nothing is rebuilt and a captured graph stays valid. An attached schedule
-    /// overrides it at the next step.
+    /// stream order), nothing is rebuilt and a captured graph stays valid (for a rule whose step
+    /// scalars follow the lr, schedule-free, a GPU waits once and rewrites the steps ahead). An
+    /// attached schedule overrides it at the next step.
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         check_lr(self.params.layout(), lr)?;
         if self.schedule.is_none() {
@@ -405,6 +406,10 @@ impl Optimizer {
     /// Training goes on from the trained ones; on a GPU this reads device memory.
     pub fn eval_param(&self, tensor: &str) -> Result<Vec<f32>> {
         let y = self.params.read_param(tensor)?;
+        // Before the first step the averaged iterate is the parameters (z starts there then).
+        if self.saved()?.step == 0 {
+            return Ok(y);
+        }
         let state = self
             .state_names()
             .iter()
@@ -519,6 +524,12 @@ impl Optimizer {
             schedule,
         } = restore;
         self.params.restore_masters(&masters)?;
+        // Running scalars a rule can rebuild from the step count (NAdam's product) are rebuilt,
+        // not taken from the file.
+        let memo = match self.rule.memo_is_history() {
+            true => saved.memo,
+            false => StepMemo::default(),
+        };
         let restored = StepState {
             step: saved.step,
             loss_scale: saved.loss_scale,
@@ -533,7 +544,7 @@ impl Optimizer {
             PartsMut::Host(_, engine) => {
                 engine.state = state;
                 engine.step_state = restored;
-                engine.memo = saved.memo;
+                engine.memo = memo;
             }
             PartsMut::Cuda(rt, _, engine) => {
                 for (dst, src) in engine.state.iter_mut().zip(&state) {
@@ -549,7 +560,7 @@ impl Optimizer {
         self.lr_window = None;
         self.schedule = schedule;
         if self.uses_lr_window() {
-            self.restore_lr_window(saved.step, saved.memo)?;
+            self.restore_lr_window(saved.step, memo)?;
         }
         Ok(())
     }

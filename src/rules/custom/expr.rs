@@ -36,12 +36,18 @@ pub(crate) struct Scope<'a> {
 }
 
 impl Expr {
-    /// Parses `text`, naming only `scope`'s hyperparameters, `lr`, `t` and `sqrt`.
+    /// Parses `text`, naming only `scope`'s hyperparameters, `lr`, `t` and `sqrt`; at most
+    /// [`MAX_LEN`] characters nested at most [`MAX_DEPTH`] deep (a checkpoint's rule is parsed
+    /// before it is compared: no input may exhaust the stack).
     pub fn parse(text: &str, scope: &Scope<'_>) -> Result<Expr, String> {
+        if text.len() > MAX_LEN {
+            return Err(format!("{} characters, at most {MAX_LEN}", text.len()));
+        }
         let tokens = tokenize(text)?;
         let mut p = Parser {
             tokens,
             at: 0,
+            depth: 0,
             scope,
         };
         let e = p.sum()?;
@@ -108,7 +114,9 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
             let s: String = chars[start..i].iter().collect();
             let x = s
                 .parse::<f64>()
-                .map_err(|_| format!("'{s}' is not a number"))?;
+                .ok()
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| format!("'{s}' is not a finite number"))?;
             out.push(Token::Number(x));
         } else if c.is_ascii_alphabetic() || c == '_' {
             let start = i;
@@ -126,9 +134,14 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
     Ok(out)
 }
 
+/// The longest expression, and its deepest nesting.
+pub(crate) const MAX_LEN: usize = 1024;
+pub(crate) const MAX_DEPTH: usize = 64;
+
 struct Parser<'a> {
     tokens: Vec<Token>,
     at: usize,
+    depth: usize,
     scope: &'a Scope<'a>,
 }
 
@@ -144,6 +157,16 @@ impl Parser<'_> {
     }
 
     fn sum(&mut self) -> Result<Expr, String> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(format!("nested more than {MAX_DEPTH} deep"));
+        }
+        let e = self.sum_here();
+        self.depth -= 1;
+        e
+    }
+
+    fn sum_here(&mut self) -> Result<Expr, String> {
         let mut e = self.product()?;
         loop {
             if self.peek_op('+') {
@@ -176,7 +199,13 @@ impl Parser<'_> {
     fn unary(&mut self) -> Result<Expr, String> {
         if self.peek_op('-') {
             self.at += 1;
-            return Ok(Expr::Neg(Box::new(self.unary()?)));
+            self.depth += 1;
+            if self.depth > MAX_DEPTH {
+                return Err(format!("nested more than {MAX_DEPTH} deep"));
+            }
+            let e = self.unary();
+            self.depth -= 1;
+            return Ok(Expr::Neg(Box::new(e?)));
         }
         self.power()
     }
@@ -272,9 +301,19 @@ mod tests {
             ("lr $ 2", "unexpected character"),
             ("lr *", "ends early"),
             ("sqrt lr", "parentheses"),
+            ("1e999 * lr", "not a finite number"),
         ] {
             let err = eval(text, 0.1, 1).unwrap_err();
             assert!(err.contains(why), "{text}: {err}");
+        }
+        // No input exhausts the stack: nesting and length are bounded.
+        for (text, why) in [
+            (format!("{}lr{}", "(".repeat(100), ")".repeat(100)), "nested more than"),
+            (format!("{}lr", "-".repeat(100)), "nested more than"),
+            ("lr+".repeat(400), "characters, at most"),
+        ] {
+            let err = eval(&text, 0.1, 1).unwrap_err();
+            assert!(err.contains(why), "{err}");
         }
     }
 }

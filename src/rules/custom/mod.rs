@@ -390,7 +390,10 @@ impl RuleSpec for CustomRule {
     }
 
     fn coefficients(&self, ctx: &StepContext) -> CustomCoefficients {
-        let h: Vec<f64> = self.config.hyperparameters.iter().map(|(_, v)| *v).collect();
+        let mut h = [0.0; MAX_HYPERPARAMETERS];
+        for (x, (_, v)) in h.iter_mut().zip(&self.config.hyperparameters) {
+            *x = *v;
+        }
         let mut values = [0.0f32; MAX_COEFFICIENTS];
         for (v, e) in values.iter_mut().zip(&self.parsed) {
             *v = e.eval(&h, ctx.lr, ctx.step) as f32;

@@ -45,6 +45,9 @@ pub(crate) struct ScheduleFreeCoefficients {
     one_minus_beta1: f32,
     ck: f32,
     one_minus_ck: f32,
+    /// The first applied step: z starts as the parameters then (as the reference's lazy
+    /// `z = clone(p)`, and Optax's `init(params)`), whatever was written to them since.
+    first: bool,
 }
 
 impl ScheduleFreeCoefficients {
@@ -77,6 +80,7 @@ impl ScheduleFreeCoefficients {
             one_minus_beta1: (1.0 - r.beta1) as f32,
             ck: ck as f32,
             one_minus_ck: (1.0 - ck) as f32,
+            first: ctx.step == 1,
         }
     }
 
@@ -116,12 +120,18 @@ impl ScheduleFreeCoefficients {
 
     #[inline(always)]
     pub(crate) fn sgd(&self, y: &mut f32, g: f32, z: &mut f32) {
+        if self.first {
+            *z = *y;
+        }
         let (_, g) = self.decay.apply(*y, g * self.gscale);
         self.step(y, z, g);
     }
 
     #[inline(always)]
     pub(crate) fn adamw(&self, y: &mut f32, g: f32, z: &mut f32, v: &mut f32) {
+        if self.first {
+            *z = *y;
+        }
         let (_, g) = self.decay.apply(*y, g * self.gscale);
         let d = self.adamw_direction(*y, g, v);
         self.step(y, z, d);

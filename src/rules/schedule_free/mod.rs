@@ -3,7 +3,7 @@
 //! implementation (the `schedulefree` package's `SGDScheduleFree` / `AdamWScheduleFree`) compute
 //! it. The parameters hold `y`, where gradients are taken; the state holds `z`, the base
 //! optimizer's iterate; the averaged `x`, where the model is evaluated, is found from the two
-//! ([`crate::Optimizer::eval_params`]). `math.rs` holds the per-element maths, `schedule_free.cuh`
+//! ([`crate::Optimizer::eval_param`]). `math.rs` holds the per-element maths, `schedule_free.cuh`
 //! the same for the GPU.
 
 mod math;
@@ -63,14 +63,15 @@ pub struct ScheduleFree {
 }
 
 impl ScheduleFree {
-    /// Schedule-free SGD with the framework's defaults (lr 1, β1 0.9): Optax
+    /// Schedule-free SGD with the framework's defaults (β1 0.9; the frameworks' lr 1 is the
+    /// optimizer's): Optax
     /// `contrib.schedule_free_sgd`, or for PyTorch, which has none, the reference
     /// `SGDScheduleFree`. Keras and TF1 have none: the reference's.
     pub fn sgd(flavor: Flavor) -> Self {
         Self::preset(flavor, ScheduleFreeBase::Sgd)
     }
 
-    /// Schedule-free AdamW with the framework's defaults (lr 2.5e-3, β 0.9/0.999, ε 1e-8):
+    /// Schedule-free AdamW with the framework's defaults (β 0.9/0.999, ε 1e-8; lr 2.5e-3 there):
     /// Optax `contrib.schedule_free_adamw` or the reference `AdamWScheduleFree`.
     pub fn adamw(flavor: Flavor) -> Self {
         Self::preset(flavor, ScheduleFreeBase::AdamW)
@@ -244,7 +245,8 @@ impl RuleSpec for ScheduleFree {
     fn schedule_conflict(&self) -> Option<&'static str> {
         match self.form {
             ScheduleFreeForm::Explicit => Some(
-                "Optax's schedule_free evaluates its schedule one step apart for the weights and                  the step, which one lr per step cannot follow: use warmup_steps, or set_lr",
+                "Optax's schedule_free evaluates its schedule one step apart for the weights and \
+                 the step, which one lr per step cannot follow: use warmup_steps, or set_lr",
             ),
             ScheduleFreeForm::InPlace => None,
         }
@@ -255,7 +257,9 @@ impl RuleSpec for ScheduleFree {
         let z = state.first()?;
         Some(match self.form {
             ScheduleFreeForm::Explicit => {
-                let (b1, c1) = (self.beta1 as f32, (1.0 - self.beta1) as f32);
+                // `schedule_free_eval_params` reads β1 from the state, in f32: 1 − β1 too.
+                let b1 = self.beta1 as f32;
+                let c1 = 1.0 - b1;
                 y.iter().zip(z).map(|(&y, &z)| (y - c1 * z) / b1).collect()
             }
             ScheduleFreeForm::InPlace => {

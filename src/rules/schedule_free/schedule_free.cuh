@@ -29,6 +29,7 @@ struct ScheduleFreeCoefficients {
     float beta2, one_minus_beta2, bc2, eps;
     float lr, y_step;                                         // in place
     float neg_lr, beta1, one_minus_beta1, ck, one_minus_ck;   // explicit (and ck: in place)
+    int first;  // the first applied step: z starts as the parameters then
 };
 
 __device__ __forceinline__ ScheduleFreeCoefficients make_schedule_free(
@@ -60,6 +61,7 @@ __device__ __forceinline__ ScheduleFreeCoefficients make_schedule_free(
     s.one_minus_beta1 = (float)(1.0 - beta1);
     s.ck = (float)ck;
     s.one_minus_ck = (float)(1.0 - ck);
+    s.first = t == 1;
     return s;
 }
 
@@ -96,6 +98,7 @@ __device__ __forceinline__ void schedule_free_step(const ScheduleFreeCoefficient
 
 __device__ __forceinline__ void schedule_free_sgd(const ScheduleFreeCoefficients& c, float& y,
                                                   float g, float& z) {
+    if (c.first) z = y;
     g = g * c.gscale;
     float y0 = y;
     apply_decay(c.decay, y0, g);
@@ -104,6 +107,7 @@ __device__ __forceinline__ void schedule_free_sgd(const ScheduleFreeCoefficients
 
 __device__ __forceinline__ void schedule_free_adamw(const ScheduleFreeCoefficients& c, float& y,
                                                     float g, float& z, float& v) {
+    if (c.first) z = y;
     g = g * c.gscale;
     float y0 = y;
     apply_decay(c.decay, y0, g);
