@@ -74,7 +74,10 @@ if real_gpu_only "nvidia-smi" nvidia-smi; then
   fi
 fi
 
-step "GPU tests, one thread" 150 bin/gpu --test-threads 1
+# The emulated GPU runs kernels as host code on one thread: far slower than any GPU.
+gpu_tests_limit=150
+[ -n "$emulated" ] && gpu_tests_limit=360
+step "GPU tests, one thread" "$gpu_tests_limit" bin/gpu --test-threads 1
 step "data-parallel tests (NCCL, single-GPU replicas)" 60 bin/parallel --test-threads 1
 step "the step decision on host and device, bit for bit" 30 bin/step_decision --test-threads 1
 step "checkpoints across devices" 30 bin/checkpoint --test-threads 1
