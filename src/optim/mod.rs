@@ -438,32 +438,6 @@ impl Optimizer {
             .ok_or_else(|| Error::UnknownTensor(format!("state buffer '{buffer}'")))
     }
 
-    /// Before the first step: sets the state buffers that start as a copy of the parameters
-    /// (schedule-free's z) to the current ones (after a replica took rank 0's).
-    pub(crate) fn copy_params_into_state(&mut self) -> Result<()> {
-        if self.saved()?.step > 0 {
-            return Ok(());
-        }
-        let masters = self.params.masters_snapshot()?.into_owned();
-        let slots: Vec<usize> = (self.rule.state_names().iter().enumerate())
-            .filter(|(_, n)| self.rule.state_init(n) == StateInit::Params)
-            .map(|(i, _)| i)
-            .collect();
-        match parts_mut(&mut self.params)? {
-            PartsMut::Host(_, engine) => {
-                for &i in &slots {
-                    engine.state[i].write_f32(0, &masters);
-                }
-            }
-            PartsMut::Cuda(rt, _, engine) => {
-                for &i in &slots {
-                    engine.state[i].write(&rt.stream, 0, &masters, rt.device)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The scalar part of the optimizer that a checkpoint records.
     pub(crate) fn saved(&self) -> Result<Saved> {
         let st = self.step_state()?;

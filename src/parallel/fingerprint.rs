@@ -35,7 +35,7 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
     let dtypes = format!("{:?} {:?}", params.grad_dtype(), params.model_dtype());
     let state = opt.state_arenas()?;
     // Before the first step a buffer that starts as a copy of the parameters (schedule-free's
-    // z) differs as they do: it follows rank 0's with them.
+    // z) differs as they do; the first step sets it from rank 0's broadcast ones.
     let state: Vec<u32> = state
         .iter()
         .zip(opt.state_names())

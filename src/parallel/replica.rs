@@ -257,7 +257,6 @@ impl<C: Communicator> Replica<C> {
         let mut values = self.optimizer.params().masters_snapshot()?.into_owned();
         self.comm
             .broadcast(HostBuffer::F32(&mut values).into(), 0)?;
-        self.optimizer.set_mut().restore_masters(&values)?;
-        self.optimizer.copy_params_into_state()
+        self.optimizer.set_mut().restore_masters(&values)
     }
 }
