@@ -7,8 +7,12 @@
 //!
 //! cargo bench --bench cpu_step
 
+#[path = "../examples/shared/custom_adam.rs"]
+mod custom_adam;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use fusedopt::{Adam, CustomRule, Device, Flavor, Optimizer, ParamSet, RmsProp, Rule, Sgd};
+use custom_adam::custom_adam;
+use fusedopt::{Adam, Device, Flavor, Optimizer, ParamSet, RmsProp, Rule, Sgd};
 use rayon::prelude::*;
 
 const PARAMS: usize = 10_000_000;
@@ -30,35 +34,6 @@ fn param_set(tensors: usize) -> ParamSet {
         *g = ((i % 89) as f32 - 44.0) * 1e-3;
     }
     set
-}
-
-/// PyTorch's Adam as a user would write it as a custom rule (bit for bit the built-in's:
-/// tests/custom_rules.rs).
-fn custom_adam() -> Rule {
-    let mut r = CustomRule::builder("adam_custom");
-    r.hyperparameter("beta1", 0.9)
-        .hyperparameter("beta2", 0.999)
-        .hyperparameter("eps", 1e-8)
-        .slot("exp_avg", 0.0)
-        .slot("exp_avg_sq", 0.0)
-        .coefficient("one_minus_beta1", "1 - beta1")
-        .coefficient("beta2", "beta2")
-        .coefficient("one_minus_beta2", "1 - beta2")
-        .coefficient("step_size", "lr / (1 - beta1^t)")
-        .coefficient("v_scale", "1 / (1 - beta2^t)")
-        .coefficient("eps", "eps")
-        .cpu(|k, p, g, s| {
-            s[0] += k[0] * (g - s[0]);
-            s[1] = k[1] * s[1] + k[2] * g * g;
-            let denom = (s[1] * k[4]).sqrt() + k[5];
-            *p -= k[3] * s[0] / denom;
-        })
-        .cuda(
-            "s[0] = s[0] + k.one_minus_beta1 * (g - s[0]);
-             s[1] = k.beta2 * s[1] + k.one_minus_beta2 * g * g;
-             p = p - k.step_size * s[0] / (sqrtf(s[1] * k.v_scale) + k.eps);",
-        );
-    r.build().unwrap().into()
 }
 
 fn bench(c: &mut Criterion) {
@@ -97,7 +72,7 @@ fn bench(c: &mut Criterion) {
             20,
         ),
         ("adam", Adam::preset(Flavor::PyTorch).into(), 28),
-        ("adam_custom", custom_adam(), 28),
+        ("adam_custom", custom_adam(0.9, 0.999, 1e-8).into(), 28),
         ("rmsprop", RmsProp::preset(Flavor::PyTorch).into(), 20),
     ];
     for tensors in [100, 5000] {

@@ -8,8 +8,12 @@
 //! once (twice with clipping: the norm pass), each state buffer read and written, the model copy
 //! written. Adam fp32 without clipping: 28 B/param.
 
+#[path = "../examples/shared/custom_adam.rs"]
+mod custom_adam;
+
 use std::time::Instant;
 
+use custom_adam::custom_adam;
 use fusedopt::{
     Adadelta, Adagrad, Adam, Adamax, DType, Device, Flavor, GlobalNormClip, Lion, Nadam, Optimizer,
     OptimizerOptions, ParamSet, Radam, RmsProp, Rule, Sgd,
@@ -127,6 +131,8 @@ fn rules() -> Vec<(&'static str, Rule)> {
         ("adamax", Adamax::preset(f).into()),
         ("adadelta", Adadelta::preset(f).into()),
         ("lion", Lion::preset(f).into()),
+        // Adam written as a custom rule: its kernels generated and compiled at run time.
+        ("adam_custom", custom_adam(0.9, 0.999, 1e-8).into()),
     ]
 }
 

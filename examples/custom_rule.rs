@@ -51,7 +51,14 @@ fn sign_momentum(beta: f64) -> fusedopt::Result<CustomRule> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("device: cpu (custom rules run on the CPU engine; their CUDA half is not built yet)");
+    // On a GPU the rule's CUDA body is compiled (NVRTC) into the fused kernels when the optimizer
+    // is built; on the CPU its Rust function runs in the engine's loop.
+    let selection = Device::auto();
+    let mut device = selection.device;
+    match &selection.gpu_unavailable {
+        Some(why) => println!("device: cpu (GPU not used: {why})"),
+        None => println!("device: {device} ({})", device.name().unwrap_or_default()),
+    }
     let (x, y) = load_digits()?;
     let mut rng = StdRng::seed_from_u64(0);
     let mut order: Vec<usize> = (0..y.len()).collect();
@@ -65,20 +72,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
     };
     let (fc1, fc2) = (init(HIDDEN * 64, 64), init(CLASSES * HIDDEN, HIDDEN));
-    let build = || -> fusedopt::Result<ParamSet> {
+    let build = |device: Device| -> fusedopt::Result<ParamSet> {
         let mut b = ParamSet::builder();
         b.group("no_decay", GroupOptions::no_decay())?;
         b.add("fc1.weight", &[HIDDEN, 64], &fc1)?;
         b.add("fc2.weight", &[CLASSES, HIDDEN], &fc2)?;
         b.add_to("no_decay", "fc1.bias", &[HIDDEN], &[0.0; HIDDEN])?;
         b.add_to("no_decay", "fc2.bias", &[CLASSES], &[0.0; CLASSES])?;
-        b.build(Device::Cpu)
+        b.build(device)
     };
     let options = OptimizerOptions {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         ..Default::default()
     };
-    let mut opt = Optimizer::with_options(build()?, sign_momentum(0.9)?, LR, options)?;
+    let mut opt = match Optimizer::with_options(build(device)?, sign_momentum(0.9)?, LR, options) {
+        Ok(opt) => opt,
+        Err(e) if device != Device::Cpu => {
+            println!("device: cpu (the CUDA engine could not start: {e})");
+            device = Device::Cpu;
+            Optimizer::with_options(build(device)?, sign_momentum(0.9)?, LR, options)?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let steps_per_epoch = train_idx.len().div_ceil(BATCH);
     let total = (EPOCHS * steps_per_epoch) as f64;
     let schedule = || {
@@ -115,10 +130,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("signum.safetensors");
     opt.save_checkpoint(&path)?;
-    let mut same = Optimizer::with_options(build()?, sign_momentum(0.9)?, LR, options)?;
+    let mut same = Optimizer::with_options(build(device)?, sign_momentum(0.9)?, LR, options)?;
     same.set_schedule(schedule())?;
     same.load_checkpoint(&path)?;
-    let mut other = Optimizer::with_options(build()?, sign_momentum(0.8)?, LR, options)?;
+    let mut other = Optimizer::with_options(build(device)?, sign_momentum(0.8)?, LR, options)?;
     other.set_schedule(schedule())?;
     match other.load_checkpoint(&path) {
         Err(e @ Error::BadCheckpoint { .. }) => {

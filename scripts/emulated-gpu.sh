@@ -14,6 +14,15 @@ export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FUSEDOPT_EMULATED_GPU="$mode"
 # Where the stand-ins are (tests find the NCCL 2.12 variant, nccl-2.12/libnccl.so.2, there).
 export FUSEDOPT_EMULATED_GPU_DIR="$lib"
+# NVRTC is the stand-in (a custom rule's kernels compiled as host C++), which reads the emulator's
+# CUDA headers; it has the real NVRTC 13.0 compile everything first when the project-local
+# toolchain (scripts/install-cuda-toolchain.sh) has one, so what NVRTC refuses is refused here.
+export FUSEDOPT_NVRTC_LIB="${FUSEDOPT_NVRTC_LIB:-$lib/libnvrtc.so.13}"
+export FUSEDOPT_CUDA_INCLUDE="${FUSEDOPT_CUDA_INCLUDE:-$root/emulated-gpu/include}"
+real_nvrtc="$root/.cuda-toolchain/nvidia/cu13/lib/libnvrtc.so.13"
+if [ -z "${FUSEDOPT_EMU_REAL_NVRTC+set}" ] && [ -f "$real_nvrtc" ]; then
+  export FUSEDOPT_EMU_REAL_NVRTC="$real_nvrtc"
+fi
 # Sanitizer builds: the runtime is preloaded into the program under test (Rust code is not
 # instrumented; the stand-ins are). Through cargo's runner for cargo commands, so that cargo,
 # rustc and nvcc themselves run without it.

@@ -8,6 +8,7 @@
 #   nvidia-smi · the GPU tests with FUSEDOPT_REQUIRE_GPU=1 (one test thread) · the data-parallel
 #   tests (NCCL with one rank, from the PyPI wheel's libnccl.so.2 when present; single-GPU
 #   replicas) · the step decision on host and device bit for bit · checkpoints across devices ·
+#   custom rules (their kernels compiled by NVRTC at run time) bit for bit the built-in rules ·
 #   replay --device cuda over the conformance cases, then compared bit for bit with the
 #   same replay on the emulated GPU (carried in the bundle) · compute-sanitizer memcheck,
 #   racecheck, synccheck on a selection · ncu on the Adam and norm kernels · the benchmark program
@@ -81,6 +82,8 @@ step "GPU tests, one thread" "$gpu_tests_limit" bin/gpu --test-threads 1
 step "data-parallel tests (NCCL, single-GPU replicas)" 60 bin/parallel --test-threads 1
 step "the step decision on host and device, bit for bit" 30 bin/step_decision --test-threads 1
 step "checkpoints across devices" 30 bin/checkpoint --test-threads 1
+step "custom rules: kernels compiled by NVRTC, bit for bit the built-in rules" 90 \
+  bin/custom_rules --test-threads 1
 replays=$(mktemp -d)
 step "replay --device cuda, every conformance case" 60 \
   bin/replay --device cuda --out "$replays" tests/data/conformance/optimizers/*.json \
@@ -125,8 +128,9 @@ for round in $(seq "$rounds"); do
       step "PyTorch $p (round $round)" 60 python3 torch_baseline.py --device cuda --quick \
         --profiles "$p" --rules "$rules" --json "$bench/torch-$round-$p.json"
     fi
+    # Adam written as a custom rule too (its kernels compiled at run time), against the built-in.
     step "fusedopt $p (round $round)" "$bench_limit" bin/microbench --device cuda --quick \
-      --profiles "$p" --rules "$rules" --json "$bench/ours-$round-$p.json"
+      --profiles "$p" --rules "$rules,adam_custom" --json "$bench/ours-$round-$p.json"
   done
 done
 ls "$bench"/ours-*.json >/dev/null 2>&1 && python3 merge_bench.py "$out/bench-fusedopt.json" "$bench"/ours-*.json

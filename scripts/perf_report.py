@@ -63,3 +63,15 @@ for t in torch["results"]:
         print(f"| {t['rule']} | {t['dtypes']} | {t['profile']} | {t['clip']} | {t['impl']} | "
               f"{t['step_ms']:.3f} | {o['step_ms']:.3f} | {t['step_ms'] / o['step_ms']:.2f}× | "
               f"{o['gbps']:.1f} | {o['frac_of_copy']:.2f} |")
+
+# A custom rule against the built-in rule it rewrites, both fusedopt's, same run.
+custom = [r for k, r in best.items() if k[0] == "adam_custom"]
+if custom:
+    print("\n## Adam written as a custom rule, against the built-in Adam\n")
+    print("| dtypes | profile | clip | built-in ms | custom ms | custom ÷ built-in |")
+    print("|---|---|---|---|---|---|")
+    for c in sorted(custom, key=key):
+        b = best.get(("adam",) + key(c)[1:])
+        if b:
+            print(f"| {c['dtypes']} | {c['profile']} | {c['clip']} | {b['step_ms']:.3f} | "
+                  f"{c['step_ms']:.3f} | {c['step_ms'] / b['step_ms']:.3f} |")

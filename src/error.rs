@@ -42,6 +42,19 @@ pub enum Error {
     InvalidHyperparameter(String),
     #[error("custom rule '{rule}': {reason}")]
     CustomRule { rule: String, reason: String },
+    /// The compiler refused a custom rule's CUDA body: its log, and the line of the body it
+    /// points at (1-based, as the user wrote it) when it points at one.
+    #[error(
+        "custom rule '{rule}': {compiler} refused its CUDA body{}\n{log}",
+        at_line(*.line, .code.as_deref())
+    )]
+    CustomRuleCompile {
+        rule: String,
+        compiler: String,
+        line: Option<usize>,
+        code: Option<String>,
+        log: String,
+    },
     #[error("non-finite gradients (global norm {norm}); the step was refused and nothing changed")]
     NonFiniteGradient { norm: f64 },
     #[error("device unavailable: {0}")]
@@ -130,5 +143,13 @@ pub(crate) fn check_range(what: &str, at: usize, got: usize, len: usize) -> Resu
             expected: len.saturating_sub(at),
             got,
         })
+    }
+}
+
+/// " at line N: `code`", where a compile error points into the user's body.
+fn at_line(line: Option<usize>, code: Option<&str>) -> String {
+    match (line, code) {
+        (Some(n), Some(code)) => format!(" at line {n}: `{code}`"),
+        _ => String::new(),
     }
 }

@@ -3,40 +3,15 @@
 //! load only into the same rule, and bad definitions get typed errors.
 
 mod common;
+#[path = "../examples/shared/custom_adam.rs"]
+mod custom_adam;
 
 use common::*;
+use custom_adam::custom_adam;
 use fusedopt::parallel::DataParallel;
 use fusedopt::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-
-/// PyTorch's Adam (ε on the corrected scale) as a custom rule.
-fn custom_adam(beta1: f64, beta2: f64, eps: f64) -> CustomRule {
-    let mut r = CustomRule::builder("adam_custom");
-    r.hyperparameter("beta1", beta1)
-        .hyperparameter("beta2", beta2)
-        .hyperparameter("eps", eps)
-        .slot("exp_avg", 0.0)
-        .slot("exp_avg_sq", 0.0)
-        .coefficient("one_minus_beta1", "1 - beta1")
-        .coefficient("beta2", "beta2")
-        .coefficient("one_minus_beta2", "1 - beta2")
-        .coefficient("step_size", "lr / (1 - beta1^t)")
-        .coefficient("v_scale", "1 / (1 - beta2^t)")
-        .coefficient("eps", "eps")
-        .cpu(|k, p, g, s| {
-            s[0] += k[0] * (g - s[0]);
-            s[1] = k[1] * s[1] + k[2] * g * g;
-            let denom = (s[1] * k[4]).sqrt() + k[5];
-            *p -= k[3] * s[0] / denom;
-        })
-        .cuda(
-            "s[0] = s[0] + k.one_minus_beta1 * (g - s[0]);
-             s[1] = k.beta2 * s[1] + k.one_minus_beta2 * g * g;
-             p = p - k.step_size * s[0] / (sqrtf(s[1] * k.v_scale) + k.eps);",
-        );
-    r.build().unwrap()
-}
 
 /// Optax's Lion (sign(NaN) = NaN) as a custom rule.
 fn custom_lion(beta1: f64, beta2: f64) -> CustomRule {
@@ -109,18 +84,14 @@ fn pairs() -> Vec<(Rule, Rule, f64)> {
     ]
 }
 
-/// Steps `rule` 7 times (the fourth with a NaN gradient) with changing lrs; returns every
-/// parameter and state value and each step's report.
-fn run(
-    rule: &Rule,
-    lr: f64,
-    grads: DType,
-    state: DType,
-    clip: bool,
-) -> (Vec<Vec<f32>>, Vec<String>) {
+/// Steps `rule` on `device` 7 times (the fourth with a NaN gradient) with changing lrs, captured
+/// in a graph after the first step when `graph`; returns every parameter, model-copy and state
+/// value and each step's report.
+fn run(device: Device, rule: &Rule, lr: f64, mix: Mix, clip: bool, graph: bool) -> Outcome {
+    let (grads, state) = mix;
     let tensors = awkward_tensors(61);
     let model = (grads != DType::F32).then_some(grads);
-    let set = build_with(Device::Cpu, &tensors, grads, model);
+    let set = build_with(device, &tensors, grads, model);
     let options = OptimizerOptions {
         clip: clip.then(|| GlobalNormClip::new(2.0, Flavor::PyTorch)),
         state_dtype: state,
@@ -139,12 +110,19 @@ fn run(
         }
         opt.set_lr(lr * [1.0, 0.5, 0.5, 0.25][step % 4]).unwrap();
         opt.step().unwrap();
+        if graph && step == 0 {
+            opt.capture_graph().unwrap();
+        }
         let r = opt.report().unwrap();
         reports.push(format!(
             "{} {} {} {:?}",
             r.step, r.skipped, r.lr, r.clip_factor
         ));
     }
+    assert!(
+        reports.iter().any(|r| r.contains("true")),
+        "no skipped step"
+    );
     let mut out = Vec::new();
     for t in &tensors {
         out.push(opt.params().read_param(&t.name).unwrap());
@@ -158,30 +136,77 @@ fn run(
     (out, reports)
 }
 
+/// Gradient and state dtypes.
+type Mix = (DType, DType);
+const MIXES: [Mix; 3] = [
+    (DType::F32, DType::F32),
+    (DType::BF16, DType::F32),
+    (DType::BF16, DType::BF16),
+];
+/// Every buffer a run leaves, and its reports.
+type Outcome = (Vec<Vec<f32>>, Vec<String>);
+
+/// The same bits everywhere (`nan_payload`: any NaN matches any NaN, as the GPU's conversions
+/// make the canonical NaN where the CPU keeps a payload).
+fn assert_same(what: &str, got: &Outcome, want: &Outcome, nan_payload: bool) {
+    assert_eq!(got.1, want.1, "{what}: reports");
+    assert_eq!(got.0.len(), want.0.len(), "{what}");
+    for (k, (g, w)) in got.0.iter().zip(&want.0).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: buffer {k}");
+        let differs = |(a, b): (&f32, &f32)| {
+            a.to_bits() != b.to_bits() && !(nan_payload && a.is_nan() && b.is_nan())
+        };
+        if let Some(i) = g.iter().zip(w).position(differs) {
+            panic!("{what}: buffer {k}[{i}]: {:e} against {:e}", g[i], w[i]);
+        }
+    }
+}
+
 #[test]
 fn custom_adam_and_lion_step_bit_for_bit_like_the_built_in_rules() {
     for (builtin, custom, lr) in pairs() {
-        for (grads, state) in [
-            (DType::F32, DType::F32),
-            (DType::BF16, DType::F32),
-            (DType::BF16, DType::BF16),
-        ] {
+        for mix in MIXES {
             for clip in [false, true] {
-                let (want, want_reports) = run(&builtin, lr, grads, state, clip);
-                let (got, got_reports) = run(&custom, lr, grads, state, clip);
-                let what = format!("{custom:?} grads {grads} state {state} clip {clip}");
-                assert_eq!(got_reports, want_reports, "{what}");
-                assert!(
-                    want_reports.iter().any(|r| r.contains("true")),
-                    "no skipped step"
+                let want = run(Device::Cpu, &builtin, lr, mix, clip, false);
+                let got = run(Device::Cpu, &custom, lr, mix, clip, false);
+                assert_same(
+                    &format!("{custom:?} {mix:?} clip {clip}"),
+                    &got,
+                    &want,
+                    false,
                 );
-                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-                    let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{what}: buffer {k} differs");
-                }
-                assert_eq!(got.len(), want.len());
             }
         }
+    }
+}
+
+/// On the GPU the custom rule's kernels are generated and compiled at run time (NVRTC, or the
+/// emulated device's stand-in): they step bit for bit like the built-in rule's, also replayed
+/// from a captured graph, and like the CPU engine (without clipping: the GPU sums the norm in
+/// another order).
+#[test]
+fn custom_rules_on_the_gpu_step_bit_for_bit_like_the_built_in_rules() {
+    if !gpu_or_skip("custom_rules_on_the_gpu_step_bit_for_bit_like_the_built_in_rules") {
+        return;
+    }
+    let gpu = Device::Cuda(0);
+    for (builtin, custom, lr) in pairs() {
+        for mix in MIXES {
+            for clip in [false, true] {
+                let what = format!("{custom:?} {mix:?} clip {clip}");
+                let want = run(gpu, &builtin, lr, mix, clip, false);
+                let got = run(gpu, &custom, lr, mix, clip, false);
+                assert_same(&format!("GPU {what}"), &got, &want, false);
+                if !clip {
+                    let cpu = run(Device::Cpu, &custom, lr, mix, clip, false);
+                    assert_same(&format!("GPU against CPU {what}"), &got, &cpu, true);
+                }
+            }
+        }
+        let mix = (DType::BF16, DType::F32);
+        let want = run(gpu, &builtin, lr, mix, true, true);
+        let got = run(gpu, &custom, lr, mix, true, true);
+        assert_same(&format!("graph-replayed {custom:?}"), &got, &want, false);
     }
 }
 
@@ -190,8 +215,9 @@ fn custom_adam_and_lion_step_bit_for_bit_like_the_built_in_rules() {
 fn a_wrong_custom_rule_is_told_apart() {
     let builtin: Rule = Adam::preset(Flavor::PyTorch).into();
     let wrong: Rule = custom_adam(0.9, 0.99, 1e-8).into();
-    let (want, _) = run(&builtin, 0.01, DType::F32, DType::F32, false);
-    let (got, _) = run(&wrong, 0.01, DType::F32, DType::F32, false);
+    let mix = (DType::F32, DType::F32);
+    let (want, _) = run(Device::Cpu, &builtin, 0.01, mix, false, false);
+    let (got, _) = run(Device::Cpu, &wrong, 0.01, mix, false, false);
     assert_ne!(got, want);
 }
 
@@ -257,9 +283,15 @@ fn bad_definitions_get_typed_errors() {
             }),
         ),
         (
-            "other than",
+            "lr, t and sqrt are taken",
             Box::new(|r: &mut CustomRuleBuilder| {
                 r.hyperparameter("lr", 0.1);
+            }),
+        ),
+        (
+            "C++'s keywords are taken",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.coefficient("float", "beta");
             }),
         ),
         (
@@ -362,4 +394,88 @@ fn custom_rules_run_data_parallel() {
     ];
     let err = DataParallel::cpu(mixed, Default::default()).unwrap_err();
     assert!(matches!(err, Error::ReplicasDiffer { .. }), "{err}");
+}
+
+/// A body the compiler refuses is a typed error when the optimizer is built on the GPU, carrying
+/// the compiler's log and the line of the body it points at; the same rule still runs on the CPU.
+#[test]
+fn a_cuda_body_that_does_not_compile_says_where() {
+    if !gpu_or_skip("a_cuda_body_that_does_not_compile_says_where") {
+        return;
+    }
+    let mut r = CustomRule::builder("broken_sign");
+    r.hyperparameter("beta", 0.9)
+        .slot("m", 0.0)
+        .coefficient("beta", "beta")
+        .cpu(|k, p, g, s| {
+            s[0] = k[0] * s[0] + g;
+            *p -= s[0].signum();
+        })
+        .cuda("s[0] = k.beta * s[0] + g;\n    p = p - sgn(s[0]);\n");
+    let rule: Rule = r.build().unwrap().into();
+    let tensors = awkward_tensors(64);
+    let set = build_with(Device::Cuda(0), &tensors, DType::F32, None);
+    let err = Optimizer::new(set, rule.clone(), 0.01).unwrap_err();
+    let text = err.to_string();
+    match err {
+        Error::CustomRuleCompile {
+            rule,
+            line,
+            code,
+            log,
+            ..
+        } => {
+            assert_eq!(rule, "broken_sign");
+            assert_eq!(line, Some(2), "{log}");
+            assert_eq!(code.as_deref(), Some("p = p - sgn(s[0]);"));
+            assert!(log.contains("sgn"), "{log}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(text.contains("at line 2: `p = p - sgn(s[0]);`"), "{text}");
+    Optimizer::new(build(&tensors), rule, 0.01).unwrap();
+}
+
+/// A custom rule is compiled once per process and architecture, however many optimizers use it;
+/// another rule of the same name but another body gets kernels of its own.
+#[test]
+fn custom_kernels_are_compiled_once_and_never_mixed_up() {
+    if !gpu_or_skip("custom_kernels_are_compiled_once_and_never_mixed_up") {
+        return;
+    }
+    let sign = |body: &str| {
+        let mut r = CustomRule::builder("signs");
+        r.slot("unused", 0.0)
+            .coefficient("lr", "lr")
+            .cpu(|_, _, _, _| {})
+            .cuda(body);
+        Rule::from(r.build().unwrap())
+    };
+    let down = sign("p = p - k.lr * (g > 0.0f ? 1.0f : -1.0f);");
+    let up = sign("p = p + k.lr * (g > 0.0f ? 1.0f : -1.0f);");
+    let tensors = vec![Tensor {
+        name: "w".into(),
+        group: "default",
+        values: vec![1.0; 37],
+    }];
+    let step = |rule: &Rule| {
+        let set = build_with(Device::Cuda(0), &tensors, DType::F32, None);
+        let mut opt = Optimizer::new(set, rule.clone(), 0.25).unwrap();
+        opt.params_mut().set_grad("w", &[1.0; 37]).unwrap();
+        opt.step().unwrap();
+        opt.params().read_param("w").unwrap()[0]
+    };
+    let compiled = || {
+        let units = fusedopt::cuda::runtime::nvrtc_compiled();
+        units
+            .into_iter()
+            .filter(|u| u.starts_with("custom_signs_"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(step(&down), 0.75);
+    assert_eq!(step(&down), 0.75);
+    assert_eq!(compiled().len(), 1, "{:?}", compiled());
+    assert_eq!(step(&up), 1.25);
+    assert_eq!(step(&down), 0.75);
+    assert_eq!(compiled().len(), 2, "{:?}", compiled());
 }

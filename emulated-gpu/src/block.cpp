@@ -54,14 +54,25 @@ void fatal(const char* fmt, ...) {
 
 // ------------------------------------------------------------------ registry
 
+// Kernels register when a library defining them loads: the stand-in libcuda's own at start, a
+// unit the stand-in NVRTC compiled while other threads may be launching. Entries are never
+// replaced (a name stands for one source), so a found kernel stays valid until exit.
 static std::map<std::string, Kernel>& registry() {
     static auto* r = new std::map<std::string, Kernel>();  // never destroyed: used until exit
     return *r;
 }
+static std::mutex& registry_mutex() {
+    static auto* m = new std::mutex();
+    return *m;
+}
 
-void register_kernel(Kernel k) { registry()[k.name] = std::move(k); }
+void register_kernel(Kernel k) {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    registry().emplace(k.name, std::move(k));
+}
 
 const Kernel* find_kernel(const std::string& name) {
+    std::lock_guard<std::mutex> lock(registry_mutex());
     auto it = registry().find(name);
     return it == registry().end() ? nullptr : &it->second;
 }

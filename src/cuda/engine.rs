@@ -132,7 +132,10 @@ impl CudaEngine {
         let rt = rt.clone();
         let dev = rt.device;
         let stream = &rt.stream;
-        let update_module = rt.module("update")?;
+        let update_module = match rule.generated_family() {
+            Some(family) => rt.generated_module(&family)?,
+            None => rt.module("update")?,
+        };
         let norm_module = rt.module("norm")?;
         let name = format!(
             "update_{}_{}_{}",

@@ -12,7 +12,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 
 type Program = *mut c_void;
 type Status = c_int;
@@ -187,19 +187,42 @@ fn target(n: &Nvrtc, cc: (i32, i32)) -> (String, bool) {
     (format!("compute_{}", below.unwrap_or(arch)), false)
 }
 
+/// Why NVRTC gave no image.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// NVRTC or the CUDA headers were not found, or NVRTC failed before compiling.
+    Unusable(String),
+    /// NVRTC compiled the source and refused it, saying why in its log.
+    Rejected { arch: String, log: String },
+}
+
+impl Failure {
+    /// The error for a unit of the build's own kernels, which only NVRTC could give.
+    pub fn for_built_in(self, name: &str) -> Error {
+        match self {
+            Failure::Unusable(why) => Error::KernelLoad(format!(
+                "no fatbin was embedded for '{name}' (built without nvcc) and {why}"
+            )),
+            Failure::Rejected { arch, log } => {
+                Error::KernelLoad(format!("NVRTC failed on {name} for {arch}:\n{log}"))
+            }
+        }
+    }
+}
+
 /// Compiles one translation unit (headers already inlined) for a device of compute capability
 /// `cc`: a cubin, or PTX when NVRTC does not know the device's architecture. The options match
 /// build.rs's nvcc ones (no FMA contraction, so the GPU rounds like the CPU engine).
-pub(crate) fn compile(name: &str, source: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
-    let n = nvrtc().map_err(|why| {
-        Error::KernelLoad(format!(
-            "no fatbin was embedded for '{name}' (built without nvcc) and {why}"
-        ))
-    })?;
+pub(crate) fn compile(
+    name: &str,
+    source: &str,
+    cc: (i32, i32),
+) -> std::result::Result<Vec<u8>, Failure> {
+    let n = nvrtc().map_err(Failure::Unusable)?;
     let include = n.include.as_ref().ok_or_else(|| {
-        Error::KernelLoad(format!(
-            "NVRTC {}.{} found, but not the CUDA headers (cuda_bf16.h): set FUSEDOPT_CUDA_INCLUDE \
-             or CUDA_HOME",
+        Failure::Unusable(format!(
+            "NVRTC {}.{} was found, but not the CUDA headers (cuda_bf16.h): set \
+             FUSEDOPT_CUDA_INCLUDE or CUDA_HOME",
             n.version.0, n.version.1
         ))
     })?;
@@ -207,13 +230,13 @@ pub(crate) fn compile(name: &str, source: &str, cc: (i32, i32)) -> Result<Vec<u8
     let fail = |what: &str, status: Status| {
         // SAFETY: nvrtcGetErrorString returns a static string for any status.
         let text = unsafe { CStr::from_ptr((n.error_string)(status)) };
-        Error::KernelLoad(format!(
+        Failure::Unusable(format!(
             "NVRTC {what} on {name}: {}",
             text.to_string_lossy()
         ))
     };
     let c =
-        |s: &str| CString::new(s).map_err(|_| Error::KernelLoad("NUL in a kernel source".into()));
+        |s: &str| CString::new(s).map_err(|_| Failure::Unusable("NUL in a kernel source".into()));
     let (c_source, c_name) = (c(source)?, c(name)?);
     let options: Vec<CString> = [
         format!("--gpu-architecture={arch}"),
@@ -223,7 +246,7 @@ pub(crate) fn compile(name: &str, source: &str, cc: (i32, i32)) -> Result<Vec<u8
     ]
     .iter()
     .map(|o| c(o))
-    .collect::<Result<_>>()?;
+    .collect::<std::result::Result<_, _>>()?;
     let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
     let mut program: Program = std::ptr::null_mut();
     // SAFETY: every pointer is a live NUL-terminated string for the duration of the calls; the
@@ -256,10 +279,12 @@ pub(crate) fn compile(name: &str, source: &str, cc: (i32, i32)) -> Result<Vec<u8
             };
         let result = if compiled != 0 {
             let log = read(n.log_size, n.log);
-            Err(Error::KernelLoad(format!(
-                "NVRTC failed on {name} for {arch}:\n{}",
-                String::from_utf8_lossy(&log).trim_end_matches('\0')
-            )))
+            Err(Failure::Rejected {
+                arch: arch.clone(),
+                log: String::from_utf8_lossy(&log)
+                    .trim_end_matches('\0')
+                    .to_string(),
+            })
         } else if sass {
             Ok(read(n.cubin_size, n.cubin))
         } else {

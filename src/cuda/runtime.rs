@@ -12,6 +12,7 @@ use cudarc::nvrtc::Ptx;
 use super::{kernels, nvrtc};
 use crate::device::{cuda_device_count, Unavailable};
 use crate::error::{Error, Result};
+use crate::rules::GeneratedFamily;
 use crate::Device;
 
 /// Maps a driver error, telling out-of-memory apart.
@@ -113,6 +114,38 @@ impl CudaRuntime {
     /// A translation unit's module, loaded on first use: its fatbin when one was embedded, else
     /// NVRTC's output for this device.
     pub(crate) fn module(&self, unit: &'static str) -> Result<Arc<CudaModule>> {
+        self.loaded(unit, || {
+            match kernels::FATBINS.iter().find(|(n, _)| *n == unit) {
+                Some((_, bytes)) => Ok(bytes.to_vec()),
+                None => compiled_by_nvrtc(unit, self.capability, || {
+                    inline_headers(&format!("{unit}.cu"))
+                })
+                .map_err(|f| f.for_built_in(&format!("{unit}.cu"))),
+            }
+        })
+    }
+
+    /// The module of a kernel family the build did not compile (a custom rule's): the update
+    /// template with the family's source, compiled by NVRTC at first use (once per process and
+    /// architecture) and loaded once per device.
+    pub(crate) fn generated_module(&self, g: &GeneratedFamily) -> Result<Arc<CudaModule>> {
+        self.loaded(g.family, || {
+            compiled_by_nvrtc(g.family, self.capability, || {
+                Ok(inline_headers("update.cuh")? + &g.source)
+            })
+            .map_err(|f| match f {
+                nvrtc::Failure::Unusable(why) => g.unusable(&why),
+                nvrtc::Failure::Rejected { log, .. } => g.rejected("NVRTC", &log),
+            })
+        })
+    }
+
+    /// `unit`'s module on this device, loading `image()` the first time.
+    fn loaded(
+        &self,
+        unit: &'static str,
+        image: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Arc<CudaModule>> {
         let mut modules = self
             .modules
             .lock()
@@ -120,19 +153,18 @@ impl CudaRuntime {
         if let Some(m) = modules.get(unit) {
             return Ok(m.clone());
         }
-        let image = match kernels::FATBINS.iter().find(|(n, _)| *n == unit) {
-            Some((_, bytes)) => bytes.to_vec(),
-            None => compiled_by_nvrtc(unit, self.capability)?,
-        };
-        let module = self.ctx.load_module(Ptx::from_binary(image)).map_err(|e| {
-            Error::KernelLoad(format!(
-                "{unit} on {} (sm_{}{}): {e:?}; {}",
-                self.device,
-                self.capability.0,
-                self.capability.1,
-                kernels::provenance()
-            ))
-        })?;
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(image()?))
+            .map_err(|e| {
+                Error::KernelLoad(format!(
+                    "{unit} on {} (sm_{}{}): {e:?}; {}",
+                    self.device,
+                    self.capability.0,
+                    self.capability.1,
+                    kernels::provenance()
+                ))
+            })?;
         modules.insert(unit, module.clone());
         Ok(module)
     }
@@ -144,37 +176,45 @@ impl CudaRuntime {
     }
 }
 
-/// NVRTC's image of `unit` for compute capability `cc`: compiled once per process (every device
-/// of one architecture, and every runtime opened later, reuses it).
-fn compiled_by_nvrtc(unit: &str, cc: (i32, i32)) -> Result<Vec<u8>> {
+/// NVRTC's image of `unit` (whose source is `source()`) for compute capability `cc`: compiled
+/// once per process (every device of one architecture, and every runtime opened later, reuses
+/// it).
+fn compiled_by_nvrtc(
+    unit: &str,
+    cc: (i32, i32),
+    source: impl FnOnce() -> Result<String>,
+) -> std::result::Result<Vec<u8>, nvrtc::Failure> {
     type Images = Mutex<HashMap<(String, (i32, i32)), Arc<Vec<u8>>>>;
     static IMAGES: std::sync::OnceLock<Images> = std::sync::OnceLock::new();
     // Held while compiling: threads wanting the same unit wait for one compilation.
     let mut images = IMAGES
         .get_or_init(Default::default)
         .lock()
-        .map_err(|_| Error::Cuda("NVRTC image cache poisoned".into()))?;
+        .map_err(|_| nvrtc::Failure::Unusable("NVRTC image cache poisoned".into()))?;
     let key = (unit.to_string(), cc);
     if let Some(image) = images.get(&key) {
         return Ok(image.to_vec());
     }
-    let image = Arc::new(nvrtc::compile(
-        &format!("{unit}.cu"),
-        &inline_headers(&format!("{unit}.cu"))?,
-        cc,
-    )?);
-    NVRTC_COMPILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let source = source().map_err(|e| nvrtc::Failure::Unusable(e.to_string()))?;
+    let image = Arc::new(nvrtc::compile(&format!("{unit}.cu"), &source, cc)?);
+    if let Ok(mut units) = NVRTC_COMPILED.lock() {
+        units.push(unit.to_string());
+    }
     images.insert(key, image.clone());
     Ok(image.to_vec())
 }
 
-/// Translation units compiled by NVRTC in this process (each once per architecture).
-static NVRTC_COMPILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// The units NVRTC compiled in this process, in order.
+static NVRTC_COMPILED: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// How many translation units NVRTC has compiled in this process: at most one per unit and
-/// architecture, however many optimizers and devices use them.
-pub fn nvrtc_compiles() -> usize {
-    NVRTC_COMPILES.load(std::sync::atomic::Ordering::Relaxed)
+/// The translation units NVRTC has compiled in this process, in order: each appears at most once
+/// per architecture, however many optimizers and devices use it (a custom rule's is named
+/// `custom_<rule>_<hash>`).
+pub fn nvrtc_compiled() -> Vec<String> {
+    NVRTC_COMPILED
+        .lock()
+        .map(|units| units.clone())
+        .unwrap_or_default()
 }
 
 /// The embedded source of `file` with its `#include "…"` lines replaced by the headers' text, for

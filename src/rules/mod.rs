@@ -18,6 +18,7 @@ mod common;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use common::{max_nan, powu, stored, Decay};
+pub(crate) use custom::GeneratedFamily;
 
 use crate::error::{Error, Result};
 use crate::Element;
@@ -138,6 +139,10 @@ pub(crate) trait RuleSpec {
     /// Its kernel family: the CUDA entry points are `update_<family>_<grad>_<state>` (declared by
     /// `FUSEDOPT_FAMILY` in its `.cuh`).
     fn family(&self) -> &'static str;
+    /// Its family's CUDA source, when the build did not compile it (a custom rule's).
+    fn generated_family(&self) -> Option<GeneratedFamily> {
+        None
+    }
     /// Its part of a parameter group's device config, as its `.cuh` reads it.
     fn device_config(&self) -> DeviceConfig;
     fn coefficients(&self, ctx: &StepContext) -> Self::Coefficients;
@@ -218,8 +223,22 @@ impl Default for StepMemo {
     }
 }
 
-/// [`RuleSpec`] without its associated type, for dispatch through `&dyn`.
-trait RuleSpecDyn {
+/// Declares [`RuleSpec`]'s methods once more without its associated type, for dispatch through
+/// `&dyn`, each forwarded to the rule's own.
+macro_rules! dyn_rule_spec {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        trait RuleSpecDyn {
+            $(fn $name(&self $(, $arg: $ty)*) -> $ret;)*
+        }
+        impl<R: RuleSpec> RuleSpecDyn for R {
+            $(fn $name(&self $(, $arg: $ty)*) -> $ret {
+                RuleSpec::$name(self $(, $arg)*)
+            })*
+        }
+    };
+}
+
+dyn_rule_spec! {
     fn cycles_momentum(&self) -> bool;
     fn needs_step_scalars(&self) -> bool;
     fn step_scalars(&self, t: u64, lr: f64, memo: &mut StepMemo) -> StepScalars;
@@ -233,52 +252,8 @@ trait RuleSpecDyn {
     fn state_names(&self) -> &'static [&'static str];
     fn state_init(&self, name: &str) -> StateInit;
     fn family(&self) -> &'static str;
+    fn generated_family(&self) -> Option<GeneratedFamily>;
     fn device_config(&self) -> DeviceConfig;
-}
-
-impl<R: RuleSpec> RuleSpecDyn for R {
-    fn cycles_momentum(&self) -> bool {
-        RuleSpec::cycles_momentum(self)
-    }
-    fn needs_step_scalars(&self) -> bool {
-        RuleSpec::needs_step_scalars(self)
-    }
-    fn step_scalars(&self, t: u64, lr: f64, memo: &mut StepMemo) -> StepScalars {
-        RuleSpec::step_scalars(self, t, lr, memo)
-    }
-    fn scalars_follow_lr(&self) -> bool {
-        RuleSpec::scalars_follow_lr(self)
-    }
-    fn memo_is_history(&self) -> bool {
-        RuleSpec::memo_is_history(self)
-    }
-    fn eval_params(&self, y: &[f32], state: &[Vec<f32>]) -> Option<Vec<f32>> {
-        RuleSpec::eval_params(self, y, state)
-    }
-    fn schedule_conflict(&self) -> Option<&'static str> {
-        RuleSpec::schedule_conflict(self)
-    }
-    fn runnable_on(&self, device: crate::Device) -> Result<()> {
-        RuleSpec::runnable_on(self, device)
-    }
-    fn common(&self) -> &Common {
-        RuleSpec::common(self)
-    }
-    fn validate(&self) -> Result<()> {
-        RuleSpec::validate(self)
-    }
-    fn state_names(&self) -> &'static [&'static str] {
-        RuleSpec::state_names(self)
-    }
-    fn state_init(&self, name: &str) -> StateInit {
-        RuleSpec::state_init(self, name)
-    }
-    fn family(&self) -> &'static str {
-        RuleSpec::family(self)
-    }
-    fn device_config(&self) -> DeviceConfig {
-        RuleSpec::device_config(self)
-    }
 }
 
 /// A rule's coefficients applied to a run of elements.
@@ -478,6 +453,11 @@ impl Rule {
     /// The CUDA kernel family of this rule.
     pub(crate) fn family(&self) -> &'static str {
         self.spec().family()
+    }
+
+    /// Its family's CUDA source, when the runtime must compile it (a custom rule's).
+    pub(crate) fn generated_family(&self) -> Option<GeneratedFamily> {
+        self.spec().generated_family()
     }
 
     /// This rule's part of a parameter group's device config.

@@ -76,6 +76,29 @@ impl Expr {
     }
 }
 
+impl fmt::Display for Expr {
+    /// The expression in CUDA C++ (`cuda.rs`), fully parenthesised: the same f64 operations in
+    /// the same order, over `h` (the group config's hyperparameters), `lr` and `t`. Numbers are
+    /// written in Rust's shortest round-trip form, which a C++ compiler reads back to the same
+    /// double.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Number(x) => write!(f, "{x:?}"),
+            Expr::Hyper(i) => write!(f, "h[{i}]"),
+            Expr::Lr => write!(f, "lr"),
+            Expr::Step => write!(f, "(double)t"),
+            Expr::Neg(a) => write!(f, "(-{a})"),
+            Expr::Add(a, b) => write!(f, "({a} + {b})"),
+            Expr::Sub(a, b) => write!(f, "({a} - {b})"),
+            Expr::Mul(a, b) => write!(f, "({a} * {b})"),
+            Expr::Div(a, b) => write!(f, "({a} / {b})"),
+            Expr::Pow(a, Power::Step) => write!(f, "powu({a}, t)"),
+            Expr::Pow(a, Power::Whole(n)) => write!(f, "powu({a}, {n}ull)"),
+            Expr::Sqrt(a) => write!(f, "sqrt({a})"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum Token {
     Number(f64),
@@ -289,6 +312,25 @@ mod tests {
         assert_eq!(eval("2 - 3 - 4", 0.0, 1).unwrap(), -5.0);
         assert_eq!(eval("8 / 4 / 2", 0.0, 1).unwrap(), 1.0);
         assert_eq!(eval("2.5e-3 * t", 0.0, 4).unwrap(), 0.01);
+    }
+
+    #[test]
+    fn expressions_are_written_for_cuda_with_every_operation_in_place() {
+        let names = ["beta1".to_string()];
+        let scope = Scope {
+            hyperparameters: &names,
+        };
+        let e = Expr::parse("-lr / (1 - beta1^t) * sqrt(2.5e-3 + t) - beta1^2", &scope).unwrap();
+        assert_eq!(
+            e.to_string(),
+            "((((-lr) / (1.0 - powu(h[0], t))) * sqrt((0.0025 + (double)t))) - powu(h[0], 2ull))"
+        );
+        // Every f64 literal is written so that it reads back as the same double.
+        for x in [0.1, 1e-8, 1e300, 0.999, 1.0 / 3.0, 5e-324] {
+            let text = Expr::Number(x).to_string();
+            assert_eq!(text.parse::<f64>().unwrap().to_bits(), x.to_bits(), "{text}");
+            assert!(text.contains('.') || text.contains('e'), "{text} reads as an integer");
+        }
     }
 
     #[test]

@@ -30,9 +30,14 @@
 //! The CPU function gets the coefficients in the order they were declared, the parameter (weight
 //! decay applied), the gradient (clip factor, loss-scale inverse and the sign of `maximize`
 //! applied) and the state in slot order, widened to f32. The CUDA body sees the same as `k.<name>`,
-//! `p`, `g` and `s[i]`. Checkpoints record the rule's name, hyperparameters, slots, coefficients
+//! `p`, `g` and `s[i]`: the rule's kernel family is generated from it and its coefficients
+//! (`cuda.rs`) and compiled by NVRTC into the update template when an optimizer is first built
+//! on a GPU with it (once per process and architecture, for every gradient and state dtype), so a
+//! step adds no host work; a body NVRTC refuses is a typed error with its log and the line of the
+//! body it points at. Checkpoints record the rule's name, hyperparameters, slots, coefficients
 //! and CUDA body: a checkpoint loads only into the same rule.
 
+mod cuda;
 mod expr;
 mod math;
 
@@ -44,6 +49,7 @@ use serde::{Deserialize, Serialize};
 use super::{Common, Decay, DeviceConfig, RuleSpec, StateInit, StepContext};
 use crate::error::{Error, Result};
 use crate::Device;
+pub(crate) use cuda::GeneratedFamily;
 use expr::{Expr, Scope};
 pub(crate) use math::CustomCoefficients;
 pub use math::{CoefficientValues, SlotValues};
@@ -58,8 +64,19 @@ pub const MAX_SLOTS: usize = 3;
 
 /// Names an expression gives its own meaning, so no hyperparameter can take them.
 const EXPRESSION_NAMES: &[&str] = &["lr", "t", "sqrt"];
-/// The CUDA coefficients' own fields, so no coefficient can take them.
-const CUDA_FIELDS: &[&str] = &["gscale", "decay"];
+/// The CUDA coefficients' own fields and C++'s keywords, so no coefficient (a field of the
+/// generated coefficients) can take them.
+const CUDA_FIELDS: &[&str] = &[
+    "gscale", "decay", "alignas", "alignof", "asm", "auto", "bool", "break", "case", "catch",
+    "char", "class", "const", "constexpr", "const_cast", "continue", "decltype", "default",
+    "delete", "do", "double", "dynamic_cast", "else", "enum", "explicit", "export", "extern",
+    "false", "float", "for", "friend", "goto", "if", "inline", "int", "long", "mutable",
+    "namespace", "new", "noexcept", "nullptr", "operator", "private", "protected", "public",
+    "register", "reinterpret_cast", "return", "short", "signed", "sizeof", "static",
+    "static_assert", "static_cast", "struct", "switch", "template", "this", "thread_local",
+    "throw", "true", "try", "typedef", "typeid", "typename", "union", "unsigned", "using",
+    "virtual", "void", "volatile", "wchar_t", "while",
+];
 
 /// A user-written rule (see the module docs). Built by [`CustomRule::builder`].
 #[derive(Clone)]
@@ -125,7 +142,7 @@ impl CustomRule {
         Ok(CustomRule {
             common: config.common,
             state_names: intern_list(names),
-            family: intern(&format!("custom_{}", config.name)),
+            family: intern(&cuda::family_name(&config)),
             parsed,
             config,
             cpu,
@@ -220,14 +237,14 @@ fn validate(c: &Config) -> Result<Vec<Expr>> {
     let names = c.hyperparameters.iter().map(|(n, _)| ("hyperparameter", n));
     let names = names.chain(c.slots.iter().map(|(n, _)| ("slot", n)));
     for (what, n) in names.chain(c.coefficients.iter().map(|(n, _)| ("coefficient", n))) {
-        let reserved = match what {
-            "hyperparameter" => EXPRESSION_NAMES,
-            "coefficient" => CUDA_FIELDS,
-            _ => &[],
+        let (reserved, which): (&[&str], &str) = match what {
+            "hyperparameter" => (EXPRESSION_NAMES, "lr, t and sqrt"),
+            "coefficient" => (CUDA_FIELDS, "gscale, decay and C++'s keywords"),
+            _ => (&[], "none"),
         };
         if !is_identifier(n) || reserved.contains(&n.as_str()) {
             return Err(err(format!(
-                "{what} '{n}' must be a C identifier other than {reserved:?}"
+                "{what} '{n}' must be a C identifier, of which {which} are taken"
             )));
         }
         if !seen.insert((what, n)) {
@@ -360,10 +377,7 @@ impl RuleSpec for CustomRule {
                 &self.config.name,
                 "read back without its CPU update (a checkpoint holds none): build it again",
             )),
-            Device::Cuda(_) => Err(bad(
-                &self.config.name,
-                "custom rules run on the CPU engine: their CUDA half is not built yet",
-            )),
+            Device::Cuda(_) => Ok(()),
         }
     }
 
@@ -378,6 +392,10 @@ impl RuleSpec for CustomRule {
 
     fn family(&self) -> &'static str {
         self.family
+    }
+
+    fn generated_family(&self) -> Option<GeneratedFamily> {
+        Some(GeneratedFamily::new(&self.config, &self.parsed, self.family))
     }
 
     /// Params are the hyperparameters, in declaration order.
