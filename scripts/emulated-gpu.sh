@@ -38,8 +38,11 @@ case "$mode" in
     # Only the stand-ins are instrumented: what uninstrumented Rust code copies is not watched.
     export TSAN_OPTIONS="suppressions=$root/emulated-gpu/tsan.supp:ignore_noninstrumented_modules=1:halt_on_error=1:abort_on_error=1:${TSAN_OPTIONS:-}" ;;
 esac
+# A command that runs cargo (directly, or through env) gets the preload through cargo's runner.
+runs_cargo=
+for arg in "$@"; do [ "$(basename -- "$arg")" = cargo ] && runs_cargo=yes && break; done
 if [ -n "$preload" ]; then
-  if [ "$(basename "$1")" = cargo ]; then
+  if [ -n "$runs_cargo" ]; then
     export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="env LD_PRELOAD=$preload"
   else
     export LD_PRELOAD="$preload"

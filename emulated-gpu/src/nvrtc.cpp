@@ -107,9 +107,10 @@ std::string quoted(const std::string& s) {
     return out + "'";
 }
 
-// Runs a shell command; returns its exit status, with its output (stdout and stderr) in `out`.
+// Runs a shell command; returns its exit status, with its stdout (and stderr, unless it goes
+// elsewhere in `command`) in `out`.
 int run(const std::string& command, std::string* out) {
-    FILE* f = popen((command + " 2>&1").c_str(), "r");
+    FILE* f = popen((command + (command.find(" 2>") == std::string::npos ? " 2>&1" : "")).c_str(), "r");
     if (!f) return -1;
     char buf[4096];
     size_t n;
@@ -169,10 +170,13 @@ bool build_for_host(Program* p, std::vector<std::string>* names) {
         return false;
     }
     const std::string cxx = std::string(EMU_CXX) + " " + EMU_CXXFLAGS;
+    // Only the preprocessed text is searched for kernels (warnings quote source lines).
     std::string preprocessed;
-    if (run(cxx + " -E -DEMU_LIST_KERNELS -include cuda_emu_device.h -x c++ " + quoted(unit),
+    const std::string errors_file = dir + "/preprocess.log";
+    if (run(cxx + " -E -DEMU_LIST_KERNELS -include cuda_emu_device.h -x c++ " + quoted(unit) +
+                " 2>" + quoted(errors_file),
             &preprocessed) != 0) {
-        p->log = preprocessed;
+        read_file(errors_file, &p->log);
         return false;
     }
     const auto kernels = kernels_of(preprocessed);
