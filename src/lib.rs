@@ -37,6 +37,7 @@ pub(crate) mod dtype;
 pub(crate) mod error;
 pub(crate) mod host;
 pub(crate) mod layout;
+pub mod lean;
 pub(crate) mod optim;
 pub mod parallel;
 pub mod params;

@@ -1,0 +1,82 @@
+//! Block-wise quantization of optimizer state, as torchao's 8-bit and 4-bit optimizers do it: a
+//! block's scale is its largest magnitude (at least 1e-12), each value divided by it is coded as
+//! the nearest entry of a [`QuantMap`] (exactly halfway: the upper code), and a code decodes to
+//! its entry times the scale. bitsandbytes' blockwise 8-bit optimizers use the same maps and block
+//! size and the nearest code too, except exactly halfway (its CUDA kernel takes the even code).
+
+use super::QuantMap;
+
+/// Elements per block of 8-bit state (bitsandbytes' and torchao's).
+pub const BLOCK_8BIT: usize = 256;
+/// Elements per block of 4-bit state (torchao's).
+pub const BLOCK_4BIT: usize = 128;
+/// Tensors smaller than this keep 32-bit state (bitsandbytes' `min_8bit_size`; torchao's
+/// threshold too, which also keeps a tensor whose size is not a multiple of the block).
+pub const MIN_QUANTIZED_SIZE: usize = 4096;
+
+/// The smallest scale: an all-zero block codes to zero instead of dividing by zero.
+const MIN_SCALE: f32 = 1e-12;
+
+/// A block's scale: its largest magnitude (NaN if it holds one, as `amax` gives), at least 1e-12.
+pub fn block_scale(values: &[f32]) -> f32 {
+    let mut m = 0.0f32;
+    for v in values {
+        let a = v.abs();
+        if a > m || a.is_nan() {
+            m = a;
+        }
+    }
+    if m.is_nan() {
+        m
+    } else {
+        m.max(MIN_SCALE)
+    }
+}
+
+/// The code of `x` (a value already divided by its block's scale): the nearest entry of
+/// `table`, the upper one exactly halfway, the first below the table and the last above it.
+/// The comparisons are f32, in torchao's order.
+pub fn code_of(table: &[f32], x: f32) -> u8 {
+    // The largest k with table[k] <= x (0 below the table).
+    let k = table.partition_point(|&q| q <= x).saturating_sub(1);
+    if k + 1 >= table.len() {
+        return k as u8;
+    }
+    let up = x - table[k] >= (table[k + 1] - table[k]) * 0.5;
+    (k + usize::from(up)) as u8
+}
+
+/// Quantizes one block into `codes` (one code per byte, as long as `values`); returns its scale.
+pub fn quantize_block(map: QuantMap, values: &[f32], codes: &mut [u8]) -> f32 {
+    let table = map.values();
+    let scale = block_scale(values);
+    for (c, &v) in codes.iter_mut().zip(values) {
+        *c = code_of(table, v / scale);
+    }
+    scale
+}
+
+/// Decodes one block: `out[i] = map[codes[i]] · scale`.
+pub fn dequantize_block(map: QuantMap, codes: &[u8], scale: f32, out: &mut [f32]) {
+    let table = map.values();
+    for (o, &c) in out.iter_mut().zip(codes) {
+        *o = table[usize::from(c) & (table.len() - 1)] * scale;
+    }
+}
+
+/// Two 4-bit codes per byte, the even element in the high nibble (torchao's packing); an odd
+/// last code leaves the low nibble 0. `packed` holds `codes.len().div_ceil(2)` bytes.
+pub fn pack_nibbles(codes: &[u8], packed: &mut [u8]) {
+    for (byte, pair) in packed.iter_mut().zip(codes.chunks(2)) {
+        let low = pair.get(1).copied().unwrap_or(0);
+        *byte = (pair[0] & 0x0F) << 4 | (low & 0x0F);
+    }
+}
+
+/// The codes [`pack_nibbles`] packed, `codes.len()` of them.
+pub fn unpack_nibbles(packed: &[u8], codes: &mut [u8]) {
+    for (i, c) in codes.iter_mut().enumerate() {
+        let byte = packed[i / 2];
+        *c = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+    }
+}
