@@ -16,7 +16,7 @@ unset FUSEDOPT_NO_FATBIN
 
 # The executables cargo builds, by target name.
 artifacts=$( { cargo test --release --no-run --message-format=json --test gpu --test parallel \
-                 --test step_decision --test checkpoint --test custom_rules;
+                 --test step_decision --test checkpoint --test custom_rules --test lean;
                cargo build --release --examples --benches --message-format=json; } 2>/dev/null)
 pick() {  # NAME: the executable of that target (the newest when several)
   printf '%s\n' "$artifacts" | python3 -c '
@@ -40,14 +40,14 @@ fi
 
 rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/tests/data"
-for name in gpu parallel step_decision checkpoint custom_rules replay quickstart train microbench \
-            allreduce; do
+for name in gpu parallel step_decision checkpoint custom_rules lean replay quickstart train \
+            microbench allreduce; do
   exe=$(pick "$name")
   [ -n "$exe" ] || { echo "no executable for $name" >&2; exit 1; }
   cp "$exe" "$dir/bin/$name"
   strip "$dir/bin/$name"
 done
-cp -r tests/data/conformance "$dir/tests/data/"
+cp -r tests/data/conformance tests/data/lean "$dir/tests/data/"
 cp benches/torch_baseline.py scripts/gpu-validate.sh scripts/compare_replays.py \
   scripts/merge_bench.py scripts/perf_report.py "$dir/"
 cp "$out_dir/ptxas-report.txt" "$dir/"

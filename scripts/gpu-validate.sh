@@ -9,6 +9,7 @@
 #   tests (NCCL with one rank, from the PyPI wheel's libnccl.so.2 when present; single-GPU
 #   replicas) · the step decision on host and device bit for bit · checkpoints across devices ·
 #   custom rules (their kernels compiled by NVRTC at run time) bit for bit the built-in rules ·
+#   lean state's device kernels (quantization, remainders, stochastic rounding) against the CPU ·
 #   replay --device cuda over the conformance cases, then compared bit for bit with the
 #   same replay on the emulated GPU (carried in the bundle) · compute-sanitizer memcheck,
 #   racecheck, synccheck on a selection · ncu on the Adam and norm kernels · the benchmark program
@@ -84,6 +85,7 @@ step "the step decision on host and device, bit for bit" 30 bin/step_decision --
 step "checkpoints across devices" 30 bin/checkpoint --test-threads 1
 step "custom rules: kernels compiled by NVRTC, bit for bit the built-in rules" 90 \
   bin/custom_rules --test-threads 1
+step "lean state's device kernels, bit for bit the CPU's" 30 bin/lean --test-threads 1
 replays=$(mktemp -d)
 step "replay --device cuda, every conformance case" 60 \
   bin/replay --device cuda --out "$replays" tests/data/conformance/optimizers/*.json \

@@ -329,3 +329,107 @@ fn stochastic_rounding_is_unbiased_and_reproducible() {
     assert_eq!(round_bf16(1.0, 0), bf16::ONE);
     assert_eq!(round_bf16(f32::INFINITY, 0), bf16::INFINITY);
 }
+
+/// The device twins (src/lean/lean.cuh, kernels/lean.cu) give the CPU's bits: codes and scales of
+/// awkward lengths in every map (torchao's recorded blocks among them), their decoding, masters
+/// split and joined, stochastic rounding.
+#[test]
+fn the_device_gives_the_cpus_bits() {
+    if !common::gpu_or_skip("the_device_gives_the_cpus_bits") {
+        return;
+    }
+    use fusedopt::cuda::lean as device;
+    let mut rng = StdRng::seed_from_u64(13);
+    for map in MAPS {
+        let block = if map.bits() == 8 {
+            BLOCK_8BIT
+        } else {
+            BLOCK_4BIT
+        };
+        let signed = map.values()[0] < 0.0;
+        for len in [1, 31, block - 1, block, block + 1, 3 * block + 17] {
+            let values: Vec<f32> = (0..len)
+                .map(|_| {
+                    let x = rng.gen_range(-1.0f32..1.0) * 10f32.powi(rng.gen_range(-6..6));
+                    if signed {
+                        x
+                    } else {
+                        x.abs()
+                    }
+                })
+                .collect();
+            let (codes, scales) = device::quantize_blocks(0, map, block, &values).unwrap();
+            let mut want_codes = vec![0u8; len];
+            let want_scales: Vec<f32> = values
+                .chunks(block)
+                .zip(want_codes.chunks_mut(block))
+                .map(|(v, c)| quantize_block(map, v, c))
+                .collect();
+            assert_eq!(codes, want_codes, "{map:?} {len}: codes");
+            let bits = |s: &[f32]| s.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&scales), bits(&want_scales), "{map:?} {len}: scales");
+            let back = device::dequantize_blocks(0, map, block, &codes, &scales).unwrap();
+            let mut want_back = vec![0.0f32; len];
+            for ((c, o), s) in codes
+                .chunks(block)
+                .zip(want_back.chunks_mut(block))
+                .zip(&scales)
+            {
+                dequantize_block(map, c, *s, o);
+            }
+            assert_eq!(bits(&back), bits(&want_back), "{map:?} {len}: decoded");
+        }
+    }
+    for case in recorded()["cases"].as_array().unwrap() {
+        let map = map_named(case["map"].as_str().unwrap());
+        let block = if map.bits() == 8 {
+            BLOCK_8BIT
+        } else {
+            BLOCK_4BIT
+        };
+        let values = f32s(&case["values"]);
+        let (codes, scales) = device::quantize_blocks(0, map, block, &values).unwrap();
+        let want: Vec<u8> = case["codes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(codes, want, "{map:?}: a recorded block");
+        assert_eq!(scales[0].to_bits(), case["scale"].as_u64().unwrap() as u32);
+    }
+    // Masters: random patterns and the edges (signs, ties, carries into the exponent, NaN, inf).
+    let mut masters: Vec<f32> = (0..100_000).map(|_| f32::from_bits(rng.gen())).collect();
+    masters.extend(
+        [
+            0x0000_8000u32,
+            0x3F80_8000,
+            0x7F7F_8000,
+            0xFF7F_FFFF,
+            0x7F80_0000,
+            0x7FC0_0001,
+            0x8000_0000,
+        ]
+        .map(f32::from_bits),
+    );
+    let (weights, remainders) = device::split_masters(0, &masters).unwrap();
+    for (i, &m) in masters.iter().enumerate() {
+        let (w, r) = split_master(m);
+        assert_eq!((weights[i], remainders[i]), (w.to_bits(), r), "{m:e}");
+    }
+    let joined = device::join_masters(0, &weights, &remainders).unwrap();
+    assert!(joined
+        .iter()
+        .zip(&masters)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    // Stochastic rounding: the same draws and the same roundings.
+    let values: Vec<f32> = (0..10_007).map(|_| rng.gen_range(-4.0f32..4.0)).collect();
+    let rounded = device::stochastic_round(0, &values, 1234, 56).unwrap();
+    for (i, (&x, &r)) in values.iter().zip(&rounded).enumerate() {
+        assert_eq!(
+            r,
+            round_bf16(x, draw(1234, 56, i as u64)).to_bits(),
+            "{x} at {i}"
+        );
+    }
+}

@@ -226,3 +226,19 @@ EMU_MIN_MAX(unsigned long long)
 EMU_MIN_MAX(float)
 EMU_MIN_MAX(double)
 #undef EMU_MIN_MAX
+
+// ------------------------------------------------------------------ bit casts
+// CUDA's reinterpretations between float and 32-bit integers.
+
+static inline unsigned int __float_as_uint(float x) {
+    unsigned int u;
+    memcpy(&u, &x, sizeof u);
+    return u;
+}
+static inline int __float_as_int(float x) { return (int)__float_as_uint(x); }
+static inline float __uint_as_float(unsigned int u) {
+    float x;
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+static inline float __int_as_float(int i) { return __uint_as_float((unsigned int)i); }

@@ -1,11 +1,12 @@
 //! The CUDA backend: kernels embedded by build.rs, the device runtime, device arenas and the
 //! engine that runs a step on the GPU. Raw `unsafe` launches live here and nowhere else. Public
 //! here: the device arenas (buffers for the communicators), device timing and copy bandwidth
-//! (`runtime`), and what was embedded (`kernels`).
+//! (`runtime`), lean state's device kernels (`lean`), and what was embedded (`kernels`).
 
 pub(crate) mod abi;
 pub mod arena;
 pub(crate) mod engine;
+pub mod lean;
 pub(crate) mod nvrtc;
 pub mod runtime;
 
