@@ -20,9 +20,10 @@ pub struct Adadelta {
 }
 
 impl Adadelta {
-    /// The framework's `Adadelta` with its defaults: PyTorch lr 1, ρ 0.9, ε 1e-6; Keras lr 1e-3,
-    /// ρ 0.95, ε 1e-7; Optax ρ 0.9, ε 1e-6 and lr 1 (its default `None` skips the lr scaling,
-    /// which also leaves the sign unflipped: see `porting`). TF1: Keras' defaults.
+    /// The framework's `Adadelta` with its defaults: PyTorch ρ 0.9, ε 1e-6; Keras ρ 0.95, ε 1e-7;
+    /// Optax ρ 0.9, ε 1e-6 (its default lr `None` skips the lr scaling, which also leaves the
+    /// sign unflipped: see `porting`). TF1: Keras' defaults. The frameworks' default lrs are
+    /// the porting module's (`porting::rule_from_framework`).
     pub fn preset(flavor: Flavor) -> Self {
         let keras = matches!(flavor, Flavor::Keras | Flavor::Tf1);
         Adadelta {

@@ -31,8 +31,8 @@ pub struct Adamax {
 }
 
 impl Adamax {
-    /// The framework's `Adamax` with its defaults (PyTorch lr 2e-3; Keras 1e-3 and ε 1e-7;
-    /// Optax has no default lr).
+    /// The framework's `Adamax` with its defaults (Keras' ε 1e-7; the default lrs are the
+    /// porting module's).
     pub fn preset(flavor: Flavor) -> Self {
         Adamax {
             common: Common::default(),

@@ -24,8 +24,8 @@ pub struct Ademamix {
 }
 
 impl Ademamix {
-    /// `optax.contrib.ademamix`'s defaults (β 0.9/0.999/0.9999, α 5, ε 1e-8; lr has no default:
-    /// 1e-3). The other frameworks have none: the same.
+    /// `optax.contrib.ademamix`'s defaults (β 0.9/0.999/0.9999, α 5, ε 1e-8). The other
+    /// frameworks have none: the same.
     pub fn preset(_flavor: Flavor) -> Self {
         Ademamix {
             common: Common::default(),

@@ -26,8 +26,8 @@ pub struct Adopt {
 }
 
 impl Adopt {
-    /// `optax.contrib.adopt`'s defaults (β 0.9/0.9999, ε 1e-6, clipping on; lr has no default:
-    /// 1e-3). The other frameworks have none: the same.
+    /// `optax.contrib.adopt`'s defaults (β 0.9/0.9999, ε 1e-6, clipping on). The other
+    /// frameworks have none: the same.
     pub fn preset(_flavor: Flavor) -> Self {
         Adopt {
             common: Common::default(),

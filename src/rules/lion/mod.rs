@@ -29,9 +29,9 @@ pub struct Lion {
 }
 
 impl Lion {
-    /// The framework's Lion with its defaults: Optax `lion` (lr has no default: 1e-3; decoupled
-    /// decay 1e-3), Keras `Lion` (lr 1e-3), and for PyTorch, which has none, the reference
-    /// implementation `lion-pytorch` (lr 1e-4). TF1 has none: Keras' formulas.
+    /// The framework's Lion with its defaults: Optax `lion` (decoupled decay 1e-3), Keras `Lion`,
+    /// and for PyTorch, which has none, the reference implementation `lion-pytorch`. TF1 has
+    /// none: Keras' formulas. The default lrs are the porting module's.
     pub fn preset(flavor: Flavor) -> Self {
         Lion {
             common: Common::default(),

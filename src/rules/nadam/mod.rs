@@ -29,8 +29,8 @@ pub struct Nadam {
 }
 
 impl Nadam {
-    /// The framework's NAdam with its defaults: PyTorch `NAdam` (lr 2e-3, ε 1e-8, ψ 4e-3) or
-    /// Keras `Nadam` (lr 1e-3, ε 1e-7, ψ 1). Optax and TF1 have none of this kind: PyTorch's.
+    /// The framework's NAdam with its defaults: PyTorch `NAdam` (ε 1e-8, ψ 4e-3) or Keras
+    /// `Nadam` (ε 1e-7, ψ 1). Optax and TF1 have none of this kind: PyTorch's.
     pub fn preset(flavor: Flavor) -> Self {
         let keras = flavor == Flavor::Keras;
         Nadam {

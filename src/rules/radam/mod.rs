@@ -36,8 +36,8 @@ pub struct Radam {
 }
 
 impl Radam {
-    /// The framework's RAdam with its defaults (PyTorch `RAdam`, Optax `radam`; lr 1e-3). Keras
-    /// and TF1 have none: PyTorch's formulas.
+    /// The framework's RAdam with its defaults (PyTorch `RAdam`, Optax `radam`). Keras and TF1
+    /// have none: PyTorch's formulas.
     pub fn preset(flavor: Flavor) -> Self {
         let optax = flavor == Flavor::Optax;
         Radam {
