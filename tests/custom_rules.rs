@@ -479,3 +479,46 @@ fn custom_kernels_are_compiled_once_and_never_mixed_up() {
     assert_eq!(step(&down), 0.75);
     assert_eq!(compiled().len(), 2, "{:?}", compiled());
 }
+
+/// Without NVRTC a custom rule on the GPU is a typed error naming what is missing, when the
+/// optimizer is built (run in a child process: NVRTC is looked for once per process).
+#[test]
+fn without_nvrtc_a_custom_rule_on_the_gpu_is_a_typed_error() {
+    const CHILD: &str = "FUSEDOPT_TEST_WITHOUT_NVRTC";
+    if std::env::var_os(CHILD).is_none() {
+        if !gpu_or_skip("without_nvrtc_a_custom_rule_on_the_gpu_is_a_typed_error") {
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "without_nvrtc_a_custom_rule_on_the_gpu_is_a_typed_error",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .env("FUSEDOPT_NVRTC_LIB", "/nonexistent/libnvrtc.so.13")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the child failed:\n{text}");
+        assert!(text.contains("1 passed"), "{text}");
+        return;
+    }
+    let tensors = awkward_tensors(65);
+    let set = build_with(Device::Cuda(0), &tensors, DType::F32, None);
+    match Optimizer::new(set, custom_lion(0.9, 0.99), 1e-3) {
+        Err(Error::CustomRule { rule, reason }) => {
+            assert_eq!(rule, "lion_custom");
+            assert!(reason.contains("NVRTC"), "{reason}");
+            assert!(reason.contains("/nonexistent/libnvrtc.so.13"), "{reason}");
+        }
+        Err(other) => panic!("expected a typed refusal, got {other}"),
+        Ok(_) => panic!("a custom rule was built on a GPU without NVRTC"),
+    }
+    // The built-in rules need no NVRTC where their fatbin is embedded.
+    if !fusedopt::cuda::kernels::FATBINS.is_empty() {
+        let set = build_with(Device::Cuda(0), &tensors, DType::F32, None);
+        Optimizer::new(set, Lion::preset(Flavor::Optax), 1e-3).unwrap();
+    }
+}
