@@ -289,9 +289,27 @@ fn bad_definitions_get_typed_errors() {
             }),
         ),
         (
-            "C++'s keywords are taken",
+            "C++'s keywords and reserved names are taken",
             Box::new(|r: &mut CustomRuleBuilder| {
                 r.coefficient("float", "beta");
+            }),
+        ),
+        (
+            "C++'s keywords and reserved names are taken",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.coefficient("or", "beta");
+            }),
+        ),
+        (
+            "C++'s keywords and reserved names are taken",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.coefficient("_Beta", "beta");
+            }),
+        ),
+        (
+            "NUL character",
+            Box::new(|r: &mut CustomRuleBuilder| {
+                r.cuda("s[0] = g; \0");
             }),
         ),
         (
@@ -478,6 +496,21 @@ fn custom_kernels_are_compiled_once_and_never_mixed_up() {
     assert_eq!(step(&up), 1.25);
     assert_eq!(step(&down), 0.75);
     assert_eq!(compiled().len(), 2, "{:?}", compiled());
+    // The same text with the hyperparameters declared in another order reads them elsewhere:
+    // it compiles kernels of its own.
+    let ordered = |names: [(&str, f64); 2]| {
+        let mut r = CustomRule::builder("signs");
+        r.hyperparameter(names[0].0, names[0].1)
+            .hyperparameter(names[1].0, names[1].1)
+            .slot("unused", 0.0)
+            .coefficient("step", "lr * up")
+            .cpu(|_, _, _, _| {})
+            .cuda("p = p - k.step;");
+        Rule::from(r.build().unwrap())
+    };
+    assert_eq!(step(&ordered([("up", 1.0), ("down", -1.0)])), 0.75);
+    assert_eq!(step(&ordered([("down", -1.0), ("up", 1.0)])), 0.75);
+    assert_eq!(compiled().len(), 4, "{:?}", compiled());
 }
 
 /// Without NVRTC a custom rule on the GPU is a typed error naming what is missing, when the

@@ -110,7 +110,9 @@ std::string quoted(const std::string& s) {
 // Runs a shell command; returns its exit status, with its stdout (and stderr, unless it goes
 // elsewhere in `command`) in `out`.
 int run(const std::string& command, std::string* out) {
-    FILE* f = popen((command + (command.find(" 2>") == std::string::npos ? " 2>&1" : "")).c_str(), "r");
+    // The compiler and tools run without the sanitizer runtime a sanitizer build preloads here.
+    const std::string redirect = command.find(" 2>") == std::string::npos ? " 2>&1" : "";
+    FILE* f = popen(("env -u LD_PRELOAD " + command + redirect).c_str(), "r");
     if (!f) return -1;
     char buf[4096];
     size_t n;
@@ -216,8 +218,8 @@ bool build_for_host(Program* p, std::vector<std::string>* names) {
         }
         const std::string staged = cached + "." + std::to_string(getpid());
         std::string ignored;
-        if (run("cp " + quoted(so) + " " + quoted(staged) + " && mv " + quoted(staged) + " " +
-                    quoted(cached),
+        if (run("sh -c " + quoted("cp " + quoted(so) + " " + quoted(staged) + " && mv " +
+                                  quoted(staged) + " " + quoted(cached)),
                 &ignored) != 0) {
             p->log = "could not write " + cached + ": " + ignored;
             return false;

@@ -115,7 +115,9 @@ pub fn dequantize_blocks(
     let (codes_dev, scales_dev) = (upload(&rt, codes)?, upload(&rt, scales)?);
     let table = upload(&rt, map.values())?;
     let mut out = zeros::<f32>(&rt, codes.len())?;
-    let (n, block32, len) = (codes.len() as u64, block as u32, map.values().len() as u32);
+    // One block covers every code when it is longer than them (and so fits the kernel's u32).
+    let block32 = block.min(codes.len()) as u32;
+    let (n, len) = (codes.len() as u64, map.values().len() as u32);
     let mut b = rt.stream.launch_builder(&kernel);
     b.arg(&codes_dev)
         .arg(&scales_dev)

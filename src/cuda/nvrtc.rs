@@ -277,7 +277,9 @@ pub(crate) fn compile(
                 }
                 buf
             };
-        let result = if compiled != 0 {
+        // NVRTC_ERROR_COMPILATION: the source was refused, its log says why; any other failure
+        // is NVRTC's own (options, memory).
+        let result = if compiled == 6 {
             let log = read(n.log_size, n.log);
             Err(Failure::Rejected {
                 arch: arch.clone(),
@@ -285,6 +287,8 @@ pub(crate) fn compile(
                     .trim_end_matches('\0')
                     .to_string(),
             })
+        } else if compiled != 0 {
+            Err(fail("failed", compiled))
         } else if sass {
             Ok(read(n.cubin_size, n.cubin))
         } else {

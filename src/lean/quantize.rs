@@ -46,7 +46,8 @@ pub fn code_of(table: &[f32], x: f32) -> u8 {
     (k + usize::from(up)) as u8
 }
 
-/// Quantizes one block into `codes` (one code per byte, as long as `values`); returns its scale.
+/// Quantizes one block into `codes` (one code per byte; as many as both hold); returns its
+/// scale.
 pub fn quantize_block(map: QuantMap, values: &[f32], codes: &mut [u8]) -> f32 {
     let table = map.values();
     let scale = block_scale(values);
@@ -73,10 +74,13 @@ pub fn pack_nibbles(codes: &[u8], packed: &mut [u8]) {
     }
 }
 
-/// The codes [`pack_nibbles`] packed, `codes.len()` of them.
+/// The codes [`pack_nibbles`] packed: as many as `codes` holds, or as `packed` holds (two per
+/// byte), whichever is fewer.
 pub fn unpack_nibbles(packed: &[u8], codes: &mut [u8]) {
-    for (i, c) in codes.iter_mut().enumerate() {
-        let byte = packed[i / 2];
-        *c = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
+    for (pair, byte) in codes.chunks_mut(2).zip(packed) {
+        pair[0] = byte >> 4;
+        if let Some(low) = pair.get_mut(1) {
+            *low = byte & 0x0F;
+        }
     }
 }

@@ -3,7 +3,10 @@
 //! `store_param_remainders`). The remainder is the master's low 16 bits; the weight is its high
 //! 16 bits, plus one when the remainder's top bit is set — the master rounded to the nearest bf16,
 //! ties away from zero — and joining undoes that carry. Every one of the 2³² bit patterns round
-//! trips (tests/lean.rs checks them all).
+//! trips (tests/lean.rs checks them all). The carry wraps as 16-bit arithmetic does, as in
+//! TransformerEngine: a NaN master whose high half is 0x7FFF or 0xFFFF and whose remainder's top
+//! bit is set (0x7FFFFFFF, CUDA's canonical NaN, among them) shows a zero weight; joined back, it
+//! is the same NaN.
 
 use half::bf16;
 

@@ -21,11 +21,12 @@ pub(crate) struct GeneratedFamily {
     body: String,
 }
 
-/// The family name of a rule: its name and a hash of everything its kernels are made of, so two
-/// rules of one name with different bodies never share kernels in a process.
-pub(super) fn family_name(c: &Config) -> String {
+/// The family name of a rule: its name and a hash of the source its kernels are made from, so
+/// two rules that would compile differently never share kernels in a process (the
+/// hyperparameters' values are not in the source: they travel in the group config).
+pub(super) fn family_name(c: &Config, parsed: &[Expr]) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&c.name, c.slots.len(), &c.coefficients, &c.cuda).hash(&mut h);
+    source(c, parsed, "custom").hash(&mut h);
     format!("custom_{}_{:016x}", c.name, h.finish())
 }
 
@@ -34,9 +35,10 @@ fn body_file(rule: &str) -> String {
     format!("{rule}.cuda")
 }
 
-impl GeneratedFamily {
-    pub(super) fn new(c: &Config, parsed: &[Expr], family: &'static str) -> Self {
-        let mut s = String::new();
+/// The family `family`'s CUDA C++: its coefficients made from their expressions, and its
+/// element update around the user's body, which compile errors number from its first line.
+fn source(c: &Config, parsed: &[Expr], family: &str) -> String {
+        let mut s = format!("#line 1 \"{family}.cu\"\n");
         let fields: Vec<&str> = c.coefficients.iter().map(|(n, _)| n.as_str()).collect();
         // Writing to a String cannot fail.
         let _ = write!(
@@ -78,16 +80,22 @@ impl GeneratedFamily {
             file = body_file(&c.name),
             body = c.cuda.trim_end()
         );
-        // Lines after the body are the generated unit's again, numbered from its start.
+        // Lines after the body are the family's again (numbered from the line after its first
+        // `#line`, which is this text's first line).
         let _ = write!(
             s,
             "#line {next} \"{family}.cu\"\n        }}\n    }}\n}};\n\
              FUSEDOPT_FAMILY({family}, {family}_family)\n",
-            next = s.lines().count() + 2
+            next = s.lines().count() + 1
         );
+    s
+}
+
+impl GeneratedFamily {
+    pub(super) fn new(c: &Config, parsed: &[Expr], family: &'static str) -> Self {
         GeneratedFamily {
             family,
-            source: s,
+            source: source(c, parsed, family),
             rule: c.name.clone(),
             body: c.cuda.clone(),
         }
@@ -110,7 +118,20 @@ impl GeneratedFamily {
             let digits = rest.strip_prefix('(').or_else(|| rest.strip_prefix(':'))?;
             let end = digits.find(|c: char| !c.is_ascii_digit())?;
             let line = digits[..end].parse::<usize>().ok()?;
-            l.contains("error").then_some(line)
+            // NVRTC: `(line): error`, `(line): catastrophic error`; g++: `:line:col: error`,
+            // `:line:col: fatal error`. Warnings and notes point at no error.
+            let after = &digits[end..];
+            let message = match after.strip_prefix("): ") {
+                Some(m) => m,
+                None => after
+                    .strip_prefix(':')?
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .strip_prefix(": ")?,
+            };
+            ["error", "catastrophic error", "fatal error"]
+                .iter()
+                .any(|e| message.starts_with(e))
+                .then_some(line)
         });
         let code = line
             .and_then(|n| self.body.lines().nth(n.checked_sub(1)?))

@@ -75,7 +75,9 @@ const CUDA_FIELDS: &[&str] = &[
     "register", "reinterpret_cast", "return", "short", "signed", "sizeof", "static",
     "static_assert", "static_cast", "struct", "switch", "template", "this", "thread_local",
     "throw", "true", "try", "typedef", "typeid", "typename", "union", "unsigned", "using",
-    "virtual", "void", "volatile", "wchar_t", "while",
+    "virtual", "void", "volatile", "wchar_t", "while", "and", "and_eq", "bitand", "bitor", "compl",
+    "not", "not_eq", "or", "or_eq", "xor", "xor_eq", "char16_t", "char32_t", "NULL", "NAN",
+    "INFINITY",
 ];
 
 /// A user-written rule (see the module docs). Built by [`CustomRule::builder`].
@@ -142,7 +144,7 @@ impl CustomRule {
         Ok(CustomRule {
             common: config.common,
             state_names: intern_list(names),
-            family: intern(&cuda::family_name(&config)),
+            family: intern(&cuda::family_name(&config, &parsed)),
             parsed,
             config,
             cpu,
@@ -239,10 +241,12 @@ fn validate(c: &Config) -> Result<Vec<Expr>> {
     for (what, n) in names.chain(c.coefficients.iter().map(|(n, _)| ("coefficient", n))) {
         let (reserved, which): (&[&str], &str) = match what {
             "hyperparameter" => (EXPRESSION_NAMES, "lr, t and sqrt"),
-            "coefficient" => (CUDA_FIELDS, "gscale, decay and C++'s keywords"),
+            "coefficient" => (CUDA_FIELDS, "gscale, decay, C++'s keywords and reserved names"),
             _ => (&[], "none"),
         };
-        if !is_identifier(n) || reserved.contains(&n.as_str()) {
+        // Names with a double underscore or an underscore and a capital are the compiler's.
+        let compilers = what == "coefficient" && (n.starts_with("__") || n.starts_with("_") && n[1..].starts_with(|c: char| c.is_ascii_uppercase()));
+        if !is_identifier(n) || reserved.contains(&n.as_str()) || compilers {
             return Err(err(format!(
                 "{what} '{n}' must be a C identifier, of which {which} are taken"
             )));
@@ -288,6 +292,9 @@ fn check_cuda_body(c: &Config) -> std::result::Result<(), String> {
     let body = &c.cuda;
     if body.trim().is_empty() {
         return Err("no CUDA body: give one with .cuda(…)".into());
+    }
+    if body.contains('\0') {
+        return Err("the CUDA body holds a NUL character".into());
     }
     let bytes = body.as_bytes();
     let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
