@@ -43,6 +43,21 @@ fn f32s(v: &Value) -> Vec<f32> {
         .collect()
 }
 
+/// The codes torchao gave a recorded block.
+fn recorded_codes(case: &Value) -> Vec<u8> {
+    let codes = case["codes"].as_array().unwrap();
+    codes.iter().map(|c| c.as_u64().unwrap() as u8).collect()
+}
+
+/// torchao's block size for `map`.
+fn block_of(map: QuantMap) -> usize {
+    if map.bits() == 8 {
+        BLOCK_8BIT
+    } else {
+        BLOCK_4BIT
+    }
+}
+
 /// The tables are torchao's, bit for bit.
 #[test]
 fn maps_are_torchaos() {
@@ -113,12 +128,7 @@ fn blocks_code_as_torchao_codes_them() {
     for (i, case) in cases.iter().enumerate() {
         let map = map_named(case["map"].as_str().unwrap());
         let values = f32s(&case["values"]);
-        let want: Vec<u8> = case["codes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c.as_u64().unwrap() as u8)
-            .collect();
+        let want = recorded_codes(case);
         let mut codes = vec![0u8; values.len()];
         let scale = quantize_block(map, &values, &mut codes);
         assert_eq!(
@@ -341,11 +351,7 @@ fn the_device_gives_the_cpus_bits() {
     use fusedopt::cuda::lean as device;
     let mut rng = StdRng::seed_from_u64(13);
     for map in MAPS {
-        let block = if map.bits() == 8 {
-            BLOCK_8BIT
-        } else {
-            BLOCK_4BIT
-        };
+        let block = block_of(map);
         let signed = map.values()[0] < 0.0;
         for len in [1, 31, block - 1, block, block + 1, 3 * block + 17] {
             let values: Vec<f32> = (0..len)
@@ -382,19 +388,10 @@ fn the_device_gives_the_cpus_bits() {
     }
     for case in recorded()["cases"].as_array().unwrap() {
         let map = map_named(case["map"].as_str().unwrap());
-        let block = if map.bits() == 8 {
-            BLOCK_8BIT
-        } else {
-            BLOCK_4BIT
-        };
+        let block = block_of(map);
         let values = f32s(&case["values"]);
         let (codes, scales) = device::quantize_blocks(0, map, block, &values).unwrap();
-        let want: Vec<u8> = case["codes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c.as_u64().unwrap() as u8)
-            .collect();
+        let want = recorded_codes(case);
         assert_eq!(codes, want, "{map:?}: a recorded block");
         assert_eq!(scales[0].to_bits(), case["scale"].as_u64().unwrap() as u32);
     }

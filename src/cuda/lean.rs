@@ -2,7 +2,11 @@
 //! its reading back, fp32 masters split into bf16 weights and remainders and joined, stochastic
 //! rounding to bf16. Each gives the bits its CPU twin in [`crate::lean`] gives (tests/lean.rs).
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
@@ -23,6 +27,14 @@ fn config(n: usize) -> LaunchConfig {
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// Device `ordinal`'s runtime and its kernel `name` of kernels/lean.cu.
+fn lean_kernel(ordinal: usize, name: &str) -> Result<(Arc<CudaRuntime>, CudaFunction)> {
+    let rt = CudaRuntime::shared(ordinal)?;
+    let module = rt.module("lean")?;
+    let kernel = rt.function(&module, name)?;
+    Ok((rt, kernel))
 }
 
 fn upload<T: DeviceRepr>(rt: &CudaRuntime, host: &[T]) -> Result<CudaSlice<T>> {
@@ -62,9 +74,7 @@ pub fn quantize_blocks(
     if values.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let rt = CudaRuntime::shared(ordinal)?;
-    let module = rt.module("lean")?;
-    let kernel = rt.function(&module, "lean_quantize_blocks")?;
+    let (rt, kernel) = lean_kernel(ordinal, "lean_quantize_blocks")?;
     let blocks = values.len().div_ceil(block);
     let x = upload(&rt, values)?;
     let table = upload(&rt, map.values())?;
@@ -109,9 +119,7 @@ pub fn dequantize_blocks(
     if codes.is_empty() {
         return Ok(Vec::new());
     }
-    let rt = CudaRuntime::shared(ordinal)?;
-    let module = rt.module("lean")?;
-    let kernel = rt.function(&module, "lean_dequantize_blocks")?;
+    let (rt, kernel) = lean_kernel(ordinal, "lean_dequantize_blocks")?;
     let (codes_dev, scales_dev) = (upload(&rt, codes)?, upload(&rt, scales)?);
     let table = upload(&rt, map.values())?;
     let mut out = zeros::<f32>(&rt, codes.len())?;
@@ -137,9 +145,7 @@ pub fn split_masters(ordinal: usize, masters: &[f32]) -> Result<(Vec<u16>, Vec<i
     if masters.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
-    let rt = CudaRuntime::shared(ordinal)?;
-    let module = rt.module("lean")?;
-    let kernel = rt.function(&module, "lean_split_masters")?;
+    let (rt, kernel) = lean_kernel(ordinal, "lean_split_masters")?;
     let m = upload(&rt, masters)?;
     let mut weights = zeros::<u16>(&rt, masters.len())?;
     let mut remainders = zeros::<i16>(&rt, masters.len())?;
@@ -164,9 +170,7 @@ pub fn join_masters(ordinal: usize, weights: &[u16], remainders: &[i16]) -> Resu
     if weights.is_empty() {
         return Ok(Vec::new());
     }
-    let rt = CudaRuntime::shared(ordinal)?;
-    let module = rt.module("lean")?;
-    let kernel = rt.function(&module, "lean_join_masters")?;
+    let (rt, kernel) = lean_kernel(ordinal, "lean_join_masters")?;
     let (w, r) = (upload(&rt, weights)?, upload(&rt, remainders)?);
     let mut out = zeros::<f32>(&rt, weights.len())?;
     let n = weights.len() as u64;
@@ -183,9 +187,7 @@ pub fn stochastic_round(ordinal: usize, values: &[f32], seed: u64, step: u64) ->
     if values.is_empty() {
         return Ok(Vec::new());
     }
-    let rt = CudaRuntime::shared(ordinal)?;
-    let module = rt.module("lean")?;
-    let kernel = rt.function(&module, "lean_stochastic_round")?;
+    let (rt, kernel) = lean_kernel(ordinal, "lean_stochastic_round")?;
     let x = upload(&rt, values)?;
     let mut out = zeros::<u16>(&rt, values.len())?;
     let n = values.len() as u64;
