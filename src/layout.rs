@@ -1,8 +1,9 @@
 //! The shape of a parameter set: named tensors of any shape laid out in one arena, group by
 //! group, each at a 64-byte aligned offset. Gradients and every optimizer state buffer use the
 //! same layout, so one offset addresses a tensor in all of them, and a range of the arena is a
-//! range of every buffer (all-reduce buckets rely on this). Padding elements are zero and stay
-//! zero.
+//! range of every buffer (all-reduce buckets rely on this). A tensor that quantized state may
+//! code block-wise starts at a multiple of [`QUANTIZED_ALIGN_ELEMS`], so its blocks never cross
+//! an engine's chunk. Padding elements are zero and stay zero.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,6 +13,20 @@ use crate::DType;
 
 /// Alignment of every tensor in the arena, in elements (64 bytes of f32).
 pub const ALIGN_ELEMS: usize = 16;
+
+/// Alignment of a tensor whose state can be quantized (a whole number of 8-bit blocks, and of
+/// 4-bit ones): every engine's chunk is a multiple of it.
+pub const QUANTIZED_ALIGN_ELEMS: usize = crate::lean::quantize::BLOCK_8BIT;
+
+/// Where in the arena a tensor of `len` elements may start: a multiple of this.
+pub(crate) fn tensor_alignment(len: usize) -> usize {
+    use crate::lean::quantize::{quantizes, BLOCK_4BIT};
+    if quantizes(len, BLOCK_4BIT) {
+        QUANTIZED_ALIGN_ELEMS
+    } else {
+        ALIGN_ELEMS
+    }
+}
 
 /// Per-group hyperparameters that override the optimizer's.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]

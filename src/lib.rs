@@ -57,8 +57,8 @@ pub use optim::{
     Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, Ademamix, Adopt, AmsGrad,
     CoefficientValues, Common, CustomRule, CustomRuleBuilder, EpsPlacement, Flavor, Lion,
     LossScale, LrPlacement, MomentForm, MomentumInit, Nadam, NanSign, NonFinitePolicy, Optimizer,
-    OptimizerOptions, Radam, RmsProp, Rule, ScheduleFree, ScheduleFreeBase, ScheduleFreeForm, Sgd,
-    SlotValues, StateInit, StepReport, WeightDecay,
+    OptimizerOptions, QuantizedState, Radam, RmsProp, Rule, ScheduleFree, ScheduleFreeBase,
+    ScheduleFreeForm, Sgd, SlotValues, StateInit, StepReport, WeightDecay,
 };
 pub use params::{
     GroupInfo, GroupOptions, Layout, ParamSet, ParamSetBuilder, ParamsMut, TensorInfo,

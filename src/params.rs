@@ -1,7 +1,8 @@
 //! Parameter sets: named tensors of any shape laid out in one arena, with parameter groups.
 //!
 //! Tensors are placed group by group, each at an offset aligned to [`ALIGN_ELEMS`] so every tensor
-//! starts on a 64-byte boundary (16-byte vector loads on the GPU, whole cache lines on the CPU).
+//! starts on a 64-byte boundary (16-byte vector loads on the GPU, whole cache lines on the CPU); a
+//! tensor whose state can be quantized starts at a multiple of [`QUANTIZED_ALIGN_ELEMS`].
 //! Gradients and every optimizer state buffer use the same layout, so one offset addresses a tensor in
 //! all of them, and a range of the arena is a range of every buffer (all-reduce buckets rely on this).
 //! Padding elements are zero and stay zero.
@@ -14,7 +15,10 @@ use crate::cuda::engine::{DeviceArenas, DeviceStorage};
 use crate::cuda::runtime::{driver_error, CudaRuntime};
 use crate::error::{check_len, Error, Result};
 use crate::host::{HostArenas, HostStorage};
-pub use crate::layout::{GroupInfo, GroupOptions, Layout, TensorInfo, ALIGN_ELEMS};
+use crate::layout::tensor_alignment;
+pub use crate::layout::{
+    GroupInfo, GroupOptions, Layout, TensorInfo, ALIGN_ELEMS, QUANTIZED_ALIGN_ELEMS,
+};
 use crate::{DType, Device, Element};
 
 struct PendingTensor {
@@ -127,6 +131,13 @@ impl ParamSetBuilder {
         for (g, (gname, options)) in self.groups.into_iter().enumerate() {
             let start = offset;
             for t in self.tensors.iter().filter(|t| t.group == g) {
+                let too_large = |at: usize| Error::TooLarge {
+                    name: t.name.clone(),
+                    elements: at as u128 + t.len as u128,
+                };
+                offset = offset
+                    .checked_next_multiple_of(tensor_alignment(t.len))
+                    .ok_or_else(|| too_large(offset))?;
                 tensors.push(TensorInfo {
                     name: t.name.clone(),
                     shape: t.shape.clone(),
@@ -137,10 +148,7 @@ impl ParamSetBuilder {
                 });
                 offset = offset
                     .checked_add(t.len.next_multiple_of(ALIGN_ELEMS))
-                    .ok_or_else(|| Error::TooLarge {
-                        name: t.name.clone(),
-                        elements: offset as u128 + t.len as u128,
-                    })?;
+                    .ok_or_else(|| too_large(offset))?;
             }
             groups.push(GroupInfo {
                 name: gname,

@@ -197,7 +197,7 @@ impl CpuEngine {
 /// (wider vectors halve the cost of Adam's and RMSProp's square roots and divisions). Only vector
 /// width changes: no FMA contraction, so results are the same bits on every path.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+avx", "x86_64+avx2+avx"))]
-fn update_segment<G: Element, S: Element>(
+pub(super) fn update_segment<G: Element, S: Element>(
     c: &Coefficients,
     p: &mut [f32],
     g: &[G],

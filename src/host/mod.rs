@@ -4,14 +4,18 @@
 //! ([`crate::step`]). The kernels, chunked loops over rayon's pool, are `kernels.rs`.
 
 pub(crate) mod kernels;
+mod quantized;
+pub(crate) mod quantized_state;
+pub(crate) mod state;
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
-use crate::rules::{Coefficients, Rule, StateInit, StepContext, StepMemo};
+use crate::rules::{Coefficients, Rule, StepContext, StepMemo};
 use crate::step::{decide, OptimizerOptions, StepParams, StepState, MAX_STEP, POLICY_ERROR};
 use kernels::CpuEngine;
+use state::StateBuffers;
 
 /// A parameter set's arenas in host memory: the fp32 masters, the gradients, and the optional
 /// low-precision model copy.
@@ -33,7 +37,7 @@ pub(crate) struct HostStorage {
 #[derive(Debug)]
 pub(crate) struct HostEngine {
     kernels: CpuEngine,
-    pub state: Vec<Arena>,
+    pub state: StateBuffers,
     coeffs: Vec<Coefficients>,
     pub step_state: StepState,
     step_params: StepParams,
@@ -49,21 +53,10 @@ impl HostEngine {
         options: &OptimizerOptions,
         masters: &[f32],
     ) -> Result<Self> {
-        let len = layout.arena_len();
-        let state = rule
-            .state_names()
-            .iter()
-            .map(|n| match rule.state_init(n) {
-                StateInit::Value(v) => Arena::filled(options.state_dtype, len, v),
-                StateInit::Params => {
-                    let mut a = Arena::filled(options.state_dtype, len, 0.0)?;
-                    a.write_f32(0, masters);
-                    Ok(a)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let plan = LaunchPlan::new(layout, CPU_CHUNK_ELEMS);
+        let state = StateBuffers::new(layout, &plan, rule, options, masters)?;
         Ok(HostEngine {
-            kernels: CpuEngine::new(LaunchPlan::new(layout, CPU_CHUNK_ELEMS)),
+            kernels: CpuEngine::new(plan),
             state,
             coeffs: Vec::with_capacity(layout.groups().len()),
             step_state: StepState::initial(options),
@@ -130,13 +123,23 @@ impl HostEngine {
             };
             self.coeffs.push(rule.coefficients(&ctx));
         }
-        self.kernels.update(
-            &mut a.masters,
-            &a.grads,
-            &mut self.state,
-            a.model.as_mut(),
-            &self.coeffs,
-        );
+        match &mut self.state {
+            StateBuffers::Dense(state) => self.kernels.update(
+                &mut a.masters,
+                &a.grads,
+                state,
+                a.model.as_mut(),
+                &self.coeffs,
+            ),
+            StateBuffers::Quantized { layout, buffers } => quantized::update(
+                layout,
+                &mut a.masters,
+                &a.grads,
+                buffers,
+                a.model.as_mut(),
+                &self.coeffs,
+            ),
+        }
         Ok(true)
     }
 }

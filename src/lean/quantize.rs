@@ -14,6 +14,12 @@ pub const BLOCK_4BIT: usize = 128;
 /// threshold too, which also keeps a tensor whose size is not a multiple of the block).
 pub const MIN_QUANTIZED_SIZE: usize = 4096;
 
+/// Whether a tensor of `len` elements is stored quantized in blocks of `block` (torchao's rule:
+/// large enough, and a whole number of blocks).
+pub fn quantizes(len: usize, block: usize) -> bool {
+    len >= MIN_QUANTIZED_SIZE && len % block == 0
+}
+
 /// The smallest scale: an all-zero block codes to zero instead of dividing by zero.
 const MIN_SCALE: f32 = 1e-12;
 

@@ -19,7 +19,9 @@ pub use crate::rules::{
     Common, EpsPlacement, Flavor, LrPlacement, MomentForm, Rule, StateInit, WeightDecay,
 };
 
-pub use crate::step::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, MAX_STEP};
+pub use crate::step::{
+    LossScale, NonFinitePolicy, OptimizerOptions, QuantizedState, StepReport, MAX_STEP,
+};
 
 use std::sync::Arc;
 
@@ -27,6 +29,7 @@ use crate::arena::Arena;
 use crate::cuda::engine::{CudaEngine, DeviceArenas, DeviceStorage};
 use crate::cuda::runtime::CudaRuntime;
 use crate::error::{Error, Result};
+use crate::host::state::StateBuffers;
 use crate::host::{HostArenas, HostEngine};
 use crate::params::{ParamSet, ParamsMut, Storage};
 use crate::plan::LaunchPlan;
@@ -54,7 +57,7 @@ pub(crate) struct Saved {
 pub(crate) struct Restore {
     pub saved: Saved,
     pub masters: Vec<f32>,
-    pub state: Vec<Arena>,
+    pub state: StateBuffers,
     pub schedule: Option<Box<dyn LrSchedule>>,
 }
 
@@ -170,6 +173,12 @@ impl Optimizer {
         rule.validate()?;
         rule.runnable_on(params.device())?;
         options.validate()?;
+        if options.quantized_state != QuantizedState::None && params.device() != Device::Cpu {
+            return Err(Error::Unsupported(format!(
+                "quantized state on {} (the CUDA engine keeps f32 or bf16 state)",
+                params.device()
+            )));
+        }
         check_lr(params.layout(), lr)?;
         let layout = params.layout().clone();
         match params.storage_mut() {
@@ -393,10 +402,12 @@ impl Optimizer {
     /// One tensor's part of a state buffer, widened to f32 and copied out.
     pub fn state(&self, buffer: &str, tensor: &str) -> Result<Vec<f32>> {
         let slot = self.state_slot(buffer)?;
-        let r = self.params.layout().tensor(tensor)?.range();
+        let layout = self.params.layout();
+        let index = layout.tensor_index(tensor)?;
+        let t = &layout.tensors()[index];
         match self.parts()? {
-            Parts::Host(engine) => Ok(engine.state[slot].to_f32(r)),
-            Parts::Cuda(d, engine) => engine.state[slot].read(&d.rt.stream, r, d.rt.device),
+            Parts::Host(engine) => Ok(engine.state.tensor_f32(slot, index, t)),
+            Parts::Cuda(d, engine) => engine.state[slot].read(&d.rt.stream, t.range(), d.rt.device),
         }
     }
 
@@ -469,7 +480,7 @@ impl Optimizer {
     }
 
     /// Every state buffer, on the host: in place on the CPU, copied from the device on a GPU.
-    pub(crate) fn state_arenas(&self) -> Result<std::borrow::Cow<'_, [Arena]>> {
+    pub(crate) fn state_buffers(&self) -> Result<std::borrow::Cow<'_, StateBuffers>> {
         let len = self.params.layout().arena_len();
         match self.parts()? {
             Parts::Host(engine) => Ok(std::borrow::Cow::Borrowed(&engine.state)),
@@ -482,7 +493,7 @@ impl Optimizer {
                     Ok(host)
                 })
                 .collect::<Result<Vec<_>>>()
-                .map(std::borrow::Cow::Owned),
+                .map(|a| std::borrow::Cow::Owned(StateBuffers::Dense(a))),
         }
     }
 
@@ -521,7 +532,10 @@ impl Optimizer {
                 engine.memo = memo;
             }
             PartsMut::Cuda(rt, _, engine) => {
-                for (dst, src) in engine.state.iter_mut().zip(&state) {
+                let StateBuffers::Dense(state) = &state else {
+                    return Err(Error::Unsupported("quantized state on a GPU".into()));
+                };
+                for (dst, src) in engine.state.iter_mut().zip(state) {
                     dst.write(&rt.stream, 0, &src.to_f32(0..len), rt.device)?;
                 }
                 engine.write_state(restored)?;

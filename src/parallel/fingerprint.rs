@@ -33,14 +33,13 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
         .map(|g| serde_json::json!([g.name, g.options, [g.range.start, g.range.end]]))
         .collect();
     let dtypes = format!("{:?} {:?}", params.grad_dtype(), params.model_dtype());
-    let state = opt.state_arenas()?;
+    let state = opt.state_buffers()?;
     // Before the first step a buffer that starts as a copy of the parameters (schedule-free's
     // z) differs as they do; the first step sets it from rank 0's broadcast ones.
-    let state: Vec<u32> = state
-        .iter()
+    let state: Vec<u32> = (0..state.len())
         .zip(opt.state_names())
         .filter(|(_, n)| saved.step > 0 || opt.rule().state_init(n) != StateInit::Params)
-        .map(|(a, _)| crc32fast::hash(a.bytes(0..a.len())))
+        .map(|(slot, _)| state.checksum(slot))
         .collect();
     Ok(vec![
         (

@@ -136,6 +136,11 @@ pub(crate) trait RuleSpec {
     fn state_init(&self, _name: &str) -> StateInit {
         StateInit::Value(0.0)
     }
+    /// Whether state buffer `name` never holds a negative value (quantized state then codes it on
+    /// an unsigned map, with twice the resolution).
+    fn nonnegative_state(&self, _name: &str) -> bool {
+        false
+    }
     /// Its kernel family: the CUDA entry points are `update_<family>_<grad>_<state>` (declared by
     /// `FUSEDOPT_FAMILY` in its `.cuh`).
     fn family(&self) -> &'static str;
@@ -251,6 +256,7 @@ dyn_rule_spec! {
     fn validate(&self) -> Result<()>;
     fn state_names(&self) -> &'static [&'static str];
     fn state_init(&self, name: &str) -> StateInit;
+    fn nonnegative_state(&self, name: &str) -> bool;
     fn family(&self) -> &'static str;
     fn generated_family(&self) -> Option<GeneratedFamily>;
     fn device_config(&self) -> DeviceConfig;
@@ -442,6 +448,11 @@ impl Rule {
     /// What each state buffer starts as.
     pub fn state_init(&self, name: &str) -> StateInit {
         self.spec().state_init(name)
+    }
+
+    /// Whether state buffer `name` is never negative.
+    pub(crate) fn nonnegative_state(&self, name: &str) -> bool {
+        self.spec().nonnegative_state(name)
     }
 
     /// Refuses hyperparameters no framework accepts, before anything is allocated.

@@ -12,7 +12,9 @@ mod options;
 pub use clip::{ClipFormula, GlobalNormClip};
 pub(crate) use decide::decide;
 pub(crate) use options::check_loss_scale;
-pub use options::{LossScale, NonFinitePolicy, OptimizerOptions, StepReport, MAX_STEP};
+pub use options::{
+    LossScale, NonFinitePolicy, OptimizerOptions, QuantizedState, StepReport, MAX_STEP,
+};
 
 /// `StepParams::clip`: which formula turns the norm into the clip factor (decide.cuh: the same).
 pub(crate) const CLIP_NONE: i32 = 0;

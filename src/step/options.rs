@@ -1,6 +1,7 @@
 //! The step-wide options beside the rule, and what a step reports.
 
 use crate::error::{Error, Result};
+use crate::lean::{quantize, QuantMap};
 use crate::DType;
 
 use super::{usable_loss_scale, GlobalNormClip};
@@ -68,6 +69,25 @@ pub struct OptimizerOptions {
     /// Storage dtype of the optimizer state (moments): f32, or bf16 to halve its memory.
     pub state_dtype: DType,
     pub loss_scale: LossScale,
+    /// Block-wise quantized state (8 or 4 bits per moment); `None` keeps `state_dtype`.
+    #[serde(default)]
+    pub quantized_state: QuantizedState,
+}
+
+/// Optimizer state stored block-wise quantized, as torchao's low-bit optimizers store it: each
+/// block of a tensor holds one code per element and one f32 scale (its largest magnitude), first
+/// moments on a signed map and non-negative buffers on an unsigned one. Tensors smaller than
+/// [`quantize::MIN_QUANTIZED_SIZE`], or not a whole number of blocks, keep f32 state.
+/// Each step decodes a block, updates it in f32 and codes it again, inside the fused pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum QuantizedState {
+    #[default]
+    None,
+    /// 8 bits per element in blocks of 256: the dynamic maps of bitsandbytes and torchao's
+    /// `AdamW8bit`.
+    Block8,
+    /// 4 bits per element in blocks of 128: torchao's `AdamW4bit` maps.
+    Block4,
 }
 
 impl Default for OptimizerOptions {
@@ -77,6 +97,35 @@ impl Default for OptimizerOptions {
             non_finite: NonFinitePolicy::Skip,
             state_dtype: DType::F32,
             loss_scale: LossScale::None,
+            quantized_state: QuantizedState::None,
+        }
+    }
+}
+
+impl QuantizedState {
+    /// Elements per block.
+    pub fn block(self) -> usize {
+        match self {
+            QuantizedState::Block4 => quantize::BLOCK_4BIT,
+            _ => quantize::BLOCK_8BIT,
+        }
+    }
+
+    /// The map a buffer is coded on.
+    pub fn map(self, nonnegative: bool) -> QuantMap {
+        match (self, nonnegative) {
+            (QuantizedState::Block4, false) => QuantMap::DynamicSigned4,
+            (QuantizedState::Block4, true) => QuantMap::LinearUnsigned4,
+            (_, false) => QuantMap::DynamicSigned8,
+            (_, true) => QuantMap::DynamicUnsigned8,
+        }
+    }
+
+    /// Bytes holding the codes of `elems` elements.
+    pub(crate) fn code_bytes(self, elems: usize) -> usize {
+        match self {
+            QuantizedState::Block4 => elems.div_ceil(2),
+            _ => elems,
         }
     }
 }
@@ -113,6 +162,13 @@ impl OptimizerOptions {
         if self.state_dtype == DType::F16 {
             return bad(
                 "optimizer state is f32 or bf16 (f16's range is too narrow for second moments)"
+                    .into(),
+            );
+        }
+        if self.quantized_state != QuantizedState::None && self.state_dtype != DType::F32 {
+            return bad(
+                "quantized state keeps the tensors it does not quantize in f32: leave state_dtype \
+                 at F32"
                     .into(),
             );
         }

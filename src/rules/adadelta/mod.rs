@@ -46,6 +46,10 @@ impl RuleSpec for Adadelta {
         check_nonneg("eps", self.eps)
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "square_avg" | "acc_delta")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["square_avg", "acc_delta"]
     }

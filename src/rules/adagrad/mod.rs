@@ -64,6 +64,10 @@ impl RuleSpec for Adagrad {
         check_nonneg("eps", self.eps)
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "sum")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["sum"]
     }

@@ -126,6 +126,10 @@ impl RuleSpec for Adam {
         true
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "exp_avg_sq" | "max_exp_avg_sq")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         if self.amsgrad != AmsGrad::Off {
             &["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]

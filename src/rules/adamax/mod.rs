@@ -68,6 +68,10 @@ impl RuleSpec for Adamax {
         true
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "exp_inf")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_inf"]
     }

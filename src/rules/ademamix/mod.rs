@@ -55,6 +55,10 @@ impl RuleSpec for Ademamix {
         check_nonneg("eps_root", self.eps_root)
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "exp_avg_sq")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg_fast", "exp_avg_slow", "exp_avg_sq"]
     }

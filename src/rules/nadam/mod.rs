@@ -62,6 +62,10 @@ impl RuleSpec for Nadam {
         check_nonneg("momentum_decay", self.momentum_decay)
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "exp_avg_sq")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq"]
     }

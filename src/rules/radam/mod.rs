@@ -90,6 +90,10 @@ impl RuleSpec for Radam {
         true
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "exp_avg_sq")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         &["exp_avg", "exp_avg_sq"]
     }

@@ -98,6 +98,10 @@ impl RuleSpec for RmsProp {
         self.momentum != 0.0
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "square_avg")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         match (self.centered, self.momentum != 0.0) {
             (false, false) => &["square_avg"],

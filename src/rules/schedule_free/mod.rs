@@ -144,6 +144,10 @@ impl RuleSpec for ScheduleFree {
         )
     }
 
+    fn nonnegative_state(&self, name: &str) -> bool {
+        matches!(name, "exp_avg_sq")
+    }
+
     fn state_names(&self) -> &'static [&'static str] {
         match self.base {
             ScheduleFreeBase::Sgd => &["z"],

@@ -2,7 +2,8 @@
 //! position in one safetensors file (format `fusedopt-checkpoint-2`).
 //!
 //! Tensors are `param/<name>` (the f32 masters) and `state/<buffer>/<name>` (in the state's own
-//! dtype). The metadata holds `format`, `header` (JSON: the rule, the options, lr, step count,
+//! dtype; with quantized state, a coded tensor's codes as stored, u8, two per byte at 4 bits,
+//! and its block scales, f32, in `scale/<buffer>/<name>`). The metadata holds `format`, `header` (JSON: the rule, the options, lr, step count,
 //! loss-scale state and the rule's running step scalars, the parameter groups, the attached
 //! schedule) and `crc32`: CRC-32 (hex) over
 //! framed items, each a u64 little-endian length then the bytes: the format, the header, then
@@ -11,8 +12,8 @@
 //! **A load restores state, never configuration.** It refuses, changing nothing, a file that is
 //! not a regular file, truncated, corrupt (checksum), or holds values no constructor would accept;
 //! and a checkpoint of a differently configured optimizer: other tensors, shapes, groups or group
-//! options, another rule or hyperparameter, other options (clipping, non-finite policy, state dtype,
-//! loss scaling), or another schedule (or a schedule on one side only). The error names the first
+//! options, another rule or hyperparameter, other options (clipping, non-finite policy, state dtype or
+//! quantization, loss scaling), or another schedule (or a schedule on one side only). The error names the first
 //! difference. What it restores: masters (and the model copy), state, step count, loss scale and
 //! its growth counter, the lr, the rule's running scalars (NAdam's product, schedule-free's
 //! weight sum and largest lr), and the schedule's position.
@@ -25,26 +26,30 @@
 //! can be told). A save whose header would pass safetensors' 100 MB limit (tensor names too long)
 //! is refused before anything is written, since it could never be loaded.
 
+mod file;
+
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView, View};
 use serde_json::Value;
 
-use crate::arena::Arena;
 use crate::error::{Error, Result};
+use crate::host::quantized_state::StoredTensor;
+use crate::host::state::{StateBuffers, Stored};
+use crate::layout::TensorInfo;
 use crate::optim::{LossScale, Optimizer, Restore, Saved, MAX_STEP};
 use crate::params::GroupOptions;
 use crate::schedule::LrSchedule;
 use crate::step::check_loss_scale;
 use crate::DType;
+use file::{read_regular_file, write_atomically};
 
 const FORMAT: &str = "fusedopt-checkpoint-2";
 /// safetensors refuses to read a header larger than this.
 const MAX_HEADER_BYTES: usize = 100_000_000;
-const TEMP_SUFFIX: &str = ".fusedopt-tmp";
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
     Error::BadCheckpoint {
@@ -144,6 +149,56 @@ fn safetensors_dtype(d: DType) -> Dtype {
     }
 }
 
+/// One tensor of a checkpoint's state.
+struct Part<'a> {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: &'a [u8],
+}
+
+/// The tensors holding buffer `slot` (named `buffer`) of tensor `t` (the layout's `index`-th):
+/// `state/<buffer>/<name>` in its stored dtype and shape, or for a quantized tensor its codes
+/// (u8, as stored: two per byte at 4 bits) there and its block scales in `scale/<buffer>/<name>`.
+fn state_parts<'a>(
+    state: &'a StateBuffers,
+    slot: usize,
+    buffer: &str,
+    index: usize,
+    t: &TensorInfo,
+) -> Vec<Part<'a>> {
+    let name = format!("state/{buffer}/{}", t.name);
+    let part = |name, dtype, shape, bytes| Part {
+        name,
+        dtype,
+        shape,
+        bytes,
+    };
+    match state.stored(slot, index, t) {
+        Stored::Dense(arena) => vec![part(
+            name,
+            safetensors_dtype(arena.dtype()),
+            t.shape.clone(),
+            arena.bytes(t.range()),
+        )],
+        Stored::Quantized(StoredTensor::Full(f)) => vec![part(
+            name,
+            Dtype::F32,
+            t.shape.clone(),
+            bytemuck::cast_slice(f),
+        )],
+        Stored::Quantized(StoredTensor::Coded { codes, scales }) => vec![
+            part(name, Dtype::U8, vec![codes.len()], codes),
+            part(
+                format!("scale/{buffer}/{}", t.name),
+                Dtype::F32,
+                vec![scales.len()],
+                bytemuck::cast_slice(scales),
+            ),
+        ],
+    }
+}
+
 /// A tensor with its bytes withheld: safetensors serializes these to exactly the file's length
 /// prefix and header (offsets come from `data_len`), without copying any data.
 struct HeaderOnly<'a>(&'a TensorView<'a>);
@@ -239,23 +294,22 @@ impl Optimizer {
         let path = path.as_ref();
         let layout = self.params().layout();
         let values = self.params().masters_snapshot()?;
-        let state = self.state_arenas()?;
+        let state = self.state_buffers()?;
         let names = self.state_names();
         let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
-        let view = |dtype: DType, shape: &[usize], bytes| {
-            TensorView::new(safetensors_dtype(dtype), shape.to_vec(), bytes)
-                .map_err(|e| bad(path, e.to_string()))
+        let view = |dtype: Dtype, shape: Vec<usize>, bytes| {
+            TensorView::new(dtype, shape, bytes).map_err(|e| bad(path, e.to_string()))
         };
-        for t in layout.tensors() {
+        for (index, t) in layout.tensors().iter().enumerate() {
             let bytes = bytemuck::cast_slice(&values[t.range()]);
             tensors.push((
                 format!("param/{}", t.name),
-                view(DType::F32, &t.shape, bytes)?,
+                view(Dtype::F32, t.shape.clone(), bytes)?,
             ));
             for (slot, buffer) in names.iter().enumerate() {
-                let arena = &state[slot];
-                let v = view(arena.dtype(), &t.shape, arena.bytes(t.range()))?;
-                tensors.push((format!("state/{buffer}/{}", t.name), v));
+                for part in state_parts(&state, slot, buffer, index, t) {
+                    tensors.push((part.name, view(part.dtype, part.shape, part.bytes)?));
+                }
             }
         }
         let header = Header {
@@ -306,49 +360,46 @@ impl Optimizer {
         let file = checkpoint.tensors()?;
         let layout = self.params().layout().clone();
         let names = self.state_names();
-        let expected = layout.tensors().len() * (1 + names.len());
+        // Fresh buffers (copies that fail with OutOfHostMemory rather than abort), padding kept.
+        let mut values = crate::arena::try_to_vec(&self.params().masters_snapshot()?)?;
+        let mut state = self.state_buffers()?.try_clone()?;
+        let read = |name: &str, dtype: Dtype, shape: &[usize]| {
+            let view = file
+                .tensor(name)
+                .map_err(|_| bad(path, format!("missing tensor '{name}'")))?;
+            if view.dtype() != dtype || view.shape() != shape {
+                return Err(bad(
+                    path,
+                    format!(
+                        "'{name}' is {:?} {:?}, expected {dtype:?} {shape:?}",
+                        view.dtype(),
+                        view.shape(),
+                    ),
+                ));
+            }
+            Ok(view)
+        };
+        let mut expected = 0;
+        for (index, t) in layout.tensors().iter().enumerate() {
+            let view = read(&format!("param/{}", t.name), Dtype::F32, &t.shape)?;
+            bytemuck::cast_slice_mut::<f32, u8>(&mut values[t.range()])
+                .copy_from_slice(view.data());
+            expected += 1;
+            for (slot, buffer) in names.iter().enumerate() {
+                let parts: Vec<_> = state_parts(&state, slot, buffer, index, t)
+                    .into_iter()
+                    .map(|p| read(&p.name, p.dtype, &p.shape))
+                    .collect::<Result<_>>()?;
+                expected += parts.len();
+                let scales = parts.get(1).map_or(&[][..], |v| v.data());
+                state.write_stored(slot, index, t, parts[0].data(), scales);
+            }
+        }
         if file.len() != expected {
             return Err(bad(
                 path,
                 format!("{} tensors, expected {expected}", file.len()),
             ));
-        }
-        // Fresh buffers (copies that fail with OutOfHostMemory rather than abort), padding kept.
-        let mut values = crate::arena::try_to_vec(&self.params().masters_snapshot()?)?;
-        let mut state: Vec<Arena> = self
-            .state_arenas()?
-            .iter()
-            .map(Arena::try_clone)
-            .collect::<Result<_>>()?;
-        for t in layout.tensors() {
-            for slot in 0..=names.len() {
-                let (name, dtype) = match slot {
-                    0 => (format!("param/{}", t.name), DType::F32),
-                    _ => (
-                        format!("state/{}/{}", names[slot - 1], t.name),
-                        state[slot - 1].dtype(),
-                    ),
-                };
-                let view = file
-                    .tensor(&name)
-                    .map_err(|_| bad(path, format!("missing tensor '{name}'")))?;
-                if view.dtype() != safetensors_dtype(dtype) || view.shape() != t.shape.as_slice() {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "'{name}' is {:?} {:?}, expected {dtype} {:?}",
-                            view.dtype(),
-                            view.shape(),
-                            t.shape
-                        ),
-                    ));
-                }
-                match slot {
-                    0 => bytemuck::cast_slice_mut::<f32, u8>(&mut values[t.range()])
-                        .copy_from_slice(view.data()),
-                    _ => state[slot - 1].write_bytes(t.offset, view.data()),
-                }
-            }
         }
         Ok(Restore {
             saved: header.optimizer.clone(),
@@ -470,121 +521,6 @@ impl Optimizer {
                 path,
                 "saved without a schedule, but this optimizer has one",
             )),
-        }
-    }
-}
-
-/// Reads `path` whole, refusing anything but a regular file (a FIFO would block the open), and
-/// with a typed error when the memory is not there.
-fn read_regular_file(path: &Path) -> Result<Vec<u8>> {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Opening a FIFO for reading blocks until a writer appears; non-blocking, it does not.
-        options.custom_flags(libc::O_NONBLOCK);
-    }
-    let mut file = options.open(path).map_err(io(path))?;
-    let meta = file.metadata().map_err(io(path))?;
-    if !meta.is_file() {
-        return Err(bad(path, "not a regular file"));
-    }
-    let len = usize::try_from(meta.len()).map_err(|_| bad(path, "too large for this machine"))?;
-    let mut bytes = Vec::new();
-    bytes
-        .try_reserve_exact(len)
-        .map_err(|_| Error::OutOfHostMemory { bytes: len })?;
-    file.read_to_end(&mut bytes).map_err(io(path))?;
-    Ok(bytes)
-}
-
-/// This machine's name, as temp file names carry it: letters, digits, `-` and `_` only.
-fn host_name() -> String {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_default();
-    let name: String = name
-        .trim()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if name.is_empty() {
-        "host".into()
-    } else {
-        name
-    }
-}
-
-/// Writes a file at `path` through `write(temp_file)`, atomically (see the module docs).
-fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| bad(path, "not a file path"))?
-        .to_string_lossy()
-        .into_owned();
-    let host = host_name();
-    remove_stale_temps(dir, &file_name, &host);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(&format!(".{host}.{}{TEMP_SUFFIX}", std::process::id()))
-        .tempfile_in(dir)
-        .map_err(io(dir))?;
-    // On any error below, dropping `tmp` removes the temp file.
-    write(tmp.as_file_mut()).map_err(io(tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-    tmp.persist(path).map_err(|e| io(path)(e.error))?;
-    // Persist the rename itself.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
-}
-
-/// Removes temp files of saves to `file_name` made on this machine by processes that no longer
-/// exist. Best effort: a failure here never fails the save.
-fn remove_stale_temps(dir: &Path, file_name: &str, host: &str) {
-    if !cfg!(target_os = "linux") {
-        return; // no portable way to tell whether a process exists without unsafe code
-    }
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let prefix = format!(".{file_name}.");
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(middle) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|n| n.strip_suffix(TEMP_SUFFIX))
-        else {
-            continue;
-        };
-        // Exactly `<random>.<host>.<pid>`: a temp of another target (say `name.1`) has more.
-        let parts: Vec<&str> = middle.split('.').collect();
-        let [_, their_host, pid] = parts.as_slice() else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        let alive = Path::new("/proc").join(pid.to_string()).exists();
-        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
-        if *their_host == host && !alive && is_file {
-            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
