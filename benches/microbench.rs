@@ -2,11 +2,13 @@
 //! PyTorch baseline's JSON, against PyTorch on the same device.
 //!
 //! cargo bench --bench microbench -- [--device cpu|cuda] [--json FILE] [--quick]
-//!                                  [--baseline TORCH.json] [--profiles a,b,...]
+//!                                  [--baseline TORCH.json] [--profiles a,b,...] [--rules a,b,...]
+//!                                  [--state f32|block8|block4]
 //!
 //! Bytes moved follow the roofline count: fp32 masters read and written (8 B/param), gradients read
 //! once (twice with clipping: the norm pass), each state buffer read and written, the model copy
-//! written. Adam fp32 without clipping: 28 B/param.
+//! written. Adam fp32 without clipping: 28 B/param. Quantized state (`--state block8|block4`):
+//! each buffer's codes read and written, its block scales too.
 
 #[path = "../examples/shared/custom_adam.rs"]
 mod custom_adam;
@@ -16,7 +18,7 @@ use std::time::Instant;
 use custom_adam::custom_adam;
 use fusedopt::{
     Adadelta, Adagrad, Adam, Adamax, DType, Device, Flavor, GlobalNormClip, Lion, Nadam, Optimizer,
-    OptimizerOptions, ParamSet, Radam, RmsProp, Rule, Sgd,
+    OptimizerOptions, ParamSet, QuantizedState, Radam, RmsProp, Rule, Sgd,
 };
 use serde_json::{json, Value};
 
@@ -28,6 +30,7 @@ struct Args {
     profiles: Option<Vec<String>>,
     /// Only these rules (by their names in [`rules`]).
     rules: Option<Vec<String>>,
+    quantized_state: QuantizedState,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -38,6 +41,7 @@ fn parse_args() -> Result<Args, String> {
         baseline: None,
         profiles: None,
         rules: None,
+        quantized_state: QuantizedState::None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -56,6 +60,14 @@ fn parse_args() -> Result<Args, String> {
                 a.profiles = it.next().map(|p| p.split(',').map(String::from).collect())
             }
             "--rules" => a.rules = it.next().map(|r| r.split(',').map(String::from).collect()),
+            "--state" => {
+                a.quantized_state = match it.next().as_deref() {
+                    Some("f32") => QuantizedState::None,
+                    Some("block8") => QuantizedState::Block8,
+                    Some("block4") => QuantizedState::Block4,
+                    other => return Err(format!("unknown state {other:?}")),
+                }
+            }
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown argument {other}")),
         }
@@ -136,12 +148,30 @@ fn rules() -> Vec<(&'static str, Rule)> {
     ]
 }
 
-/// Roofline bytes per parameter.
-fn bytes_per_param(rule: &Rule, grads: DType, model: Option<DType>, clip: bool) -> usize {
+/// Roofline bytes per parameter (fractional with quantized state).
+fn bytes_per_param(
+    rule: &Rule,
+    grads: DType,
+    model: Option<DType>,
+    clip: bool,
+    q: QuantizedState,
+) -> f64 {
     let g = grads.size_bytes();
-    8 + g * if clip { 2 } else { 1 }
-        + rule.state_names().len() * 2 * 4
-        + model.map_or(0, DType::size_bytes)
+    let state = match q {
+        QuantizedState::None => 4.0,
+        q => {
+            (q.block() as f64
+                * if q == QuantizedState::Block4 {
+                    0.5
+                } else {
+                    1.0
+                }
+                + 4.0)
+                / q.block() as f64
+        }
+    };
+    (8 + g * if clip { 2 } else { 1 } + model.map_or(0, DType::size_bytes)) as f64
+        + rule.state_names().len() as f64 * 2.0 * state
 }
 
 fn build(
@@ -303,11 +333,14 @@ fn main() {
         for (rname, rule) in rules().into_iter().filter(|(n, _)| wanted(n)) {
             for (mname, grads, model) in mixes {
                 for clip in [false, true] {
-                    let bytes = params * bytes_per_param(&rule, grads, model, clip);
+                    let per_param =
+                        bytes_per_param(&rule, grads, model, clip, args.quantized_state);
+                    let bytes = (params as f64 * per_param) as usize;
                     // Enough sets that one round exceeds the last-level cache several times over.
                     let sets = (256usize << 20).div_ceil(bytes).clamp(1, 8);
                     let options = OptimizerOptions {
                         clip: clip.then(|| GlobalNormClip::new(1.0, Flavor::PyTorch)),
+                        quantized_state: args.quantized_state,
                         ..Default::default()
                     };
                     let mut opts = Vec::new();
@@ -349,6 +382,7 @@ fn main() {
                         results.push(json!({
                             "impl": "fusedopt", "rule": rname, "dtypes": mname, "profile": pname,
                             "params": params, "tensors": sizes.len(), "clip": clip, "graph": graph,
+                            "state": format!("{:?}", args.quantized_state),
                             "step_ms": m.step_ms, "host_us": m.host_us, "gbps": gbps,
                             "frac_of_copy": gbps / copy,
                         }));

@@ -7,6 +7,8 @@
   scaling  the scaling model's table (scripts/scaling_model.py: formulas, not measurements)
   compare  benches/results/compare/table.md (written by
            `cargo run --release --example train -- --compare --out benches/results/compare`)
+  state    benches/results/compare/state.md (written by
+           `cargo run --release --example train -- --compare-state --out benches/results/compare`)
 
 Usage: python3 scripts/readme.py [NAME...]   (default: every section)
 """
@@ -31,6 +33,7 @@ SECTIONS = {
     "perf": from_script("readme_perf.py"),
     "scaling": from_script("scaling_model.py"),
     "compare": from_file("benches/results/compare/table.md"),
+    "state": from_file("benches/results/compare/state.md"),
 }
 
 

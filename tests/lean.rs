@@ -8,7 +8,7 @@ mod common;
 
 use common::repo_root;
 use fusedopt::lean::quantize::{
-    block_scale, code_of, dequantize_block, pack_nibbles, quantize_block, unpack_nibbles,
+    block_scale, code_in, code_of, dequantize_block, pack_nibbles, quantize_block, unpack_nibbles,
     BLOCK_4BIT, BLOCK_8BIT,
 };
 use fusedopt::lean::remainder::{join_master, split_master};
@@ -201,6 +201,45 @@ fn round_trip_error_is_bounded_by_half_a_gap() {
 
 /// Exactly halfway between two entries the upper code is taken; below the table the first,
 /// above it the last.
+/// The indexed lookup the step uses gives the binary search's code for every value tried: one
+/// bit pattern in 251 over all 2³² (every sign, exponent, NaN and ∞), the ends of every index
+/// range, and every pattern within 64 ulps of each table entry and each midpoint.
+#[test]
+fn the_indexed_lookup_gives_the_searchs_code() {
+    for map in MAPS {
+        let t = map.values();
+        let check = |bits: u32| {
+            let x = f32::from_bits(bits);
+            (code_in(map, x) != code_of(t, x)).then_some(bits)
+        };
+        let strided = (0..u32::MAX / 251)
+            .into_par_iter()
+            .find_map_any(|i| check(i * 251));
+        assert_eq!(
+            strided, None,
+            "{map:?}: a strided pattern codes differently"
+        );
+        // The first and last patterns of every index range (sign, exponent, 4 mantissa bits).
+        for key in 0u32..1 << 13 {
+            for bits in [
+                key << 19,
+                key << 19 | 1,
+                (key << 19) | 0x7FFFF,
+                (key << 19) | 0x7FFFE,
+            ] {
+                assert_eq!(check(bits), None, "{map:?}: {:e}", f32::from_bits(bits));
+            }
+        }
+        let near = |x: f32| (-64i64..=64).map(move |d| (x.to_bits() as i64 + d) as u32);
+        for k in 0..t.len() {
+            let mid = t[k] + (t[(k + 1).min(t.len() - 1)] - t[k]) * 0.5;
+            for bits in near(t[k]).chain(near(mid)).chain(near(-t[k])) {
+                assert_eq!(check(bits), None, "{map:?}: {:e}", f32::from_bits(bits));
+            }
+        }
+    }
+}
+
 #[test]
 fn ties_go_up_and_the_ends_clamp() {
     for map in MAPS {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use fusedopt::Flavor;
+use fusedopt::{DType, Flavor, QuantizedState};
 
 use crate::model::Loss;
 
@@ -46,6 +46,16 @@ pub(crate) enum GradDType {
     Bf16,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum StateName {
+    F32,
+    Bf16,
+    /// Block-wise 8-bit (torchao's AdamW8bit maps).
+    Block8,
+    /// Block-wise 4-bit (torchao's AdamW4bit maps).
+    Block4,
+}
+
 #[derive(Parser, Clone, Debug)]
 #[command(about = "Data-parallel digit classifier trained with fusedopt's fused optimizers")]
 pub(crate) struct Args {
@@ -84,6 +94,9 @@ pub(crate) struct Args {
     /// Gradient dtype (bf16: mixed precision with fp32 masters).
     #[arg(long, value_enum, default_value = "f32")]
     pub(crate) grad_dtype: GradDType,
+    /// How the optimizer stores its state (moments).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(crate) state: StateName,
     #[arg(long, default_value_t = 20)]
     pub(crate) epochs: usize,
     /// Global batch, split evenly between replicas.
@@ -107,6 +120,10 @@ pub(crate) struct Args {
     /// split; several seeds) and write table.md and loss.svg to --out.
     #[arg(long)]
     pub(crate) compare: bool,
+    /// Train AdamW with each state storage (f32, bf16, 8-bit, 4-bit) over several seeds and write
+    /// state.md to --out: test accuracy and optimizer memory per parameter.
+    #[arg(long)]
+    pub(crate) compare_state: bool,
     #[arg(long, default_value = "compare-out")]
     pub(crate) out: PathBuf,
     /// Seeds per optimizer in --compare.
@@ -123,6 +140,15 @@ pub(crate) fn flavor(f: FlavorName) -> Flavor {
         FlavorName::Keras => Flavor::Keras,
         FlavorName::Optax => Flavor::Optax,
         FlavorName::Tf1 => Flavor::Tf1,
+    }
+}
+
+pub(crate) fn state_options(s: StateName) -> (DType, QuantizedState) {
+    match s {
+        StateName::F32 => (DType::F32, QuantizedState::None),
+        StateName::Bf16 => (DType::BF16, QuantizedState::None),
+        StateName::Block8 => (DType::F32, QuantizedState::Block8),
+        StateName::Block4 => (DType::F32, QuantizedState::Block4),
     }
 }
 

@@ -4,6 +4,7 @@
 //! cargo run --release --example train                      # Adam, MLP, 2 CPU replicas
 //! cargo run --release --example train -- --help
 //! cargo run --release --example train -- --compare --out benches/results/compare
+//! cargo run --release --example train -- --compare-state --out benches/results/compare
 //!
 //! Each replica computes the gradients of its share of every batch (forward and backward with
 //! ndarray's matrix products), marks them ready layer by layer from the last so their all-reduce
@@ -11,6 +12,7 @@
 
 mod cli;
 mod compare;
+mod compare_state;
 mod data;
 mod metrics;
 mod model;
@@ -25,6 +27,7 @@ use fusedopt::Device;
 
 use cli::{default_lr, Args};
 use compare::compare;
+use compare_state::compare_state;
 use data::Error;
 use run::{load, model_of, train};
 
@@ -33,6 +36,9 @@ fn main() -> Result<(), Error> {
     let splits = load(&args)?;
     if args.compare {
         return compare(&args, &splits);
+    }
+    if args.compare_state {
+        return compare_state(&args, &splits);
     }
     let selection = Device::auto();
     let model = model_of(&args, splits.train.side);

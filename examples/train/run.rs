@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::cli::{flavor, Args, GradDType, ModelName, RuleName, ScheduleName};
+use crate::cli::{flavor, state_options, Args, GradDType, ModelName, RuleName, ScheduleName};
 use crate::data::{self, Dataset, Error};
 use crate::metrics::{self, Metrics};
 use crate::model::{self, Arch, Model};
@@ -90,8 +90,11 @@ pub(crate) fn replicas(
     seed: u64,
 ) -> fusedopt::Result<Vec<Optimizer>> {
     let init = model.init(seed);
+    let (state_dtype, quantized_state) = state_options(args.state);
     let options = OptimizerOptions {
         clip: (args.clip > 0.0).then(|| GlobalNormClip::new(args.clip, flavor(args.flavor))),
+        state_dtype,
+        quantized_state,
         ..Default::default()
     };
     (0..args.replicas)

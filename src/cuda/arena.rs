@@ -70,6 +70,19 @@ impl DeviceArena {
         }
     }
 
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceArena::F32(s) => s.len(),
+            DeviceArena::BF16(s) => s.len(),
+            DeviceArena::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Reads `range` back as f32 (synchronises the stream).
     pub fn read(
         &self,

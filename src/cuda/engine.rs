@@ -121,6 +121,14 @@ fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
 }
 
 impl CudaEngine {
+    /// Bytes of device memory its state buffers hold.
+    pub(crate) fn state_bytes(&self) -> usize {
+        self.state
+            .iter()
+            .map(|a| a.len() * a.dtype().size_bytes())
+            .sum()
+    }
+
     pub(crate) fn new(
         rt: &Arc<CudaRuntime>,
         params: &DeviceArenas,

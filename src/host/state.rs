@@ -87,6 +87,17 @@ impl StateBuffers {
         }
     }
 
+    /// Bytes held, every buffer together.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            StateBuffers::Dense(a) => a.iter().map(|a| a.len() * a.dtype().size_bytes()).sum(),
+            StateBuffers::Quantized { buffers, .. } => buffers
+                .iter()
+                .map(|b| b.codes.len() + 4 * (b.scales.len() + b.full.len()))
+                .sum(),
+        }
+    }
+
     /// A checksum of everything buffer `slot` stores.
     pub(crate) fn checksum(&self, slot: usize) -> u32 {
         let mut h = crc32fast::Hasher::new();

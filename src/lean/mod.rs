@@ -5,9 +5,9 @@
 //!
 //! These are the element and block operations the fused step applies to lean state; they are
 //! public so that quantized moments can be read back (dequantized) and so that their tests check
-//! them against the reference libraries (`tests/lean.rs`). The fused step does not use them yet:
-//! optimizer state is still f32, bf16 or f16 (`OptimizerOptions::state_dtype`).
-
+//! them against the reference libraries (`tests/lean.rs`). The CPU engine's step over quantized
+//! state (`OptimizerOptions::quantized_state`) is `host/quantized.rs`; the masters and stochastic
+//! rounding are not in the step yet.
 mod qmap;
 pub mod quantize;
 pub mod remainder;

@@ -52,13 +52,82 @@ pub fn code_of(table: &[f32], x: f32) -> u8 {
     (k + usize::from(up)) as u8
 }
 
+/// Mantissa bits of the key into [`CodeIndex`]: 2^(1 + 8 + 4) keys of one byte per map.
+const INDEX_MANTISSA_BITS: u32 = 4;
+
+/// [`code_of`] without its binary search: for every range of f32 bit patterns sharing sign,
+/// exponent and the top mantissa bits, the largest entry at or below the range's smallest
+/// value. A lookup then steps up past the few entries inside the range (none, mostly), so it
+/// finds the very `k` of the search, and rounds as [`code_of`] does.
+struct CodeIndex {
+    first: Vec<u8>,
+}
+
+impl CodeIndex {
+    const SHIFT: u32 = 23 - INDEX_MANTISSA_BITS;
+
+    fn new(table: &[f32]) -> Self {
+        let keys = 1usize << (32 - Self::SHIFT);
+        let first = (0..keys)
+            .map(|key| {
+                let low = (key as u32) << Self::SHIFT;
+                let span = (1u32 << Self::SHIFT) - 1;
+                // The range's smallest value: its lowest pattern when positive, highest when
+                // negative (non-finite ranges are never looked up).
+                let smallest = f32::from_bits(if low >> 31 == 0 { low } else { low | span });
+                let k = table.partition_point(|&q| q <= smallest).saturating_sub(1);
+                k as u8
+            })
+            .collect();
+        CodeIndex { first }
+    }
+
+    #[inline(always)]
+    fn code(&self, table: &[f32], x: f32) -> u8 {
+        let bits = x.to_bits();
+        if bits & 0x7F80_0000 == 0x7F80_0000 {
+            return code_of(table, x); // NaN or ±∞
+        }
+        let mut k = usize::from(self.first[(bits >> Self::SHIFT) as usize]);
+        while k + 1 < table.len() && table[k + 1] <= x {
+            k += 1;
+        }
+        if k + 1 >= table.len() {
+            return k as u8;
+        }
+        let up = x - table[k] >= (table[k + 1] - table[k]) * 0.5;
+        (k + usize::from(up)) as u8
+    }
+}
+
+fn index(map: QuantMap) -> &'static CodeIndex {
+    static INDEXES: [std::sync::OnceLock<CodeIndex>; 4] = [
+        std::sync::OnceLock::new(),
+        std::sync::OnceLock::new(),
+        std::sync::OnceLock::new(),
+        std::sync::OnceLock::new(),
+    ];
+    let slot = match map {
+        QuantMap::DynamicSigned8 => 0,
+        QuantMap::DynamicUnsigned8 => 1,
+        QuantMap::DynamicSigned4 => 2,
+        QuantMap::LinearUnsigned4 => 3,
+    };
+    INDEXES[slot].get_or_init(|| CodeIndex::new(map.values()))
+}
+
+/// [`code_of`] on `map`'s table, through its lookup index (the same code for every `x`).
+pub fn code_in(map: QuantMap, x: f32) -> u8 {
+    index(map).code(map.values(), x)
+}
+
 /// Quantizes one block into `codes` (one code per byte; as many as both hold); returns its
 /// scale.
 pub fn quantize_block(map: QuantMap, values: &[f32], codes: &mut [u8]) -> f32 {
-    let table = map.values();
+    let (table, index) = (map.values(), index(map));
     let scale = block_scale(values);
     for (c, &v) in codes.iter_mut().zip(values) {
-        *c = code_of(table, v / scale);
+        *c = index.code(table, v / scale);
     }
     scale
 }

@@ -399,7 +399,18 @@ impl Optimizer {
         self.rule.state_names()
     }
 
-    /// One tensor's part of a state buffer, widened to f32 and copied out.
+    /// Bytes of optimizer state this optimizer holds (every buffer, padding included; with
+    /// quantized state: codes, block scales and the f32 part). Masters, gradients and the model
+    /// copy are the parameter set's.
+    pub fn state_bytes(&self) -> Result<usize> {
+        Ok(match self.parts()? {
+            Parts::Host(engine) => engine.state.bytes(),
+            Parts::Cuda(_, engine) => engine.state_bytes(),
+        })
+    }
+
+    /// One tensor's part of a state buffer, widened to f32 and copied out (decoded when the
+    /// state is quantized: the documented way to export quantized moments).
     pub fn state(&self, buffer: &str, tensor: &str) -> Result<Vec<f32>> {
         let slot = self.state_slot(buffer)?;
         let layout = self.params.layout();
