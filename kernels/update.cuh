@@ -7,6 +7,7 @@
 // which applied. A rule's kernel family (src/rules/*/*.cuh, or a custom rule's generated one) and
 // the gradient and state dtypes are template parameters; every entry point has the same signature.
 #pragma once
+#include "lean/lean.cuh"
 #include "multi_tensor.cuh"
 #include "rules/common.cuh"
 
@@ -69,6 +70,114 @@ __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepS
         });
 }
 
+// A run of one chunk's elements in one group, all coded or all f32 (`Piece` in
+// host/quantized_state.rs); `full` is where an f32 run's state starts in every buffer's f32 part.
+struct Piece {
+    unsigned long long start;
+    unsigned long long full;
+    unsigned int len;
+    unsigned int group;
+    unsigned int coded;
+    unsigned int unused;
+};
+static_assert(sizeof(Piece) == 32, "Piece");
+ABI_FIELD(Piece, start, 0); ABI_FIELD(Piece, full, 8); ABI_FIELD(Piece, len, 16);
+ABI_FIELD(Piece, group, 20); ABI_FIELD(Piece, coded, 24);
+
+// The fused update over quantized state (host/quantized.rs, the CPU's): each buffer `q` is codes
+// `c[q]` (BITS 8: one byte per element in blocks of 256; BITS 4: two per byte, the even element in
+// the high nibble, in blocks of 128), one scale per block `sc[q]`, the f32 part `f[q]` and its code
+// table `t[q]`. One warp per block: each lane decodes its consecutive elements, updates them with
+// the rule's own maths, and the warp's largest magnitude is the block's new scale.
+template <typename F, typename G, int BITS>
+__device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, const StepState* st,
+                                 const StepEntry* ring, unsigned int ring_len, float* p,
+                                 const G* g, unsigned char* const* c, float* const* sc,
+                                 float* const* f, const float* const* t, void* model,
+                                 int model_kind) {
+    if (st->skip) return;
+    const Piece piece = pieces[blockIdx.x];
+    const GroupConfig cfg = cfgs[piece.group];
+    const StepEntry& e = ring[(st->step - 1) % ring_len];
+    const typename F::Coefficients k = F::make(cfg, e.lr * cfg.lr_scale, st->step,
+                                               (float)(st->grad_scale * cfg.sign), e);
+    constexpr int n = F::slots;
+    if (!piece.coded) {
+        for (unsigned int j = threadIdx.x; j < piece.len; j += blockDim.x) {
+            const unsigned long long i = piece.start + j, at = piece.full + j;
+            float pe = p[i];
+            float s[3] = {n > 0 ? f[0][at] : 0.f, n > 1 ? f[1][at] : 0.f, n > 2 ? f[2][at] : 0.f};
+            F::apply(k, pe, to_f32(g[i]), s);
+            p[i] = pe;
+#pragma unroll
+            for (int q = 0; q < n; ++q) f[q][at] = s[q];
+            store_model1(model, model_kind, i, pe);
+        }
+        return;
+    }
+    constexpr unsigned int B = BITS == 8 ? 256 : 128, E = B / 32, LEN = 1u << BITS;
+    const unsigned int lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    for (unsigned int b = threadIdx.x / 32; b * B < piece.len; b += warps) {
+        const unsigned long long first = piece.start + (unsigned long long)b * B;
+        const unsigned long long block = first / B, at = first + lane * E;
+        float v[3][E];
+#pragma unroll
+        for (int q = 0; q < n; ++q) {
+            const float scale = sc[q][block];
+#pragma unroll
+            for (unsigned int j = 0; j < E; ++j) {
+                const unsigned long long i = at + j;
+                const unsigned int code = BITS == 8 ? c[q][i] : (c[q][i / 2] >> (i % 2 ? 0 : 4)) & 15u;
+                v[q][j] = t[q][code] * scale;
+            }
+        }
+#pragma unroll
+        for (unsigned int j = 0; j < E; ++j) {
+            float pe = p[at + j];
+            float s[3] = {n > 0 ? v[0][j] : 0.f, n > 1 ? v[1][j] : 0.f, n > 2 ? v[2][j] : 0.f};
+            F::apply(k, pe, to_f32(g[at + j]), s);
+            p[at + j] = pe;
+#pragma unroll
+            for (int q = 0; q < n; ++q) v[q][j] = s[q];
+            store_model1(model, model_kind, at + j, pe);
+        }
+#pragma unroll
+        for (int q = 0; q < n; ++q) {
+            float m = 0.0f;
+#pragma unroll
+            for (unsigned int j = 0; j < E; ++j) m = lean_max_abs(m, v[q][j]);
+            for (int o = 16; o > 0; o >>= 1) m = lean_max_abs(m, __shfl_xor_sync(0xffffffffu, m, o));
+            const float scale = lean_scale(m);
+            if (lane == 0) sc[q][block] = scale;
+#pragma unroll
+            for (unsigned int j = 0; j < E; j += (BITS == 8 ? 1 : 2)) {
+                const unsigned int hi = lean_code_of(t[q], LEN, v[q][j] / scale);
+                if (BITS == 8) {
+                    c[q][at + j] = (unsigned char)hi;
+                } else {
+                    const unsigned int lo = lean_code_of(t[q], LEN, v[q][j + 1] / scale);
+                    c[q][(at + j) / 2] = (unsigned char)((hi << 4) | lo);
+                }
+            }
+        }
+    }
+}
+
+#define ENTRY_QUANTIZED(NAME, BITS, G, GN, ...)                                                   \
+    extern "C" __global__ void __launch_bounds__(256) update_q##BITS##_##NAME##_##GN(             \
+        const Piece* pieces, const GroupConfig* cfgs, const StepState* st,                       \
+        const StepEntry* ring, unsigned int ring_len, float* p, const G* g, unsigned char* c0,   \
+        float* sc0, float* f0, const float* t0, unsigned char* c1, float* sc1, float* f1,        \
+        const float* t1, unsigned char* c2, float* sc2, float* f2, const float* t2, void* model, \
+        int model_kind) {                                                                        \
+        unsigned char* const c[3] = {c0, c1, c2};                                                \
+        float* const sc[3] = {sc0, sc1, sc2};                                                    \
+        float* const f[3] = {f0, f1, f2};                                                        \
+        const float* const t[3] = {t0, t1, t2};                                                  \
+        update_quantized<__VA_ARGS__, G, BITS>(pieces, cfgs, st, ring, ring_len, p, g, c, sc, f, \
+                                               t, model, model_kind);                            \
+    }
+
 #define ENTRY(NAME, G, GN, S, SN, ...)                                                           \
     extern "C" __global__ void __launch_bounds__(256) update_##NAME##_##GN##_##SN(                \
         const Segment* segs, const GroupConfig* cfgs, const StepState* st,                       \
@@ -77,12 +186,18 @@ __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepS
         update<__VA_ARGS__, G, S>(segs, cfgs, st, ring, ring_len, p, g, s0, s1, s2, model,        \
                                   model_kind);                                                   \
     }
-// The entry points of one kernel family, for every gradient × state dtype; each rule's .cuh
-// declares its families with it.
+// The entry points of one kernel family, for every gradient × state dtype and, over quantized
+// state, every gradient dtype × code width; each rule's .cuh declares its families with it.
 #define FUSEDOPT_FAMILY(NAME, ...)                                  \
     ENTRY(NAME, float, f32, float, f32, __VA_ARGS__)                \
     ENTRY(NAME, __nv_bfloat16, bf16, float, f32, __VA_ARGS__)       \
     ENTRY(NAME, __half, f16, float, f32, __VA_ARGS__)               \
     ENTRY(NAME, float, f32, __nv_bfloat16, bf16, __VA_ARGS__)       \
     ENTRY(NAME, __nv_bfloat16, bf16, __nv_bfloat16, bf16, __VA_ARGS__) \
-    ENTRY(NAME, __half, f16, __nv_bfloat16, bf16, __VA_ARGS__)
+    ENTRY(NAME, __half, f16, __nv_bfloat16, bf16, __VA_ARGS__)       \
+    ENTRY_QUANTIZED(NAME, 8, float, f32, __VA_ARGS__)               \
+    ENTRY_QUANTIZED(NAME, 8, __nv_bfloat16, bf16, __VA_ARGS__)      \
+    ENTRY_QUANTIZED(NAME, 8, __half, f16, __VA_ARGS__)              \
+    ENTRY_QUANTIZED(NAME, 4, float, f32, __VA_ARGS__)               \
+    ENTRY_QUANTIZED(NAME, 4, __nv_bfloat16, bf16, __VA_ARGS__)      \
+    ENTRY_QUANTIZED(NAME, 4, __half, f16, __VA_ARGS__)

@@ -73,8 +73,6 @@ pub enum Error {
     #[error("CUDA error: {0}")]
     Cuda(String),
     /// The operation needs the parameter set on a CUDA device.
-    #[error("not supported yet: {0}")]
-    Unsupported(String),
     #[error("{0} needs a parameter set on a CUDA device")]
     NeedsGpu(&'static str),
     #[error("kernel load failed: {0}")]

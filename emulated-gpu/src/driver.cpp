@@ -441,6 +441,16 @@ bool image_names(const std::vector<char>& image, const std::string& name) {
     return false;
 }
 
+// nvcc compresses the device code of a large fatbin, and such an image names no kernel readably: it
+// is taken to hold every registered kernel (an uncompressed one holds an ELF image per
+// architecture, and must name the kernel).
+bool compressed_fatbin(const std::vector<char>& image) {
+    static const char magic[4] = {'\x50', '\xed', '\x55', '\xba'};
+    static const char elf[4] = {'\x7f', 'E', 'L', 'F'};
+    return image.size() >= 4 && std::equal(magic, magic + 4, image.begin()) &&
+           std::search(image.begin(), image.end(), elf, elf + 4) == image.end();
+}
+
 const char* error_name(CUresult r) {
     switch (r) {
         case CUDA_SUCCESS: return "CUDA_SUCCESS";
@@ -1098,7 +1108,7 @@ CUresult cuModuleGetFunction(void** out, void* module, const char* name) {
     CHECK(out && module && name, CUDA_ERROR_INVALID_VALUE);
     Module* m = (Module*)module;
     const emu::Kernel* k = emu::find_kernel(name);
-    if (!k || !image_names(m->image, name)) return CUDA_ERROR_NOT_FOUND;
+    if (!k || !(image_names(m->image, name) || compressed_fatbin(m->image))) return CUDA_ERROR_NOT_FOUND;
     *out = new Function{k, m};  // lives as long as the process, like the module's functions
     return CUDA_SUCCESS;
 }

@@ -42,10 +42,25 @@ impl From<&Segment> for DeviceSegment {
     }
 }
 
+/// `Piece` in kernels/update.cuh: a run of one chunk's elements in one group, all coded or all
+/// f32, and where an f32 run's state starts in each buffer's f32 part.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct DevicePiece {
+    pub start: u64,
+    pub full: u64,
+    pub len: u32,
+    pub group: u32,
+    pub coded: u32,
+    pub unused: u32,
+}
+
 // SAFETY: each type is `#[repr(C)]`, made only of plain integers and floats, and laid out field for
 // field like its CUDA counterpart named above; the kernels read them by value or through pointers
 // to device copies, so passing their bytes is exactly what the kernels expect.
 unsafe impl DeviceRepr for DeviceSegment {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for DevicePiece {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for GroupConfig {}
 // SAFETY: as above.
@@ -57,5 +72,7 @@ unsafe impl DeviceRepr for StepEntry {}
 
 // The same numbers as the static_asserts in kernels/multi_tensor.cuh.
 abi_layout!(DeviceSegment, 16, { start: 0, len: 8, group: 12 });
+// The same numbers as the static_asserts in kernels/update.cuh.
+abi_layout!(DevicePiece, 32, { start: 0, full: 8, len: 16, group: 20, coded: 24 });
 // The same numbers as the static_asserts in src/rules/common.cuh.
 abi_layout!(StepEntry, 40, { lr: 0, momentum: 8, scalars: 16 });

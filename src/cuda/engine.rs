@@ -12,12 +12,14 @@ use cudarc::driver::{
 
 use super::abi::{DeviceSegment, GroupConfig, StepEntry, StepParams, StepState};
 use super::arena::{download, DeviceArena};
+use super::quantized::DeviceQuantized;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
+use crate::host::quantized_state::{QuantizedBuffer, QuantizedLayout};
 use crate::layout::Layout;
 use crate::plan::{cuda_chunk_elems, LaunchPlan};
 use crate::rules::{Rule, StateInit};
-use crate::step::OptimizerOptions;
+use crate::step::{OptimizerOptions, QuantizedState};
 use crate::DType;
 
 const BLOCK: u32 = 256;
@@ -76,6 +78,8 @@ pub(crate) struct CudaEngine {
     partials: CudaSlice<f64>,
     step_params: StepParams,
     pub(crate) state: Vec<DeviceArena>,
+    /// The state when it is quantized (`state` is then empty).
+    pub(crate) quantized: Option<DeviceQuantized>,
     graph: Option<CapturedGraph>,
 }
 
@@ -120,13 +124,56 @@ fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
     };
 }
 
+/// Pushes the model copy (or null) and its kind: the update kernels' last two arguments.
+fn push_model<'a>(
+    b: &mut LaunchArgs<'a>,
+    model: Option<&'a DeviceArena>,
+    null: &'a u64,
+    kind: &'a i32,
+) {
+    match model {
+        Some(m) => push_arena(b, m),
+        None => {
+            b.arg(null);
+        }
+    }
+    b.arg(kind);
+}
+
 impl CudaEngine {
     /// Bytes of device memory its state buffers hold.
     pub(crate) fn state_bytes(&self) -> usize {
-        self.state
+        let dense: usize = self
+            .state
             .iter()
             .map(|a| a.len() * a.dtype().size_bytes())
-            .sum()
+            .sum();
+        dense + self.quantized.as_ref().map_or(0, DeviceQuantized::bytes)
+    }
+
+    /// The quantized state copied to the host (synchronises the stream), if it is quantized.
+    pub(crate) fn read_quantized(
+        &self,
+    ) -> Result<Option<(Arc<QuantizedLayout>, Vec<QuantizedBuffer>)>> {
+        self.quantized
+            .as_ref()
+            .map(|q| {
+                Ok((
+                    q.layout.clone(),
+                    q.download(&self.rt.stream, self.rt.device)?,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Overwrites the quantized state with host buffers of the same layout, in stream order.
+    pub(crate) fn write_quantized(&mut self, buffers: &[QuantizedBuffer]) -> Result<()> {
+        match &mut self.quantized {
+            Some(q) => q.upload_from(&self.rt.stream, buffers, self.rt.device),
+            None => Err(Error::Cuda(
+                "this optimizer's state is not quantized".into(),
+            )),
+        }
     }
 
     pub(crate) fn new(
@@ -145,12 +192,16 @@ impl CudaEngine {
             None => rt.module("update")?,
         };
         let norm_module = rt.module("norm")?;
-        let name = format!(
-            "update_{}_{}_{}",
-            rule.family(),
-            dtype_suffix(params.grads.dtype()),
-            dtype_suffix(options.state_dtype)
-        );
+        let grads = dtype_suffix(params.grads.dtype());
+        let name = match options.quantized_state {
+            QuantizedState::None => format!(
+                "update_{}_{grads}_{}",
+                rule.family(),
+                dtype_suffix(options.state_dtype)
+            ),
+            QuantizedState::Block8 => format!("update_q8_{}_{grads}", rule.family()),
+            QuantizedState::Block4 => format!("update_q4_{}_{grads}", rule.family()),
+        };
         let update = rt.function(&update_module, &name)?;
         let norm = rt.function(
             &norm_module,
@@ -168,8 +219,23 @@ impl CudaEngine {
         let initial = StepState::initial(options);
         let bytes = |n: usize, size: usize| n.saturating_mul(size);
         let err = |n| driver_error(dev, n);
-        let state = rule
-            .state_names()
+        let quantized = match options.quantized_state {
+            QuantizedState::None => None,
+            format => {
+                let q = Arc::new(QuantizedLayout::new(layout, &plan, format));
+                let host = rule
+                    .state_names()
+                    .iter()
+                    .map(|n| QuantizedBuffer::new(&q, rule, n, layout.arena_len()))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(DeviceQuantized::new(stream, q, &host, dev)?)
+            }
+        };
+        let dense_names = match quantized {
+            Some(_) => &[][..],
+            None => rule.state_names(),
+        };
+        let state = dense_names
             .iter()
             .map(|n| {
                 let value = match rule.state_init(n) {
@@ -217,6 +283,7 @@ impl CudaEngine {
             lr_ring_len: LR_RING_LEN as u32,
             partials,
             state,
+            quantized,
             graph: None,
         })
     }
@@ -322,16 +389,61 @@ impl CudaEngine {
             // SAFETY: matches `advance_step(StepState*, StepParams)` in kernels/norm.cu.
             unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(driver_error(dev, 0))?;
         }
-        let segments = self.plan.segments().len() as u32;
-        if segments == 0 {
-            return Ok(());
-        }
         let null = 0u64;
         let (model_kind, model): (i32, Option<&DeviceArena>) = match &p.model {
             Some(m @ DeviceArena::BF16(_)) => (1, Some(m)),
             Some(m @ DeviceArena::F16(_)) => (2, Some(m)),
             _ => (0, None),
         };
+        if let Some(q) = self.quantized.as_mut() {
+            let pieces = q.num_pieces() as u32;
+            if pieces == 0 {
+                return Ok(());
+            }
+            let mut b = stream.launch_builder(&self.update);
+            b.arg(&q.pieces)
+                .arg(&self.configs)
+                .arg(&self.step_state)
+                .arg(&self.lr_ring)
+                .arg(&self.lr_ring_len)
+                .arg(&mut p.masters);
+            push_arena(&mut b, &p.grads);
+            let mut buffers = q.buffers.iter_mut();
+            for _ in 0..3 {
+                match buffers.next() {
+                    Some(d) => {
+                        b.arg(&mut d.codes)
+                            .arg(&mut d.scales)
+                            .arg(&mut d.full)
+                            .arg(&d.table);
+                    }
+                    None => {
+                        b.arg(&null).arg(&null).arg(&null).arg(&null);
+                    }
+                }
+            }
+            push_model(&mut b, model, &null, &model_kind);
+            let cfg = LaunchConfig {
+                grid_dim: (pieces, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `update_q<bits>_<rule>_<grad>` in kernels/update.cuh,
+            // chosen in `new` from this rule, gradient dtype and code width: piece table, group
+            // configs, step state, lr ring and its length, fp32 masters, gradients, then for each
+            // of three slots its codes, block scales, f32 part and code table (null pointers for
+            // slots the rule does not use, which the kernel never touches), the model copy or
+            // null, and its kind. Every piece lies inside the arenas; coded pieces are whole blocks
+            // (the layout aligns coded tensors) and f32 pieces index the f32 part within its
+            // length (the same layout built the part).
+            return unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(driver_error(dev, 0));
+        }
+        let segments = self.plan.segments().len() as u32;
+        if segments == 0 {
+            return Ok(());
+        }
         let mut b = stream.launch_builder(&self.update);
         b.arg(&self.segments)
             .arg(&self.configs)
@@ -348,13 +460,7 @@ impl CudaEngine {
                 }
             }
         }
-        match model {
-            Some(m) => push_arena(&mut b, m),
-            None => {
-                b.arg(&null);
-            }
-        }
-        b.arg(&model_kind);
+        push_model(&mut b, model, &null, &model_kind);
         let cfg = LaunchConfig {
             grid_dim: (segments, 1, 1),
             block_dim: (BLOCK, 1, 1),

@@ -8,6 +8,7 @@ pub mod arena;
 pub(crate) mod engine;
 pub mod lean;
 pub(crate) mod nvrtc;
+pub(crate) mod quantized;
 pub mod runtime;
 
 /// Fatbins and kernel sources embedded at build time.

@@ -32,6 +32,7 @@ pub(crate) struct Piece {
 #[derive(Clone, Debug)]
 pub(crate) struct QuantizedLayout {
     pub format: QuantizedState,
+    arena_len: usize,
     chunk_elems: usize,
     /// `pieces[chunk_first[i]..chunk_first[i + 1]]` are chunk `i`'s.
     chunk_first: Vec<usize>,
@@ -119,6 +120,7 @@ impl QuantizedLayout {
         }
         QuantizedLayout {
             format,
+            arena_len: layout.arena_len(),
             chunk_elems: plan.chunk_elems(),
             chunk_first,
             pieces,
@@ -127,12 +129,21 @@ impl QuantizedLayout {
         }
     }
 
+    pub(crate) fn arena_len(&self) -> usize {
+        self.arena_len
+    }
+
     pub(crate) fn chunk_elems(&self) -> usize {
         self.chunk_elems
     }
 
     pub(crate) fn num_chunks(&self) -> usize {
         self.chunk_first.len() - 1
+    }
+
+    /// Every piece, in arena order.
+    pub(crate) fn pieces(&self) -> &[Piece] {
+        &self.pieces
     }
 
     pub(crate) fn pieces_of(&self, chunk: usize) -> &[Piece] {

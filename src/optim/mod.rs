@@ -173,12 +173,6 @@ impl Optimizer {
         rule.validate()?;
         rule.runnable_on(params.device())?;
         options.validate()?;
-        if options.quantized_state != QuantizedState::None && params.device() != Device::Cpu {
-            return Err(Error::Unsupported(format!(
-                "quantized state on {} (the CUDA engine keeps f32 or bf16 state)",
-                params.device()
-            )));
-        }
         check_lr(params.layout(), lr)?;
         let layout = params.layout().clone();
         match params.storage_mut() {
@@ -418,7 +412,10 @@ impl Optimizer {
         let t = &layout.tensors()[index];
         match self.parts()? {
             Parts::Host(engine) => Ok(engine.state.tensor_f32(slot, index, t)),
-            Parts::Cuda(d, engine) => engine.state[slot].read(&d.rt.stream, t.range(), d.rt.device),
+            Parts::Cuda(d, engine) => match engine.read_quantized()? {
+                Some((q, buffers)) => Ok(buffers[slot].tensor_f32(&q, index, t)),
+                None => engine.state[slot].read(&d.rt.stream, t.range(), d.rt.device),
+            },
         }
     }
 
@@ -492,20 +489,25 @@ impl Optimizer {
 
     /// Every state buffer, on the host: in place on the CPU, copied from the device on a GPU.
     pub(crate) fn state_buffers(&self) -> Result<std::borrow::Cow<'_, StateBuffers>> {
+        use std::borrow::Cow;
         let len = self.params.layout().arena_len();
-        match self.parts()? {
-            Parts::Host(engine) => Ok(std::borrow::Cow::Borrowed(&engine.state)),
-            Parts::Cuda(d, engine) => engine
-                .state
-                .iter()
-                .map(|a| {
-                    let mut host = Arena::filled(a.dtype(), len, 0.0)?;
-                    host.write_f32(0, &a.read(&d.rt.stream, 0..len, d.rt.device)?);
-                    Ok(host)
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(|a| std::borrow::Cow::Owned(StateBuffers::Dense(a))),
+        let (d, engine) = match self.parts()? {
+            Parts::Host(engine) => return Ok(Cow::Borrowed(&engine.state)),
+            Parts::Cuda(d, engine) => (d, engine),
+        };
+        if let Some((layout, buffers)) = engine.read_quantized()? {
+            return Ok(Cow::Owned(StateBuffers::Quantized { layout, buffers }));
         }
+        engine
+            .state
+            .iter()
+            .map(|a| {
+                let mut host = Arena::filled(a.dtype(), len, 0.0)?;
+                host.write_f32(0, &a.read(&d.rt.stream, 0..len, d.rt.device)?);
+                Ok(host)
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(|a| Cow::Owned(StateBuffers::Dense(a)))
     }
 
     /// Replaces everything a checkpoint holds: masters (and the model copy), state, step count,
@@ -543,11 +545,13 @@ impl Optimizer {
                 engine.memo = memo;
             }
             PartsMut::Cuda(rt, _, engine) => {
-                let StateBuffers::Dense(state) = &state else {
-                    return Err(Error::Unsupported("quantized state on a GPU".into()));
-                };
-                for (dst, src) in engine.state.iter_mut().zip(state) {
-                    dst.write(&rt.stream, 0, &src.to_f32(0..len), rt.device)?;
+                match &state {
+                    StateBuffers::Dense(state) => {
+                        for (dst, src) in engine.state.iter_mut().zip(state) {
+                            dst.write(&rt.stream, 0, &src.to_f32(0..len), rt.device)?;
+                        }
+                    }
+                    StateBuffers::Quantized { buffers, .. } => engine.write_quantized(buffers)?,
                 }
                 engine.write_state(restored)?;
                 engine.set_lr(saved.lr)?;
