@@ -62,12 +62,16 @@ python3 scripts/compare_replays.py --combine "$dir/replay-emulated.json" "$emula
 rm -rf "$emulated" "$emulated.log"
 git rev-parse --short HEAD > "$dir/COMMIT" 2>/dev/null || echo unknown > "$dir/COMMIT"
 # The executables travel xz-compressed (each embeds every fatbin; together they outgrow a device
-# call uncompressed); gpu-validate.sh unpacks them with Python's own lzma before its first step.
+# call uncompressed), with a dictionary larger than all of them so that the fatbins every
+# executable repeats are stored once; gpu-validate.sh unpacks them with Python's own lzma before
+# its first step.
 python3 - "$dir" <<'PY'
-import sys, tarfile
+import lzma, sys, tarfile
 d = sys.argv[1]
-with tarfile.open(f"{d}/bin.tar.xz", "w:xz", preset=6) as t:
-    t.add(f"{d}/bin", arcname="bin")
+filters = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 384 << 20}]
+with lzma.open(f"{d}/bin.tar.xz", "wb", filters=filters) as f:
+    with tarfile.open(fileobj=f, mode="w") as t:
+        t.add(f"{d}/bin", arcname="bin")
 PY
 rm -rf "$dir/bin"
 size=$(du -sm "$dir" | cut -f1)
