@@ -30,12 +30,18 @@ pub(crate) fn try_to_vec<T: Clone>(items: &[T]) -> Result<Vec<T>> {
 /// A vector of `len` copies of `value` rounded to `T`, or a typed error when the memory is not
 /// there (never an abort).
 pub(crate) fn filled<T: Element>(len: usize, value: f32) -> Result<Vec<T>> {
+    try_filled(len, T::from_f32(value))
+}
+
+/// A vector of `len` copies of `value`, or a typed error when the memory is not there (never an
+/// abort).
+pub(crate) fn try_filled<T: Clone>(len: usize, value: T) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
         .map_err(|_| Error::OutOfHostMemory {
             bytes: len.saturating_mul(std::mem::size_of::<T>()),
         })?;
-    v.resize(len, T::from_f32(value));
+    v.resize(len, value);
     Ok(v)
 }
 

@@ -7,6 +7,7 @@
 //! packed in arena order. The layout aligns coded tensors so that no block crosses a chunk, and
 //! each chunk's f32 part is one contiguous run of `full`: chunks update independently.
 
+use crate::arena::try_filled;
 use crate::error::{Error, Result};
 use crate::layout::{Layout, TensorInfo};
 use crate::plan::LaunchPlan;
@@ -176,17 +177,6 @@ pub(crate) struct QuantizedBuffer {
     pub full: Vec<f32>,
 }
 
-/// A vector of `len` copies of `value`, or a typed error when the memory is not there.
-fn filled<T: Clone>(len: usize, value: T) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::OutOfHostMemory {
-            bytes: len.saturating_mul(std::mem::size_of::<T>()),
-        })?;
-    v.resize(len, value);
-    Ok(v)
-}
-
 impl QuantizedBuffer {
     /// Buffer `name` of `rule`, as it starts, over an arena of `arena_len` elements.
     pub(crate) fn new(
@@ -222,9 +212,9 @@ impl QuantizedBuffer {
         };
         Ok(QuantizedBuffer {
             map,
-            codes: filled(format.code_bytes(arena_len), byte)?,
-            scales: filled(arena_len.div_ceil(block), scale)?,
-            full: filled(q.full_len(), value)?,
+            codes: try_filled(format.code_bytes(arena_len), byte)?,
+            scales: try_filled(arena_len.div_ceil(block), scale)?,
+            full: try_filled(q.full_len(), value)?,
         })
     }
 
