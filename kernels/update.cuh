@@ -11,22 +11,101 @@
 #include "multi_tensor.cuh"
 #include "rules/common.cuh"
 
-// model_kind: 0 none, 1 bf16, 2 f16.
-__device__ __forceinline__ void store_model4(void* model, int kind, unsigned long long i, float4 v) {
-    if (kind == 1) Quad<__nv_bfloat16>::store(static_cast<__nv_bfloat16*>(model) + i, v);
-    else if (kind == 2) Quad<__half>::store(static_cast<__half*>(model) + i, v);
+// Where the parameters are (src/host/weights.rs, the CPU's): `kind` 0 the fp32 masters `p`
+// alone; 1 and 2 with a bf16 or f16 model copy in `model`; 3 bf16 weights in `model` and int16
+// remainders `rem`, joined into the exact fp32 master and split again; 4 bf16 weights alone, rounded
+// back stochastically from the stream `seed` at the step's count `step`. The rule's maths always
+// sees fp32 masters.
+// One element's stochastic rounding, out of line: the quantized update stores its elements one
+// by one in unrolled loops, and Philox inlined at each would multiply the kernels' code.
+__device__ __noinline__ unsigned short round_stochastic(float v, unsigned long long seed,
+                                                         unsigned long long step,
+                                                         unsigned long long i) {
+    return lean_round_bf16(v, lean_draw(seed, step, i));
 }
-__device__ __forceinline__ void store_model1(void* model, int kind, unsigned long long i, float v) {
-    if (kind == 1) static_cast<__nv_bfloat16*>(model)[i] = __float2bfloat16_rn(v);
-    else if (kind == 2) static_cast<__half*>(model)[i] = __float2half_rn(v);
-}
+
+struct Weights {
+    float* p;
+    void* model;
+    short* rem;
+    unsigned long long seed, step;
+    int kind;
+
+    // The bf16 weights as raw bits (what the remainder scheme and the rounding work on).
+    __device__ __forceinline__ unsigned short* bits() const {
+        return static_cast<unsigned short*>(model);
+    }
+    __device__ __forceinline__ float load1(unsigned long long i) const {
+        if (kind == 3) return lean_join_master(bits()[i], rem[i]);
+        if (kind == 4) return __uint_as_float((unsigned int)bits()[i] << 16);
+        return p[i];
+    }
+    __device__ __forceinline__ void store1(unsigned long long i, float v) const {
+        if (kind == 3) {
+            lean_split_master(v, &bits()[i], &rem[i]);
+        } else if (kind == 4) {
+            bits()[i] = round_stochastic(v, seed, step, i);
+        } else {
+            p[i] = v;
+            if (kind == 1) static_cast<__nv_bfloat16*>(model)[i] = __float2bfloat16_rn(v);
+            else if (kind == 2) static_cast<__half*>(model)[i] = __float2half_rn(v);
+        }
+    }
+    // Four elements from `i`, a multiple of 4: one 8-byte access to the weights and one to the
+    // remainders; the four draws come from one Philox output (lanes i % 8 .. i % 8 + 3).
+    __device__ __forceinline__ float4 load4(unsigned long long i) const {
+        if (kind < 3) return Quad<float>::load(p + i);
+        const uint2 w = *reinterpret_cast<const uint2*>(bits() + i);
+        const unsigned short h[4] = {(unsigned short)w.x, (unsigned short)(w.x >> 16),
+                                     (unsigned short)w.y, (unsigned short)(w.y >> 16)};
+        float4 v;
+        if (kind == 4) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) lane(v, j) = __uint_as_float((unsigned int)h[j] << 16);
+            return v;
+        }
+        const uint2 r = *reinterpret_cast<const uint2*>(rem + i);
+        const short l[4] = {(short)r.x, (short)(r.x >> 16), (short)r.y, (short)(r.y >> 16)};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) lane(v, j) = lean_join_master(h[j], l[j]);
+        return v;
+    }
+    __device__ __forceinline__ void store4(unsigned long long i, float4 v) const {
+        if (kind < 3) {
+            Quad<float>::store(p + i, v);
+            if (kind == 1) Quad<__nv_bfloat16>::store(static_cast<__nv_bfloat16*>(model) + i, v);
+            else if (kind == 2) Quad<__half>::store(static_cast<__half*>(model) + i, v);
+            return;
+        }
+        unsigned short w[4];
+        if (kind == 3) {
+            short r[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) lean_split_master(lane(v, j), &w[j], &r[j]);
+            *reinterpret_cast<uint2*>(rem + i) =
+                make_uint2((unsigned short)r[0] | ((unsigned int)(unsigned short)r[1] << 16),
+                           (unsigned short)r[2] | ((unsigned int)(unsigned short)r[3] << 16));
+        } else {
+            unsigned int c[4];
+            lean_draws(seed, step, i / 8, c);
+            const unsigned int at = (unsigned int)(i % 8);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const unsigned int l = at + j;
+                w[j] = lean_round_bf16(lane(v, j), (c[l / 2] >> (16 * (l % 2))) & 0xFFFFu);
+            }
+        }
+        *reinterpret_cast<uint2*>(bits() + i) =
+            make_uint2(w[0] | ((unsigned int)w[1] << 16), w[2] | ((unsigned int)w[3] << 16));
+    }
+};
 
 // F is a kernel family: F::slots state buffers (s0, s1, s2 in slot order; the rest null and never
 // touched), F::make builds the group's coefficients, F::apply updates one element.
 template <typename F, typename G, typename S>
 __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepState* st,
-                       const StepEntry* ring, unsigned int ring_len, float* p, const G* g,
-                       S* s0, S* s1, S* s2, void* model, int model_kind) {
+                       const StepEntry* ring, unsigned int ring_len, const Weights& w,
+                       const G* g, S* s0, S* s1, S* s2) {
     if (st->skip) return;
     const Segment seg = segs[blockIdx.x];
     const GroupConfig cfg = cfgs[seg.group];
@@ -38,7 +117,7 @@ __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepS
     for_each_element(
         seg,
         [&](unsigned long long i) {
-            float4 pv = Quad<float>::load(p + i);
+            float4 pv = w.load4(i);
             float4 gv = Quad<G>::load(g + i);
             float4 av = n > 0 ? Quad<S>::load(s0 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
             float4 bv = n > 1 ? Quad<S>::load(s1 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -51,22 +130,20 @@ __device__ void update(const Segment* segs, const GroupConfig* cfgs, const StepS
                 lane(bv, j) = s[1];
                 lane(xv, j) = s[2];
             }
-            Quad<float>::store(p + i, pv);
+            w.store4(i, pv);
             if (n > 0) Quad<S>::store(s0 + i, av);
             if (n > 1) Quad<S>::store(s1 + i, bv);
             if (n > 2) Quad<S>::store(s2 + i, xv);
-            store_model4(model, model_kind, i, pv);
         },
         [&](unsigned long long i) {
-            float pe = p[i];
+            float pe = w.load1(i);
             float s[3] = {n > 0 ? to_f32(s0[i]) : 0.f, n > 1 ? to_f32(s1[i]) : 0.f,
                           n > 2 ? to_f32(s2[i]) : 0.f};
             F::apply(k, pe, to_f32(g[i]), s);
-            p[i] = pe;
+            w.store1(i, pe);
             if (n > 0) s0[i] = from_f32<S>(s[0]);
             if (n > 1) s1[i] = from_f32<S>(s[1]);
             if (n > 2) s2[i] = from_f32<S>(s[2]);
-            store_model1(model, model_kind, i, pe);
         });
 }
 
@@ -91,10 +168,9 @@ ABI_FIELD(Piece, group, 20); ABI_FIELD(Piece, coded, 24);
 // the rule's own maths, and the warp's largest magnitude is the block's new scale.
 template <typename F, typename G, int BITS>
 __device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, const StepState* st,
-                                 const StepEntry* ring, unsigned int ring_len, float* p,
+                                 const StepEntry* ring, unsigned int ring_len, const Weights& w,
                                  const G* g, unsigned char* const* c, float* const* sc,
-                                 float* const* f, const float* const* t, void* model,
-                                 int model_kind) {
+                                 float* const* f, const float* const* t) {
     if (st->skip) return;
     const Piece piece = pieces[blockIdx.x];
     const GroupConfig cfg = cfgs[piece.group];
@@ -105,13 +181,12 @@ __device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, c
     if (!piece.coded) {
         for (unsigned int j = threadIdx.x; j < piece.len; j += blockDim.x) {
             const unsigned long long i = piece.start + j, at = piece.full + j;
-            float pe = p[i];
+            float pe = w.load1(i);
             float s[3] = {n > 0 ? f[0][at] : 0.f, n > 1 ? f[1][at] : 0.f, n > 2 ? f[2][at] : 0.f};
             F::apply(k, pe, to_f32(g[i]), s);
-            p[i] = pe;
+            w.store1(i, pe);
 #pragma unroll
             for (int q = 0; q < n; ++q) f[q][at] = s[q];
-            store_model1(model, model_kind, i, pe);
         }
         return;
     }
@@ -133,13 +208,12 @@ __device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, c
         }
 #pragma unroll
         for (unsigned int j = 0; j < E; ++j) {
-            float pe = p[at + j];
+            float pe = w.load1(at + j);
             float s[3] = {n > 0 ? v[0][j] : 0.f, n > 1 ? v[1][j] : 0.f, n > 2 ? v[2][j] : 0.f};
             F::apply(k, pe, to_f32(g[at + j]), s);
-            p[at + j] = pe;
+            w.store1(at + j, pe);
 #pragma unroll
             for (int q = 0; q < n; ++q) v[q][j] = s[q];
-            store_model1(model, model_kind, at + j, pe);
         }
 #pragma unroll
         for (int q = 0; q < n; ++q) {
@@ -169,22 +243,23 @@ __device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, c
         const StepEntry* ring, unsigned int ring_len, float* p, const G* g, unsigned char* c0,   \
         float* sc0, float* f0, const float* t0, unsigned char* c1, float* sc1, float* f1,        \
         const float* t1, unsigned char* c2, float* sc2, float* f2, const float* t2, void* model, \
-        int model_kind) {                                                                        \
+        short* rem, unsigned long long seed, int weights_kind) {                                 \
         unsigned char* const c[3] = {c0, c1, c2};                                                \
         float* const sc[3] = {sc0, sc1, sc2};                                                    \
         float* const f[3] = {f0, f1, f2};                                                        \
         const float* const t[3] = {t0, t1, t2};                                                  \
-        update_quantized<__VA_ARGS__, G, BITS>(pieces, cfgs, st, ring, ring_len, p, g, c, sc, f, \
-                                               t, model, model_kind);                            \
+        const Weights w{p, model, rem, seed, st->step, weights_kind};                            \
+        update_quantized<__VA_ARGS__, G, BITS>(pieces, cfgs, st, ring, ring_len, w, g, c, sc, f, \
+                                               t);                                               \
     }
 
 #define ENTRY(NAME, G, GN, S, SN, ...)                                                           \
     extern "C" __global__ void __launch_bounds__(256) update_##NAME##_##GN##_##SN(                \
         const Segment* segs, const GroupConfig* cfgs, const StepState* st,                       \
         const StepEntry* ring, unsigned int ring_len, float* p, const G* g, S* s0, S* s1,        \
-        S* s2, void* model, int model_kind) {                                                    \
-        update<__VA_ARGS__, G, S>(segs, cfgs, st, ring, ring_len, p, g, s0, s1, s2, model,        \
-                                  model_kind);                                                   \
+        S* s2, void* model, short* rem, unsigned long long seed, int weights_kind) {             \
+        const Weights w{p, model, rem, seed, st->step, weights_kind};                            \
+        update<__VA_ARGS__, G, S>(segs, cfgs, st, ring, ring_len, w, g, s0, s1, s2);             \
     }
 // The entry points of one kernel family, for every gradient × state dtype and, over quantized
 // state, every gradient dtype × code width; each rule's .cuh declares its families with it.

@@ -10,7 +10,7 @@
 #   replicas) · the step decision on host and device bit for bit · checkpoints across devices ·
 #   custom rules (their kernels compiled by NVRTC at run time) bit for bit the built-in rules ·
 #   lean state's device kernels (quantization, remainders, stochastic rounding) against the CPU ·
-#   quantized state in the fused step against the CPU ·
+#   quantized state and 4-byte / stochastic bf16 masters in the fused step against the CPU ·
 #   replay --device cuda over the conformance cases, then compared bit for bit with the
 #   same replay on the emulated GPU (carried in the bundle) · compute-sanitizer memcheck,
 #   racecheck, synccheck on a selection · ncu on the Adam and norm kernels · the benchmark program
@@ -89,6 +89,8 @@ step "custom rules: kernels compiled by NVRTC, bit for bit the built-in rules" 9
 step "lean state's device kernels, bit for bit the CPU's" 30 bin/lean --test-threads 1
 step "quantized state in the fused step, bit for bit the CPU's" 30 bin/lean_step --test-threads 1 \
   the_gpu_steps_quantized_state_as_the_cpu_does
+step "bf16 weights with remainders or stochastic rounding, bit for bit the CPU's" 30 \
+  bin/lean_masters --test-threads 1 the_gpu_steps_lean_masters_as_the_cpu_does
 replays=$(mktemp -d)
 step "replay --device cuda, every conformance case" 60 \
   bin/replay --device cuda --out "$replays" tests/data/conformance/optimizers/*.json \

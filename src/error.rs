@@ -61,6 +61,12 @@ pub enum Error {
     DeviceUnavailable(#[from] crate::device::Unavailable),
     #[error("this operation needs host memory, but the data lives on {0}")]
     NotHostMemory(crate::Device),
+    /// An fp32 slice of masters asked of a parameter set that keeps them otherwise.
+    #[error(
+        "this parameter set keeps its masters as {0:?}, not as fp32: read_param and write_param \
+         convert, model_param reads the bf16 weights"
+    )]
+    MastersNotF32(crate::Masters),
     #[error("out of device memory: asked for {bytes} bytes on {device}")]
     OutOfDeviceMemory { device: crate::Device, bytes: usize },
     /// A CUDA driver call failed: its `CUresult` code and name, as the driver gave them.

@@ -38,6 +38,7 @@ pub(crate) mod error;
 pub(crate) mod host;
 pub(crate) mod layout;
 pub mod lean;
+pub(crate) mod masters;
 pub(crate) mod optim;
 pub mod parallel;
 pub mod params;
@@ -53,6 +54,7 @@ pub use arena::Arena;
 pub use device::{Device, Selection, Unavailable};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use masters::Masters;
 pub use optim::{
     Adadelta, Adagrad, Adam, AdamEps, Adamax, AdamaxEps, Ademamix, Adopt, AmsGrad,
     CoefficientValues, Common, CustomRule, CustomRuleBuilder, EpsPlacement, Flavor, Lion,

@@ -12,13 +12,15 @@ use std::sync::Arc;
 use crate::arena::Arena;
 use crate::cuda::arena::DeviceArena;
 use crate::cuda::engine::{DeviceArenas, DeviceStorage};
-use crate::cuda::runtime::{driver_error, CudaRuntime};
+use crate::cuda::masters::DeviceMasters;
+use crate::cuda::runtime::CudaRuntime;
 use crate::error::{check_len, Error, Result};
 use crate::host::{HostArenas, HostStorage};
 use crate::layout::tensor_alignment;
 pub use crate::layout::{
     GroupInfo, GroupOptions, Layout, TensorInfo, ALIGN_ELEMS, QUANTIZED_ALIGN_ELEMS,
 };
+use crate::masters::{HostMasters, Masters};
 use crate::{DType, Device, Element};
 
 struct PendingTensor {
@@ -36,6 +38,7 @@ pub struct ParamSetBuilder {
     tensors: Vec<PendingTensor>,
     grad_dtype: DType,
     model_dtype: Option<DType>,
+    masters: Masters,
 }
 
 impl Default for ParamSetBuilder {
@@ -45,6 +48,7 @@ impl Default for ParamSetBuilder {
             tensors: Vec::new(),
             grad_dtype: DType::F32,
             model_dtype: None,
+            masters: Masters::F32,
         }
     }
 }
@@ -66,6 +70,13 @@ impl ParamSetBuilder {
         }
         self.model_dtype = Some(dtype);
         Ok(self)
+    }
+
+    /// How the fp32 masters are kept ([`Masters`]): without fp32 masters the bf16 weights are the
+    /// model copy, and no other model copy may be asked for.
+    pub fn masters(&mut self, kind: Masters) -> &mut Self {
+        self.masters = kind;
+        self
     }
 
     /// Adds a parameter group; tensors join it with [`ParamSetBuilder::add_to`].
@@ -125,6 +136,15 @@ impl ParamSetBuilder {
         if self.tensors.is_empty() {
             return Err(Error::EmptyParamSet);
         }
+        if let (Some(weights), Some(model)) = (self.masters.weights_dtype(), self.model_dtype) {
+            if weights != model {
+                return Err(Error::InvalidHyperparameter(format!(
+                    "masters kept as {:?} are {weights:?} weights: a {model:?} model copy cannot \
+                     be kept beside them",
+                    self.masters
+                )));
+            }
+        }
         let mut tensors = Vec::with_capacity(self.tensors.len());
         let mut groups = Vec::with_capacity(self.groups.len());
         let mut offset = 0usize;
@@ -164,16 +184,9 @@ impl ParamSetBuilder {
             values[info.range()].copy_from_slice(&t.values);
         }
         let grads = Arena::filled(self.grad_dtype, offset, 0.0)?;
-        let model = match self.model_dtype {
-            Some(dtype) => {
-                let mut m = Arena::filled(dtype, offset, 0.0)?;
-                m.write_f32(0, &values);
-                Some(m)
-            }
-            None => None,
-        };
+        let (masters, model) = HostMasters::new(self.masters, values, self.model_dtype)?;
         let arenas = HostArenas {
-            masters: values,
+            masters,
             grads,
             model,
         };
@@ -192,10 +205,7 @@ impl ParamSetBuilder {
 fn upload(ordinal: usize, host: &HostArenas) -> Result<DeviceStorage> {
     let rt = CudaRuntime::shared(ordinal)?;
     let dev = rt.device;
-    let masters = rt
-        .stream
-        .clone_htod(&host.masters)
-        .map_err(driver_error(dev, std::mem::size_of_val(&host.masters[..])))?;
+    let masters = DeviceMasters::upload(&rt.stream, &host.masters, dev)?;
     let grads = DeviceArena::upload(&rt.stream, &host.grads, dev)?;
     let model = host
         .model
@@ -253,6 +263,22 @@ impl ParamSet {
         }
     }
 
+    /// How the set keeps its fp32 masters.
+    pub fn masters(&self) -> Masters {
+        match &self.storage {
+            Storage::Host(h) => h.arenas.masters.kind(),
+            Storage::Cuda(d) => d.arenas.masters.kind(),
+        }
+    }
+
+    /// Bytes the weights take: the masters as stored (fp32, or the remainders) and the model
+    /// copy or bf16 weights, padding included (gradients and optimizer state not counted).
+    pub fn weight_bytes(&self) -> usize {
+        let model = self.model_dtype().map_or(0, DType::size_bytes);
+        self.layout.arena_len() * (self.masters().bytes_per_param() + model)
+    }
+
+    /// The model copy's dtype: bf16 when the set keeps no fp32 masters (the weights themselves).
     pub fn model_dtype(&self) -> Option<DType> {
         match &self.storage {
             Storage::Host(h) => h.arenas.model.as_ref().map(Arena::dtype),
@@ -275,29 +301,47 @@ impl ParamSet {
         }
     }
 
-    /// A tensor's fp32 master values, read in place (host memory only; see [`ParamSet::read_param`]).
+    /// A tensor's fp32 master values, read in place (host memory and fp32 masters only; see
+    /// [`ParamSet::read_param`]).
     pub fn param(&self, name: &str) -> Result<&[f32]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&self.host()?.masters[r])
+        Ok(&self.host()?.masters.as_f32()?[r])
     }
 
-    /// A tensor's master values, for writing in place (host memory only). The model copy is
-    /// refreshed from the masters at the next step.
+    /// A tensor's master values, for writing in place (host memory and fp32 masters only; see
+    /// [`ParamSet::write_param`]). The model copy is refreshed from the masters at the next step.
     pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
         let r = self.layout.tensor(name)?.range();
-        Ok(&mut self.host_mut()?.masters[r])
+        Ok(&mut self.host_mut()?.masters.as_f32_mut()?[r])
     }
 
-    /// A tensor's fp32 master values, copied out (from the device if they live there).
+    /// A tensor's fp32 master values, copied out (from the device if they live there; joined
+    /// from weights and remainders, or widened from the bf16 weights, when not kept in fp32).
     pub fn read_param(&self, name: &str) -> Result<Vec<f32>> {
         let r = self.layout.tensor(name)?.range();
         match &self.storage {
-            Storage::Host(h) => Ok(h.arenas.masters[r].to_vec()),
-            Storage::Cuda(d) => {
-                d.rt.stream
-                    .clone_dtoh(&d.arenas.masters.slice(r))
-                    .map_err(driver_error(d.rt.device, 0))
+            Storage::Host(h) => Ok(h
+                .arenas
+                .masters
+                .read(h.arenas.model.as_ref(), r)?
+                .into_owned()),
+            Storage::Cuda(d) => d.arenas.read_masters(&d.rt.stream, r, d.rt.device),
+        }
+    }
+
+    /// Sets a tensor's fp32 masters, and its model copy or weights with them (any device, any
+    /// [`Masters`]: split into weights and remainders, or rounded to the nearest bf16).
+    pub fn write_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let t = self.layout.tensor(name)?;
+        check_len(&format!("values of '{name}'"), t.len, values.len())?;
+        match &mut self.storage {
+            Storage::Host(h) => {
+                let a = &mut h.arenas;
+                a.masters.write(a.model.as_mut(), t.offset, values)
             }
+            Storage::Cuda(d) => d
+                .arenas
+                .write_masters(&d.rt.stream, t.offset, values, d.rt.device),
         }
     }
 
@@ -370,7 +414,13 @@ impl ParamSet {
 
     /// The whole arena of fp32 masters (padding included), in layout order (host memory only).
     pub fn masters_arena(&self) -> Result<&[f32]> {
-        Ok(&self.host()?.masters)
+        self.host()?.masters.as_f32()
+    }
+
+    /// The whole arena of fp32 masters (padding included), copied out: from any device, joined or
+    /// widened when not kept as fp32.
+    pub fn read_masters_arena(&self) -> Result<Vec<f32>> {
+        Ok(self.masters_snapshot()?.into_owned())
     }
 
     /// The whole gradient arena (host memory only): contiguous ranges of it are all-reduce buckets.
@@ -382,20 +432,28 @@ impl ParamSet {
         Ok(&mut self.host_mut()?.grads)
     }
 
-    /// The masters (when on the host) and the gradient arena cut into consecutive buffers of
-    /// `lens` elements, for collectives.
+    /// The masters and model arena (when on the host) and the gradient arena cut into
+    /// consecutive buffers of `lens` elements, for collectives.
+    #[allow(clippy::type_complexity)]
     pub(crate) fn grad_buffers_mut(
         &mut self,
         lens: &[usize],
-    ) -> Result<(Option<&[f32]>, Vec<crate::comm::Buffer<'_>>)> {
+    ) -> Result<(
+        Option<(&HostMasters, Option<&Arena>)>,
+        Vec<crate::comm::Buffer<'_>>,
+    )> {
         use crate::comm::{Buffer, HostBuffer};
         match &mut self.storage {
             Storage::Host(h) => {
-                let HostArenas { masters, grads, .. } = &mut h.arenas;
+                let HostArenas {
+                    masters,
+                    grads,
+                    model,
+                } = &mut h.arenas;
                 check_len("gradient buffer split", grads.len(), lens.iter().sum())?;
                 let pieces = HostBuffer::from(grads).split(lens);
                 Ok((
-                    Some(masters),
+                    Some((&*masters, model.as_ref())),
                     pieces.into_iter().map(Buffer::Host).collect(),
                 ))
             }
@@ -419,7 +477,7 @@ impl ParamSet {
                 Storage::Cuda(Box::new(DeviceStorage {
                     rt: d.rt.clone(),
                     arenas: DeviceArenas {
-                        masters: s.clone_dtod(&a.masters).map_err(driver_error(dev, 0))?,
+                        masters: a.masters.try_clone(s, dev)?,
                         grads: a.grads.try_clone(s, dev)?,
                         model: a.model.as_ref().map(|m| m.try_clone(s, dev)).transpose()?,
                     },
@@ -444,13 +502,14 @@ impl ParamSet {
     /// The fp32 masters of the whole arena, copied to the host when they live on a device.
     pub(crate) fn masters_snapshot(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
         match &self.storage {
-            Storage::Host(h) => Ok(std::borrow::Cow::Borrowed(&h.arenas.masters)),
-            Storage::Cuda(d) => {
-                d.rt.stream
-                    .clone_dtoh(&d.arenas.masters)
-                    .map(std::borrow::Cow::Owned)
-                    .map_err(driver_error(d.rt.device, 0))
+            Storage::Host(h) => {
+                let a = &h.arenas;
+                a.masters.read(a.model.as_ref(), 0..self.layout.arena_len())
             }
+            Storage::Cuda(d) => d
+                .arenas
+                .read_masters(&d.rt.stream, 0..self.layout.arena_len(), d.rt.device)
+                .map(std::borrow::Cow::Owned),
         }
     }
 
@@ -458,22 +517,10 @@ impl ParamSet {
     pub(crate) fn restore_masters(&mut self, new: &[f32]) -> Result<()> {
         match &mut self.storage {
             Storage::Host(h) => {
-                h.arenas.masters.copy_from_slice(new);
-                if let Some(m) = &mut h.arenas.model {
-                    m.write_f32(0, new);
-                }
-                Ok(())
+                let a = &mut h.arenas;
+                a.masters.write(a.model.as_mut(), 0, new)
             }
-            Storage::Cuda(d) => {
-                let dev = d.rt.device;
-                d.rt.stream
-                    .memcpy_htod(new, &mut d.arenas.masters)
-                    .map_err(driver_error(dev, 0))?;
-                if let Some(m) = &mut d.arenas.model {
-                    m.write(&d.rt.stream, 0, new, dev)?;
-                }
-                Ok(())
-            }
+            Storage::Cuda(d) => d.arenas.write_masters(&d.rt.stream, 0, new, d.rt.device),
         }
     }
 }
@@ -501,6 +548,11 @@ impl<'a> ParamsMut<'a> {
     /// See [`ParamSet::param_mut`].
     pub fn param_mut(&mut self, name: &str) -> Result<&mut [f32]> {
         self.0.param_mut(name)
+    }
+
+    /// See [`ParamSet::write_param`].
+    pub fn write_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.0.write_param(name, values)
     }
 
     /// See [`ParamSet::grad_mut`].

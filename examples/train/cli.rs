@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use fusedopt::{DType, Flavor, QuantizedState};
+use fusedopt::{DType, Flavor, Masters, QuantizedState};
 
 use crate::model::Loss;
 
@@ -56,6 +56,16 @@ pub(crate) enum StateName {
     Block4,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum MastersName {
+    /// fp32 master weights (and a bf16 model copy with --grad-dtype bf16).
+    F32,
+    /// bf16 weights plus int16 remainders: the exact fp32 masters in 4 bytes.
+    Remainders,
+    /// bf16 weights alone, updated with stochastic rounding.
+    Stochastic,
+}
+
 #[derive(Parser, Clone, Debug)]
 #[command(about = "Data-parallel digit classifier trained with fusedopt's fused optimizers")]
 pub(crate) struct Args {
@@ -97,6 +107,9 @@ pub(crate) struct Args {
     /// How the optimizer stores its state (moments).
     #[arg(long, value_enum, default_value = "f32")]
     pub(crate) state: StateName,
+    /// How the parameters keep their fp32 master weights.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(crate) masters: MastersName,
     #[arg(long, default_value_t = 20)]
     pub(crate) epochs: usize,
     /// Global batch, split evenly between replicas.
@@ -149,6 +162,15 @@ pub(crate) fn state_options(s: StateName) -> (DType, QuantizedState) {
         StateName::Bf16 => (DType::BF16, QuantizedState::None),
         StateName::Block8 => (DType::F32, QuantizedState::Block8),
         StateName::Block4 => (DType::F32, QuantizedState::Block4),
+    }
+}
+
+/// The storage of `m`; the stochastic stream is seeded by the run's seed.
+pub(crate) fn masters_of(m: MastersName, seed: u64) -> Masters {
+    match m {
+        MastersName::F32 => Masters::F32,
+        MastersName::Remainders => Masters::Bf16Remainders,
+        MastersName::Stochastic => Masters::Bf16Stochastic { seed },
     }
 }
 

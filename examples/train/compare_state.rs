@@ -1,32 +1,52 @@
-//! The state-storage comparison: AdamW with f32, bf16, 8-bit and 4-bit state, each trained with
-//! several seeds, judged on test accuracy and optimizer memory per parameter.
+//! The state-storage comparison: AdamW with f32, bf16, 8-bit and 4-bit state, and with 8-bit
+//! state beside bf16 weights (exact masters from remainders, or stochastic rounding), each trained
+//! with several seeds, judged on test accuracy and memory per parameter.
 
 use fusedopt::lean::quantize::quantizes;
 use fusedopt::{
-    Adam, DType, Device, Flavor, Optimizer, OptimizerOptions, ParamSet, QuantizedState,
+    Adam, DType, Device, Flavor, Masters, Optimizer, OptimizerOptions, ParamSet, QuantizedState,
 };
 
-use crate::cli::{default_lr, state_options, Args, RuleName, StateName};
+use crate::cli::{default_lr, state_options, Args, MastersName, RuleName, StateName};
 use crate::compare::{mean, median, spread};
 use crate::data::Error;
 use crate::run::{model_of, replicas, train, Run, Splits};
 
 pub(crate) fn compare_state(args: &Args, splits: &Splits) -> Result<(), Error> {
     let states = [
-        (StateName::F32, "f32"),
-        (StateName::Bf16, "bf16"),
-        (StateName::Block8, "8-bit blocks (torchao AdamW8bit)"),
-        (StateName::Block4, "4-bit blocks (torchao AdamW4bit)"),
+        (StateName::F32, MastersName::F32, "f32"),
+        (StateName::Bf16, MastersName::F32, "bf16"),
+        (
+            StateName::Block8,
+            MastersName::F32,
+            "8-bit blocks (torchao AdamW8bit)",
+        ),
+        (
+            StateName::Block4,
+            MastersName::F32,
+            "4-bit blocks (torchao AdamW4bit)",
+        ),
+        (
+            StateName::Block8,
+            MastersName::Remainders,
+            "8-bit blocks, bf16 weights + remainders",
+        ),
+        (
+            StateName::Block8,
+            MastersName::Stochastic,
+            "8-bit blocks, bf16 weights, stochastic rounding",
+        ),
     ];
     let lr = args.lr.unwrap_or(default_lr(RuleName::Adamw));
     let model = model_of(args, splits.train.side);
     std::fs::create_dir_all(&args.out)?;
     let mut rows = Vec::new();
     let mut baseline = None;
-    for (state, label) in states {
+    for (state, masters, label) in states {
         let a = Args {
             rule: RuleName::Adamw,
             state,
+            masters,
             ..args.clone()
         };
         let opt = replicas(
@@ -42,6 +62,7 @@ pub(crate) fn compare_state(args: &Args, splits: &Splits) -> Result<(), Error> {
         let layout = opt.params().layout();
         let params = layout.num_params();
         let per_param = opt.state_bytes()? as f64 / params as f64;
+        let weights = opt.params().weight_bytes() as f64 / params as f64;
         let coded: usize = match state_options(state).1 {
             QuantizedState::None => 0,
             q => layout
@@ -61,9 +82,10 @@ pub(crate) fn compare_state(args: &Args, splits: &Splits) -> Result<(), Error> {
             .collect();
         let m = mean(&acc);
         let base = *baseline.get_or_insert(m);
-        println!("{label:<34} test accuracy {:.2}%", 100.0 * m);
+        println!("{label:<48} test accuracy {:.2}%", 100.0 * m);
         rows.push(format!(
-            "| {label} | {:.2} ± {:.2} % | {:+.2} | {per_param:.2} | {:.0} % | {:.0} ms |",
+            "| {label} | {:.2} ± {:.2} % | {:+.2} | {per_param:.2} | {weights:.2} | {:.0} % | {:.0} \
+             ms |",
             100.0 * m,
             100.0 * spread(&acc),
             100.0 * (m - base),
@@ -73,11 +95,14 @@ pub(crate) fn compare_state(args: &Args, splits: &Splits) -> Result<(), Error> {
     }
     let table = format!(
         "Digits ({} train / {} test), {}, AdamW (wd 0.01) at lr {lr}, batch {} over {} CPU \
-         replicas, {} epochs, clip {}, {} seeds. Optimizer state bytes per parameter as held \
-         (`Optimizer::state_bytes`, padding included); coded: the share of parameters in tensors \
-         large enough to quantize (at least 4096 elements, whole blocks), the rest kept in f32.\n\n\
-         | state | test accuracy (mean ± sd) | vs f32 (points) | state bytes / param | coded | \
-         time per epoch (median) |\n|---|---:|---:|---:|---:|---:|\n{}\n",
+         replicas, {} epochs, clip {}, {} seeds. Bytes per parameter as held, padding included: \
+         the optimizer state (`Optimizer::state_bytes`) and the weights (`ParamSet::weight_bytes`: \
+         fp32 masters, or bf16 weights with or without remainders); coded: the share of \
+         parameters in tensors large enough to quantize (at least 4096 elements, whole blocks), \
+         the rest kept in f32.\n\n\
+         | state | test accuracy (mean ± sd) | vs f32 (points) | state bytes / param | weight \
+         bytes / param | coded | time per epoch (median) |\n|---|---:|---:|---:|---:|---:|---:|\n\
+         {}\n",
         splits.train.len(),
         splits.test.len(),
         model.describe(),
@@ -121,18 +146,63 @@ fn gpt2_small() -> Vec<usize> {
     t
 }
 
-/// Optimizer state bytes per parameter of AdamW over GPT-2 small's tensors, per state storage,
-/// as the optimizer holds it.
+/// Bytes per parameter of AdamW over GPT-2 small's tensors, per state and weight storage, as
+/// the optimizer and the parameter set hold them.
 fn gpt2_memory() -> Result<String, Error> {
     let sizes = gpt2_small();
     let mut rows = Vec::new();
-    for (label, dtype, q) in [
-        ("f32", DType::F32, QuantizedState::None),
-        ("bf16", DType::BF16, QuantizedState::None),
-        ("8-bit blocks", DType::F32, QuantizedState::Block8),
-        ("4-bit blocks", DType::F32, QuantizedState::Block4),
+    let fp32 = "fp32 masters + bf16 copy";
+    let remainders = "bf16 + remainders";
+    for (label, dtype, q, weights, masters) in [
+        ("f32", DType::F32, QuantizedState::None, fp32, Masters::F32),
+        (
+            "bf16",
+            DType::BF16,
+            QuantizedState::None,
+            fp32,
+            Masters::F32,
+        ),
+        (
+            "8-bit blocks",
+            DType::F32,
+            QuantizedState::Block8,
+            fp32,
+            Masters::F32,
+        ),
+        (
+            "4-bit blocks",
+            DType::F32,
+            QuantizedState::Block4,
+            fp32,
+            Masters::F32,
+        ),
+        (
+            "8-bit blocks",
+            DType::F32,
+            QuantizedState::Block8,
+            remainders,
+            Masters::Bf16Remainders,
+        ),
+        (
+            "4-bit blocks",
+            DType::F32,
+            QuantizedState::Block4,
+            remainders,
+            Masters::Bf16Remainders,
+        ),
+        (
+            "8-bit blocks",
+            DType::F32,
+            QuantizedState::Block8,
+            "bf16, stochastic rounding",
+            Masters::Bf16Stochastic { seed: 0 },
+        ),
     ] {
         let mut b = ParamSet::builder();
+        b.masters(masters);
+        if masters == Masters::F32 {
+            b.model_copy(DType::BF16)?;
+        }
         for (i, &n) in sizes.iter().enumerate() {
             b.add(&format!("t{i}"), &[n], &vec![0.0; n])?;
         }
@@ -149,18 +219,21 @@ fn gpt2_memory() -> Result<String, Error> {
         )?;
         let params = opt.params().layout().num_params() as f64;
         let state = opt.state_bytes()? as f64;
+        let weights_bytes = opt.params().weight_bytes() as f64;
         rows.push(format!(
-            "| {label} | {:.3} | {:.3} | {:.0} MiB |",
+            "| {label} | {weights} | {:.3} | {:.3} | {:.3} | {:.0} MiB |",
             state / params,
-            (state + 4.0 * params) / params,
-            state / (1u64 << 20) as f64
+            weights_bytes / params,
+            (state + weights_bytes) / params,
+            (state + weights_bytes) / (1u64 << 20) as f64,
         ));
     }
     Ok(format!(
-        "AdamW over GPT-2 small's tensors ({} parameters in {} tensors), optimizer state as held \
-         (`Optimizer::state_bytes`), with and without the fp32 masters.\n\n\
-         | state | state bytes / param | with fp32 masters | state in all |\n\
-         |---|---:|---:|---:|\n{}\n",
+        "AdamW over GPT-2 small's tensors ({} parameters in {} tensors): optimizer state \
+         (`Optimizer::state_bytes`) and weights (`ParamSet::weight_bytes`) as held; gradients not \
+         counted.\n\n\
+         | state | weights | state bytes / param | weight bytes / param | in all / param | in all |\n\
+         |---|---|---:|---:|---:|---:|\n{}\n",
         sizes.iter().sum::<usize>(),
         sizes.len(),
         rows.join("\n")

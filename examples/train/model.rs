@@ -2,27 +2,44 @@
 //! ndarray's matrix products. Gradients are emitted last layer first, so a data-parallel engine
 //! can start reducing them while earlier layers are still being differentiated.
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis};
+use std::borrow::Cow;
+
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2, Axis, CowArray, Ix1, Ix2};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::data::CLASSES;
 
 /// Where a forward pass reads parameters from: an optimizer's set, or a replica's view of it.
+/// Borrowed where they are fp32 masters, widened (or joined) where they are not.
 pub trait Params {
-    fn param(&self, name: &str) -> fusedopt::Result<&[f32]>;
+    fn param(&self, name: &str) -> fusedopt::Result<Cow<'_, [f32]>>;
 }
 
 impl Params for fusedopt::ParamSet {
-    fn param(&self, name: &str) -> fusedopt::Result<&[f32]> {
-        fusedopt::ParamSet::param(self, name)
+    fn param(&self, name: &str) -> fusedopt::Result<Cow<'_, [f32]>> {
+        match fusedopt::ParamSet::param(self, name) {
+            Err(fusedopt::Error::MastersNotF32(_)) => Ok(Cow::Owned(self.read_param(name)?)),
+            p => p.map(Cow::Borrowed),
+        }
     }
 }
 
 impl Params for fusedopt::parallel::Gradients<'_> {
-    fn param(&self, name: &str) -> fusedopt::Result<&[f32]> {
-        fusedopt::parallel::Gradients::param(self, name)
+    fn param(&self, name: &str) -> fusedopt::Result<Cow<'_, [f32]>> {
+        match fusedopt::parallel::Gradients::param(self, name) {
+            Err(fusedopt::Error::MastersNotF32(_)) => Ok(Cow::Owned(self.read_param(name)?)),
+            p => p.map(Cow::Borrowed),
+        }
     }
+}
+
+/// A parameter as a vector, borrowed or owned.
+fn vector<'a>(p: &'a dyn Params, name: &str) -> fusedopt::Result<CowArray<'a, f32, Ix1>> {
+    Ok(match p.param(name)? {
+        Cow::Borrowed(v) => CowArray::from(ArrayView1::from(v)),
+        Cow::Owned(v) => CowArray::from(Array1::from(v)),
+    })
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -84,12 +101,18 @@ fn view<'a>(
     name: &str,
     rows: usize,
     cols: usize,
-) -> fusedopt::Result<ArrayView2<'a, f32>> {
-    ArrayView2::from_shape((rows, cols), p.param(name)?).map_err(|e| {
-        fusedopt::Error::ShapeMismatch {
-            what: format!("{name}: {e}"),
-            expected: vec![rows, cols],
-            got: vec![],
+) -> fusedopt::Result<CowArray<'a, f32, Ix2>> {
+    let shape_error = |e: ndarray::ShapeError| fusedopt::Error::ShapeMismatch {
+        what: format!("{name}: {e}"),
+        expected: vec![rows, cols],
+        got: vec![],
+    };
+    Ok(match p.param(name)? {
+        Cow::Borrowed(v) => {
+            CowArray::from(ArrayView2::from_shape((rows, cols), v).map_err(shape_error)?)
+        }
+        Cow::Owned(v) => {
+            CowArray::from(Array2::from_shape_vec((rows, cols), v).map_err(shape_error)?)
         }
     })
 }
@@ -185,7 +208,7 @@ impl Model {
         let (mut dense_in, mut dense_pre) = (Vec::new(), Vec::new());
         for i in 0..layers {
             let w = view(p, &format!("fc{}.weight", i + 1), widths[i + 1], widths[i])?;
-            let b = ArrayView1::from(p.param(&format!("fc{}.bias", i + 1))?);
+            let b = vector(p, &format!("fc{}.bias", i + 1))?;
             let z = h.dot(&w.t()) + b;
             dense_in.push(h);
             if i + 1 == layers {
@@ -233,7 +256,7 @@ impl Model {
     ) -> fusedopt::Result<(Array2<f32>, ConvCache)> {
         let patches = self.patches(x);
         let w = view(p, "conv.weight", c, 9)?;
-        let pre = patches.dot(&w.t()) + ArrayView1::from(p.param("conv.bias")?);
+        let pre = patches.dot(&w.t()) + vector(p, "conv.bias")?;
         let (s, h) = (self.side, self.side / 2);
         let batch = x.nrows();
         let mut pooled = Array2::zeros((batch, c * h * h));

@@ -9,14 +9,16 @@ use fusedopt::schedule::optax::Schedule;
 use fusedopt::schedule::plateau::ReduceLrOnPlateau;
 use fusedopt::schedule::LrAtStep;
 use fusedopt::{
-    Adagrad, Adam, DType, Device, GlobalNormClip, GroupOptions, Optimizer, OptimizerOptions,
-    ParamSet, RmsProp, Rule, Sgd, WeightDecay,
+    Adagrad, Adam, DType, Device, GlobalNormClip, GroupOptions, Masters, Optimizer,
+    OptimizerOptions, ParamSet, RmsProp, Rule, Sgd, WeightDecay,
 };
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::cli::{flavor, state_options, Args, GradDType, ModelName, RuleName, ScheduleName};
+use crate::cli::{
+    flavor, masters_of, state_options, Args, GradDType, ModelName, RuleName, ScheduleName,
+};
 use crate::data::{self, Dataset, Error};
 use crate::metrics::{self, Metrics};
 use crate::model::{self, Arch, Model};
@@ -101,8 +103,14 @@ pub(crate) fn replicas(
         .map(|_| {
             let mut b = ParamSet::builder();
             b.group("no_decay", GroupOptions::no_decay())?;
+            let masters = masters_of(args.masters, seed);
+            b.masters(masters);
             if args.grad_dtype == GradDType::Bf16 {
-                b.grad_dtype(DType::BF16).model_copy(DType::BF16)?;
+                b.grad_dtype(DType::BF16);
+                // Without fp32 masters the weights are bf16 already.
+                if masters == Masters::F32 {
+                    b.model_copy(DType::BF16)?;
+                }
             }
             for (spec, values) in &init {
                 if spec.decay {
@@ -259,10 +267,10 @@ pub(crate) fn train(
     }
     let first = dp.replicas().next().ok_or("no replicas")?;
     let test = metrics::evaluate(&model, first.params(), &splits.test, args.loss)?;
-    let params = first.params().masters_arena()?.to_vec();
+    let params = first.params().read_masters_arena()?;
     let mut replicas_identical = true;
     for r in dp.replicas() {
-        replicas_identical &= r.params().masters_arena()? == params.as_slice();
+        replicas_identical &= r.params().read_masters_arena()? == params;
     }
     Ok(Run {
         history,

@@ -108,10 +108,10 @@ fn every_loss_and_the_cnn_learn() {
 struct Map(std::collections::BTreeMap<String, Vec<f32>>);
 
 impl model::Params for Map {
-    fn param(&self, name: &str) -> fusedopt::Result<&[f32]> {
+    fn param(&self, name: &str) -> fusedopt::Result<std::borrow::Cow<'_, [f32]>> {
         self.0
             .get(name)
-            .map(Vec::as_slice)
+            .map(|v| std::borrow::Cow::Borrowed(v.as_slice()))
             .ok_or_else(|| fusedopt::Error::UnknownTensor(name.into()))
     }
 }

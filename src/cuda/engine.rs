@@ -11,7 +11,8 @@ use cudarc::driver::{
 };
 
 use super::abi::{DeviceSegment, GroupConfig, StepEntry, StepParams, StepState};
-use super::arena::{download, DeviceArena};
+use super::arena::DeviceArena;
+use super::masters::{DeviceMasters, WeightArgs};
 use super::quantized::DeviceQuantized;
 use super::runtime::{driver_error, CudaRuntime};
 use crate::error::{Error, Result};
@@ -28,11 +29,11 @@ const BLOCK: u32 = 256;
 /// synchronisation per this many steps (see `optim::lr_window`).
 pub(crate) const LR_RING_LEN: usize = 256;
 
-/// A parameter set's arenas in device memory: the fp32 masters, the gradients, and the optional
-/// low-precision model copy.
+/// A parameter set's arenas in device memory: the masters, the gradients, and the optional
+/// low-precision model copy (the bf16 weights when the masters are not kept in fp32).
 #[derive(Debug)]
 pub(crate) struct DeviceArenas {
-    pub masters: CudaSlice<f32>,
+    pub masters: DeviceMasters,
     pub grads: DeviceArena,
     pub model: Option<DeviceArena>,
 }
@@ -116,7 +117,7 @@ fn dtype_suffix(d: DType) -> &'static str {
 }
 
 /// Pushes an arena's device pointer, whatever its dtype.
-fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
+pub(super) fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
     match a {
         DeviceArena::F32(s) => b.arg(s),
         DeviceArena::BF16(s) => b.arg(s),
@@ -125,21 +126,6 @@ fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
 }
 
 /// Pushes the model copy (or null) and its kind: the update kernels' last two arguments.
-fn push_model<'a>(
-    b: &mut LaunchArgs<'a>,
-    model: Option<&'a DeviceArena>,
-    null: &'a u64,
-    kind: &'a i32,
-) {
-    match model {
-        Some(m) => push_arena(b, m),
-        None => {
-            b.arg(null);
-        }
-    }
-    b.arg(kind);
-}
-
 impl CudaEngine {
     /// Bytes of device memory its state buffers hold.
     pub(crate) fn state_bytes(&self) -> usize {
@@ -250,7 +236,7 @@ impl CudaEngine {
                     dev,
                 )?;
                 if rule.state_init(n) == StateInit::Params {
-                    let masters = download(stream, &params.masters, 0..layout.arena_len(), dev)?;
+                    let masters = params.read_masters(stream, 0..layout.arena_len(), dev)?;
                     a.write(stream, 0, &masters, dev)?;
                 }
                 Ok(a)
@@ -390,11 +376,7 @@ impl CudaEngine {
             unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(driver_error(dev, 0))?;
         }
         let null = 0u64;
-        let (model_kind, model): (i32, Option<&DeviceArena>) = match &p.model {
-            Some(m @ DeviceArena::BF16(_)) => (1, Some(m)),
-            Some(m @ DeviceArena::F16(_)) => (2, Some(m)),
-            _ => (0, None),
-        };
+        let weights = WeightArgs::of(p);
         if let Some(q) = self.quantized.as_mut() {
             let pieces = q.num_pieces() as u32;
             if pieces == 0 {
@@ -405,8 +387,8 @@ impl CudaEngine {
                 .arg(&self.configs)
                 .arg(&self.step_state)
                 .arg(&self.lr_ring)
-                .arg(&self.lr_ring_len)
-                .arg(&mut p.masters);
+                .arg(&self.lr_ring_len);
+            weights.push_masters(&mut b, &null);
             push_arena(&mut b, &p.grads);
             let mut buffers = q.buffers.iter_mut();
             for _ in 0..3 {
@@ -422,7 +404,7 @@ impl CudaEngine {
                     }
                 }
             }
-            push_model(&mut b, model, &null, &model_kind);
+            weights.push_rest(&mut b, &null);
             let cfg = LaunchConfig {
                 grid_dim: (pieces, 1, 1),
                 block_dim: (BLOCK, 1, 1),
@@ -430,10 +412,10 @@ impl CudaEngine {
             };
             // SAFETY: the arguments match `update_q<bits>_<rule>_<grad>` in kernels/update.cuh,
             // chosen in `new` from this rule, gradient dtype and code width: piece table, group
-            // configs, step state, lr ring and its length, fp32 masters, gradients, then for each
-            // of three slots its codes, block scales, f32 part and code table (null pointers for
-            // slots the rule does not use, which the kernel never touches), the model copy or
-            // null, and its kind. Every piece lies inside the arenas; coded pieces are whole blocks
+            // configs, step state, lr ring and its length, fp32 masters or null, gradients, then
+            // for each of three slots its codes, block scales, f32 part and code table (null
+            // pointers for slots the rule does not use, which the kernel never touches), then
+            // the weights' model arena, remainders, seed and kind (`WeightArgs`). Every piece lies inside the arenas; coded pieces are whole blocks
             // (the layout aligns coded tensors) and f32 pieces index the f32 part within its
             // length (the same layout built the part).
             return unsafe { b.launch(cfg) }
@@ -449,8 +431,8 @@ impl CudaEngine {
             .arg(&self.configs)
             .arg(&self.step_state)
             .arg(&self.lr_ring)
-            .arg(&self.lr_ring_len)
-            .arg(&mut p.masters);
+            .arg(&self.lr_ring_len);
+        weights.push_masters(&mut b, &null);
         push_arena(&mut b, &p.grads);
         for slot in 0..3 {
             match self.state.get(slot) {
@@ -460,7 +442,7 @@ impl CudaEngine {
                 }
             }
         }
-        push_model(&mut b, model, &null, &model_kind);
+        weights.push_rest(&mut b, &null);
         let cfg = LaunchConfig {
             grid_dim: (segments, 1, 1),
             block_dim: (BLOCK, 1, 1),
@@ -468,9 +450,9 @@ impl CudaEngine {
         };
         // SAFETY: the arguments match `update_<rule>_<grad>_<state>` in kernels/update.cu, chosen
         // in `new` from this rule and these dtypes: segment table, group configs, step state, lr
-        // ring and its length, fp32 masters, gradients, the rule's state buffers in slot order
-        // (null pointers for slots the rule does not use, which the kernel never touches), the
-        // model copy or null, and its kind. Every segment lies inside the arenas, which all have
+        // ring and its length, fp32 masters or null, gradients, the rule's state buffers in slot
+        // order (null pointers for slots the rule does not use, which the kernel never touches),
+        // then the weights' model arena, remainders, seed and kind (`WeightArgs`). Every segment lies inside the arenas, which all have
         // the layout's length.
         unsafe { b.launch(cfg) }
             .map(|_| ())

@@ -7,6 +7,7 @@ pub(crate) mod abi;
 pub mod arena;
 pub(crate) mod engine;
 pub mod lean;
+pub(crate) mod masters;
 pub(crate) mod nvrtc;
 pub(crate) mod quantized;
 pub mod runtime;

@@ -7,11 +7,10 @@
 //! thread count.
 
 use half::{bf16, f16};
-use rayon::iter::Either;
 use rayon::prelude::*;
 
+use super::weights::Weights;
 use crate::arena::Arena;
-use crate::dtype::round_into;
 use crate::plan::LaunchPlan;
 use crate::rules::Coefficients;
 use crate::{DType, Element};
@@ -77,117 +76,92 @@ impl CpuEngine {
         self.partials.iter().sum()
     }
 
-    /// Applies `coeffs[group]` to every segment of the plan, and rewrites the model copy from the
-    /// updated masters while each chunk is still in cache. All state arenas share one dtype.
-    pub(crate) fn update(
+    /// Applies `coeffs[group]` to every segment of the plan, storing the updated masters back
+    /// (and the model copy with them) while each chunk is still in cache. All state arenas share
+    /// one dtype.
+    pub(super) fn update(
         &self,
-        values: &mut [f32],
+        weights: Weights<'_>,
         grads: &Arena,
         state: &mut [Arena],
-        model: Option<&mut Arena>,
         coeffs: &[Coefficients],
     ) {
         let state_dtype = state.first().map_or(DType::F32, Arena::dtype);
         match (grads.dtype(), state_dtype) {
             (DType::F32, DType::F32) => {
-                self.update_typed::<f32, f32>(values, grads, state, model, coeffs)
+                self.update_typed::<f32, f32>(weights, grads, state, coeffs)
             }
             (DType::BF16, DType::F32) => {
-                self.update_typed::<bf16, f32>(values, grads, state, model, coeffs)
+                self.update_typed::<bf16, f32>(weights, grads, state, coeffs)
             }
             (DType::F16, DType::F32) => {
-                self.update_typed::<f16, f32>(values, grads, state, model, coeffs)
+                self.update_typed::<f16, f32>(weights, grads, state, coeffs)
             }
             (DType::F32, DType::BF16) => {
-                self.update_typed::<f32, bf16>(values, grads, state, model, coeffs)
+                self.update_typed::<f32, bf16>(weights, grads, state, coeffs)
             }
             (DType::BF16, DType::BF16) => {
-                self.update_typed::<bf16, bf16>(values, grads, state, model, coeffs)
+                self.update_typed::<bf16, bf16>(weights, grads, state, coeffs)
             }
             (DType::F16, DType::BF16) => {
-                self.update_typed::<f16, bf16>(values, grads, state, model, coeffs)
+                self.update_typed::<f16, bf16>(weights, grads, state, coeffs)
             }
             (DType::F32, DType::F16) => {
-                self.update_typed::<f32, f16>(values, grads, state, model, coeffs)
+                self.update_typed::<f32, f16>(weights, grads, state, coeffs)
             }
             (DType::BF16, DType::F16) => {
-                self.update_typed::<bf16, f16>(values, grads, state, model, coeffs)
+                self.update_typed::<bf16, f16>(weights, grads, state, coeffs)
             }
             (DType::F16, DType::F16) => {
-                self.update_typed::<f16, f16>(values, grads, state, model, coeffs)
+                self.update_typed::<f16, f16>(weights, grads, state, coeffs)
             }
         }
     }
 
     fn update_typed<G: Element, S: Element>(
         &self,
-        values: &mut [f32],
+        weights: Weights<'_>,
         grads: &Arena,
         state: &mut [Arena],
-        model: Option<&mut Arena>,
         coeffs: &[Coefficients],
     ) {
         let c = self.plan.chunk_elems();
         let plan = &self.plan;
-        let model_dtype = model.as_ref().map(|m| m.dtype());
-        let run = |chunk: usize,
-                   p: &mut [f32],
-                   g: &[u8],
-                   s: &mut [&mut [u8]],
-                   mut m: Option<&mut [u8]>| {
+        let run = |chunk: usize, mut w: Weights<'_>, g: &[u8], s: &mut [&mut [u8]]| {
             let base = chunk * c;
             let n = s.len();
             for seg in plan.segments_of(chunk) {
                 let r = seg.start - base..seg.start - base + seg.len;
-                let mut views: [&mut [S]; 3] = [&mut [], &mut [], &mut []];
-                for (v, buf) in views.iter_mut().zip(s.iter_mut()) {
-                    *v = view_mut::<S>(buf, r.clone());
-                }
-                let p = &mut p[r.clone()];
-                update_segment::<G, S>(
-                    &coeffs[seg.group],
-                    p,
-                    view::<G>(g, r.clone()),
-                    &mut views[..n],
-                );
-                match (model_dtype, m.as_deref_mut()) {
-                    (Some(DType::BF16), Some(m)) => round_into::<bf16>(view_mut(m, r), p),
-                    (Some(DType::F16), Some(m)) => round_into::<f16>(view_mut(m, r), p),
-                    _ => {}
-                }
+                w.update(r, |p, r| {
+                    let mut views: [&mut [S]; 3] = [&mut [], &mut [], &mut []];
+                    for (v, buf) in views.iter_mut().zip(s.iter_mut()) {
+                        *v = view_mut::<S>(buf, r.clone());
+                    }
+                    update_segment::<G, S>(&coeffs[seg.group], p, view::<G>(g, r), &mut views[..n]);
+                });
             }
         };
-        let model_chunks = match model {
-            Some(m) => {
-                let width = c * m.dtype().size_bytes();
-                Either::Left(bytes_mut(m).par_chunks_mut(width).map(Some))
-            }
-            None => Either::Right((0..plan.num_chunks()).into_par_iter().map(|_| None)),
-        };
-        let pgm = values
-            .par_chunks_mut(c)
-            .zip(bytes(grads).par_chunks(c * G::DTYPE.size_bytes()))
-            .zip(model_chunks);
+        let pg = weights
+            .par_chunks(c)
+            .zip(bytes(grads).par_chunks(c * G::DTYPE.size_bytes()));
         let sw = c * S::DTYPE.size_bytes();
         match state {
-            [] => pgm
-                .enumerate()
-                .for_each(|(i, ((p, g), m))| run(i, p, g, &mut [], m)),
-            [a] => pgm
+            [] => pg.enumerate().for_each(|(i, (w, g))| run(i, w, g, &mut [])),
+            [a] => pg
                 .zip(bytes_mut(a).par_chunks_mut(sw))
                 .enumerate()
-                .for_each(|(i, (((p, g), m), a))| run(i, p, g, &mut [a], m)),
-            [a, b] => pgm
+                .for_each(|(i, ((w, g), a))| run(i, w, g, &mut [a])),
+            [a, b] => pg
                 .zip(bytes_mut(a).par_chunks_mut(sw))
                 .zip(bytes_mut(b).par_chunks_mut(sw))
                 .enumerate()
-                .for_each(|(i, ((((p, g), m), a), b))| run(i, p, g, &mut [a, b], m)),
-            [a, b, d] => pgm
+                .for_each(|(i, (((w, g), a), b))| run(i, w, g, &mut [a, b])),
+            [a, b, d] => pg
                 .zip(bytes_mut(a).par_chunks_mut(sw))
                 .zip(bytes_mut(b).par_chunks_mut(sw))
                 .zip(bytes_mut(d).par_chunks_mut(sw))
                 .enumerate()
-                .for_each(|(i, (((((p, g), m), a), b), d))| run(i, p, g, &mut [a, b, d], m)),
+                .for_each(|(i, ((((w, g), a), b), d))| run(i, w, g, &mut [a, b, d])),
             _ => unreachable!("no rule keeps more than three state buffers"),
         }
     }

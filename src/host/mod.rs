@@ -7,21 +7,24 @@ pub(crate) mod kernels;
 mod quantized;
 pub(crate) mod quantized_state;
 pub(crate) mod state;
+mod weights;
 
 use crate::arena::Arena;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::masters::HostMasters;
 use crate::plan::{LaunchPlan, CPU_CHUNK_ELEMS};
 use crate::rules::{Coefficients, Rule, StepContext, StepMemo};
 use crate::step::{decide, OptimizerOptions, StepParams, StepState, MAX_STEP, POLICY_ERROR};
 use kernels::CpuEngine;
 use state::StateBuffers;
+use weights::Weights;
 
-/// A parameter set's arenas in host memory: the fp32 masters, the gradients, and the optional
-/// low-precision model copy.
+/// A parameter set's arenas in host memory: the masters, the gradients, and the optional
+/// low-precision model copy (the bf16 weights when the masters are not kept in fp32).
 #[derive(Clone, Debug)]
 pub(crate) struct HostArenas {
-    pub masters: Vec<f32>,
+    pub masters: HostMasters,
     pub grads: Arena,
     pub model: Option<Arena>,
 }
@@ -97,10 +100,12 @@ impl HostEngine {
                 "the step count is at its limit".into(),
             ));
         }
-        self.step_state = st;
         if st.skip != 0 {
+            self.step_state = st;
             return Ok(false);
         }
+        let weights = Weights::of(&mut a.masters, a.model.as_mut(), st.step)?;
+        self.step_state = st;
         let sign = if rule.maximize() { -1.0 } else { 1.0 };
         let scalars = if rule.needs_step_scalars() {
             rule.step_scalars(st.step, lr, &mut self.memo)
@@ -124,21 +129,12 @@ impl HostEngine {
             self.coeffs.push(rule.coefficients(&ctx));
         }
         match &mut self.state {
-            StateBuffers::Dense(state) => self.kernels.update(
-                &mut a.masters,
-                &a.grads,
-                state,
-                a.model.as_mut(),
-                &self.coeffs,
-            ),
-            StateBuffers::Quantized { layout, buffers } => quantized::update(
-                layout,
-                &mut a.masters,
-                &a.grads,
-                buffers,
-                a.model.as_mut(),
-                &self.coeffs,
-            ),
+            StateBuffers::Dense(state) => {
+                self.kernels.update(weights, &a.grads, state, &self.coeffs)
+            }
+            StateBuffers::Quantized { layout, buffers } => {
+                quantized::update(layout, weights, &a.grads, buffers, &self.coeffs)
+            }
         }
         Ok(true)
     }

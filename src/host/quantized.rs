@@ -6,11 +6,9 @@
 //! they are split at chunk boundaries recursively and the halves run under `rayon::join` (no
 //! allocation, every borrow checked).
 
-use half::{bf16, f16};
-
 use super::kernels::update_segment;
+use super::weights::Weights;
 use crate::arena::Arena;
-use crate::dtype::round_into;
 use crate::host::quantized_state::{code_block, decode_block, QuantizedBuffer, QuantizedLayout};
 use crate::lean::quantize::BLOCK_8BIT;
 use crate::lean::QuantMap;
@@ -28,18 +26,10 @@ struct SlotParts<'a> {
 struct Chunks<'a, G> {
     first: usize,
     end: usize,
-    p: &'a mut [f32],
+    weights: Weights<'a>,
     g: &'a [G],
-    model: Model<'a>,
     slots: [SlotParts<'a>; 3],
     n: usize,
-}
-
-/// The low-precision model copy's share, if there is one.
-enum Model<'a> {
-    None,
-    BF16(&'a mut [bf16]),
-    F16(&'a mut [f16]),
 }
 
 fn split<T>(s: &mut [T], at: usize) -> (&mut [T], &mut [T]) {
@@ -53,19 +43,8 @@ impl<'a, G: Element> Chunks<'a, G> {
         let full = q.full_start(mid) - q.full_start(self.first);
         let code_bytes = q.format.code_bytes(e);
         let blocks = e / q.format.block();
-        let (p0, p1) = split(self.p, e);
+        let (w0, w1) = self.weights.split_at(e);
         let (g0, g1) = self.g.split_at(e.min(self.g.len()));
-        let (m0, m1) = match self.model {
-            Model::None => (Model::None, Model::None),
-            Model::BF16(m) => {
-                let (a, b) = split(m, e);
-                (Model::BF16(a), Model::BF16(b))
-            }
-            Model::F16(m) => {
-                let (a, b) = split(m, e);
-                (Model::F16(a), Model::F16(b))
-            }
-        };
         let halves = self.slots.map(|s| {
             let (c0, c1) = split(s.codes, code_bytes);
             let (s0, s1) = split(s.scales, blocks);
@@ -87,18 +66,16 @@ impl<'a, G: Element> Chunks<'a, G> {
         let left = Chunks {
             first: self.first,
             end: mid,
-            p: p0,
+            weights: w0,
             g: g0,
-            model: m0,
             slots: [a0, b0, d0],
             n: self.n,
         };
         let right = Chunks {
             first: mid,
             end: self.end,
-            p: p1,
+            weights: w1,
             g: g1,
-            model: m1,
             slots: [a1, b1, d1],
             n: self.n,
         };
@@ -126,18 +103,22 @@ impl<'a, G: Element> Chunks<'a, G> {
         for piece in q.pieces_of(self.first) {
             let r = piece.start - base..piece.start - base + piece.len;
             let c = &coeffs[piece.group];
+            let g = self.g;
             if !piece.quantized {
-                let f = full_at..full_at + piece.len;
-                let mut views: [&mut [f32]; 3] = [&mut [], &mut [], &mut []];
-                for (v, s) in views.iter_mut().zip(slots.iter_mut()) {
-                    *v = &mut s.full[f.clone()];
-                }
-                let (p, g) = (&mut self.p[r.clone()], &self.g[r.clone()]);
-                update_segment::<G, f32>(c, p, g, &mut views[..n]);
+                self.weights.update(r.clone(), |p, sub| {
+                    let f = full_at + sub.start - r.start..full_at + sub.end - r.start;
+                    let mut views: [&mut [f32]; 3] = [&mut [], &mut [], &mut []];
+                    for (v, s) in views.iter_mut().zip(slots.iter_mut()) {
+                        *v = &mut s.full[f.clone()];
+                    }
+                    update_segment::<G, f32>(c, p, &g[sub], &mut views[..n]);
+                });
                 full_at += piece.len;
-            } else {
-                for j in r.clone().step_by(block) {
-                    let bytes = format.code_bytes(j)..format.code_bytes(j + block);
+                continue;
+            }
+            for j in r.step_by(block) {
+                let bytes = format.code_bytes(j)..format.code_bytes(j + block);
+                self.weights.update(j..j + block, |p, _| {
                     for ((s, out), &map) in slots.iter().zip(scratch.iter_mut()).zip(maps) {
                         let (codes, scale) = (&s.codes[bytes.clone()], s.scales[j / block]);
                         decode_block(format, map, codes, scale, &mut out[..block]);
@@ -146,47 +127,39 @@ impl<'a, G: Element> Chunks<'a, G> {
                         let [a, b, d] = &mut scratch;
                         let mut views: [&mut [f32]; 3] =
                             [&mut a[..block], &mut b[..block], &mut d[..block]];
-                        let (p, g) = (&mut self.p[j..j + block], &self.g[j..j + block]);
-                        update_segment::<G, f32>(c, p, g, &mut views[..n]);
+                        update_segment::<G, f32>(c, p, &g[j..j + block], &mut views[..n]);
                     }
                     for ((s, values), &map) in slots.iter_mut().zip(&scratch).zip(maps) {
                         let codes = &mut s.codes[bytes.clone()];
                         s.scales[j / block] = code_block(format, map, &values[..block], codes);
                     }
-                }
-            }
-            match &mut self.model {
-                Model::None => {}
-                Model::BF16(m) => round_into(&mut m[r.clone()], &self.p[r]),
-                Model::F16(m) => round_into(&mut m[r.clone()], &self.p[r]),
+                });
             }
         }
     }
 }
 
 /// Applies `coeffs[group]` to every piece of `q`, with the buffers' codes, scales and f32 parts
-/// as the rule's state (slot order), and rewrites the model copy from the updated masters.
+/// as the rule's state (slot order), and stores the updated masters back.
 pub(crate) fn update(
     q: &QuantizedLayout,
-    masters: &mut [f32],
+    weights: Weights<'_>,
     grads: &Arena,
     buffers: &mut [QuantizedBuffer],
-    model: Option<&mut Arena>,
     coeffs: &[Coefficients],
 ) {
     match grads {
-        Arena::F32(g) => update_typed(q, masters, g, buffers, model, coeffs),
-        Arena::BF16(g) => update_typed(q, masters, g, buffers, model, coeffs),
-        Arena::F16(g) => update_typed(q, masters, g, buffers, model, coeffs),
+        Arena::F32(g) => update_typed(q, weights, g, buffers, coeffs),
+        Arena::BF16(g) => update_typed(q, weights, g, buffers, coeffs),
+        Arena::F16(g) => update_typed(q, weights, g, buffers, coeffs),
     }
 }
 
 fn update_typed<G: Element>(
     q: &QuantizedLayout,
-    masters: &mut [f32],
+    weights: Weights<'_>,
     g: &[G],
     buffers: &mut [QuantizedBuffer],
-    model: Option<&mut Arena>,
     coeffs: &[Coefficients],
 ) {
     let mut maps = [QuantMap::DynamicSigned8; 3];
@@ -208,17 +181,11 @@ fn update_typed<G: Element>(
         },
     };
     let slots = [next(), next(), next()];
-    let model = match model {
-        Some(Arena::BF16(m)) => Model::BF16(m),
-        Some(Arena::F16(m)) => Model::F16(m),
-        _ => Model::None,
-    };
     Chunks {
         first: 0,
         end: q.num_chunks(),
-        p: masters,
+        weights,
         g,
-        model,
         slots,
         n,
     }

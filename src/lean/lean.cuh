@@ -57,6 +57,17 @@ __device__ __forceinline__ void lean_philox4x32_10(unsigned int c[4], unsigned i
     }
 }
 
+// The Philox output for elements 8 * group .. 8 * group + 7 at step `step` of stream `seed`: the
+// draw of element 8 * group + l is its 16-bit half l % 2 of word l / 2.
+__device__ __forceinline__ void lean_draws(unsigned long long seed, unsigned long long step,
+                                           unsigned long long group, unsigned int c[4]) {
+    c[0] = (unsigned int)group;
+    c[1] = (unsigned int)(group >> 32);
+    c[2] = (unsigned int)step;
+    c[3] = (unsigned int)(step >> 32);
+    lean_philox4x32_10(c, (unsigned int)seed, (unsigned int)(seed >> 32));
+}
+
 // The 16-bit draw of element `index` at step `step` of the stream `seed`: lane index % 8 of the
 // Philox output for counter (index / 8, step).
 __device__ __forceinline__ unsigned int lean_draw(unsigned long long seed, unsigned long long step,

@@ -64,3 +64,21 @@ pub fn round_bf16(x: f32, r: u16) -> bf16 {
     };
     bf16::from_bits((rounded >> 16) as u16)
 }
+
+/// `x` rounded into `out` by the draws of elements `first..` at `step` of stream `seed`: what
+/// [`round_bf16`] of [`draw`] gives element by element, with one Philox call per eight elements.
+pub fn round_slice_bf16(x: &[f32], out: &mut [bf16], seed: u64, step: u64, first: u64) {
+    let key = [seed as u32, (seed >> 32) as u32];
+    let (step_lo, step_hi) = (step as u32, (step >> 32) as u32);
+    let mut words = [0u32; 4];
+    let mut group = u64::MAX;
+    for (j, (&v, o)) in x.iter().zip(out.iter_mut()).enumerate() {
+        let index = first + j as u64;
+        if index / 8 != group {
+            group = index / 8;
+            words = philox4x32_10([group as u32, (group >> 32) as u32, step_lo, step_hi], key);
+        }
+        let lane = (index % 8) as usize;
+        *o = round_bf16(v, (words[lane / 2] >> (16 * (lane % 2))) as u16);
+    }
+}

@@ -177,7 +177,9 @@ impl Optimizer {
         let layout = params.layout().clone();
         match params.storage_mut() {
             Storage::Host(h) => {
-                let engine = HostEngine::new(&layout, &rule, &options, &h.arenas.masters)?;
+                let a = &h.arenas;
+                let masters = a.masters.read(a.model.as_ref(), 0..layout.arena_len())?;
+                let engine = HostEngine::new(&layout, &rule, &options, &masters)?;
                 h.engine = Some(Box::new(engine));
             }
             Storage::Cuda(d) => {

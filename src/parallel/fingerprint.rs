@@ -32,7 +32,12 @@ pub(super) fn fingerprint(opt: &Optimizer) -> Result<Vec<(&'static str, u64)>> {
         .iter()
         .map(|g| serde_json::json!([g.name, g.options, [g.range.start, g.range.end]]))
         .collect();
-    let dtypes = format!("{:?} {:?}", params.grad_dtype(), params.model_dtype());
+    let dtypes = format!(
+        "{:?} {:?} {:?}",
+        params.grad_dtype(),
+        params.model_dtype(),
+        params.masters()
+    );
     let state = opt.state_buffers()?;
     // Before the first step a buffer that starts as a copy of the parameters (schedule-free's
     // z) differs as they do; the first step sets it from rank 0's broadcast ones.

@@ -5,9 +5,11 @@ use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::DataParallelOptions;
+use crate::arena::Arena;
 use crate::comm::Buffer;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::masters::HostMasters;
 use crate::Device;
 
 /// A bucket: whole tensors, one contiguous arena range.
@@ -74,8 +76,8 @@ pub(super) struct BucketSlot<'a> {
 /// may already be reduced) and fails the step on every replica.
 pub struct Gradients<'a> {
     pub(super) layout: &'a Layout,
-    /// The masters, when they live on the host.
-    pub(super) masters: Option<&'a [f32]>,
+    /// The masters and model arena, when they live on the host.
+    pub(super) masters: Option<(&'a HostMasters, Option<&'a Arena>)>,
     pub(super) device: Device,
     pub(super) buckets: Vec<BucketSlot<'a>>,
     /// Per tensor: its bucket and its place in the bucket's tensor list.
@@ -97,10 +99,18 @@ impl<'a> Gradients<'a> {
         Ok((state, b, i))
     }
 
-    /// A tensor's current parameters (fp32 masters), when they live on the host.
+    /// A tensor's current parameters (fp32 masters), when they live on the host as fp32.
     pub fn param(&self, name: &str) -> Result<&[f32]> {
-        let masters = self.masters.ok_or(Error::NotHostMemory(self.device))?;
-        Ok(&masters[self.layout.tensor(name)?.range()])
+        let (masters, _) = self.masters.ok_or(Error::NotHostMemory(self.device))?;
+        Ok(&masters.as_f32()?[self.layout.tensor(name)?.range()])
+    }
+
+    /// A tensor's current fp32 masters, copied out (host memory; joined or widened when not kept
+    /// as fp32, see [`crate::Masters`]).
+    pub fn read_param(&self, name: &str) -> Result<Vec<f32>> {
+        let (masters, model) = self.masters.ok_or(Error::NotHostMemory(self.device))?;
+        let range = self.layout.tensor(name)?.range();
+        Ok(masters.read(model, range)?.into_owned())
     }
 
     /// Writes a tensor's gradient (rounded to the gradient dtype).
