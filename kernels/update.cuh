@@ -11,11 +11,6 @@
 #include "multi_tensor.cuh"
 #include "rules/common.cuh"
 
-// Where the parameters are (src/host/weights.rs, the CPU's): `kind` 0 the fp32 masters `p`
-// alone; 1 and 2 with a bf16 or f16 model copy in `model`; 3 bf16 weights in `model` and int16
-// remainders `rem`, joined into the exact fp32 master and split again; 4 bf16 weights alone, rounded
-// back stochastically from the stream `seed` at the step's count `step`. The rule's maths always
-// sees fp32 masters.
 // One element's stochastic rounding, out of line: the quantized update stores its elements one
 // by one in unrolled loops, and Philox inlined at each would multiply the kernels' code.
 __device__ __noinline__ unsigned short round_stochastic(float v, unsigned long long seed,
@@ -23,6 +18,19 @@ __device__ __noinline__ unsigned short round_stochastic(float v, unsigned long l
                                                          unsigned long long i) {
     return lean_round_bf16(v, lean_draw(seed, step, i));
 }
+
+// Where the parameters are (src/host/weights.rs, the CPU's; `WeightArgs` in src/cuda/masters.rs
+// passes the same kinds): the fp32 masters `p` alone, or with a bf16 or f16 model copy in `model`;
+// bf16 weights in `model` and int16 remainders `rem`, joined into the exact fp32 master and split
+// again; bf16 weights alone, rounded back stochastically from the stream `seed` at the step's
+// count `step`. The rule's maths always sees fp32 masters.
+enum WeightsKind : int {
+    WEIGHTS_MASTERS = 0,
+    WEIGHTS_MASTERS_BF16_COPY = 1,
+    WEIGHTS_MASTERS_F16_COPY = 2,
+    WEIGHTS_REMAINDERS = 3,
+    WEIGHTS_STOCHASTIC = 4,
+};
 
 struct Weights {
     float* p;
@@ -36,30 +44,32 @@ struct Weights {
         return static_cast<unsigned short*>(model);
     }
     __device__ __forceinline__ float load1(unsigned long long i) const {
-        if (kind == 3) return lean_join_master(bits()[i], rem[i]);
-        if (kind == 4) return __uint_as_float((unsigned int)bits()[i] << 16);
+        if (kind == WEIGHTS_REMAINDERS) return lean_join_master(bits()[i], rem[i]);
+        if (kind == WEIGHTS_STOCHASTIC) return __uint_as_float((unsigned int)bits()[i] << 16);
         return p[i];
     }
     __device__ __forceinline__ void store1(unsigned long long i, float v) const {
-        if (kind == 3) {
+        if (kind == WEIGHTS_REMAINDERS) {
             lean_split_master(v, &bits()[i], &rem[i]);
-        } else if (kind == 4) {
+        } else if (kind == WEIGHTS_STOCHASTIC) {
             bits()[i] = round_stochastic(v, seed, step, i);
         } else {
             p[i] = v;
-            if (kind == 1) static_cast<__nv_bfloat16*>(model)[i] = __float2bfloat16_rn(v);
-            else if (kind == 2) static_cast<__half*>(model)[i] = __float2half_rn(v);
+            if (kind == WEIGHTS_MASTERS_BF16_COPY)
+                static_cast<__nv_bfloat16*>(model)[i] = __float2bfloat16_rn(v);
+            else if (kind == WEIGHTS_MASTERS_F16_COPY)
+                static_cast<__half*>(model)[i] = __float2half_rn(v);
         }
     }
     // Four elements from `i`, a multiple of 4: one 8-byte access to the weights and one to the
     // remainders; the four draws come from one Philox output (lanes i % 8 .. i % 8 + 3).
     __device__ __forceinline__ float4 load4(unsigned long long i) const {
-        if (kind < 3) return Quad<float>::load(p + i);
+        if (kind < WEIGHTS_REMAINDERS) return Quad<float>::load(p + i);
         const uint2 w = *reinterpret_cast<const uint2*>(bits() + i);
         const unsigned short h[4] = {(unsigned short)w.x, (unsigned short)(w.x >> 16),
                                      (unsigned short)w.y, (unsigned short)(w.y >> 16)};
         float4 v;
-        if (kind == 4) {
+        if (kind == WEIGHTS_STOCHASTIC) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) lane(v, j) = __uint_as_float((unsigned int)h[j] << 16);
             return v;
@@ -71,14 +81,16 @@ struct Weights {
         return v;
     }
     __device__ __forceinline__ void store4(unsigned long long i, float4 v) const {
-        if (kind < 3) {
+        if (kind < WEIGHTS_REMAINDERS) {
             Quad<float>::store(p + i, v);
-            if (kind == 1) Quad<__nv_bfloat16>::store(static_cast<__nv_bfloat16*>(model) + i, v);
-            else if (kind == 2) Quad<__half>::store(static_cast<__half*>(model) + i, v);
+            if (kind == WEIGHTS_MASTERS_BF16_COPY)
+                Quad<__nv_bfloat16>::store(static_cast<__nv_bfloat16*>(model) + i, v);
+            else if (kind == WEIGHTS_MASTERS_F16_COPY)
+                Quad<__half>::store(static_cast<__half*>(model) + i, v);
             return;
         }
         unsigned short w[4];
-        if (kind == 3) {
+        if (kind == WEIGHTS_REMAINDERS) {
             short r[4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) lean_split_master(lane(v, j), &w[j], &r[j]);
@@ -90,10 +102,7 @@ struct Weights {
             lean_draws(seed, step, i / 8, c);
             const unsigned int at = (unsigned int)(i % 8);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const unsigned int l = at + j;
-                w[j] = lean_round_bf16(lane(v, j), (c[l / 2] >> (16 * (l % 2))) & 0xFFFFu);
-            }
+            for (int j = 0; j < 4; ++j) w[j] = lean_round_bf16(lane(v, j), lean_draw_of(c, at + j));
         }
         *reinterpret_cast<uint2*>(bits() + i) =
             make_uint2(w[0] | ((unsigned int)w[1] << 16), w[2] | ((unsigned int)w[3] << 16));

@@ -60,9 +60,13 @@ pub(crate) enum HostMasters {
     Stochastic { seed: u64 },
 }
 
-/// The error for an fp32 view of masters that are not stored in fp32.
-pub(crate) fn not_f32(kind: Masters) -> Error {
-    Error::MastersNotF32(kind)
+/// The masters in host memory beside the model arena that holds their bf16 weights (if any).
+pub(crate) type HostWeights<'a> = (&'a HostMasters, Option<&'a Arena>);
+
+/// Masters kept without fp32 always come with bf16 weights ([`HostMasters::new`] builds them
+/// together); their absence is a bug in fusedopt.
+pub(crate) fn weights_missing() -> Error {
+    Error::Cuda("internal: bf16 weights missing beside the masters".into())
 }
 
 impl HostMasters {
@@ -104,14 +108,14 @@ impl HostMasters {
     pub(crate) fn as_f32(&self) -> Result<&[f32]> {
         match self {
             HostMasters::F32(v) => Ok(v),
-            _ => Err(not_f32(self.kind())),
+            _ => Err(Error::MastersNotF32(self.kind())),
         }
     }
 
     pub(crate) fn as_f32_mut(&mut self) -> Result<&mut [f32]> {
         match self {
             HostMasters::F32(v) => Ok(v),
-            _ => Err(not_f32(self.kind())),
+            _ => Err(Error::MastersNotF32(self.kind())),
         }
     }
 
@@ -122,7 +126,7 @@ impl HostMasters {
         model: Option<&'a Arena>,
         range: Range<usize>,
     ) -> Result<Cow<'a, [f32]>> {
-        let weights = || model.ok_or_else(|| Error::Cuda("internal: bf16 weights missing".into()));
+        let weights = || model.ok_or_else(weights_missing);
         match self {
             HostMasters::F32(v) => Ok(Cow::Borrowed(&v[range])),
             HostMasters::Remainders(r) => {
@@ -153,7 +157,7 @@ impl HostMasters {
             }
             return Ok(());
         }
-        let model = model.ok_or_else(|| Error::Cuda("internal: bf16 weights missing".into()))?;
+        let model = model.ok_or_else(weights_missing)?;
         let w = model.typed_mut::<bf16>("weights")?;
         match self {
             HostMasters::Remainders(r) => {

@@ -20,7 +20,7 @@ use crate::layout::tensor_alignment;
 pub use crate::layout::{
     GroupInfo, GroupOptions, Layout, TensorInfo, ALIGN_ELEMS, QUANTIZED_ALIGN_ELEMS,
 };
-use crate::masters::{HostMasters, Masters};
+use crate::masters::{HostMasters, HostWeights, Masters};
 use crate::{DType, Device, Element};
 
 struct PendingTensor {
@@ -319,14 +319,7 @@ impl ParamSet {
     /// from weights and remainders, or widened from the bf16 weights, when not kept in fp32).
     pub fn read_param(&self, name: &str) -> Result<Vec<f32>> {
         let r = self.layout.tensor(name)?.range();
-        match &self.storage {
-            Storage::Host(h) => Ok(h
-                .arenas
-                .masters
-                .read(h.arenas.model.as_ref(), r)?
-                .into_owned()),
-            Storage::Cuda(d) => d.arenas.read_masters(&d.rt.stream, r, d.rt.device),
-        }
+        Ok(self.read_masters(r)?.into_owned())
     }
 
     /// Sets a tensor's fp32 masters, and its model copy or weights with them (any device, any
@@ -334,14 +327,30 @@ impl ParamSet {
     pub fn write_param(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let t = self.layout.tensor(name)?;
         check_len(&format!("values of '{name}'"), t.len, values.len())?;
+        self.write_masters(t.offset, values)
+    }
+
+    /// The fp32 masters of `range`: borrowed when they are fp32 in host memory, else copied out.
+    fn read_masters(&self, range: std::ops::Range<usize>) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match &self.storage {
+            Storage::Host(h) => h.arenas.masters.read(h.arenas.model.as_ref(), range),
+            Storage::Cuda(d) => d
+                .arenas
+                .read_masters(&d.rt.stream, range, d.rt.device)
+                .map(std::borrow::Cow::Owned),
+        }
+    }
+
+    /// Writes fp32 masters from element `start` on, with the model copy or weights.
+    fn write_masters(&mut self, start: usize, values: &[f32]) -> Result<()> {
         match &mut self.storage {
             Storage::Host(h) => {
                 let a = &mut h.arenas;
-                a.masters.write(a.model.as_mut(), t.offset, values)
+                a.masters.write(a.model.as_mut(), start, values)
             }
             Storage::Cuda(d) => d
                 .arenas
-                .write_masters(&d.rt.stream, t.offset, values, d.rt.device),
+                .write_masters(&d.rt.stream, start, values, d.rt.device),
         }
     }
 
@@ -434,14 +443,10 @@ impl ParamSet {
 
     /// The masters and model arena (when on the host) and the gradient arena cut into
     /// consecutive buffers of `lens` elements, for collectives.
-    #[allow(clippy::type_complexity)]
     pub(crate) fn grad_buffers_mut(
         &mut self,
         lens: &[usize],
-    ) -> Result<(
-        Option<(&HostMasters, Option<&Arena>)>,
-        Vec<crate::comm::Buffer<'_>>,
-    )> {
+    ) -> Result<(Option<HostWeights<'_>>, Vec<crate::comm::Buffer<'_>>)> {
         use crate::comm::{Buffer, HostBuffer};
         match &mut self.storage {
             Storage::Host(h) => {
@@ -501,27 +506,12 @@ impl ParamSet {
 
     /// The fp32 masters of the whole arena, copied to the host when they live on a device.
     pub(crate) fn masters_snapshot(&self) -> Result<std::borrow::Cow<'_, [f32]>> {
-        match &self.storage {
-            Storage::Host(h) => {
-                let a = &h.arenas;
-                a.masters.read(a.model.as_ref(), 0..self.layout.arena_len())
-            }
-            Storage::Cuda(d) => d
-                .arenas
-                .read_masters(&d.rt.stream, 0..self.layout.arena_len(), d.rt.device)
-                .map(std::borrow::Cow::Owned),
-        }
+        self.read_masters(0..self.layout.arena_len())
     }
 
     /// Replaces the masters (checkpoint restore) and rewrites the model copy from them.
     pub(crate) fn restore_masters(&mut self, new: &[f32]) -> Result<()> {
-        match &mut self.storage {
-            Storage::Host(h) => {
-                let a = &mut h.arenas;
-                a.masters.write(a.model.as_mut(), 0, new)
-            }
-            Storage::Cuda(d) => d.arenas.write_masters(&d.rt.stream, 0, new, d.rt.device),
-        }
+        self.write_masters(0, new)
     }
 }
 

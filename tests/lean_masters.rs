@@ -43,21 +43,16 @@ fn tensors(seed: u64) -> Vec<Tensor> {
 }
 
 fn build_lean(device: Device, ts: &[Tensor], masters: Masters, grads: DType) -> ParamSet {
-    let mut b = ParamSet::builder();
-    b.group(
-        "nodecay",
-        GroupOptions {
-            lr_scale: NODECAY_LR_SCALE,
-            weight_decay: Some(0.0),
-        },
-    )
-    .unwrap();
+    let mut b = builder(ts);
     b.grad_dtype(grads).masters(masters);
-    for t in ts {
-        b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
-            .unwrap();
-    }
     b.build(device).unwrap()
+}
+
+/// Every tensor's fp32 masters, as bits.
+fn masters_bits(opt: &Optimizer, ts: &[Tensor]) -> Vec<Vec<u32>> {
+    ts.iter()
+        .map(|t| bits(&opt.params().read_param(&t.name).unwrap()))
+        .collect()
 }
 
 fn adamw() -> Adam {
@@ -326,39 +321,31 @@ fn checkpoints_carry_lean_masters() {
         b.load_checkpoint(&path).unwrap();
         let mut f = new(Masters::F32).unwrap();
         f.load_checkpoint(&path).unwrap();
-        for t in &ts {
-            let want = a.params().read_param(&t.name).unwrap();
-            assert_eq!(bits(&f.params().read_param(&t.name).unwrap()), bits(&want));
-        }
+        assert_eq!(
+            masters_bits(&f, &ts),
+            masters_bits(&a, &ts),
+            "{masters:?} into fp32"
+        );
         for opt in [&mut a, &mut b] {
             set_grads(opt, &ts, &grads(9));
             opt.step().unwrap();
         }
-        for t in &ts {
-            let (x, y) = (
-                a.params().read_param(&t.name).unwrap(),
-                b.params().read_param(&t.name).unwrap(),
-            );
-            assert_eq!(bits(&x), bits(&y), "{masters:?}: resumed {}", t.name);
-        }
+        assert_eq!(
+            masters_bits(&a, &ts),
+            masters_bits(&b, &ts),
+            "{masters:?}: resumed"
+        );
         // fp32 masters into 4-byte ones: exact.
         if masters == Masters::Bf16Remainders {
             let path = dir.path().join("f32");
             f.save_checkpoint(&path).unwrap();
             let mut r = new(Masters::Bf16Remainders).unwrap();
             r.load_checkpoint(&path).unwrap();
-            for t in &ts {
-                let (x, y) = (
-                    f.params().read_param(&t.name).unwrap(),
-                    r.params().read_param(&t.name).unwrap(),
-                );
-                assert_eq!(
-                    bits(&x),
-                    bits(&y),
-                    "fp32 checkpoint into remainders: {}",
-                    t.name
-                );
-            }
+            assert_eq!(
+                masters_bits(&f, &ts),
+                masters_bits(&r, &ts),
+                "fp32 checkpoint into remainders"
+            );
         }
     }
 }
@@ -371,18 +358,13 @@ fn lean_masters_skip_write_and_refuse() {
     let ts = tensors(31);
     let params = build_lean(Device::Cpu, &ts, Masters::Bf16Remainders, DType::F32);
     let mut opt = Optimizer::new(params, adamw(), 1e-3).unwrap();
-    let before: Vec<_> = ts
-        .iter()
-        .map(|t| bits(&opt.params().read_param(&t.name).unwrap()))
-        .collect();
+    let before = masters_bits(&opt, &ts);
     let mut g = random_grads(&mut StdRng::seed_from_u64(1), &ts, 0.1);
     g[1][7] = f32::NAN;
     set_grads(&mut opt, &ts, &g);
     opt.step().unwrap();
     assert!(opt.report().unwrap().skipped);
-    for (t, b) in ts.iter().zip(&before) {
-        assert_eq!(&bits(&opt.params().read_param(&t.name).unwrap()), b);
-    }
+    assert_eq!(masters_bits(&opt, &ts), before);
     // Every kind of f32 value, written and read back exactly.
     let odd = [1.0f32 + f32::EPSILON, -3.3e-39, f32::MAX, -0.0, 1e-45, 0.1];
     let values: Vec<f32> = (0..10).map(|i| odd[i % odd.len()]).collect();
@@ -413,22 +395,15 @@ fn lean_masters_skip_write_and_refuse() {
         b.build(Device::Cpu),
         Err(Error::InvalidHyperparameter(_))
     ));
-    // Memory: 4 bytes per parameter for exact masters, 2 for bf16 alone, 6 with an fp32 copy.
-    let bytes = |m| {
-        let p = build_lean(Device::Cpu, &ts, m, DType::F32);
-        p.weight_bytes() as f64 / p.layout().arena_len() as f64
-    };
-    assert_eq!(bytes(Masters::Bf16Remainders), 4.0);
-    assert_eq!(bytes(Masters::Bf16Stochastic { seed: 0 }), 2.0);
-    assert_eq!(bytes(Masters::F32), 4.0);
-    assert_eq!(
-        build_with(Device::Cpu, &ts, DType::F32, Some(DType::BF16)).weight_bytes() / 6,
-        {
-            build_with(Device::Cpu, &ts, DType::F32, None)
-                .layout()
-                .arena_len()
-        }
-    );
+    // Memory: 4 bytes per parameter for exact masters, 2 for bf16 alone, 4 for fp32 masters
+    // and 6 with a bf16 copy beside them.
+    let per_param = |p: ParamSet| p.weight_bytes() as f64 / p.layout().arena_len() as f64;
+    let lean = |m| per_param(build_lean(Device::Cpu, &ts, m, DType::F32));
+    assert_eq!(lean(Masters::Bf16Remainders), 4.0);
+    assert_eq!(lean(Masters::Bf16Stochastic { seed: 0 }), 2.0);
+    assert_eq!(lean(Masters::F32), 4.0);
+    let with_copy = build_with(Device::Cpu, &ts, DType::F32, Some(DType::BF16));
+    assert_eq!(per_param(with_copy), 6.0);
 }
 
 /// Data-parallel replicas keep identical weights with either storage (the draws depend on the
@@ -456,14 +431,7 @@ fn lean_replicas_stay_identical() {
             })
             .unwrap();
         }
-        let weights: Vec<Vec<Vec<u32>>> = dp
-            .replicas()
-            .map(|o| {
-                ts.iter()
-                    .map(|t| bits(&o.params().read_param(&t.name).unwrap()))
-                    .collect()
-            })
-            .collect();
+        let weights: Vec<_> = dp.replicas().map(|o| masters_bits(o, &ts)).collect();
         assert_eq!(weights[0], weights[1], "{masters:?}");
         let mixed = vec![new(masters), new(Masters::F32)];
         let err = DataParallel::cpu(mixed, Default::default()).unwrap_err();

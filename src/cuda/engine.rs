@@ -125,7 +125,6 @@ pub(super) fn push_arena<'a>(b: &mut LaunchArgs<'a>, a: &'a DeviceArena) {
     };
 }
 
-/// Pushes the model copy (or null) and its kind: the update kernels' last two arguments.
 impl CudaEngine {
     /// Bytes of device memory its state buffers hold.
     pub(crate) fn state_bytes(&self) -> usize {
@@ -415,9 +414,10 @@ impl CudaEngine {
             // configs, step state, lr ring and its length, fp32 masters or null, gradients, then
             // for each of three slots its codes, block scales, f32 part and code table (null
             // pointers for slots the rule does not use, which the kernel never touches), then
-            // the weights' model arena, remainders, seed and kind (`WeightArgs`). Every piece lies inside the arenas; coded pieces are whole blocks
-            // (the layout aligns coded tensors) and f32 pieces index the f32 part within its
-            // length (the same layout built the part).
+            // the weights' model arena, remainders, seed and kind (`WeightArgs`). Every piece lies
+            // inside the arenas; coded pieces are whole blocks (the layout aligns coded tensors)
+            // and f32 pieces index the f32 part within its length (the same layout built the part).
+            // The kind names exactly the weight buffers passed non-null.
             return unsafe { b.launch(cfg) }
                 .map(|_| ())
                 .map_err(driver_error(dev, 0));
@@ -452,8 +452,9 @@ impl CudaEngine {
         // in `new` from this rule and these dtypes: segment table, group configs, step state, lr
         // ring and its length, fp32 masters or null, gradients, the rule's state buffers in slot
         // order (null pointers for slots the rule does not use, which the kernel never touches),
-        // then the weights' model arena, remainders, seed and kind (`WeightArgs`). Every segment lies inside the arenas, which all have
-        // the layout's length.
+        // then the weights' model arena, remainders, seed and kind (`WeightArgs`; the kind names
+        // exactly the weight buffers passed non-null). Every segment lies inside the arenas, which
+        // all have the layout's length.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(driver_error(dev, 0))

@@ -12,8 +12,8 @@ use super::arena::DeviceArena;
 use super::engine::{push_arena, DeviceArenas};
 use super::runtime::driver_error;
 use crate::arena::Arena;
-use crate::error::{Error, Result};
-use crate::masters::{HostMasters, Masters};
+use crate::error::Result;
+use crate::masters::{weights_missing, HostMasters, Masters};
 use crate::Device;
 
 #[derive(Debug)]
@@ -53,6 +53,14 @@ impl DeviceMasters {
         })
     }
 
+    /// The stochastic stream's seed (0 for the other kinds).
+    fn seed(&self) -> u64 {
+        match self {
+            DeviceMasters::Stochastic { seed } => *seed,
+            _ => 0,
+        }
+    }
+
     pub(crate) fn kind(&self) -> Masters {
         match self {
             DeviceMasters::F32(_) => Masters::F32,
@@ -60,10 +68,6 @@ impl DeviceMasters {
             DeviceMasters::Stochastic { seed } => Masters::Bf16Stochastic { seed: *seed },
         }
     }
-}
-
-fn weights_missing() -> Error {
-    Error::Cuda("internal: bf16 weights missing".into())
 }
 
 impl DeviceArenas {
@@ -122,11 +126,12 @@ impl DeviceArenas {
         let Some(DeviceArena::BF16(w)) = &mut self.model else {
             return Err(weights_missing());
         };
+        // Split or rounded on the host, by the host's own code, then uploaded.
         let mut host = match &self.masters {
             DeviceMasters::Remainders(_) => {
                 HostMasters::Remainders(crate::arena::try_filled(values.len(), 0i16)?)
             }
-            _ => HostMasters::Stochastic { seed: 0 },
+            kind => HostMasters::Stochastic { seed: kind.seed() },
         };
         let mut weights = Arena::BF16(crate::arena::try_filled(values.len(), bf16::ZERO)?);
         host.write(Some(&mut weights), 0, values)?;
@@ -160,18 +165,26 @@ pub(super) struct WeightArgs<'a> {
 
 impl<'a> WeightArgs<'a> {
     pub(super) fn of(p: &'a DeviceArenas) -> Self {
-        let (masters, remainders, seed, kind) = match (&p.masters, &p.model) {
-            (DeviceMasters::F32(m), None) => (Some(m), None, 0, 0),
-            (DeviceMasters::F32(m), Some(DeviceArena::BF16(_))) => (Some(m), None, 0, 1),
-            (DeviceMasters::F32(m), Some(_)) => (Some(m), None, 0, 2),
-            (DeviceMasters::Remainders(r), _) => (None, Some(r), 0, 3),
-            (DeviceMasters::Stochastic { seed }, _) => (None, None, *seed, 4),
+        // `WeightsKind` in kernels/update.cuh.
+        const MASTERS: i32 = 0;
+        const MASTERS_BF16_COPY: i32 = 1;
+        const MASTERS_F16_COPY: i32 = 2;
+        const REMAINDERS: i32 = 3;
+        const STOCHASTIC: i32 = 4;
+        let (masters, remainders, kind) = match (&p.masters, &p.model) {
+            (DeviceMasters::F32(m), None) => (Some(m), None, MASTERS),
+            (DeviceMasters::F32(m), Some(DeviceArena::BF16(_))) => {
+                (Some(m), None, MASTERS_BF16_COPY)
+            }
+            (DeviceMasters::F32(m), Some(_)) => (Some(m), None, MASTERS_F16_COPY),
+            (DeviceMasters::Remainders(r), _) => (None, Some(r), REMAINDERS),
+            (DeviceMasters::Stochastic { .. }, _) => (None, None, STOCHASTIC),
         };
         WeightArgs {
             masters,
             model: p.model.as_ref(),
             remainders,
-            seed,
+            seed: p.masters.seed(),
             kind,
         }
     }

@@ -12,10 +12,10 @@ use rayon::prelude::*;
 
 use crate::arena::Arena;
 use crate::dtype::round_into;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lean::remainder::{join_master, split_master};
 use crate::lean::stochastic::round_slice_bf16;
-use crate::masters::HostMasters;
+use crate::masters::{weights_missing, HostMasters};
 
 /// Elements staged at a time when the masters are not stored as f32 (a quantization block).
 const STAGE: usize = 256;
@@ -74,7 +74,7 @@ impl<'a> Weights<'a> {
                 first: 0,
             },
             // `HostMasters::new` builds bf16 weights beside every kind but fp32.
-            (_, _) => return Err(Error::Cuda("internal: bf16 weights missing".into())),
+            (_, _) => return Err(weights_missing()),
         })
     }
 

@@ -68,16 +68,18 @@ __device__ __forceinline__ void lean_draws(unsigned long long seed, unsigned lon
     lean_philox4x32_10(c, (unsigned int)seed, (unsigned int)(seed >> 32));
 }
 
+// Lane `lane` (0..7) of a Philox output: its 16-bit draw.
+__device__ __forceinline__ unsigned int lean_draw_of(const unsigned int c[4], unsigned int lane) {
+    return (c[lane / 2] >> (16 * (lane % 2))) & 0xFFFFu;
+}
+
 // The 16-bit draw of element `index` at step `step` of the stream `seed`: lane index % 8 of the
 // Philox output for counter (index / 8, step).
 __device__ __forceinline__ unsigned int lean_draw(unsigned long long seed, unsigned long long step,
                                                   unsigned long long index) {
-    const unsigned long long group = index / 8;
-    unsigned int c[4] = {(unsigned int)group, (unsigned int)(group >> 32), (unsigned int)step,
-                         (unsigned int)(step >> 32)};
-    lean_philox4x32_10(c, (unsigned int)seed, (unsigned int)(seed >> 32));
-    const unsigned int lane = (unsigned int)(index % 8);
-    return (c[lane / 2] >> (16 * (lane % 2))) & 0xFFFFu;
+    unsigned int c[4];
+    lean_draws(seed, step, index / 8, c);
+    return lean_draw_of(c, (unsigned int)(index % 8));
 }
 
 // `x` rounded to bf16 bits by the draw `r`: up in magnitude when `r` is below its low 16 bits.

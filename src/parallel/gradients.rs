@@ -5,11 +5,10 @@ use std::ops::Range;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::DataParallelOptions;
-use crate::arena::Arena;
 use crate::comm::Buffer;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
-use crate::masters::HostMasters;
+use crate::masters::HostWeights;
 use crate::Device;
 
 /// A bucket: whole tensors, one contiguous arena range.
@@ -77,7 +76,7 @@ pub(super) struct BucketSlot<'a> {
 pub struct Gradients<'a> {
     pub(super) layout: &'a Layout,
     /// The masters and model arena, when they live on the host.
-    pub(super) masters: Option<(&'a HostMasters, Option<&'a Arena>)>,
+    pub(super) masters: Option<HostWeights<'a>>,
     pub(super) device: Device,
     pub(super) buckets: Vec<BucketSlot<'a>>,
     /// Per tensor: its bucket and its place in the bucket's tensor list.

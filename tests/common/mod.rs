@@ -151,6 +151,17 @@ pub fn build_with(
     grads: DType,
     model: Option<DType>,
 ) -> ParamSet {
+    let mut b = builder(tensors);
+    b.grad_dtype(grads);
+    if let Some(m) = model {
+        b.model_copy(m).unwrap();
+    }
+    b.build(device).unwrap()
+}
+
+/// A builder holding the test tensors, in the default group and a "nodecay" group with its own
+/// lr scale, for the caller to set the rest.
+pub fn builder(tensors: &[Tensor]) -> fusedopt::ParamSetBuilder {
     let mut b = ParamSet::builder();
     b.group(
         "nodecay",
@@ -160,15 +171,11 @@ pub fn build_with(
         },
     )
     .unwrap();
-    b.grad_dtype(grads);
-    if let Some(m) = model {
-        b.model_copy(m).unwrap();
-    }
     for t in tensors {
         b.add_to(t.group, &t.name, &[t.values.len()], &t.values)
             .unwrap();
     }
-    b.build(device).unwrap()
+    b
 }
 
 /// Gradients of magnitude in [scale/2, scale] with random sign: bounded away from zero so that no
