@@ -154,6 +154,23 @@ impl Arena {
         }
     }
 
+    /// A copy of elements `range` (zeros where it passes the end).
+    pub(crate) fn window(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        let mut out = Arena::filled(self.dtype(), range.len(), 0.0)?;
+        let len = self.len();
+        out.write_bytes(0, self.bytes(range.start.min(len)..range.end.min(len)));
+        Ok(out)
+    }
+
+    /// Pads with zeros to `len` elements.
+    pub(crate) fn pad_to(&mut self, len: usize) -> Result<()> {
+        if len > self.len() {
+            let mut longer = self.window(0..len)?;
+            std::mem::swap(self, &mut longer);
+        }
+        Ok(())
+    }
+
     /// Sets every element to `value` (rounded to the dtype).
     pub fn fill(&mut self, value: f32) {
         match self {

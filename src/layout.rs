@@ -85,6 +85,10 @@ pub struct TensorInfo {
     pub offset: usize,
     /// Number of elements (the product of `shape`; 1 for a scalar, 0 when a dimension is 0).
     pub len: usize,
+    /// Where these elements start in the whole tensor, and its length: all of it, except in the
+    /// layout of one shard of a sharded group ([`Layout::window`]), which holds a piece.
+    pub(crate) part_start: usize,
+    pub(crate) whole_len: usize,
 }
 
 impl TensorInfo {
@@ -109,6 +113,8 @@ pub struct Layout {
     by_name: HashMap<String, usize>,
     groups: Vec<GroupInfo>,
     arena_len: usize,
+    /// Where element 0 of this arena sits in the whole set's arena (0, except for a shard).
+    base: usize,
 }
 
 impl Layout {
@@ -124,7 +130,57 @@ impl Layout {
             by_name,
             groups,
             arena_len,
+            base: 0,
         }
+    }
+
+    /// The layout of arena elements `range` alone (one shard of a sharded group): the pieces of
+    /// the tensors inside it, shifted to start at 0, in every group (groups outside it are
+    /// empty), `range.len()` elements in all; positions past the arena are padding.
+    pub(crate) fn window(&self, range: Range<usize>) -> Layout {
+        let (lo, hi) = (range.start, range.end);
+        let clip = |r: &Range<usize>| r.start.clamp(lo, hi) - lo..r.end.clamp(lo, hi) - lo;
+        let tensors = self
+            .tensors
+            .iter()
+            .filter(|t| t.len > 0 && t.offset < hi && t.offset + t.len > lo)
+            .map(|t| {
+                let piece = clip(&t.range());
+                TensorInfo {
+                    shape: vec![piece.len()],
+                    offset: piece.start,
+                    len: piece.len(),
+                    part_start: t.part_start + (piece.start + lo - t.offset),
+                    ..t.clone()
+                }
+            })
+            .collect();
+        let groups = self
+            .groups
+            .iter()
+            .map(|g| GroupInfo {
+                range: clip(&g.range),
+                ..g.clone()
+            })
+            .collect();
+        Layout {
+            base: self.base + lo,
+            ..Layout::new(tensors, groups, range.len())
+        }
+    }
+
+    /// The same layout in a longer arena (padding at the end).
+    pub(crate) fn padded_to(&self, arena_len: usize) -> Layout {
+        Layout {
+            arena_len: arena_len.max(self.arena_len),
+            ..self.clone()
+        }
+    }
+
+    /// Where element 0 of this arena sits in the whole set's arena: 0, except in a shard's
+    /// layout. Streams indexed by arena position (stochastic rounding) start here.
+    pub fn base(&self) -> usize {
+        self.base
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {

@@ -57,7 +57,12 @@ impl Masters {
 pub(crate) enum HostMasters {
     F32(Vec<f32>),
     Remainders(Vec<i16>),
-    Stochastic { seed: u64 },
+    Stochastic {
+        seed: u64,
+    },
+    /// Kept as this kind in the shards of a sharded group: the set holds the model weights only
+    /// (read widened, written rounded to nearest even), and no optimizer steps it.
+    InShards(Masters),
 }
 
 /// The masters in host memory beside the model arena that holds their bf16 weights (if any).
@@ -101,6 +106,40 @@ impl HostMasters {
             HostMasters::F32(_) => Masters::F32,
             HostMasters::Remainders(_) => Masters::Bf16Remainders,
             HostMasters::Stochastic { seed } => Masters::Bf16Stochastic { seed: *seed },
+            HostMasters::InShards(kind) => *kind,
+        }
+    }
+
+    /// A copy of elements `range` (zeros where it passes the end).
+    pub(crate) fn window(&self, range: Range<usize>) -> Result<Self> {
+        fn cut<T: Copy + Default>(v: &[T], range: Range<usize>) -> Result<Vec<T>> {
+            let mut out = arena::try_filled(range.len(), T::default())?;
+            let have = &v[range.start.min(v.len())..range.end.min(v.len())];
+            out[..have.len()].copy_from_slice(have);
+            Ok(out)
+        }
+        Ok(match self {
+            HostMasters::F32(v) => HostMasters::F32(cut(v, range)?),
+            HostMasters::Remainders(r) => HostMasters::Remainders(cut(r, range)?),
+            other => other.clone(),
+        })
+    }
+
+    /// Pads the masters with zeros to `len` elements.
+    pub(crate) fn pad_to(&mut self, len: usize) -> Result<()> {
+        fn pad<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> Result<()> {
+            let more = len.saturating_sub(v.len());
+            v.try_reserve_exact(more)
+                .map_err(|_| Error::OutOfHostMemory {
+                    bytes: more.saturating_mul(std::mem::size_of::<T>()),
+                })?;
+            v.resize(v.len() + more, T::default());
+            Ok(())
+        }
+        match self {
+            HostMasters::F32(v) => pad(v, len),
+            HostMasters::Remainders(r) => pad(r, len),
+            _ => Ok(()),
         }
     }
 
@@ -137,7 +176,9 @@ impl HostMasters {
                 }
                 Ok(Cow::Owned(out))
             }
-            HostMasters::Stochastic { .. } => Ok(Cow::Owned(weights()?.to_f32(range))),
+            HostMasters::Stochastic { .. } | HostMasters::InShards(_) => {
+                Ok(Cow::Owned(weights()?.to_f32(range)))
+            }
         }
     }
 
@@ -158,6 +199,10 @@ impl HostMasters {
             return Ok(());
         }
         let model = model.ok_or_else(weights_missing)?;
+        if let HostMasters::InShards(_) = self {
+            model.write_f32(start, values);
+            return Ok(());
+        }
         let w = model.typed_mut::<bf16>("weights")?;
         match self {
             HostMasters::Remainders(r) => {
@@ -178,7 +223,7 @@ impl HostMasters {
         match self {
             HostMasters::F32(v) => std::mem::size_of_val(&v[..]),
             HostMasters::Remainders(r) => std::mem::size_of_val(&r[..]),
-            HostMasters::Stochastic { .. } => 0,
+            HostMasters::Stochastic { .. } | HostMasters::InShards(_) => 0,
         }
     }
 }

@@ -165,6 +165,8 @@ impl ParamSetBuilder {
                     group: g,
                     offset,
                     len: t.len,
+                    part_start: 0,
+                    whole_len: t.len,
                 });
                 offset = offset
                     .checked_add(t.len.next_multiple_of(ALIGN_ELEMS))
@@ -494,6 +496,15 @@ impl ParamSet {
             layout: self.layout.clone(),
             storage,
         })
+    }
+
+    /// A set of `layout` over `storage`, and back (a sharded group cuts and pads sets).
+    pub(crate) fn from_parts(layout: Arc<Layout>, storage: Storage) -> Self {
+        ParamSet { layout, storage }
+    }
+
+    pub(crate) fn into_parts(self) -> (Arc<Layout>, Storage) {
+        (self.layout, self.storage)
     }
 
     pub(crate) fn storage(&self) -> &Storage {

@@ -1,6 +1,9 @@
 //! The multi-tensor launch plan: the arena cut into fixed-size chunks, each chunk split where parameter
 //! groups meet. Built once per parameter set; the CPU engine walks it with one task per chunk and the
-//! CUDA engine uploads the same tables and launches one grid over them.
+//! CUDA engine uploads the same tables and launches one grid over them. A sharded group's
+//! [`ShardPlan`] cuts the arena into one window per replica, each a whole number of chunks.
+
+use std::ops::Range;
 
 use crate::layout::Layout;
 
@@ -78,5 +81,39 @@ impl LaunchPlan {
 
     pub fn segments(&self) -> &[Segment] {
         &self.segments
+    }
+}
+
+/// A sharded group's windows start at multiples of this many elements: a whole number of the CPU engine's chunks
+/// and of the largest GPU chunk.
+pub const SHARD_GRANULE: usize = 1 << 16;
+
+/// How an arena of `arena_len` elements is cut into `world` windows of one length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub world: usize,
+    pub arena_len: usize,
+    pub window_len: usize,
+}
+
+impl ShardPlan {
+    pub fn new(arena_len: usize, world: usize) -> Self {
+        let world = world.max(1);
+        let granules = arena_len.div_ceil(world * SHARD_GRANULE).max(1);
+        ShardPlan {
+            world,
+            arena_len,
+            window_len: granules * SHARD_GRANULE,
+        }
+    }
+
+    /// Rank `rank`'s window of the (padded) arena.
+    pub fn window(&self, rank: usize) -> Range<usize> {
+        rank * self.window_len..(rank + 1) * self.window_len
+    }
+
+    /// The padded arena: `world` windows.
+    pub fn padded_len(&self) -> usize {
+        self.world * self.window_len
     }
 }

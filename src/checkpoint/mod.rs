@@ -27,6 +27,11 @@
 //! is refused before anything is written, since it could never be loaded.
 
 mod file;
+pub(crate) mod pieces;
+mod sharded;
+
+pub use sharded::load_sharded_checkpoint;
+pub(crate) use sharded::{prepare_sharded_restore, save_shard, write_manifest};
 
 use std::borrow::Cow;
 use std::collections::HashMap;

@@ -38,6 +38,11 @@ impl DeviceMasters {
                 DeviceMasters::Remainders(stream.clone_htod(r).map_err(driver_error(dev, bytes))?)
             }
             HostMasters::Stochastic { seed } => DeviceMasters::Stochastic { seed: *seed },
+            HostMasters::InShards(_) => {
+                return Err(crate::error::Error::Cuda(
+                    "internal: a sharded group's model-only set is never uploaded".into(),
+                ))
+            }
         })
     }
 

@@ -58,6 +58,11 @@ impl CpuEngine {
         &self.plan
     }
 
+    /// Each chunk's Σ g² from the last [`CpuEngine::sum_of_squares`].
+    pub fn partials(&self) -> &[f64] {
+        &self.partials
+    }
+
     /// Σ g² over the arena in f64, deterministic.
     pub fn sum_of_squares(&mut self, grads: &Arena) -> f64 {
         match grads {

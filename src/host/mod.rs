@@ -72,7 +72,19 @@ impl HostEngine {
         self.kernels.plan()
     }
 
-    /// One step on the host; returns whether it was applied.
+    /// Whether a step needs Σ g² (clipping, or a non-finite check).
+    pub(crate) fn needs_norm(&self) -> bool {
+        self.step_params.needs_norm()
+    }
+
+    /// Σ g² of each chunk of the plan, in chunk order (the norm is their sum, in that order).
+    pub(crate) fn chunk_sums_of_squares(&mut self, a: &HostArenas) -> Vec<f64> {
+        self.kernels.sum_of_squares(&a.grads);
+        self.kernels.partials().to_vec()
+    }
+
+    /// One step on the host; returns whether it was applied. `sum_sq` is Σ g² when the caller
+    /// computed it (over every shard of a sharded group), else the step computes it.
     pub(crate) fn step(
         &mut self,
         a: &mut HostArenas,
@@ -80,13 +92,14 @@ impl HostEngine {
         rule: &Rule,
         lr: f64,
         momentum: Option<f64>,
+        sum_sq: Option<f64>,
     ) -> Result<bool> {
         let q = self.step_params;
         let needs_norm = q.needs_norm();
-        let sum_sq = if needs_norm {
-            self.kernels.sum_of_squares(&a.grads)
-        } else {
-            0.0
+        let sum_sq = match sum_sq {
+            _ if !needs_norm => 0.0,
+            Some(s) => s,
+            None => self.kernels.sum_of_squares(&a.grads),
         };
         // Decided on a copy: a refused step (NonFinitePolicy::Error, the step count at its
         // limit) must change nothing.
@@ -104,7 +117,12 @@ impl HostEngine {
             self.step_state = st;
             return Ok(false);
         }
-        let weights = Weights::of(&mut a.masters, a.model.as_mut(), st.step)?;
+        let weights = Weights::of(
+            &mut a.masters,
+            a.model.as_mut(),
+            st.step,
+            layout.base() as u64,
+        )?;
         self.step_state = st;
         let sign = if rule.maximize() { -1.0 } else { 1.0 };
         let scalars = if rule.needs_step_scalars() {

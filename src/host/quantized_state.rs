@@ -51,7 +51,7 @@ impl QuantizedLayout {
         let coded: Vec<_> = layout
             .tensors()
             .iter()
-            .filter(|t| quantizes(t.len, block))
+            .filter(|t| quantizes(t.whole_len, block))
             .map(TensorInfo::range)
             .collect();
         let mut pieces = Vec::with_capacity(plan.segments().len() + 2 * coded.len());
@@ -117,7 +117,7 @@ impl QuantizedLayout {
             let inside = pieces
                 .get(p)
                 .map_or(0, |x| t.offset.saturating_sub(x.start));
-            full_offset.push((!quantizes(t.len, block)).then_some(before + inside));
+            full_offset.push((!quantizes(t.whole_len, block)).then_some(before + inside));
         }
         QuantizedLayout {
             format,

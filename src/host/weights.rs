@@ -56,6 +56,7 @@ impl<'a> Weights<'a> {
         masters: &'a mut HostMasters,
         model: Option<&'a mut Arena>,
         step: u64,
+        first: u64,
     ) -> Result<Self> {
         Ok(match (masters, model) {
             (HostMasters::F32(p), m) => Weights::Masters {
@@ -71,7 +72,7 @@ impl<'a> Weights<'a> {
                 w,
                 seed: *seed,
                 step,
-                first: 0,
+                first,
             },
             // `HostMasters::new` builds bf16 weights beside every kind but fp32.
             (_, _) => return Err(weights_missing()),

@@ -1,6 +1,8 @@
 //! The optimizer: a rule, its state, and the engine that runs the fused step.
 
 mod lr_window;
+mod shard;
+pub(crate) use shard::shards_on_gpu;
 
 pub use crate::rules::adadelta::Adadelta;
 pub use crate::rules::adagrad::Adagrad;
@@ -217,11 +219,12 @@ impl Optimizer {
     /// which must read the verdict back); [`Optimizer::report`] reads the outcome when asked.
     pub fn step(&mut self) -> Result<()> {
         self.apply_schedule()?;
-        self.step_at_current_lr()
+        self.step_at_current_lr(None)
     }
 
-    /// [`Optimizer::step`] with the lr already set from the schedule ([`Self::apply_schedule`]).
-    pub(crate) fn step_at_current_lr(&mut self) -> Result<()> {
+    /// [`Optimizer::step`] with the lr already set from the schedule ([`Self::apply_schedule`]),
+    /// and Σ g² when the caller computed it (a sharded group, over all its shards).
+    pub(crate) fn step_at_current_lr(&mut self, sum_sq: Option<f64>) -> Result<()> {
         let layout = self.params.layout().clone();
         let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
         let momentum = self.schedule.as_ref().and_then(|s| s.momentum());
@@ -229,13 +232,16 @@ impl Optimizer {
         self.lr_set_since_step = false;
         match parts_mut(&mut self.params)? {
             PartsMut::Host(arenas, engine) => {
-                if engine.step(arenas, &layout, rule, lr, momentum)? {
+                if engine.step(arenas, &layout, rule, lr, momentum, sum_sq)? {
                     if let Some(s) = &mut self.schedule {
                         s.step();
                     }
                 }
             }
             PartsMut::Cuda(_, arenas, engine) => {
+                if sum_sq.is_some() {
+                    return Err(shard::shards_on_gpu());
+                }
                 engine.step(arenas)?;
                 // The schedule ticks on the device: the step reads its lr from the window.
                 if let Some(w) = &mut self.lr_window {

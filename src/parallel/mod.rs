@@ -27,12 +27,14 @@
 mod fingerprint;
 mod gradients;
 mod replica;
+pub mod sharded;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use gradients::{buckets, Bucket, Gradients};
 pub use replica::Replica;
+pub use sharded::{ShardMemory, ShardPlan, ShardedDataParallel, ShardedReplica};
 
 use crate::comm::cpu::CpuCommunicator;
 use crate::comm::nccl::NcclCommunicator;
@@ -269,10 +271,10 @@ impl<C: Communicator> DataParallel<C> {
 
 /// Runs `f` on every replica at once (one thread each) and returns the root cause of a failure:
 /// a replica's own error before the errors it caused elsewhere.
-fn on_every_replica<C, F>(replicas: &mut [Replica<C>], f: F) -> Result<()>
+fn on_every_replica<R, F>(replicas: &mut [R], f: F) -> Result<()>
 where
-    C: Communicator,
-    F: Fn(&mut Replica<C>) -> Result<()> + Sync,
+    R: Send,
+    F: Fn(&mut R) -> Result<()> + Sync,
 {
     let results: Vec<Result<()>> = std::thread::scope(|s| {
         let handles: Vec<_> = replicas

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::Optimizer;
 
 /// How a replica's step failed.
-enum Failure {
+pub(super) enum Failure {
     /// Every replica knows and fails alike; the group is still in step.
     Agreed(Error),
     /// This replica left the lockstep (communication failed, replicas diverged): the group is
@@ -20,7 +20,7 @@ enum Failure {
 }
 
 /// 64-bit words as four 16-bit pieces each, exact in f32 (collectives move f32).
-fn words_to_f32(words: &[u64]) -> Vec<f32> {
+pub(super) fn words_to_f32(words: &[u64]) -> Vec<f32> {
     words
         .iter()
         .flat_map(|w| (0..4).map(move |k| ((w >> (16 * k)) & 0xffff) as f32))
@@ -29,7 +29,7 @@ fn words_to_f32(words: &[u64]) -> Vec<f32> {
 
 /// What a replica's step did, as the replicas compare it: how it ended, and the step count, lr
 /// and loss scale it left (a skip on one replica and not another shows in the step count).
-fn outcome(opt: &Optimizer, r: &Result<()>) -> Result<Vec<u64>> {
+pub(super) fn outcome(opt: &Optimizer, r: &Result<()>) -> Result<Vec<u64>> {
     let code = match r {
         Ok(()) => 0,
         Err(Error::NonFiniteGradient { .. }) => 1,
@@ -99,43 +99,15 @@ impl<C: Communicator> Replica<C> {
         let out_of_step = Failure::OutOfStep;
         let computed = self.reduce_gradients(backward).map_err(out_of_step)?;
         let prepared = computed.and_then(|()| self.optimizer.apply_schedule());
-        let verdicts = self
-            .exchange(&[if prepared.is_ok() { 0.0 } else { 1.0 }])
+        let verdicts = exchange(&self.comm, &[if prepared.is_ok() { 0.0 } else { 1.0 }])
             .map_err(out_of_step)?;
         match (prepared, verdicts.iter().position(|&v| v != 0.0)) {
             (Err(mine), _) => return Err(Failure::Agreed(mine)),
             (Ok(()), Some(rank)) => return Err(Failure::Agreed(Error::ReplicaFailed { rank })),
             (Ok(()), None) => {}
         }
-        let stepped = self.optimizer.step_at_current_lr();
-        // From here on this replica may have applied the step: a failure to compare outcomes
-        // cannot be undone, and says so.
-        let unconfirmed = |e: Error| {
-            out_of_step(Error::ReplicasDiverged(format!(
-                "replica {} ended its step, but whether every replica ended it alike could not be \
-                 confirmed: {e}",
-                self.comm.rank()
-            )))
-        };
-        let mine = outcome(&self.optimizer, &stepped).map_err(unconfirmed)?;
-        let all = self.exchange(&words_to_f32(&mine)).map_err(unconfirmed)?;
-        let theirs: Vec<&[f32]> = all.chunks(4 * mine.len()).collect();
-        if theirs.iter().any(|t| *t != theirs[0]) {
-            let describe = |t: &[f32]| match t[0] as u8 {
-                0 => "stepped",
-                1 => "refused non-finite gradients",
-                _ => "failed",
-            };
-            let detail = theirs
-                .iter()
-                .enumerate()
-                .map(|(r, t)| format!("replica {r} {}", describe(t)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(out_of_step(Error::ReplicasDiverged(format!(
-                "after the step their step counts, lrs or loss scales differ ({detail})"
-            ))));
-        }
+        let stepped = self.optimizer.step_at_current_lr(None);
+        confirm_alike(&self.comm, &self.optimizer, &stepped)?;
         // Every replica ended the step the same way: an error here is one they all share.
         stepped.map_err(Failure::Agreed)
     }
@@ -208,26 +180,6 @@ impl<C: Communicator> Replica<C> {
         reduced.map(|()| computed)
     }
 
-    /// Exchanges a few numbers with every replica (all ranks' values, in rank order).
-    /// The values are never NaN: the receive buffer starts all NaN, so a collective that
-    /// reported success but delivered nothing (a rank whose peers are gone) is an error here.
-    fn exchange(&self, mine: &[f32]) -> Result<Vec<f32>> {
-        let n = mine.len();
-        let mut send = mine.to_vec();
-        let mut all = vec![f32::NAN; n * self.comm.world_size()];
-        self.comm.all_gather(
-            HostBuffer::F32(&mut send).into(),
-            HostBuffer::F32(&mut all).into(),
-        )?;
-        let rank = self.comm.rank();
-        if all.iter().any(|x| x.is_nan()) || all[rank * n..(rank + 1) * n] != *mine {
-            return Err(Error::Communicator(format!(
-                "replica {rank}: an exchange with the other replicas did not complete"
-            )));
-        }
-        Ok(all)
-    }
-
     /// Checks, with every replica, that they would stay identical (see [`fingerprint`]), then
     /// takes rank 0's parameters.
     pub(super) fn join_group(&mut self) -> Result<()> {
@@ -259,4 +211,60 @@ impl<C: Communicator> Replica<C> {
             .broadcast(HostBuffer::F32(&mut values).into(), 0)?;
         self.optimizer.set_mut().restore_masters(&values)
     }
+}
+
+/// Exchanges a few numbers with every replica (all ranks' values, in rank order).
+/// The values are never NaN: the receive buffer starts all NaN, so a collective that
+/// reported success but delivered nothing (a rank whose peers are gone) is an error here.
+pub(super) fn exchange<C: Communicator>(comm: &C, mine: &[f32]) -> Result<Vec<f32>> {
+    let n = mine.len();
+    let mut send = mine.to_vec();
+    let mut all = vec![f32::NAN; n * comm.world_size()];
+    comm.all_gather(
+        HostBuffer::F32(&mut send).into(),
+        HostBuffer::F32(&mut all).into(),
+    )?;
+    let rank = comm.rank();
+    if all.iter().any(|x| x.is_nan()) || all[rank * n..(rank + 1) * n] != *mine {
+        return Err(Error::Communicator(format!(
+            "replica {rank}: an exchange with the other replicas did not complete"
+        )));
+    }
+    Ok(all)
+}
+
+/// Checks with every replica that all ended the step alike ([`outcome`]). From the step on a
+/// replica may have applied it: a failure to compare cannot be undone, and says so.
+pub(super) fn confirm_alike<C: Communicator>(
+    comm: &C,
+    optimizer: &Optimizer,
+    stepped: &Result<()>,
+) -> std::result::Result<(), Failure> {
+    let unconfirmed = |e: Error| {
+        Failure::OutOfStep(Error::ReplicasDiverged(format!(
+            "replica {} ended its step, but whether every replica ended it alike could not be \
+             confirmed: {e}",
+            comm.rank()
+        )))
+    };
+    let mine = outcome(optimizer, stepped).map_err(unconfirmed)?;
+    let all = exchange(comm, &words_to_f32(&mine)).map_err(unconfirmed)?;
+    let theirs: Vec<&[f32]> = all.chunks(4 * mine.len()).collect();
+    if theirs.iter().any(|t| *t != theirs[0]) {
+        let describe = |t: &[f32]| match t[0] as u8 {
+            0 => "stepped",
+            1 => "refused non-finite gradients",
+            _ => "failed",
+        };
+        let detail = theirs
+            .iter()
+            .enumerate()
+            .map(|(r, t)| format!("replica {r} {}", describe(t)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Failure::OutOfStep(Error::ReplicasDiverged(format!(
+            "after the step their step counts, lrs or loss scales differ ({detail})"
+        ))));
+    }
+    Ok(())
 }

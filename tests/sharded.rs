@@ -1,0 +1,368 @@
+//! Sharded optimizer state (ZeRO-1) on CPU threads: every configuration steps bit for bit as the
+//! unsharded data-parallel group does (itself checked against the f64 oracle and the frameworks'
+//! recordings elsewhere), state per replica is the unsharded ÷ N, and sharded checkpoints load
+//! into groups of another size and into one optimizer.
+
+use fusedopt::parallel::sharded::{load_sharded_checkpoint, SHARD_GRANULE};
+use fusedopt::parallel::{DataParallel, DataParallelOptions, Gradients, ShardedDataParallel};
+use fusedopt::{
+    Adam, DType, Device, Error, Flavor, GlobalNormClip, GroupOptions, Masters, Optimizer,
+    OptimizerOptions, ParamSet, QuantizedState, Sgd,
+};
+
+/// Tensors of awkward sizes, several windows' worth, cut mid-tensor by every rank count here;
+/// one large enough to be quantized.
+const TENSORS: &[(&str, &[usize], bool)] = &[
+    ("embed", &[300, 517], false),
+    ("embed.bias", &[517], true),
+    ("fc1", &[64, 4099], false),
+    ("fc1.bias", &[7], true),
+    ("fc2", &[1000, 70], false),
+    ("scalar", &[], true),
+];
+
+/// A small deterministic stream (the values only need to be awkward and reproducible).
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+struct Config {
+    grad_dtype: DType,
+    model_copy: Option<DType>,
+    masters: Masters,
+    quantized: QuantizedState,
+    sgd: bool,
+}
+
+const DENSE: Config = Config {
+    grad_dtype: DType::F32,
+    model_copy: None,
+    masters: Masters::F32,
+    quantized: QuantizedState::None,
+    sgd: false,
+};
+
+fn optimizer(c: Config) -> Optimizer {
+    let mut b = ParamSet::builder();
+    b.grad_dtype(c.grad_dtype).masters(c.masters);
+    if let Some(d) = c.model_copy {
+        b.model_copy(d).unwrap();
+    }
+    b.group("no_decay", GroupOptions::no_decay()).unwrap();
+    for (i, (name, shape, bias)) in TENSORS.iter().enumerate() {
+        let n = shape.iter().product();
+        let v = values(100 + i as u64, n, 0.2);
+        match bias {
+            true => b.add_to("no_decay", name, shape, &v).unwrap(),
+            false => b.add(name, shape, &v).unwrap(),
+        };
+    }
+    let options = OptimizerOptions {
+        clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
+        quantized_state: c.quantized,
+        ..Default::default()
+    };
+    let set = b.build(Device::Cpu).unwrap();
+    match c.sgd {
+        true => Optimizer::with_options(
+            set,
+            Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                ..Sgd::preset(Flavor::PyTorch)
+            },
+            0.05,
+            options,
+        ),
+        false => Optimizer::with_options(set, Adam::adamw(Flavor::PyTorch), 3e-3, options),
+    }
+    .unwrap()
+}
+
+/// Replica `rank`'s gradients at `step`; a NaN at step `nan_at`, on rank 0.
+fn backward(
+    rank: usize,
+    step: usize,
+    nan_at: Option<usize>,
+    g: &Gradients<'_>,
+) -> fusedopt::Result<()> {
+    for (i, (name, shape, _)) in TENSORS.iter().enumerate().rev() {
+        let n = shape.iter().product();
+        let mut v = values((step * 31 + rank * 7 + i) as u64, n, 0.5);
+        if nan_at == Some(step) && rank == 0 && i == 2 {
+            v[1234] = f32::NAN;
+        }
+        g.set(name, &v)?;
+        g.mark_ready(name)?;
+    }
+    Ok(())
+}
+
+fn options() -> DataParallelOptions {
+    DataParallelOptions {
+        bucket_bytes: 1 << 20,
+        first_bucket_bytes: 1 << 18,
+        ..Default::default()
+    }
+}
+
+fn unsharded(c: Config, n: usize) -> DataParallel<fusedopt::comm::cpu::CpuCommunicator> {
+    DataParallel::cpu((0..n).map(|_| optimizer(c)).collect(), options()).unwrap()
+}
+
+fn sharded(c: Config, n: usize) -> ShardedDataParallel<fusedopt::comm::cpu::CpuCommunicator> {
+    ShardedDataParallel::cpu((0..n).map(|_| optimizer(c)).collect(), options()).unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Everything an optimizer holds, as bits: masters, every state buffer of every tensor, step
+/// count.
+fn everything(opt: &Optimizer) -> Vec<(String, Vec<u32>)> {
+    let mut out = vec![("step".into(), vec![opt.step_count().unwrap() as u32])];
+    for (name, ..) in TENSORS {
+        out.push((
+            format!("param {name}"),
+            bits(&opt.params().read_param(name).unwrap()),
+        ));
+        for b in opt.state_names() {
+            out.push((format!("{b} {name}"), bits(&opt.state(b, name).unwrap())));
+        }
+    }
+    out
+}
+
+fn assert_same(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)], what: &str) {
+    assert_eq!(a.len(), b.len());
+    for ((na, va), (_, vb)) in a.iter().zip(b) {
+        assert!(va == vb, "{what}: {na} differs");
+    }
+}
+
+/// The sharded group's whole state, through a sharded checkpoint loaded into one optimizer.
+fn consolidated(
+    group: &ShardedDataParallel<fusedopt::comm::cpu::CpuCommunicator>,
+    c: Config,
+) -> Vec<(String, Vec<u32>)> {
+    let dir = tempfile::tempdir().unwrap();
+    group.save_checkpoint(dir.path()).unwrap();
+    let mut whole = optimizer(c);
+    load_sharded_checkpoint(&mut whole, dir.path()).unwrap();
+    everything(&whole)
+}
+
+fn check_bit_identical(c: Config, n: usize, steps: usize, nan_at: Option<usize>) {
+    let mut plain = unsharded(c, n);
+    let mut group = sharded(c, n);
+    for step in 0..steps {
+        plain.step(|r, g| backward(r, step, nan_at, g)).unwrap();
+        group.step(|r, g| backward(r, step, nan_at, g)).unwrap();
+        let reference = plain.replicas().next().unwrap();
+        for r in group.replicas() {
+            for (name, ..) in TENSORS {
+                let want = match c.model_copy.is_some() || c.masters != Masters::F32 {
+                    true => reference.params().read_model_param(name).unwrap(),
+                    false => reference.params().read_param(name).unwrap(),
+                };
+                let got = r.params().read_param(name).unwrap();
+                assert!(
+                    bits(&got) == bits(&want),
+                    "{n} ranks, step {step}: rank {}'s {name}",
+                    r.rank()
+                );
+            }
+            // As text: a skipped step's norm is NaN on both sides.
+            let report = |x: fusedopt::StepReport| format!("{x:?}");
+            assert_eq!(
+                report(r.report().unwrap()),
+                report(reference.report().unwrap())
+            );
+        }
+    }
+    let reference = plain.replicas().next().unwrap();
+    assert_same(
+        &consolidated(&group, c),
+        &everything(reference),
+        &format!("{n} ranks"),
+    );
+}
+
+#[test]
+fn dense_adamw_with_clipping_is_bit_identical_for_every_rank_count() {
+    for n in [1, 2, 3, 4] {
+        check_bit_identical(DENSE, n, 3, None);
+    }
+}
+
+#[test]
+fn a_non_finite_gradient_skips_the_step_on_every_shard_alike() {
+    check_bit_identical(DENSE, 3, 3, Some(1));
+}
+
+#[test]
+fn quantized_state_bf16_gradients_and_remainders_are_bit_identical() {
+    let c = Config {
+        grad_dtype: DType::BF16,
+        masters: Masters::Bf16Remainders,
+        quantized: QuantizedState::Block8,
+        ..DENSE
+    };
+    check_bit_identical(c, 3, 3, None);
+    let c = Config {
+        quantized: QuantizedState::Block4,
+        masters: Masters::Bf16Stochastic { seed: 7 },
+        ..c
+    };
+    check_bit_identical(c, 2, 3, None);
+}
+
+#[test]
+fn sgd_with_a_bf16_model_copy_is_bit_identical() {
+    let c = Config {
+        model_copy: Some(DType::BF16),
+        sgd: true,
+        ..DENSE
+    };
+    check_bit_identical(c, 4, 3, None);
+}
+
+#[test]
+fn state_per_replica_is_the_unsharded_state_divided_by_the_rank_count() {
+    let whole = optimizer(DENSE);
+    let whole_state = whole.state_bytes().unwrap();
+    let arena = whole.params().layout().arena_len();
+    for n in [2, 4] {
+        let group = sharded(DENSE, n);
+        for r in group.replicas() {
+            let m = r.memory().unwrap();
+            // Adam: two f32 moments and the f32 masters per element of the window.
+            assert_eq!(m.state_bytes, 8 * m.window_len);
+            assert_eq!(m.masters_bytes, 4 * m.window_len);
+            assert!(m.window_len <= arena.div_ceil(n) + SHARD_GRANULE);
+            println!(
+                "{n} ranks: rank {} holds {} B of state ({:.3} of the unsharded {whole_state} B)",
+                r.rank(),
+                m.state_bytes,
+                m.state_bytes as f64 / whole_state as f64
+            );
+        }
+    }
+}
+
+#[test]
+fn a_sharded_checkpoint_resumes_in_a_group_of_another_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole_file = dir.path().join("whole.safetensors");
+    let shards = dir.path().join("shards");
+    // Three steps on two ranks, sharded and not; both saved.
+    let mut plain = unsharded(DENSE, 2);
+    let mut group = sharded(DENSE, 2);
+    for step in 0..3 {
+        plain.step(|r, g| backward(r, step, None, g)).unwrap();
+        group.step(|r, g| backward(r, step, None, g)).unwrap();
+    }
+    plain.save_checkpoint(&whole_file).unwrap();
+    group.save_checkpoint(&shards).unwrap();
+    // Resumed on three ranks: from the shards, from the whole file, and unsharded.
+    let mut from_shards = sharded(DENSE, 3);
+    from_shards.load_checkpoint(&shards).unwrap();
+    let mut from_whole = sharded(DENSE, 3);
+    from_whole.load_checkpoint(&whole_file).unwrap();
+    let mut plain3 = unsharded(DENSE, 3);
+    plain3.load_checkpoint(&whole_file).unwrap();
+    for step in 3..5 {
+        plain3.step(|r, g| backward(r, step, None, g)).unwrap();
+        from_shards.step(|r, g| backward(r, step, None, g)).unwrap();
+        from_whole.step(|r, g| backward(r, step, None, g)).unwrap();
+    }
+    let reference = everything(plain3.replicas().next().unwrap());
+    assert_same(
+        &consolidated(&from_shards, DENSE),
+        &reference,
+        "resumed from shards",
+    );
+    assert_same(
+        &consolidated(&from_whole, DENSE),
+        &reference,
+        "resumed from a whole file",
+    );
+}
+
+#[test]
+fn a_damaged_sharded_checkpoint_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut group = sharded(DENSE, 2);
+    group.step(|r, g| backward(r, 0, None, g)).unwrap();
+    group.save_checkpoint(dir.path()).unwrap();
+    let mut fresh = sharded(DENSE, 3);
+    let before = consolidated(&fresh, DENSE);
+    // A shard file cut short.
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().contains("rank-1"))
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    let err = fresh.load_checkpoint(dir.path()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::BadCheckpoint { .. } | Error::ReplicaFailed { .. }
+        ),
+        "{err}"
+    );
+    assert_same(
+        &consolidated(&fresh, DENSE),
+        &before,
+        "after a refused load",
+    );
+    // No manifest.
+    std::fs::remove_file(dir.path().join("manifest.json")).unwrap();
+    assert!(fresh.load_checkpoint(dir.path()).is_err());
+    // A checkpoint of a differently configured optimizer.
+    let other = tempfile::tempdir().unwrap();
+    let sgd = Config { sgd: true, ..DENSE };
+    sharded(sgd, 2).save_checkpoint(other.path()).unwrap();
+    assert!(fresh.load_checkpoint(other.path()).is_err());
+    assert_same(&consolidated(&fresh, DENSE), &before, "after refused loads");
+}
+
+#[test]
+fn a_failing_backward_pass_fails_every_replica_and_nobody_steps() {
+    let mut group = sharded(DENSE, 3);
+    group.step(|r, g| backward(r, 0, None, g)).unwrap();
+    let before = consolidated(&group, DENSE);
+    let err = group
+        .step(|r, g| {
+            if r == 1 {
+                return Err(Error::InvalidHyperparameter("the model blew up".into()));
+            }
+            backward(r, 1, None, g)
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidHyperparameter(_)), "{err}");
+    assert_same(&consolidated(&group, DENSE), &before, "after a failed step");
+    // The group is still in step.
+    group.step(|r, g| backward(r, 1, None, g)).unwrap();
+    let mut plain = unsharded(DENSE, 3);
+    plain.step(|r, g| backward(r, 0, None, g)).unwrap();
+    plain.step(|r, g| backward(r, 1, None, g)).unwrap();
+    assert_same(
+        &consolidated(&group, DENSE),
+        &everything(plain.replicas().next().unwrap()),
+        "after recovering",
+    );
+}
