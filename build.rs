@@ -1,7 +1,8 @@
 //! Compiles `kernels/*.cu` into fatbins and embeds them, with the kernel sources for NVRTC.
 //! The units include headers from `kernels/` and, by their path under `src/` (`step/decide.cuh`,
 //! `rules/adam/adam.cuh`), the CUDA halves that live beside their Rust twins. A unit is compiled
-//! again only when its inputs change (content-keyed, in `$OUT_DIR`).
+//! again only when its inputs change (content-keyed, in `$OUT_DIR` and in `target/fatbin-cache`,
+//! which every profile and feature set of a checkout shares).
 //!
 //! nvcc is looked up in `NVCC`, then `CUDA_HOME`/`CUDA_PATH`, then the project-local toolchain that
 //! `scripts/install-cuda-toolchain.sh` installs, then `PATH`, then `/usr/local/cuda/bin`.
@@ -25,6 +26,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=src");
     for var in [
+        "FUSEDOPT_FATBIN_CACHE",
         "NVCC",
         "CUDA_HOME",
         "CUDA_PATH",
@@ -234,7 +236,9 @@ fn cuda_headers(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// [`compile`], unless `dst` was compiled from exactly these inputs (nvcc, architectures, every
-/// kernel source and header): then its kept ptxas report is returned.
+/// kernel source and header): then its kept ptxas report is returned. Fatbins are also kept in a
+/// cache that every profile and feature set of this checkout shares ([`shared_cache`]), so the
+/// release, debug and test builds compile each unit once.
 fn compile_cached(
     nvcc: &Path,
     unit: &Path,
@@ -244,8 +248,11 @@ fn compile_cached(
     include: &[&Path],
 ) -> String {
     use std::hash::{Hash, Hasher};
-    // Everything that shapes the output: the exact command, nvcc's version, its environment.
-    let command = format!("{:?}", nvcc_command(nvcc, unit, dst, archs, include));
+    // Everything that shapes the output: the exact command (with this build's own OUT_DIR, which
+    // differs between profiles, left out), nvcc's version, its environment.
+    let out_dir = env::var("OUT_DIR").unwrap_or_default();
+    let command = format!("{:?}", nvcc_command(nvcc, unit, dst, archs, include))
+        .replace(&out_dir, "$OUT_DIR");
     let version = Command::new(nvcc)
         .arg("--version")
         .output()
@@ -264,10 +271,63 @@ fn compile_cached(
     }
     // A failed or interrupted compile must never leave a key that vouches for its output.
     let _ = std::fs::remove_file(&key_path);
-    let log = compile(nvcc, unit, dst, archs, include);
+    let shared = shared_cache().map(|dir| {
+        let stem = dst.file_stem().and_then(|s| s.to_str()).unwrap_or("unit");
+        (
+            dir.join(format!("{stem}-{key}.fatbin")),
+            dir.join(format!("{stem}-{key}.log")),
+        )
+    });
+    let cached = shared.as_ref().and_then(|(fatbin, log)| {
+        let log = std::fs::read_to_string(log).ok()?;
+        std::fs::copy(fatbin, dst).ok()?;
+        Some(log)
+    });
+    let log = match cached {
+        Some(log) => log,
+        None => {
+            let log = compile(nvcc, unit, dst, archs, include);
+            if let Some((fatbin, log_file)) = &shared {
+                // The log last: it vouches for the fatbin beside it. Each written whole, then
+                // renamed, so a concurrent build never reads half a file.
+                let _ = publish(dst, fatbin).and_then(|()| {
+                    let tmp = log_file.with_extension(format!("log.{}", std::process::id()));
+                    std::fs::write(&tmp, &log)?;
+                    std::fs::rename(&tmp, log_file)
+                });
+            }
+            log
+        }
+    };
     let _ = std::fs::write(&log_path, &log);
     let _ = std::fs::write(&key_path, &key);
     log
+}
+
+/// Copies `from` to `to` through a temporary file renamed into place.
+fn publish(from: &Path, to: &Path) -> std::io::Result<()> {
+    let tmp = to.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::copy(from, &tmp)?;
+    std::fs::rename(&tmp, to)
+}
+
+/// Where fatbins are shared between this checkout's builds: `FUSEDOPT_FATBIN_CACHE`, else
+/// `target/fatbin-cache` when the build's OUT_DIR is under this checkout's own `target/` (never
+/// when the crate is built as someone else's dependency).
+fn shared_cache() -> Option<PathBuf> {
+    let dir = match env::var_os("FUSEDOPT_FATBIN_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let target = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR")?).join("target");
+            let out = PathBuf::from(env::var_os("OUT_DIR")?);
+            if !out.starts_with(&target) {
+                return None;
+            }
+            target.join("fatbin-cache")
+        }
+    };
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir)
 }
 
 /// Bumped when what `compile_cached` must key on changes shape.
