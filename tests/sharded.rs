@@ -3,117 +3,14 @@
 //! recordings elsewhere), state per replica is the unsharded ÷ N, and sharded checkpoints load
 //! into groups of another size and into one optimizer.
 
+mod common;
+
+use common::groups::{
+    assert_same, backward, bits, everything, optimizer, options, Config, DENSE, TENSORS,
+};
 use fusedopt::parallel::sharded::{load_sharded_checkpoint, SHARD_GRANULE};
-use fusedopt::parallel::{DataParallel, DataParallelOptions, Gradients, ShardedDataParallel};
-use fusedopt::{
-    Adam, DType, Device, Error, Flavor, GlobalNormClip, GroupOptions, Masters, Optimizer,
-    OptimizerOptions, ParamSet, QuantizedState, Sgd,
-};
-
-/// Tensors of awkward sizes, several windows' worth, cut mid-tensor by every rank count here;
-/// one large enough to be quantized.
-const TENSORS: &[(&str, &[usize], bool)] = &[
-    ("embed", &[300, 517], false),
-    ("embed.bias", &[517], true),
-    ("fc1", &[64, 4099], false),
-    ("fc1.bias", &[7], true),
-    ("fc2", &[1000, 70], false),
-    ("scalar", &[], true),
-];
-
-/// A small deterministic stream (the values only need to be awkward and reproducible).
-fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
-
-#[derive(Clone, Copy)]
-struct Config {
-    grad_dtype: DType,
-    model_copy: Option<DType>,
-    masters: Masters,
-    quantized: QuantizedState,
-    sgd: bool,
-}
-
-const DENSE: Config = Config {
-    grad_dtype: DType::F32,
-    model_copy: None,
-    masters: Masters::F32,
-    quantized: QuantizedState::None,
-    sgd: false,
-};
-
-fn optimizer(c: Config) -> Optimizer {
-    let mut b = ParamSet::builder();
-    b.grad_dtype(c.grad_dtype).masters(c.masters);
-    if let Some(d) = c.model_copy {
-        b.model_copy(d).unwrap();
-    }
-    b.group("no_decay", GroupOptions::no_decay()).unwrap();
-    for (i, (name, shape, bias)) in TENSORS.iter().enumerate() {
-        let n = shape.iter().product();
-        let v = values(100 + i as u64, n, 0.2);
-        match bias {
-            true => b.add_to("no_decay", name, shape, &v).unwrap(),
-            false => b.add(name, shape, &v).unwrap(),
-        };
-    }
-    let options = OptimizerOptions {
-        clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
-        quantized_state: c.quantized,
-        ..Default::default()
-    };
-    let set = b.build(Device::Cpu).unwrap();
-    match c.sgd {
-        true => Optimizer::with_options(
-            set,
-            Sgd {
-                momentum: 0.9,
-                nesterov: true,
-                ..Sgd::preset(Flavor::PyTorch)
-            },
-            0.05,
-            options,
-        ),
-        false => Optimizer::with_options(set, Adam::adamw(Flavor::PyTorch), 3e-3, options),
-    }
-    .unwrap()
-}
-
-/// Replica `rank`'s gradients at `step`; a NaN at step `nan_at`, on rank 0.
-fn backward(
-    rank: usize,
-    step: usize,
-    nan_at: Option<usize>,
-    g: &Gradients<'_>,
-) -> fusedopt::Result<()> {
-    for (i, (name, shape, _)) in TENSORS.iter().enumerate().rev() {
-        let n = shape.iter().product();
-        let mut v = values((step * 31 + rank * 7 + i) as u64, n, 0.5);
-        if nan_at == Some(step) && rank == 0 && i == 2 {
-            v[1234] = f32::NAN;
-        }
-        g.set(name, &v)?;
-        g.mark_ready(name)?;
-    }
-    Ok(())
-}
-
-fn options() -> DataParallelOptions {
-    DataParallelOptions {
-        bucket_bytes: 1 << 20,
-        first_bucket_bytes: 1 << 18,
-        ..Default::default()
-    }
-}
+use fusedopt::parallel::{DataParallel, ShardedDataParallel};
+use fusedopt::{DType, Error, Masters, QuantizedState};
 
 fn unsharded(c: Config, n: usize) -> DataParallel<fusedopt::comm::cpu::CpuCommunicator> {
     DataParallel::cpu((0..n).map(|_| optimizer(c)).collect(), options()).unwrap()
@@ -121,33 +18,6 @@ fn unsharded(c: Config, n: usize) -> DataParallel<fusedopt::comm::cpu::CpuCommun
 
 fn sharded(c: Config, n: usize) -> ShardedDataParallel<fusedopt::comm::cpu::CpuCommunicator> {
     ShardedDataParallel::cpu((0..n).map(|_| optimizer(c)).collect(), options()).unwrap()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-/// Everything an optimizer holds, as bits: masters, every state buffer of every tensor, step
-/// count.
-fn everything(opt: &Optimizer) -> Vec<(String, Vec<u32>)> {
-    let mut out = vec![("step".into(), vec![opt.step_count().unwrap() as u32])];
-    for (name, ..) in TENSORS {
-        out.push((
-            format!("param {name}"),
-            bits(&opt.params().read_param(name).unwrap()),
-        ));
-        for b in opt.state_names() {
-            out.push((format!("{b} {name}"), bits(&opt.state(b, name).unwrap())));
-        }
-    }
-    out
-}
-
-fn assert_same(a: &[(String, Vec<u32>)], b: &[(String, Vec<u32>)], what: &str) {
-    assert_eq!(a.len(), b.len());
-    for ((na, va), (_, vb)) in a.iter().zip(b) {
-        assert!(va == vb, "{what}: {na} differs");
-    }
 }
 
 /// The sharded group's whole state, through a sharded checkpoint loaded into one optimizer.
@@ -296,6 +166,31 @@ fn a_sharded_checkpoint_resumes_in_a_group_of_another_size() {
         &consolidated(&from_whole, DENSE),
         &reference,
         "resumed from a whole file",
+    );
+}
+
+#[test]
+fn windows_of_padding_only_save_and_resume() {
+    // Nine windows of 64 Ki elements pad the arena past the end of its tensors: the last
+    // window holds padding only, but still the step count and the schedule.
+    let n = 9;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = unsharded(DENSE, n);
+    let mut group = sharded(DENSE, n);
+    let last = group.replicas()[n - 1].plan().window(n - 1);
+    assert!(last.start >= group.replicas()[0].whole_layout().arena_len());
+    plain.step(|r, g| backward(r, 0, None, g)).unwrap();
+    group.step(|r, g| backward(r, 0, None, g)).unwrap();
+    group.save_checkpoint(dir.path()).unwrap();
+    let mut resumed = sharded(DENSE, n);
+    resumed.load_checkpoint(dir.path()).unwrap();
+    assert_eq!(resumed.replicas()[n - 1].step_count().unwrap(), 1);
+    plain.step(|r, g| backward(r, 1, None, g)).unwrap();
+    resumed.step(|r, g| backward(r, 1, None, g)).unwrap();
+    assert_same(
+        &consolidated(&resumed, DENSE),
+        &everything(plain.replicas().next().unwrap()),
+        "nine windows, resumed",
     );
 }
 

@@ -141,6 +141,8 @@ pub(crate) fn prepare_sharded_restore(
             w.start < mine.end && mine.start < w.end && w.start < whole.arena_len()
         })
         .collect();
+    // A window of padding only still takes the saved step and schedule, from rank 0's file.
+    let wanted = if wanted.is_empty() { vec![0] } else { wanted };
     let mut checkpoints = Vec::with_capacity(wanted.len());
     let mut schedule = None;
     for &r in &wanted {

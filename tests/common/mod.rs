@@ -2,6 +2,7 @@
 //! of the engine's coefficient factoring, and random data of awkward sizes.
 #![allow(dead_code)]
 
+pub mod groups;
 mod oracle;
 
 #[allow(unused_imports)] // not every test binary uses the oracle
