@@ -115,9 +115,18 @@ pub(crate) struct Args {
     /// Global batch, split evenly between replicas.
     #[arg(long, default_value_t = 64)]
     pub(crate) batch: usize,
-    /// Data-parallel replicas (CPU threads).
+    /// Data-parallel replicas (CPU threads; under --mpi, the processes of the job).
     #[arg(long, default_value_t = 2)]
     pub(crate) replicas: usize,
+    /// Shard the optimizer state between the replicas (ZeRO-1): each keeps the masters and
+    /// state of its window of the parameters only.
+    #[arg(long)]
+    pub(crate) shard_state: bool,
+    /// One replica per MPI process: run as `mpirun -np N target/release/examples/train --mpi`
+    /// (built with `--features mpi`).
+    #[cfg(feature = "mpi")]
+    #[arg(long)]
+    pub(crate) mpi: bool,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
     /// Save a checkpoint here after every epoch.

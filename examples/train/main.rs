@@ -5,6 +5,8 @@
 //! cargo run --release --example train -- --help
 //! cargo run --release --example train -- --compare --out benches/results/compare
 //! cargo run --release --example train -- --compare-state --out benches/results/compare
+//! cargo run --release --example train -- --shard-state     # ZeRO-1: state sharded
+//! mpirun -np 4 target/release/examples/train --mpi         # built with --features mpi
 //!
 //! Each replica computes the gradients of its share of every batch (forward and backward with
 //! ndarray's matrix products), marks them ready layer by layer from the last so their all-reduce
@@ -16,6 +18,8 @@ mod compare_state;
 mod data;
 mod metrics;
 mod model;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod run;
 #[cfg(test)]
 mod tests;
@@ -39,6 +43,10 @@ fn main() -> Result<(), Error> {
     }
     if args.compare_state {
         return compare_state(&args, &splits);
+    }
+    #[cfg(feature = "mpi")]
+    if args.mpi {
+        return mpi::train_mpi(&args, &splits);
     }
     let selection = Device::auto();
     let model = model_of(&args, splits.train.side);
@@ -67,8 +75,10 @@ fn main() -> Result<(), Error> {
     );
     let lr = args.lr.unwrap_or(default_lr(args.rule));
     println!(
-        "training: {} CPU replicas, global batch {}, {:?} ({:?} flavor) lr {lr}, {:?} schedule, clip {}, {:?} gradients",
-        args.replicas, args.batch, args.rule, args.flavor, args.schedule, args.clip, args.grad_dtype
+        "training: {} CPU replicas{}, global batch {}, {:?} ({:?} flavor) lr {lr}, {:?} schedule, clip {}, {:?} gradients",
+        args.replicas,
+        if args.shard_state { " (optimizer state sharded)" } else { "" },
+        args.batch, args.rule, args.flavor, args.schedule, args.clip, args.grad_dtype
     );
     if let Some(why) = selection.gpu_unavailable {
         println!("device: CPU engine (GPU not used: {why})");

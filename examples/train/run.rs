@@ -1,10 +1,12 @@
 //! One training run: data, model and data-parallel replicas, the epoch loop with its schedule,
 //! checkpoints and metrics.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use fusedopt::parallel::{DataParallel, DataParallelOptions};
+use fusedopt::comm::Communicator;
+use fusedopt::parallel::{DataParallel, DataParallelOptions, Gradients, ShardedDataParallel};
 use fusedopt::schedule::optax::Schedule;
 use fusedopt::schedule::plateau::ReduceLrOnPlateau;
 use fusedopt::schedule::LrAtStep;
@@ -142,15 +144,95 @@ pub(crate) struct Run {
     pub(crate) replicas_identical: bool,
 }
 
-/// Trains for `args.epochs` with peak learning rate `lr`; reports per epoch unless `quiet`.
-pub(crate) fn train(
-    args: &Args,
-    splits: &Splits,
-    lr: f64,
-    seed: u64,
-    report: bool,
-) -> Result<Run, Error> {
-    let model = model_of(args, splits.train.side);
+/// A backward pass: replica `rank`'s gradients of its share of the batch.
+pub(crate) type Backward<'a> = dyn Fn(usize, &Gradients<'_>) -> fusedopt::Result<()> + Sync + 'a;
+
+/// The data-parallel group a run trains: replicated or sharded optimizer state, over threads of
+/// this process or one replica per MPI process.
+pub(crate) trait Group {
+    fn lr(&self) -> f64;
+    fn set_lr(&mut self, lr: f64) -> fusedopt::Result<()>;
+    fn step(&mut self, backward: &Backward<'_>) -> fusedopt::Result<()>;
+    /// The weights of every replica in this process.
+    fn weights(&self) -> Vec<&ParamSet>;
+    /// Saves into folder `dir`; `writer`: this process writes the files of an unsharded group.
+    fn save(&self, dir: &Path, writer: bool) -> fusedopt::Result<()>;
+    fn load(&mut self, dir: &Path) -> fusedopt::Result<()>;
+    /// Optimizer memory per replica, for sharded state.
+    fn shard_memory(&self) -> Option<String>;
+}
+
+impl<C: Communicator> Group for DataParallel<C> {
+    fn lr(&self) -> f64 {
+        DataParallel::lr(self)
+    }
+    fn set_lr(&mut self, lr: f64) -> fusedopt::Result<()> {
+        DataParallel::set_lr(self, lr)
+    }
+    fn step(&mut self, backward: &Backward<'_>) -> fusedopt::Result<()> {
+        DataParallel::step(self, backward)
+    }
+    fn weights(&self) -> Vec<&ParamSet> {
+        self.replicas().map(|o| o.params()).collect()
+    }
+    fn save(&self, dir: &Path, writer: bool) -> fusedopt::Result<()> {
+        match writer {
+            true => self.save_checkpoint(dir.join("optimizer.safetensors")),
+            false => Ok(()),
+        }
+    }
+    fn load(&mut self, dir: &Path) -> fusedopt::Result<()> {
+        self.load_checkpoint(dir.join("optimizer.safetensors"))
+    }
+    fn shard_memory(&self) -> Option<String> {
+        None
+    }
+}
+
+impl<C: Communicator> Group for ShardedDataParallel<C> {
+    fn lr(&self) -> f64 {
+        self.replicas().first().map_or(0.0, |r| r.lr())
+    }
+    fn set_lr(&mut self, lr: f64) -> fusedopt::Result<()> {
+        ShardedDataParallel::set_lr(self, lr)
+    }
+    fn step(&mut self, backward: &Backward<'_>) -> fusedopt::Result<()> {
+        ShardedDataParallel::step(self, backward)
+    }
+    fn weights(&self) -> Vec<&ParamSet> {
+        self.replicas().iter().map(|r| r.params()).collect()
+    }
+    /// Every replica saves its own window.
+    fn save(&self, dir: &Path, _writer: bool) -> fusedopt::Result<()> {
+        self.save_checkpoint(dir.join("optimizer-shards"))
+    }
+    fn load(&mut self, dir: &Path) -> fusedopt::Result<()> {
+        self.load_checkpoint(dir.join("optimizer-shards"))
+    }
+    fn shard_memory(&self) -> Option<String> {
+        let r = self.replicas().first()?;
+        let m = r.memory().ok()?;
+        Some(format!(
+            "sharded optimizer state: {} B of state and {} B of masters per replica \
+             ({} of {} padded elements each)",
+            m.state_bytes,
+            m.masters_bytes,
+            m.window_len,
+            r.plan().padded_len()
+        ))
+    }
+}
+
+/// A set's weights, tensor after tensor in layout order.
+pub(crate) fn weights_of(set: &ParamSet) -> fusedopt::Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for t in set.layout().tensors() {
+        out.extend(set.read_param(&t.name)?);
+    }
+    Ok(out)
+}
+
+fn check_split(args: &Args) -> Result<(), Error> {
     if args.replicas == 0 || args.batch % args.replicas != 0 {
         return Err(format!(
             "--batch {} must split evenly between {} replicas",
@@ -158,10 +240,58 @@ pub(crate) fn train(
         )
         .into());
     }
-    let mut dp = DataParallel::cpu(
-        replicas(args, &model, lr, seed)?,
-        DataParallelOptions::default(),
-    )?;
+    Ok(())
+}
+
+/// Trains for `args.epochs` with peak learning rate `lr` on `args.replicas` threads (sharded
+/// with `--shard-state`); reports per epoch unless `quiet`.
+pub(crate) fn train(
+    args: &Args,
+    splits: &Splits,
+    lr: f64,
+    seed: u64,
+    report: bool,
+) -> Result<Run, Error> {
+    check_split(args)?;
+    let model = model_of(args, splits.train.side);
+    let optimizers = replicas(args, &model, lr, seed)?;
+    let options = DataParallelOptions::default();
+    match args.shard_state {
+        true => train_group(
+            args,
+            splits,
+            lr,
+            seed,
+            (report, true),
+            &mut ShardedDataParallel::cpu(optimizers, options)?,
+        ),
+        false => train_group(
+            args,
+            splits,
+            lr,
+            seed,
+            (report, true),
+            &mut DataParallel::cpu(optimizers, options)?,
+        ),
+    }
+}
+
+/// Trains `group`, whose replicas (here or in other processes) are `args.replicas` in all;
+/// `report`: print per epoch; `writer`: this process writes the checkpoint files (one process
+/// of an MPI job).
+pub(crate) fn train_group(
+    args: &Args,
+    splits: &Splits,
+    lr: f64,
+    seed: u64,
+    (report, writer): (bool, bool),
+    dp: &mut dyn Group,
+) -> Result<Run, Error> {
+    let model = model_of(args, splits.train.side);
+    check_split(args)?;
+    if let (true, Some(memory)) = (report, dp.shard_memory()) {
+        println!("{memory}");
+    }
     let steps_per_epoch = splits.train.len() / args.batch;
     let total_steps = (steps_per_epoch * args.epochs) as f64;
     let cosine =
@@ -174,13 +304,13 @@ pub(crate) fn train(
     let ckpt = args
         .checkpoint
         .as_ref()
-        .map(|d| (d.join("optimizer.safetensors"), d.join("history.json")));
-    if let (true, Some((opt_path, hist_path))) = (args.resume, &ckpt) {
+        .map(|d| (d.clone(), d.join("history.json")));
+    if let (true, Some((dir, hist_path))) = (args.resume, &ckpt) {
         history = serde_json::from_str(
             &std::fs::read_to_string(hist_path)
                 .map_err(|e| format!("{}: {e}", hist_path.display()))?,
         )?;
-        dp.load_checkpoint(opt_path)?;
+        dp.load(dir)?;
         // The plateau rule's state is a function of the losses it saw: replay them.
         for &v in &history.val_loss {
             plateau.observe(v)?;
@@ -189,7 +319,7 @@ pub(crate) fn train(
             println!(
                 "resumed after epoch {} from {}",
                 history.epochs_done,
-                opt_path.display()
+                dir.display()
             );
         }
     }
@@ -213,14 +343,15 @@ pub(crate) fn train(
             dp.set_lr(lr_now)?;
             let b = splits.train.rows(batch);
             let share = args.batch / args.replicas;
-            let losses = Mutex::new(vec![0.0f32; args.replicas]);
-            dp.step(|rank, grads| {
+            // The losses of the replicas in this process (under MPI, its own share only).
+            let losses = Mutex::new(vec![None; args.replicas]);
+            dp.step(&|rank, grads| {
                 let rows = rank * share..(rank + 1) * share;
                 let x = model::rows(&b.x, rows.clone());
                 let fwd = model.forward(grads, &x)?;
                 let (loss, dlogits) = args.loss.eval(&fwd.logits, &b.y[rows]);
                 if let Ok(mut l) = losses.lock() {
-                    l[rank] = loss;
+                    l[rank] = Some(loss);
                 }
                 model.backward(grads, &fwd, dlogits, &mut |name, g| {
                     grads.set(name, g)?;
@@ -228,8 +359,13 @@ pub(crate) fn train(
                 })
             })?;
             step += 1;
-            let l = losses.into_inner().unwrap_or_default();
-            let batch_loss = l.iter().map(|&v| f64::from(v)).sum::<f64>() / l.len() as f64;
+            let l: Vec<f32> = losses
+                .into_inner()
+                .unwrap_or_default()
+                .into_iter()
+                .flatten()
+                .collect();
+            let batch_loss = l.iter().map(|&v| f64::from(v)).sum::<f64>() / l.len().max(1) as f64;
             loss_sum += batch_loss;
             if let Some(bar) = &bar {
                 bar.set_message(format!("loss {batch_loss:.4}"));
@@ -237,8 +373,9 @@ pub(crate) fn train(
             }
         }
         let seconds = start.elapsed().as_secs_f64();
-        let first = dp.replicas().next().ok_or("no replicas")?;
-        let val = metrics::evaluate(&model, first.params(), &splits.val, args.loss)?;
+        let weights = dp.weights();
+        let first = *weights.first().ok_or("no replicas")?;
+        let val = metrics::evaluate(&model, first, &splits.val, args.loss)?;
         if args.schedule == ScheduleName::Plateau {
             plateau.observe(val.loss)?;
         }
@@ -251,26 +388,29 @@ pub(crate) fn train(
             bar.finish_and_clear();
         }
         if report {
-            let train_m = metrics::evaluate(&model, first.params(), &splits.train, args.loss)?;
-            let test_m = metrics::evaluate(&model, first.params(), &splits.test, args.loss)?;
+            let train_m = metrics::evaluate(&model, first, &splits.train, args.loss)?;
+            let test_m = metrics::evaluate(&model, first, &splits.test, args.loss)?;
             println!(
                 "epoch {epoch:>3}  lr {:.2e}  {:.0} samples/s\n  train {train_m}\n  test  {test_m}",
-                first.lr(),
+                dp.lr(),
                 (steps_per_epoch * args.batch) as f64 / seconds
             );
         }
-        if let Some((opt_path, hist_path)) = &ckpt {
-            std::fs::create_dir_all(args.checkpoint.as_ref().ok_or("no checkpoint folder")?)?;
-            dp.save_checkpoint(opt_path)?;
-            std::fs::write(hist_path, serde_json::to_string_pretty(&history)?)?;
+        if let Some((dir, hist_path)) = &ckpt {
+            std::fs::create_dir_all(dir)?;
+            dp.save(dir, writer)?;
+            if writer {
+                std::fs::write(hist_path, serde_json::to_string_pretty(&history)?)?;
+            }
         }
     }
-    let first = dp.replicas().next().ok_or("no replicas")?;
-    let test = metrics::evaluate(&model, first.params(), &splits.test, args.loss)?;
-    let params = first.params().read_masters_arena()?;
+    let weights = dp.weights();
+    let first = *weights.first().ok_or("no replicas")?;
+    let test = metrics::evaluate(&model, first, &splits.test, args.loss)?;
+    let params = weights_of(first)?;
     let mut replicas_identical = true;
-    for r in dp.replicas() {
-        replicas_identical &= r.params().read_masters_arena()? == params;
+    for w in &weights {
+        replicas_identical &= weights_of(w)? == params;
     }
     Ok(Run {
         history,

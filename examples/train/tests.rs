@@ -1,5 +1,5 @@
 //! The example's tests (`cargo test` runs them): 1 vs N replicas, resume, accuracy, every loss
-//! and the CNN, refused batches, and the finite-difference gradient check.
+//! and the CNN, refused batches, sharded state, and the finite-difference gradient check.
 
 use clap::Parser;
 
@@ -52,30 +52,45 @@ fn one_replica_and_n_replicas_agree_after_an_epoch() {
 #[test]
 fn resuming_from_a_checkpoint_continues_exactly() {
     let splits = digits();
-    let dir = tempfile::tempdir().unwrap();
-    let ck = dir.path().to_str().unwrap();
     let straight = train(&args(&["--epochs", "4"]), &splits, 3e-3, 0, false).unwrap();
-    train(
-        &args(&["--epochs", "4", "--stop-after", "2", "--checkpoint", ck]),
-        &splits,
-        3e-3,
-        0,
-        false,
-    )
-    .unwrap();
-    let resumed = train(
-        &args(&["--epochs", "4", "--checkpoint", ck, "--resume"]),
-        &splits,
-        3e-3,
-        0,
-        false,
-    )
-    .unwrap();
-    assert_eq!(resumed.history.epochs_done, 4);
-    assert_eq!(
-        resumed.params, straight.params,
-        "resume changed the trajectory"
-    );
+    // Replicated state from one file; sharded state from one file per replica.
+    for extra in [&[][..], &["--shard-state"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().to_str().unwrap();
+        let with = |more: &[&str]| {
+            let all: Vec<&str> = more.iter().chain(extra).copied().collect();
+            train(&args(&all), &splits, 3e-3, 0, false).unwrap()
+        };
+        with(&["--epochs", "4", "--stop-after", "2", "--checkpoint", ck]);
+        let resumed = with(&["--epochs", "4", "--checkpoint", ck, "--resume"]);
+        assert_eq!(resumed.history.epochs_done, 4);
+        assert_eq!(
+            resumed.params, straight.params,
+            "resume {extra:?} changed the trajectory"
+        );
+    }
+}
+
+#[test]
+fn sharded_state_trains_bit_for_bit_as_replicated_state() {
+    let splits = digits();
+    for n in ["2", "4"] {
+        let run = |extra: &[&str]| {
+            let all: Vec<&str> = ["--epochs", "2", "--replicas", n]
+                .iter()
+                .chain(extra)
+                .copied()
+                .collect();
+            train(&args(&all), &splits, 3e-3, 0, false).unwrap()
+        };
+        let (plain, sharded) = (run(&[]), run(&["--shard-state"]));
+        assert!(sharded.replicas_identical);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(
+            bits(&plain.params) == bits(&sharded.params),
+            "{n} replicas: sharded state changed the trajectory"
+        );
+    }
 }
 
 #[test]

@@ -4,7 +4,9 @@
 //! [`cpu::CpuCommunicator`] for replicas that are threads of one process (host buffers),
 //! [`nccl::NcclCommunicator`] for one GPU per rank, in one process or many (device buffers, host
 //! buffers staged through the device), and [`single_device::SingleDeviceCommunicator`] for several
-//! replicas on one GPU, reduced by a kernel (its host buffers go through the CPU communicator).
+//! replicas on one GPU, reduced by a kernel (its host buffers go through the CPU communicator),
+//! and, with the cargo feature `mpi`, `mpi::MpiCommunicator` for one process per rank under
+//! `mpirun`, which computes the CPU communicator's bits.
 //! The CPU and single-device communicators reduce in rank order, so every rank gets the same bits
 //! and the two agree bit for bit; NCCL gives every rank the same bits in its own order.
 //! [`rendezvous`] connects the processes of a multi-process group.
@@ -13,6 +15,8 @@
 //! are summed.
 
 pub mod cpu;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 pub mod single_device;
