@@ -9,6 +9,8 @@
            `cargo run --release --example train -- --compare --out benches/results/compare`)
   state    benches/results/compare/state.md (written by
            `cargo run --release --example train -- --compare-state --out benches/results/compare`)
+  async    benches/results/compare/async.md (written by
+           `cargo run --release --example train -- --compare-async --out benches/results/compare`)
 
 Usage: python3 scripts/readme.py [NAME...]   (default: every section)
 """
@@ -34,6 +36,7 @@ SECTIONS = {
     "scaling": from_script("scaling_model.py"),
     "compare": from_file("benches/results/compare/table.md"),
     "state": from_file("benches/results/compare/state.md"),
+    "async": from_file("benches/results/compare/async.md"),
 }
 
 

@@ -122,6 +122,19 @@ pub(crate) struct Args {
     /// state of its window of the parameters only.
     #[arg(long)]
     pub(crate) shard_state: bool,
+    /// Asynchronous SGD: --replicas worker threads push their gradients to a parameter server
+    /// without waiting for each other.
+    #[arg(long = "async")]
+    pub(crate) asynchronous: bool,
+    /// With --async: refuse a gradient more than this many versions of the weights old.
+    #[arg(long)]
+    pub(crate) max_staleness: Option<u64>,
+    /// With --async: scale a gradient s versions old by 1/(1+s).
+    #[arg(long)]
+    pub(crate) down_weight: bool,
+    /// Train synchronously and asynchronously over several seeds and write async.md to --out.
+    #[arg(long)]
+    pub(crate) compare_async: bool,
     /// One replica per MPI process: run as `mpirun -np N target/release/examples/train --mpi`
     /// (built with `--features mpi`).
     #[cfg(feature = "mpi")]

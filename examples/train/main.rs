@@ -6,12 +6,15 @@
 //! cargo run --release --example train -- --compare --out benches/results/compare
 //! cargo run --release --example train -- --compare-state --out benches/results/compare
 //! cargo run --release --example train -- --shard-state     # ZeRO-1: state sharded
+//! cargo run --release --example train -- --async --replicas 4   # parameter server
+//! cargo run --release --example train -- --compare-async --out benches/results/compare
 //! mpirun -np 4 target/release/examples/train --mpi         # built with --features mpi
 //!
 //! Each replica computes the gradients of its share of every batch (forward and backward with
 //! ndarray's matrix products), marks them ready layer by layer from the last so their all-reduce
 //! overlaps the rest of the backward pass, and every replica takes the same fused step.
 
+mod asynchronous;
 mod cli;
 mod compare;
 mod compare_state;
@@ -43,6 +46,9 @@ fn main() -> Result<(), Error> {
     }
     if args.compare_state {
         return compare_state(&args, &splits);
+    }
+    if args.compare_async {
+        return asynchronous::compare_async(&args, &splits);
     }
     #[cfg(feature = "mpi")]
     if args.mpi {
@@ -77,7 +83,11 @@ fn main() -> Result<(), Error> {
     println!(
         "training: {} CPU replicas{}, global batch {}, {:?} ({:?} flavor) lr {lr}, {:?} schedule, clip {}, {:?} gradients",
         args.replicas,
-        if args.shard_state { " (optimizer state sharded)" } else { "" },
+        match (args.shard_state, args.asynchronous) {
+            (_, true) => " (asynchronous workers of a parameter server)",
+            (true, _) => " (optimizer state sharded)",
+            _ => "",
+        },
         args.batch, args.rule, args.flavor, args.schedule, args.clip, args.grad_dtype
     );
     if let Some(why) = selection.gpu_unavailable {
@@ -86,6 +96,21 @@ fn main() -> Result<(), Error> {
         println!("device: CPU replicas (the example's forward and backward run on the CPU; a GPU model path is not built)");
     }
     let start = Instant::now();
+    if args.asynchronous {
+        let r = asynchronous::train_async(&args, &splits, lr, args.seed, true)?;
+        println!(
+            "done in {:.1} s: test {}; {} pushes, {} applied, {} refused, staleness mean {:.2} \
+             max {}",
+            start.elapsed().as_secs_f64(),
+            r.run.test,
+            r.stats.pushes,
+            r.stats.applied,
+            r.stats.refused,
+            r.stats.mean_staleness(),
+            r.stats.max_staleness
+        );
+        return Ok(());
+    }
     let run = train(&args, &splits, lr, args.seed, true)?;
     println!(
         "done in {:.1} s: test {}; {} parameters, replicas bit-identical: {}",

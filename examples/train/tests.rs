@@ -94,6 +94,28 @@ fn sharded_state_trains_bit_for_bit_as_replicated_state() {
 }
 
 #[test]
+fn one_asynchronous_worker_trains_bit_for_bit_as_one_synchronous_replica() {
+    let splits = digits();
+    let a = args(&["--epochs", "3", "--replicas", "1"]);
+    let sync = train(&a, &splits, 3e-3, 0, false).unwrap();
+    let r = crate::asynchronous::train_async(&a, &splits, 3e-3, 0, false).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&sync.params) == bits(&r.run.params));
+    assert_eq!(r.stats.max_staleness, 0);
+}
+
+#[test]
+fn asynchronous_workers_learn_and_every_push_is_counted() {
+    let splits = digits();
+    let a = args(&["--epochs", "5", "--replicas", "4", "--max-staleness", "2"]);
+    let r = crate::asynchronous::train_async(&a, &splits, 3e-3, 0, false).unwrap();
+    let pushes = (splits.train.len() / 16 * 5) as u64;
+    assert_eq!(r.stats.pushes, pushes);
+    assert_eq!(r.stats.applied + r.stats.refused + r.stats.skipped, pushes);
+    assert!(r.run.test.accuracy > 0.9, "{}", r.run.test);
+}
+
+#[test]
 fn the_default_adam_run_reaches_97_percent() {
     let a = args(&[]);
     let run = train(&a, &digits(), default_lr(a.rule), a.seed, false).unwrap();

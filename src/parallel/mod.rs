@@ -23,9 +23,13 @@
 //! that stalls or dies (a collective timing out) aborts the group: every other replica's step then
 //! fails within the timeout, and the group must be rebuilt ([`DataParallel::into_replicas`] gives
 //! the optimizers back).
+//!
+//! Beside the synchronous engine: [`sharded`] (each replica keeps the optimizer state of one
+//! window of the arena) and [`parameter_server`] (asynchronous SGD).
 
 mod fingerprint;
 mod gradients;
+pub mod parameter_server;
 mod replica;
 pub mod sharded;
 
@@ -33,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use gradients::{buckets, Bucket, Gradients};
+pub use parameter_server::{ParameterServer, Staleness};
 pub use replica::Replica;
 pub use sharded::{ShardMemory, ShardPlan, ShardedDataParallel, ShardedReplica};
 
