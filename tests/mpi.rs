@@ -9,7 +9,10 @@
 //!   whole batch's mean gradient;
 //! - a failing backward pass on one process fails every process's step with nothing changed;
 //! - sharded state (ZeRO-1) over MPI steps bit for bit as the unsharded group, and its sharded
-//!   checkpoint (one file per process) loads into one optimizer with the same bits.
+//!   checkpoint (one file per process) loads into one optimizer with the same bits;
+//! - a parameter server on rank 0 with the other ranks as asynchronous workers ends exactly where
+//!   replaying their applied pushes in version order leads, and refuses a worker with other
+//!   tensors.
 //!
 //! Without `mpirun` it says so loudly and passes, unless FUSEDOPT_REQUIRE_MPI=1.
 
@@ -20,12 +23,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::groups::{
-    assert_same, backward, bits, everything, gradient, optimizer, options, DENSE, TENSORS,
+    assert_same, backward, bits, everything, gradient, optimizer, options, param_set, DENSE,
+    TENSORS,
 };
 use fusedopt::comm::mpi::{Mpi, MpiCommunicator};
 use fusedopt::comm::{Buffer, Communicator, HostBuffer, ReduceOp};
+use fusedopt::parallel::parameter_server::mpi::{serve, RemoteWorker};
+use fusedopt::parallel::parameter_server::Pushed;
 use fusedopt::parallel::sharded::load_sharded_checkpoint;
 use fusedopt::parallel::{DataParallel, ShardedDataParallel};
+use fusedopt::parallel::{ParameterServer, Staleness};
 use fusedopt::{Error, Optimizer};
 use half::bf16;
 
@@ -111,6 +118,7 @@ fn rank_main(dir: &str) {
     processes_step_as_threads(group());
     a_failing_backward_pass_fails_every_process(group());
     sharded_state_steps_as_unsharded(group(), std::path::Path::new(dir));
+    parameter_server_across_processes(group(), group());
     println!("rank {rank} of {n}: all checks passed");
 }
 
@@ -349,4 +357,68 @@ fn sharded_state_steps_as_unsharded(comm: MpiCommunicator, dir: &std::path::Path
         &everything(reference),
         "the sharded checkpoint of processes, loaded into one optimizer",
     );
+}
+
+/// Pushes per worker in the parameter-server check.
+const PUSHES: usize = 5;
+
+fn parameter_server_across_processes(comm: MpiCommunicator, gather: MpiCommunicator) {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    // Which version each of this worker's pushes made. Worker r's k-th gradient does not depend
+    // on the weights, so the order the server applied them in is all a replay needs.
+    let mut made = [0.0f32; PUSHES];
+    let mut served = None;
+    if rank == 0 {
+        let server = ParameterServer::new(optimizer(DENSE), Staleness::Unbounded).unwrap();
+        let stats = serve(&server, &comm).unwrap();
+        assert_eq!(stats.pushes, ((n - 1) * PUSHES) as u64);
+        assert_eq!(stats.applied, stats.pushes);
+        served = Some(server.into_optimizer().unwrap());
+    } else {
+        if rank == n - 1 {
+            let mut b = fusedopt::ParamSet::builder();
+            b.add("w", &[3], &[1.0, 2.0, 3.0]).unwrap();
+            let other = b.build(fusedopt::Device::Cpu).unwrap();
+            let mut stranger = RemoteWorker::new(&comm, other).unwrap();
+            let err = stranger.pull().unwrap_err();
+            assert!(matches!(err, Error::ReplicasDiffer { .. }), "{err}");
+        }
+        let mut w = RemoteWorker::new(&comm, param_set(DENSE)).unwrap();
+        for (k, slot) in made.iter_mut().enumerate() {
+            w.pull().unwrap();
+            for (i, (name, ..)) in TENSORS.iter().enumerate() {
+                w.params_mut()
+                    .set_grad(name, &gradient(rank, 100 + k, i))
+                    .unwrap();
+            }
+            match w.push().unwrap() {
+                Pushed::Applied { version, .. } => *slot = version as f32,
+                other => panic!("push {k} of rank {rank}: {other:?}"),
+            }
+        }
+        w.finish().unwrap();
+    }
+    let mut all = vec![0.0f32; PUSHES * n];
+    gather
+        .all_gather(Buffer::from(&mut made[..]), Buffer::from(&mut all[..]))
+        .unwrap();
+    if let Some(served) = served {
+        let mut replay = optimizer(DENSE);
+        for version in 1..=((n - 1) * PUSHES) {
+            let at = all.iter().position(|&v| v == version as f32).unwrap();
+            let (r, k) = (at / PUSHES, at % PUSHES);
+            for (i, (name, ..)) in TENSORS.iter().enumerate() {
+                replay
+                    .params_mut()
+                    .set_grad(name, &gradient(r, 100 + k, i))
+                    .unwrap();
+            }
+            replay.step().unwrap();
+        }
+        assert_same(
+            &everything(&served),
+            &everything(&replay),
+            "the parameter server against a replay of its applied pushes",
+        );
+    }
 }

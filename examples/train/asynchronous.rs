@@ -39,6 +39,34 @@ pub(crate) fn staleness_of(args: &Args) -> Staleness {
     }
 }
 
+/// The server's lr schedule, counted in pushes (`pushes_per_epoch` of them an epoch).
+pub(crate) fn attach_schedule(
+    args: &Args,
+    optimizer: &mut fusedopt::Optimizer,
+    lr: f64,
+    pushes_per_epoch: usize,
+) -> Result<(), Error> {
+    match args.schedule {
+        ScheduleName::Constant => {}
+        ScheduleName::WarmupCosine => {
+            let total = (pushes_per_epoch * args.epochs) as f64;
+            let cosine = Schedule::warmup_cosine_decay(
+                0.0,
+                lr,
+                pushes_per_epoch as f64,
+                total,
+                lr * 0.01,
+                1.0,
+            );
+            optimizer.set_schedule(Some(Box::new(Counted::new(cosine))))?;
+        }
+        ScheduleName::Plateau => {
+            return Err("--async takes --schedule constant or warmup-cosine".into())
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn train_async(
     args: &Args,
     splits: &Splits,
@@ -63,25 +91,7 @@ pub(crate) fn train_async(
         .pop()
         .ok_or("no optimizer")?;
     let share = args.batch / workers;
-    let pushes_per_epoch = splits.train.len() / share;
-    match args.schedule {
-        ScheduleName::Constant => {}
-        ScheduleName::WarmupCosine => {
-            let total = (pushes_per_epoch * args.epochs) as f64;
-            let cosine = Schedule::warmup_cosine_decay(
-                0.0,
-                lr,
-                pushes_per_epoch as f64,
-                total,
-                lr * 0.01,
-                1.0,
-            );
-            optimizer.set_schedule(Some(Box::new(Counted::new(cosine))))?;
-        }
-        ScheduleName::Plateau => {
-            return Err("--async takes --schedule constant or warmup-cosine".into())
-        }
-    }
+    attach_schedule(args, &mut optimizer, lr, splits.train.len() / share)?;
     let server = ParameterServer::new(optimizer, staleness_of(args))?;
     let mut history = History::default();
     for epoch in 1..=args.epochs {

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ::mpi::collective::CommunicatorCollectives;
 use ::mpi::environment::Universe;
+use ::mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use ::mpi::request::{Request, StaticScope};
 use ::mpi::topology::{Communicator as _, SimpleCommunicator};
 use ::mpi::traits::Equivalence;
@@ -366,6 +367,66 @@ impl MpiCommunicator {
             sum.iter_mut().zip(theirs).for_each(|(a, &x)| *a += x);
         }
         Ok(sum)
+    }
+}
+
+/// Point to point, for the parameter server: bytes with a tag, outside the collectives' order.
+impl MpiCommunicator {
+    /// Sends `bytes` to rank `to` with `tag`, waiting at most the timeout for it to leave.
+    pub(crate) fn send(&self, to: usize, tag: i32, bytes: Vec<u8>) -> Result<()> {
+        self.check_not_aborted()?;
+        if to >= self.world.size {
+            return Err(fail(format!("no rank {to} of {}", self.world.size)));
+        }
+        let _held = self.world.lock()?;
+        let deadline = super::deadline(self.timeout);
+        let data = Lent::new(bytes);
+        // SAFETY: the buffer is lent once, to this one request.
+        let request = self
+            .comm
+            .process_at_rank(to as i32)
+            .immediate_send_with_tag(StaticScope, unsafe { data.lend() }, tag);
+        self.wait(request, deadline)?;
+        // SAFETY: the request completed (on a timeout `wait` returned and the buffer is leaked).
+        let _ = unsafe { data.take() };
+        Ok(())
+    }
+
+    /// The next message for this rank from `from` (any rank when `None`), waiting at most the
+    /// timeout: its sender, tag and bytes. The MPI lock is taken only to look, so other threads
+    /// of this process go on meanwhile.
+    pub(crate) fn receive(&self, from: Option<usize>) -> Result<(usize, i32, Vec<u8>)> {
+        let deadline = super::deadline(self.timeout);
+        loop {
+            self.check_not_aborted()?;
+            {
+                let _held = self.world.lock()?;
+                let probed = match from {
+                    Some(r) => self
+                        .comm
+                        .process_at_rank(r as i32)
+                        .immediate_matched_probe(),
+                    None => self.comm.any_process().immediate_matched_probe(),
+                };
+                if let Some(message) = probed {
+                    let (source, tag) = (message.1.source_rank(), message.1.tag());
+                    // The message is matched: receiving it does not wait for anyone.
+                    let (bytes, _) = message.matched_receive_vec::<u8>();
+                    return Ok((source.max(0) as usize, tag, bytes));
+                }
+            }
+            if Instant::now() >= deadline {
+                let reason = format!(
+                    "MPI rank {} waited {:?} for a message from {}",
+                    self.world.rank,
+                    self.timeout,
+                    from.map_or("any rank".to_string(), |r| format!("rank {r}"))
+                );
+                self.mark_aborted(&reason, true);
+                return Err(Error::Timeout(reason));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }
 

@@ -20,8 +20,9 @@ impl Optimizer {
         }
     }
 
-    /// The parameter set, without this optimizer's engine and state.
-    pub(crate) fn into_params(mut self) -> ParamSet {
+    /// The parameter set, without this optimizer's engine and state (to build another optimizer
+    /// over it, or to hand it to a worker of a parameter server).
+    pub fn into_params(mut self) -> ParamSet {
         match self.params.storage_mut() {
             Storage::Host(h) => h.engine = None,
             Storage::Cuda(d) => d.engine = None,

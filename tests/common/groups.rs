@@ -49,7 +49,8 @@ pub const DENSE: Config = Config {
     sgd: false,
 };
 
-pub fn optimizer(c: Config) -> Optimizer {
+/// The model's parameter set in configuration `c`.
+pub fn param_set(c: Config) -> ParamSet {
     let mut b = ParamSet::builder();
     b.grad_dtype(c.grad_dtype).masters(c.masters);
     if let Some(d) = c.model_copy {
@@ -64,12 +65,16 @@ pub fn optimizer(c: Config) -> Optimizer {
             false => b.add(name, shape, &v).unwrap(),
         };
     }
+    b.build(Device::Cpu).unwrap()
+}
+
+pub fn optimizer(c: Config) -> Optimizer {
     let options = OptimizerOptions {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         quantized_state: c.quantized,
         ..Default::default()
     };
-    let set = b.build(Device::Cpu).unwrap();
+    let set = param_set(c);
     match c.sgd {
         true => Optimizer::with_options(
             set,

@@ -8,8 +8,12 @@
 //! down (by 1/(1+s), as in staleness-aware async SGD, Zhang et al. 2016) or refused (the worker
 //! pulls again). Pulls and pushes are serialized by the server: a pull never sees a half-applied
 //! step, and a push that fails (a refused gradient, non-finite gradients under
-//! [`crate::NonFinitePolicy::Error`]) changes nothing. Workers are threads of this process; a
-//! worker that fails or stops only stops pushing.
+//! [`crate::NonFinitePolicy::Error`]) changes nothing. Workers are threads of this process
+//! ([`Worker`]) or, with the cargo feature `mpi`, other processes (`mpi::serve` and
+//! `mpi::RemoteWorker`); a worker that fails or stops only stops pushing.
+
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -177,13 +181,15 @@ impl ParameterServer {
             .map_err(|_| Error::Communicator("parameter server poisoned by a panic".into()))
     }
 
-    fn pull_into(&self, set: &mut ParamSet) -> Result<u64> {
+    /// The weights (fp32) and their version.
+    fn weights(&self) -> Result<(Vec<f32>, u64)> {
         let served = self.lock()?;
-        set.restore_masters(&served.optimizer.params().masters_snapshot()?)?;
-        Ok(served.version)
+        let weights = served.optimizer.params().masters_snapshot()?.into_owned();
+        Ok((weights, served.version))
     }
 
-    fn push_from(&self, set: &ParamSet, pulled: u64) -> Result<Pushed> {
+    /// Applies `grads` (the whole arena, f32), computed from weights version `pulled`.
+    fn apply(&self, mut grads: Vec<f32>, pulled: u64) -> Result<Pushed> {
         let mut served = self.lock()?;
         let staleness = served.version.saturating_sub(pulled);
         let Some(factor) = self.staleness.factor(staleness) else {
@@ -191,8 +197,6 @@ impl ParameterServer {
             served.stats.refused += 1;
             return Ok(Pushed::Refused { staleness });
         };
-        let len = set.layout().arena_len();
-        let mut grads = set.grads_arena()?.to_f32(0..len);
         if factor != 1.0 {
             grads.iter_mut().for_each(|g| *g *= factor);
         }
@@ -200,6 +204,8 @@ impl ParameterServer {
             optimizer, stats, ..
         } = &mut *served;
         {
+            let len = optimizer.params().layout().arena_len();
+            crate::error::check_len("pushed gradients", len, grads.len())?;
             let (_, mut pieces) = optimizer.set_mut().grad_buffers_mut(&[len])?;
             let buffer: &mut Buffer<'_> = pieces
                 .first_mut()
@@ -250,12 +256,16 @@ impl Worker<'_> {
 
     /// Copies the server's current weights here; returns their version.
     pub fn pull(&mut self) -> Result<u64> {
-        self.version = self.server.pull_into(&mut self.set)?;
-        Ok(self.version)
+        let (weights, version) = self.server.weights()?;
+        self.set.restore_masters(&weights)?;
+        self.version = version;
+        Ok(version)
     }
 
     /// Sends this worker's gradients, computed from the weights it holds, to the server.
     pub fn push(&mut self) -> Result<Pushed> {
-        self.server.push_from(&self.set, self.version)
+        let len = self.set.layout().arena_len();
+        let grads = self.set.grads_arena()?.to_f32(0..len);
+        self.server.apply(grads, self.version)
     }
 }
