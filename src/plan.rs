@@ -99,7 +99,10 @@ pub struct ShardPlan {
 impl ShardPlan {
     pub fn new(arena_len: usize, world: usize) -> Self {
         let world = world.max(1);
-        let granules = arena_len.div_ceil(world * SHARD_GRANULE).max(1);
+        // Saturating: a world no machine has (from a damaged manifest) must not overflow.
+        let granules = arena_len
+            .div_ceil(world.saturating_mul(SHARD_GRANULE))
+            .max(1);
         ShardPlan {
             world,
             arena_len,

@@ -195,6 +195,41 @@ fn windows_of_padding_only_save_and_resume() {
 }
 
 #[test]
+fn two_saves_of_one_step_keep_their_own_files() {
+    // The second save (same step, another lr) writes files of its own, and the manifest names
+    // them: the first save's files are never overwritten while its manifest is live.
+    let dir = tempfile::tempdir().unwrap();
+    let mut group = sharded(DENSE, 2);
+    group.step(|r, g| backward(r, 0, None, g)).unwrap();
+    group.save_checkpoint(dir.path()).unwrap();
+    let first: Vec<_> = shard_files(dir.path());
+    group.set_lr(1e-4).unwrap();
+    group.save_checkpoint(dir.path()).unwrap();
+    let second: Vec<_> = shard_files(dir.path());
+    assert_eq!(first.len(), 2);
+    assert_eq!(second.len(), 2);
+    assert!(
+        first.iter().all(|f| !second.contains(f)),
+        "{first:?} {second:?}"
+    );
+    let mut resumed = sharded(DENSE, 2);
+    resumed.load_checkpoint(dir.path()).unwrap();
+    assert_eq!(resumed.replicas()[1].lr(), 1e-4);
+}
+
+/// The shard files in `dir`, by name.
+fn shard_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
 fn a_damaged_sharded_checkpoint_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut group = sharded(DENSE, 2);

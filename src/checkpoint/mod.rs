@@ -31,7 +31,7 @@ pub(crate) mod pieces;
 mod sharded;
 
 pub use sharded::load_sharded_checkpoint;
-pub(crate) use sharded::{prepare_sharded_restore, save_shard, write_manifest};
+pub(crate) use sharded::{prepare_sharded_restore, save_number, save_shard, write_manifest};
 
 use std::borrow::Cow;
 use std::collections::HashMap;

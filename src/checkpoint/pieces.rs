@@ -72,8 +72,10 @@ impl<'a> Pieces<'a> {
             let stop = range.end.min(p.start + p.len);
             // Bytes per element as the piece stores them (codes: a half or one; scales: one
             // f32 per block); pieces start and end on block boundaries.
-            let byte = |e: usize| (e - p.start) * p.bytes.len() / p.len;
-            let exact = |e: usize| ((e - p.start) * p.bytes.len()) % p.len == 0;
+            // In u128: elements × bytes overflows usize for pieces past a few billion elements.
+            let scaled = |e: usize| (e - p.start) as u128 * p.bytes.len() as u128;
+            let byte = |e: usize| (scaled(e) / p.len as u128) as usize;
+            let exact = |e: usize| scaled(e) % p.len as u128 == 0;
             if !exact(at) || !exact(stop) {
                 return Err(Error::Communicator(format!(
                     "'{name}': elements {at}..{stop} do not start and end on a stored block"

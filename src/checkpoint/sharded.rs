@@ -33,8 +33,20 @@ struct Manifest {
     files: Vec<String>,
 }
 
-fn shard_file(step: u64, rank: usize, world: usize) -> String {
-    format!("step-{step}-rank-{rank}-of-{world}.safetensors")
+/// A shard file's name: the save's own number keeps two saves of one step (after a skipped
+/// step, or an lr change) from overwriting the files the live manifest names.
+fn shard_file(step: u64, save: u64, rank: usize, world: usize) -> String {
+    format!("step-{step}-save-{save:016x}-rank-{rank}-of-{world}.safetensors")
+}
+
+/// A number for one save of a group (rank 0's is the group's): unlikely to repeat between saves.
+pub(crate) fn save_number() -> u64 {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let count = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ count.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 fn tensors_checksum(layout: &Layout) -> String {
@@ -49,11 +61,12 @@ fn tensors_checksum(layout: &Layout) -> String {
 pub(crate) fn save_shard(
     dir: &Path,
     shard: &Optimizer,
+    save: u64,
     rank: usize,
     plan: &ShardPlan,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = shard_file(shard.step_count()?, rank, plan.world);
+    let name = shard_file(shard.step_count()?, save, rank, plan.world);
     shard.save_checkpoint(dir.join(name))
 }
 
@@ -64,9 +77,10 @@ pub(crate) fn write_manifest(
     whole: &Layout,
     plan: &ShardPlan,
     step: u64,
+    save: u64,
 ) -> Result<()> {
     let files: Vec<String> = (0..plan.world)
-        .map(|r| shard_file(step, r, plan.world))
+        .map(|r| shard_file(step, save, r, plan.world))
         .collect();
     let manifest = Manifest {
         format: FORMAT.into(),
@@ -118,6 +132,13 @@ pub(crate) fn prepare_sharded_restore(
     let refuse = |reason: String| Err(bad(&manifest_path, reason));
     if m.format != FORMAT {
         return refuse(format!("not a {FORMAT} manifest"));
+    }
+    if m.world_size == 0 || m.world_size != m.files.len() {
+        return refuse(format!(
+            "{} files for a group of {}",
+            m.files.len(),
+            m.world_size
+        ));
     }
     let plan = ShardPlan::new(m.arena_len, m.world_size);
     if m.arena_len != whole.arena_len() || m.tensors != tensors_checksum(whole) {

@@ -296,8 +296,14 @@ impl<C: Communicator> ShardedReplica<C> {
     /// Saves the group's state to directory `dir`: this replica's window in a file of its own,
     /// then (rank 0, once every replica has saved) the manifest. Every replica must call this.
     pub fn save_checkpoint(&self, dir: impl AsRef<Path>) -> Result<()> {
+        // Rank 0's number names this save's files on every replica.
+        let mine = words_to_f32(&[crate::checkpoint::save_number()]);
+        let save = f32_to_words(&exchange(&self.comm, &mine)?[..mine.len()])
+            .first()
+            .copied()
+            .unwrap_or(0);
         let saved =
-            crate::checkpoint::save_shard(dir.as_ref(), &self.shard, self.rank(), &self.plan);
+            crate::checkpoint::save_shard(dir.as_ref(), &self.shard, save, self.rank(), &self.plan);
         let verdicts = exchange(&self.comm, &[if saved.is_ok() { 0.0 } else { 1.0 }])?;
         saved?;
         if let Some(rank) = verdicts.iter().position(|&v| v != 0.0) {
@@ -305,7 +311,7 @@ impl<C: Communicator> ShardedReplica<C> {
         }
         let manifest = match self.rank() {
             0 => self.step_count().and_then(|step| {
-                crate::checkpoint::write_manifest(dir.as_ref(), &self.whole, &self.plan, step)
+                crate::checkpoint::write_manifest(dir.as_ref(), &self.whole, &self.plan, step, save)
             }),
             _ => Ok(()),
         };

@@ -72,6 +72,8 @@ pub struct ServerStats {
     /// `staleness[s]`: pushes of staleness `s` (the last entry counts every staleness past it).
     pub staleness: Vec<u64>,
     pub max_staleness: u64,
+    /// Ranks of workers in other processes that stopped taking the server's answers.
+    pub lost_workers: Vec<usize>,
 }
 
 impl ServerStats {

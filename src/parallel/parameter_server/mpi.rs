@@ -6,9 +6,10 @@
 //! it was computed from and the gradient arena in its dtype, and is answered with what became of
 //! it; a worker that is done says so. A worker whose tensors or gradient dtype differ from the
 //! server's is refused ([`Error::ReplicasDiffer`]) and changes nothing, as does a push the server
-//! cannot apply (the worker gets the server's error as [`Error::Communicator`]). The server serves until
-//! every worker rank is done; when no message comes within the communicator's timeout while
-//! some are not, it returns [`Error::Timeout`] naming them (a worker that died or stalled).
+//! cannot apply (the worker gets the server's error as [`Error::Communicator`]). The server serves
+//! until every worker rank is done; a worker that no longer takes its answers is counted lost
+//! ([`ServerStats::lost_workers`]) and the others are served on; when no message comes within the
+//! communicator's timeout while some are not done, it returns [`Error::Timeout`] naming them.
 
 use crate::arena::Arena;
 use crate::comm::mpi::MpiCommunicator;
@@ -73,6 +74,7 @@ pub fn serve(server: &ParameterServer, comm: &MpiCommunicator) -> Result<ServerS
     })?;
     let mut done = vec![false; comm.world_size()];
     done[SERVER] = true;
+    let mut lost = Vec::new();
     while done.iter().any(|d| !d) {
         let (from, tag, bytes) = comm.receive(None).map_err(|e| match e {
             Error::Timeout(why) => {
@@ -81,36 +83,43 @@ pub fn serve(server: &ParameterServer, comm: &MpiCommunicator) -> Result<ServerS
             }
             e => e,
         })?;
+        if from >= done.len() {
+            continue;
+        }
         if tag == DONE {
             done[from] = true;
             continue;
         }
         if word(&bytes, 0).ok() != Some(fingerprint) {
             let why = "the worker's tensors or gradient dtype differ from the server's";
-            comm.send(from, REFUSED, why.as_bytes().to_vec())?;
+            if comm.send(from, REFUSED, why.as_bytes().to_vec()).is_err() {
+                done[from] = true;
+                lost.push(from);
+            }
             continue;
         }
-        match tag {
+        let (reply_tag, reply) = match tag {
             PULL => {
                 let (weights, version) = server.weights()?;
                 let mut reply = version.to_le_bytes().to_vec();
                 reply.extend(f32_bytes(&weights));
-                comm.send(from, WEIGHTS, reply)?;
+                (WEIGHTS, reply)
             }
-            PUSH => {
-                let reply = match push_of(&bytes, grad_dtype, len) {
-                    Ok((grads, pulled)) => server.apply(grads, pulled),
-                    Err(e) => Err(e),
-                };
-                match reply {
-                    Ok(pushed) => comm.send(from, PUSHED, encode(pushed))?,
-                    Err(e) => comm.send(from, FAILED, e.to_string().into_bytes())?,
-                }
-            }
-            _ => comm.send(from, REFUSED, format!("unknown message {tag}").into_bytes())?,
+            PUSH => match push_of(&bytes, grad_dtype, len).and_then(|(g, v)| server.apply(g, v)) {
+                Ok(pushed) => (PUSHED, encode(pushed)),
+                Err(e) => (FAILED, e.to_string().into_bytes()),
+            },
+            _ => (REFUSED, format!("unknown message {tag}").into_bytes()),
+        };
+        // A worker that no longer takes its answer is gone: the others are served on.
+        if comm.send(from, reply_tag, reply).is_err() {
+            done[from] = true;
+            lost.push(from);
         }
     }
-    server.stats()
+    let mut stats = server.stats()?;
+    stats.lost_workers = lost;
+    Ok(stats)
 }
 
 /// A push's gradients (widened to f32) and the version they were computed from.
@@ -181,6 +190,12 @@ impl<'c> RemoteWorker<'c> {
                 "rank {SERVER} serves; workers are the other ranks"
             )));
         }
+        // The server tells workers apart by rank: one worker per communicator at a time.
+        if !comm.claim_worker() {
+            return Err(Error::Communicator(
+                "this communicator already has a parameter-server worker".into(),
+            ));
+        }
         let fingerprint = layout_fingerprint(&set);
         Ok(RemoteWorker {
             comm,
@@ -249,5 +264,11 @@ impl<'c> RemoteWorker<'c> {
     /// Tells the server this worker is done; the server returns once every worker has.
     pub fn finish(self) -> Result<()> {
         self.comm.send(SERVER, DONE, Vec::new())
+    }
+}
+
+impl Drop for RemoteWorker<'_> {
+    fn drop(&mut self) {
+        self.comm.release_worker();
     }
 }

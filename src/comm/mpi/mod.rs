@@ -13,7 +13,10 @@
 //! marks its communicator aborted and returns [`Error::Timeout`], and the buffers lent to the
 //! request are leaked, since MPI may still write into them. MPI itself cannot cancel a collective,
 //! so [`Communicator::abort`] is local: the other ranks learn of it when their next collective
-//! times out. A rank that is killed ends the job (`mpirun` kills the others).
+//! times out. A rank that is killed ends the job (`mpirun` kills the others). After a timeout,
+//! requests that MPI cannot cancel stay pending, so the process creates no new groups and does not
+//! finalize MPI (which could wait forever for the failed peer); MPI is finalized when the last
+//! handle drops on the thread that initialized it.
 
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use ::mpi::collective::CommunicatorCollectives;
 use ::mpi::environment::Universe;
-use ::mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
+use ::mpi::raw::{AsRaw, FromRaw};
 use ::mpi::request::{Request, StaticScope};
 use ::mpi::topology::{Communicator as _, SimpleCommunicator};
 use ::mpi::traits::Equivalence;
@@ -30,6 +33,11 @@ use ::mpi::Threading;
 
 use super::{Buffer, Communicator, HostBuffer, ReduceOp};
 use crate::error::{Error, Result};
+
+mod point_to_point;
+mod requests;
+
+use requests::{wait, Lent};
 
 fn fail(reason: impl Into<String>) -> Error {
     Error::Communicator(reason.into())
@@ -59,15 +67,20 @@ struct World {
     comm: SimpleCommunicator,
     rank: usize,
     size: usize,
-    /// Dropped after `comm` (fields drop in declaration order): MPI_Finalize comes last.
-    _universe: Universe,
+    /// The thread that initialized MPI: the only one allowed to finalize it.
+    init_thread: std::thread::ThreadId,
+    /// Set when a wait timed out: requests MPI cannot cancel are pending, and MPI_Finalize could
+    /// wait for a peer that never comes, so it is skipped.
+    timed_out: std::sync::atomic::AtomicBool,
+    /// Finalizes MPI when dropped, in `drop`, when that is safe.
+    universe: ManuallyDrop<Universe>,
 }
 
 // SAFETY: `SimpleCommunicator` is a handle on an MPI communicator; MPI allows any thread to use
 // it when the library was initialized with at least MPI_THREAD_SERIALIZED and calls never
 // overlap. `Mpi::init` refuses a weaker level, and every MPI call holds `lock`. `Universe` holds
-// only the optional buffered-send buffer and finalizes MPI on drop, on any thread under the same
-// level, once nothing else refers to the world.
+// only the optional buffered-send buffer; it finalizes MPI only on the initializing thread
+// (`Drop for World`).
 unsafe impl Send for World {}
 // SAFETY: as for Send: every use of the handles goes through `lock`.
 unsafe impl Sync for World {}
@@ -77,6 +90,21 @@ impl World {
         self.lock
             .lock()
             .map_err(|_| fail("MPI poisoned by a panicking thread"))
+    }
+}
+
+impl Drop for World {
+    /// MPI_Finalize on the thread that initialized MPI, unless a wait timed out: then (or on
+    /// another thread) MPI is left for the process's exit to end, since finalizing could wait
+    /// forever for a peer that failed.
+    fn drop(&mut self) {
+        let _held = self.lock.lock();
+        let safe = std::thread::current().id() == self.init_thread
+            && !self.timed_out.load(Ordering::Relaxed);
+        if safe {
+            // SAFETY: dropped once, here; nothing uses MPI after the last reference to the world.
+            unsafe { ManuallyDrop::drop(&mut self.universe) };
+        }
     }
 }
 
@@ -103,7 +131,9 @@ impl Mpi {
                 comm,
                 rank,
                 size,
-                _universe: universe,
+                init_thread: std::thread::current().id(),
+                timed_out: Default::default(),
+                universe: ManuallyDrop::new(universe),
             }),
         })
     }
@@ -123,23 +153,54 @@ impl Mpi {
     /// the others' creation.
     pub fn communicator(&self, timeout: Duration) -> Result<MpiCommunicator> {
         let world = &self.world;
-        let held = world.lock()?;
+        if world.timed_out.load(Ordering::Relaxed) {
+            return Err(fail(
+                "an earlier MPI wait of this process timed out; its pending requests make new \
+                 groups unsafe: restart the job",
+            ));
+        }
+        let _held = world.lock()?;
         let deadline = super::deadline(timeout);
-        wait(world.comm.immediate_barrier(), deadline, || {
+        // MPI_Comm_idup writes the new handle when the request completes: it lives in a lent
+        // box (leaked if the request never completes).
+        // SAFETY: RSMPI_COMM_NULL is a constant the MPI library defines.
+        let handle = Lent::new(vec![unsafe { ::mpi::ffi::RSMPI_COMM_NULL }]);
+        // SAFETY: the box is lent once, to this request; RSMPI_REQUEST_NULL is MPI's constant.
+        let mut raw_request = unsafe { ::mpi::ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: a collective on the world communicator, under the process's MPI lock; the
+        // new handle's slot outlives the request (it is freed only after completion).
+        unsafe {
+            ::mpi::ffi::MPI_Comm_idup(
+                world.comm.as_raw(),
+                handle.lend().as_mut_ptr(),
+                &mut raw_request,
+            )
+        };
+        // SAFETY: `raw_request` is the live request MPI_Comm_idup returned; it borrows nothing
+        // of Rust's (the handle slot is leaked on a timeout).
+        let request = unsafe { Request::from_raw(raw_request, &(), StaticScope) };
+        wait(request, deadline, || {
             format!(
                 "MPI rank {} waited {timeout:?} for the other ranks to create a group",
                 world.rank
             )
-        })?;
-        // Every rank has arrived, so the blocking duplicate completes at once.
-        let comm = world.comm.duplicate();
-        drop(held);
+        })
+        .inspect_err(|_| world.timed_out.store(true, Ordering::Relaxed))?;
+        // SAFETY: the request completed, so MPI wrote the handle and no longer refers to it.
+        let raw = unsafe { handle.take() }
+            .first()
+            .copied()
+            .ok_or_else(|| fail("MPI_Comm_idup gave no communicator"))?;
+        // SAFETY: `raw` is the new intra-communicator MPI_Comm_idup made; it is owned (freed)
+        // by the SimpleCommunicator from here on, under the lock (`Drop for MpiCommunicator`).
+        let comm = unsafe { SimpleCommunicator::from_raw(raw) };
         Ok(MpiCommunicator {
             comm: ManuallyDrop::new(comm),
             world: world.clone(),
             timeout,
             calls: AtomicU64::new(0),
             aborted: Mutex::new(None),
+            worker: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -154,6 +215,8 @@ pub struct MpiCommunicator {
     calls: AtomicU64,
     /// Why the group was aborted, and whether it was this rank timing out.
     aborted: Mutex<Option<(String, bool)>>,
+    /// Whether a parameter-server worker uses this communicator (one may, at a time).
+    worker: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: `comm` is used only while holding the process's MPI lock (see `World`).
@@ -179,33 +242,6 @@ impl std::fmt::Debug for MpiCommunicator {
     }
 }
 
-/// Waits for `request` until `deadline`. On a timeout the request is forgotten (MPI cannot
-/// cancel a collective; the caller must leak the buffers lent to it) and `reason` says why.
-fn wait<R: ?Sized>(
-    mut request: Request<'static, R>,
-    deadline: Instant,
-    reason: impl FnOnce() -> String,
-) -> Result<()> {
-    let mut spins = 0u32;
-    loop {
-        match request.test() {
-            Ok(_) => return Ok(()),
-            Err(r) => request = r,
-        }
-        if Instant::now() >= deadline {
-            std::mem::forget(request);
-            return Err(Error::Timeout(reason()));
-        }
-        // Spin briefly for latency, then yield the core (a 2-core machine runs 4 ranks).
-        spins = spins.saturating_add(1);
-        if spins < 64 {
-            std::hint::spin_loop();
-        } else {
-            std::thread::sleep(Duration::from_micros(20));
-        }
-    }
-}
-
 /// What a rank is calling (the same words as the CPU communicator's check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -214,39 +250,6 @@ enum Kind {
     AllGather,
     ReduceScatter,
     Barrier,
-}
-
-/// A buffer lent to MPI for one non-blocking collective: given back once the request has
-/// completed, leaked if it never does (MPI may still write into it).
-struct Lent<T> {
-    ptr: *mut [T],
-}
-
-impl<T> Lent<T> {
-    fn new(v: Vec<T>) -> Self {
-        Lent {
-            ptr: Box::into_raw(v.into_boxed_slice()),
-        }
-    }
-
-    /// The buffer, for the one request it is lent to.
-    ///
-    /// # Safety
-    /// At most one reference from this `Lent` may be live at a time, and none after `take`.
-    unsafe fn lend(&self) -> &'static mut [T] {
-        // SAFETY: `ptr` came from `Box::into_raw` and is freed only by `take`; the caller keeps
-        // the reference unique.
-        unsafe { &mut *self.ptr }
-    }
-
-    /// The buffer back, once the request it was lent to has completed.
-    ///
-    /// # Safety
-    /// The request must have completed, so that neither MPI nor a reference from `lend` uses it.
-    unsafe fn take(self) -> Vec<T> {
-        // SAFETY: `ptr` came from `Box::into_raw` and, per the caller, nothing else uses it.
-        unsafe { Box::from_raw(self.ptr) }.into_vec()
-    }
 }
 
 impl MpiCommunicator {
@@ -282,7 +285,10 @@ impl MpiCommunicator {
                 self.world.rank, self.timeout
             )
         })
-        .inspect_err(|e| self.mark_aborted(&e.to_string(), true))
+        .inspect_err(|e| {
+            self.world.timed_out.store(true, Ordering::Relaxed);
+            self.mark_aborted(&e.to_string(), true)
+        })
     }
 
     /// Runs one non-blocking collective over `send` (given back) and a receive buffer of
@@ -367,66 +373,6 @@ impl MpiCommunicator {
             sum.iter_mut().zip(theirs).for_each(|(a, &x)| *a += x);
         }
         Ok(sum)
-    }
-}
-
-/// Point to point, for the parameter server: bytes with a tag, outside the collectives' order.
-impl MpiCommunicator {
-    /// Sends `bytes` to rank `to` with `tag`, waiting at most the timeout for it to leave.
-    pub(crate) fn send(&self, to: usize, tag: i32, bytes: Vec<u8>) -> Result<()> {
-        self.check_not_aborted()?;
-        if to >= self.world.size {
-            return Err(fail(format!("no rank {to} of {}", self.world.size)));
-        }
-        let _held = self.world.lock()?;
-        let deadline = super::deadline(self.timeout);
-        let data = Lent::new(bytes);
-        // SAFETY: the buffer is lent once, to this one request.
-        let request = self
-            .comm
-            .process_at_rank(to as i32)
-            .immediate_send_with_tag(StaticScope, unsafe { data.lend() }, tag);
-        self.wait(request, deadline)?;
-        // SAFETY: the request completed (on a timeout `wait` returned and the buffer is leaked).
-        let _ = unsafe { data.take() };
-        Ok(())
-    }
-
-    /// The next message for this rank from `from` (any rank when `None`), waiting at most the
-    /// timeout: its sender, tag and bytes. The MPI lock is taken only to look, so other threads
-    /// of this process go on meanwhile.
-    pub(crate) fn receive(&self, from: Option<usize>) -> Result<(usize, i32, Vec<u8>)> {
-        let deadline = super::deadline(self.timeout);
-        loop {
-            self.check_not_aborted()?;
-            {
-                let _held = self.world.lock()?;
-                let probed = match from {
-                    Some(r) => self
-                        .comm
-                        .process_at_rank(r as i32)
-                        .immediate_matched_probe(),
-                    None => self.comm.any_process().immediate_matched_probe(),
-                };
-                if let Some(message) = probed {
-                    let (source, tag) = (message.1.source_rank(), message.1.tag());
-                    // The message is matched: receiving it does not wait for anyone.
-                    let (bytes, _) = message.matched_receive_vec::<u8>();
-                    return Ok((source.max(0) as usize, tag, bytes));
-                }
-            }
-            if Instant::now() >= deadline {
-                let reason = format!(
-                    "MPI rank {} waited {:?} for a message from {}",
-                    self.world.rank,
-                    self.timeout,
-                    from.map_or("any rank".to_string(), |r| format!("rank {r}"))
-                );
-                self.mark_aborted(&reason, true);
-                return Err(Error::Timeout(reason));
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
     }
 }
 
