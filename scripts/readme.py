@@ -11,6 +11,8 @@
            `cargo run --release --example train -- --compare-state --out benches/results/compare`)
   async    benches/results/compare/async.md (written by
            `cargo run --release --example train -- --compare-async --out benches/results/compare`)
+  shard    benches/results/compare/shard.md (written by
+           `cargo run --release --example train -- --compare-shard --out benches/results/compare`)
   drill    benches/results/fault-drill.md (written by `scripts/emulated-gpu.sh cargo run --release
            --features mpi --example fault_drill -- --out benches/results/fault-drill.md`)
 
@@ -39,6 +41,7 @@ SECTIONS = {
     "compare": from_file("benches/results/compare/table.md"),
     "state": from_file("benches/results/compare/state.md"),
     "async": from_file("benches/results/compare/async.md"),
+    "shard": from_file("benches/results/compare/shard.md"),
     "drill": from_file("benches/results/fault-drill.md"),
 }
 

@@ -135,6 +135,10 @@ pub(crate) struct Args {
     /// Train synchronously and asynchronously over several seeds and write async.md to --out.
     #[arg(long)]
     pub(crate) compare_async: bool,
+    /// Measure optimizer memory per replica with sharded state (GPT-2 small's tensors, 1, 2 and 4
+    /// replicas) and write shard.md to --out.
+    #[arg(long)]
+    pub(crate) compare_shard: bool,
     /// One replica per MPI process: run as `mpirun -np N target/release/examples/train --mpi`
     /// (built with `--features mpi`).
     #[cfg(feature = "mpi")]

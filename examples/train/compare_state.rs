@@ -122,7 +122,7 @@ pub(crate) fn compare_state(args: &Args, splits: &Splits) -> Result<(), Error> {
 
 /// GPT-2 small's tensor sizes: 12 layers of width 768, vocabulary 50,257, 1,024 positions
 /// (124M parameters in 148 tensors).
-fn gpt2_small() -> Vec<usize> {
+pub(crate) fn gpt2_small() -> Vec<usize> {
     let (d, layers, vocab, ctx) = (768usize, 12, 50_257usize, 1024usize);
     let mut t = vec![vocab * d, ctx * d];
     for _ in 0..layers {

@@ -8,6 +8,7 @@
 //! cargo run --release --example train -- --shard-state     # ZeRO-1: state sharded
 //! cargo run --release --example train -- --async --replicas 4   # parameter server
 //! cargo run --release --example train -- --compare-async --out benches/results/compare
+//! cargo run --release --example train -- --compare-shard --out benches/results/compare
 //! mpirun -np 4 target/release/examples/train --mpi         # built with --features mpi
 //!
 //! Each replica computes the gradients of its share of every batch (forward and backward with
@@ -17,6 +18,7 @@
 mod asynchronous;
 mod cli;
 mod compare;
+mod compare_shard;
 mod compare_state;
 mod data;
 mod metrics;
@@ -46,6 +48,9 @@ fn main() -> Result<(), Error> {
     }
     if args.compare_state {
         return compare_state(&args, &splits);
+    }
+    if args.compare_shard {
+        return compare_shard::compare_shard(&args);
     }
     if args.compare_async {
         return asynchronous::compare_async(&args, &splits);
