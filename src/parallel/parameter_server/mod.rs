@@ -110,7 +110,9 @@ struct Served {
     stats: ServerStats,
 }
 
-/// The server: the parameters and their fused optimizer (on any engine), shared by workers.
+/// The server: the parameters and their fused optimizer, shared by workers. Workers hold host
+/// copies; the server reads and writes its set through the device-agnostic paths, but only the
+/// CPU engine is tested as a server so far.
 #[derive(Debug)]
 pub struct ParameterServer {
     served: Mutex<Served>,
