@@ -20,6 +20,22 @@ pub(super) enum Failure {
 }
 
 /// 64-bit words as four 16-bit pieces each, exact in f32 (collectives move f32).
+/// The error of a failed lockstep; a replica that left the lockstep aborts its group, so the
+/// others neither wait for it nor pair up with it later.
+pub(super) fn settle<C: Communicator>(
+    comm: &C,
+    outcome: std::result::Result<(), Failure>,
+) -> Result<()> {
+    match outcome {
+        Ok(()) => Ok(()),
+        Err(Failure::Agreed(e)) => Err(e),
+        Err(Failure::OutOfStep(e)) => {
+            comm.abort(&format!("replica {} failed: {e}", comm.rank()));
+            Err(e)
+        }
+    }
+}
+
 pub(super) fn words_to_f32(words: &[u64]) -> Vec<f32> {
     words
         .iter()
@@ -80,16 +96,7 @@ impl<C: Communicator> Replica<C> {
                     self.rank()
                 ))))
             });
-        match outcome {
-            Ok(()) => Ok(()),
-            Err(Failure::Agreed(e)) => Err(e),
-            Err(Failure::OutOfStep(e)) => {
-                // The others must not wait for this replica, nor pair up with it later.
-                self.comm
-                    .abort(&format!("replica {} failed: {e}", self.rank()));
-                Err(e)
-            }
-        }
+        settle(&self.comm, outcome)
     }
 
     fn step_in_lockstep<F>(&mut self, backward: F) -> std::result::Result<(), Failure>

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::gradients::{BucketSlot, BucketState, Gradients};
-use super::replica::{confirm_alike, exchange, words_to_f32, Failure};
+use super::replica::{confirm_alike, exchange, settle, words_to_f32, Failure};
 use super::{on_every_replica, DataParallel, DataParallelOptions, Replica};
 use crate::arena::Arena;
 use crate::comm::cpu::CpuCommunicator;
@@ -179,20 +179,7 @@ impl<C: Communicator> ShardedReplica<C> {
                 self.rank()
             ))))
         });
-        self.settle(outcome)
-    }
-
-    /// The error of a failed lockstep; one that left the lockstep aborts the group.
-    fn settle(&self, outcome: std::result::Result<(), Failure>) -> Result<()> {
-        match outcome {
-            Ok(()) => Ok(()),
-            Err(Failure::Agreed(e)) => Err(e),
-            Err(Failure::OutOfStep(e)) => {
-                self.comm
-                    .abort(&format!("replica {} failed: {e}", self.rank()));
-                Err(e)
-            }
-        }
+        settle(&self.comm, outcome)
     }
 
     fn step_in_lockstep<F>(&mut self, backward: F) -> std::result::Result<(), Failure>
@@ -339,7 +326,7 @@ impl<C: Communicator> ShardedReplica<C> {
         let outcome = restored
             .map_err(Failure::OutOfStep)
             .and_then(|()| self.gather_weights().map_err(Failure::OutOfStep));
-        self.settle(outcome)
+        settle(&self.comm, outcome)
     }
 }
 

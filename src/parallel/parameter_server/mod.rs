@@ -185,11 +185,14 @@ impl ParameterServer {
             .map_err(|_| Error::Communicator("parameter server poisoned by a panic".into()))
     }
 
-    /// The weights (fp32) and their version.
-    fn weights(&self) -> Result<(Vec<f32>, u64)> {
+    /// Runs `f` on the weights (fp32, borrowed where the server keeps them so) and their
+    /// version, with pushes waiting meanwhile.
+    fn with_weights<R>(&self, f: impl FnOnce(&[f32], u64) -> Result<R>) -> Result<R> {
         let served = self.lock()?;
-        let weights = served.optimizer.params().masters_snapshot()?.into_owned();
-        Ok((weights, served.version))
+        f(
+            &served.optimizer.params().masters_snapshot()?,
+            served.version,
+        )
     }
 
     /// Applies `grads` (the whole arena, f32), computed from weights version `pulled`.
@@ -260,10 +263,12 @@ impl Worker<'_> {
 
     /// Copies the server's current weights here; returns their version.
     pub fn pull(&mut self) -> Result<u64> {
-        let (weights, version) = self.server.weights()?;
-        self.set.restore_masters(&weights)?;
-        self.version = version;
-        Ok(version)
+        let set = &mut self.set;
+        self.version = self.server.with_weights(|weights, version| {
+            set.restore_masters(weights)?;
+            Ok(version)
+        })?;
+        Ok(self.version)
     }
 
     /// Sends this worker's gradients, computed from the weights it holds, to the server.

@@ -100,9 +100,11 @@ pub fn serve(server: &ParameterServer, comm: &MpiCommunicator) -> Result<ServerS
         }
         let (reply_tag, reply) = match tag {
             PULL => {
-                let (weights, version) = server.weights()?;
-                let mut reply = version.to_le_bytes().to_vec();
-                reply.extend(f32_bytes(&weights));
+                let reply = server.with_weights(|weights, version| {
+                    let mut reply = version.to_le_bytes().to_vec();
+                    reply.extend(f32_bytes(weights));
+                    Ok(reply)
+                })?;
                 (WEIGHTS, reply)
             }
             PUSH => match push_of(&bytes, grad_dtype, len).and_then(|(g, v)| server.apply(g, v)) {
