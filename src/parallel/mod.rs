@@ -297,14 +297,49 @@ where
             })
             .collect()
     });
-    let rank_of_cause = |e: &Error| match e {
+    root_cause(results.into_iter().filter_map(|r| r.err())).map_or(Ok(()), Err)
+}
+
+/// The error that explains the others: a replica's own error (a mismatch, a bad gradient, a
+/// panic) comes before what it caused elsewhere (a communicator or NCCL call aborted under the
+/// others, a timeout), and those before the others' "replica k failed". Ranks race to report, so
+/// the choice must not depend on which rank's error came first.
+fn root_cause(errors: impl Iterator<Item = Error>) -> Option<Error> {
+    let consequence = |e: &Error| match e {
         Error::ReplicaFailed { .. } => 2,
-        Error::Communicator(_) | Error::Timeout(_) => 1,
+        Error::Communicator(_) | Error::Timeout(_) | Error::Nccl { .. } => 1,
         _ => 0,
     };
-    results
-        .into_iter()
-        .filter_map(|r| r.err())
-        .min_by_key(rank_of_cause)
-        .map_or(Ok(()), Err)
+    errors.min_by_key(consequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_cause_wins_whichever_rank_reports_it() {
+        let nccl = || Error::Nccl {
+            code: 5,
+            name: "ncclInvalidUsage",
+            message: "aborted".into(),
+        };
+        let differ = || Error::ReplicasDiffer {
+            what: "layout".into(),
+        };
+        for errors in [
+            vec![nccl(), differ()],
+            vec![differ(), nccl()],
+            vec![Error::ReplicaFailed { rank: 1 }, nccl(), differ()],
+        ] {
+            let cause = root_cause(errors.into_iter());
+            assert!(
+                matches!(cause, Some(Error::ReplicasDiffer { .. })),
+                "{cause:?}"
+            );
+        }
+        let cause = root_cause([Error::ReplicaFailed { rank: 0 }, nccl()].into_iter());
+        assert!(matches!(cause, Some(Error::Nccl { .. })), "{cause:?}");
+        assert!(root_cause(std::iter::empty()).is_none());
+    }
 }
