@@ -23,7 +23,8 @@ __device__ __noinline__ unsigned short round_stochastic(float v, unsigned long l
 // passes the same kinds): the fp32 masters `p` alone, or with a bf16 or f16 model copy in `model`;
 // bf16 weights in `model` and int16 remainders `rem`, joined into the exact fp32 master and split
 // again; bf16 weights alone, rounded back stochastically from the stream `seed` at the step's
-// count `step`. The rule's maths always sees fp32 masters.
+// count `step`, element i drawing as arena element `first + i` of the whole set (a shard's
+// window starts at `first`, a multiple of 8). The rule's maths always sees fp32 masters.
 enum WeightsKind : int {
     WEIGHTS_MASTERS = 0,
     WEIGHTS_MASTERS_BF16_COPY = 1,
@@ -36,7 +37,7 @@ struct Weights {
     float* p;
     void* model;
     short* rem;
-    unsigned long long seed, step;
+    unsigned long long seed, first, step;
     int kind;
 
     // The bf16 weights as raw bits (what the remainder scheme and the rounding work on).
@@ -52,7 +53,7 @@ struct Weights {
         if (kind == WEIGHTS_REMAINDERS) {
             lean_split_master(v, &bits()[i], &rem[i]);
         } else if (kind == WEIGHTS_STOCHASTIC) {
-            bits()[i] = round_stochastic(v, seed, step, i);
+            bits()[i] = round_stochastic(v, seed, step, first + i);
         } else {
             p[i] = v;
             if (kind == WEIGHTS_MASTERS_BF16_COPY)
@@ -99,7 +100,7 @@ struct Weights {
                            (unsigned short)r[2] | ((unsigned int)(unsigned short)r[3] << 16));
         } else {
             unsigned int c[4];
-            lean_draws(seed, step, i / 8, c);
+            lean_draws(seed, step, (first + i) / 8, c);
             const unsigned int at = (unsigned int)(i % 8);
 #pragma unroll
             for (int j = 0; j < 4; ++j) w[j] = lean_round_bf16(lane(v, j), lean_draw_of(c, at + j));
@@ -252,12 +253,12 @@ __device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, c
         const StepEntry* ring, unsigned int ring_len, float* p, const G* g, unsigned char* c0,   \
         float* sc0, float* f0, const float* t0, unsigned char* c1, float* sc1, float* f1,        \
         const float* t1, unsigned char* c2, float* sc2, float* f2, const float* t2, void* model, \
-        short* rem, unsigned long long seed, int weights_kind) {                                 \
+        short* rem, unsigned long long seed, unsigned long long first, int weights_kind) {       \
         unsigned char* const c[3] = {c0, c1, c2};                                                \
         float* const sc[3] = {sc0, sc1, sc2};                                                    \
         float* const f[3] = {f0, f1, f2};                                                        \
         const float* const t[3] = {t0, t1, t2};                                                  \
-        const Weights w{p, model, rem, seed, st->step, weights_kind};                            \
+        const Weights w{p, model, rem, seed, first, st->step, weights_kind};                     \
         update_quantized<__VA_ARGS__, G, BITS>(pieces, cfgs, st, ring, ring_len, w, g, c, sc, f, \
                                                t);                                               \
     }
@@ -266,8 +267,9 @@ __device__ void update_quantized(const Piece* pieces, const GroupConfig* cfgs, c
     extern "C" __global__ void __launch_bounds__(256) update_##NAME##_##GN##_##SN(                \
         const Segment* segs, const GroupConfig* cfgs, const StepState* st,                       \
         const StepEntry* ring, unsigned int ring_len, float* p, const G* g, S* s0, S* s1,        \
-        S* s2, void* model, short* rem, unsigned long long seed, int weights_kind) {             \
-        const Weights w{p, model, rem, seed, st->step, weights_kind};                            \
+        S* s2, void* model, short* rem, unsigned long long seed, unsigned long long first,       \
+        int weights_kind) {                                                                      \
+        const Weights w{p, model, rem, seed, first, st->step, weights_kind};                     \
         update<__VA_ARGS__, G, S>(segs, cfgs, st, ring, ring_len, w, g, s0, s1, s2);             \
     }
 // The entry points of one kernel family, for every gradient × state dtype and, over quantized

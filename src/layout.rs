@@ -115,6 +115,9 @@ pub struct Layout {
     arena_len: usize,
     /// Where element 0 of this arena sits in the whole set's arena (0, except for a shard).
     base: usize,
+    /// The whole set's arena length (the engines size their chunks by it, so that a shard's
+    /// chunks are the whole set's).
+    whole_arena_len: usize,
 }
 
 impl Layout {
@@ -131,6 +134,7 @@ impl Layout {
             groups,
             arena_len,
             base: 0,
+            whole_arena_len: arena_len,
         }
     }
 
@@ -165,6 +169,7 @@ impl Layout {
             .collect();
         Layout {
             base: self.base + lo,
+            whole_arena_len: self.whole_arena_len,
             ..Layout::new(tensors, groups, range.len())
         }
     }
@@ -181,6 +186,11 @@ impl Layout {
     /// layout. Streams indexed by arena position (stochastic rounding) start here.
     pub fn base(&self) -> usize {
         self.base
+    }
+
+    /// The whole set's arena length: [`Layout::arena_len`], except in a shard's layout.
+    pub fn whole_arena_len(&self) -> usize {
+        self.whole_arena_len
     }
 
     pub fn tensors(&self) -> &[TensorInfo] {

@@ -19,5 +19,5 @@ pub fn decide_on_host(cases: &[Case]) -> Vec<StepState> {
 
 /// The device decider (src/step/decide.cuh) on every case, on CUDA device `ordinal`.
 pub fn decide_on_device(ordinal: usize, cases: &[Case]) -> crate::Result<Vec<StepState>> {
-    crate::cuda::engine::decide_cases(ordinal, cases)
+    crate::cuda::norm::decide_cases(ordinal, cases)
 }

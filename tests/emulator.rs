@@ -135,8 +135,8 @@ fn unplanted_kernels_run_clean_in_every_mode() {
 fn an_exit_before_a_barrier_is_caught() {
     let k = planted(
         "norm.cu",
-        "    const double sum = block_sum(acc, warp_sums);\n",
-        "    const double sum = block_sum(acc, warp_sums);\n    if (threadIdx.x == 33) return;\n",
+        "    chunk_sum_of_squares<G>(g, len, chunk_elems, partials, warp_sums);\n",
+        "    chunk_sum_of_squares<G>(g, len, chunk_elems, partials, warp_sums);\n    if (threadIdx.x == 33) return;\n",
     );
     assert_caught(
         "plain",

@@ -323,20 +323,38 @@ pub(crate) fn rows(rows: &mut Vec<Row>) {
         ];
         Ok(Box::new(DataParallel::nccl(o, options())?))
     };
+    let one_gpu_sharded = |other: bool| -> fusedopt::Result<Box<dyn Group>> {
+        let o = vec![
+            optimizer(Device::Cuda(0), false)?,
+            optimizer(Device::Cuda(0), other)?,
+        ];
+        Ok(Box::new(ShardedDataParallel::single_device(o, options())?))
+    };
+    let nccl_sharded = |other: bool| -> fusedopt::Result<Box<dyn Group>> {
+        let o = vec![
+            optimizer(Device::Cuda(0), false)?,
+            optimizer(Device::Cuda(1), other)?,
+        ];
+        Ok(Box::new(ShardedDataParallel::nccl(o, options())?))
+    };
     let gpus = fusedopt::device::cuda_device_count().unwrap_or(0);
-    let groups: [(&str, Make<'_>, Option<String>); 4] = [
+    let no_nccl = gpus < 2 || fusedopt::comm::nccl::nccl_available().is_err();
+    let needs_nccl = || "needs 2 GPUs and NCCL (run under scripts/emulated-gpu.sh)".to_string();
+    let no_gpu = || "no GPU (run under scripts/emulated-gpu.sh)".to_string();
+    let groups: [(&str, Make<'_>, Option<String>); 6] = [
         ("CPU threads", &threads, None),
         ("CPU threads, sharded state", &sharded, None),
+        ("replicas on one GPU", &one_gpu, (gpus < 1).then(no_gpu)),
         (
-            "replicas on one GPU",
-            &one_gpu,
-            (gpus < 1).then(|| "no GPU (run under scripts/emulated-gpu.sh)".to_string()),
+            "replicas on one GPU, sharded state",
+            &one_gpu_sharded,
+            (gpus < 1).then(no_gpu),
         ),
+        ("NCCL ranks, one process", &nccl, no_nccl.then(needs_nccl)),
         (
-            "NCCL ranks, one process",
-            &nccl,
-            (gpus < 2 || fusedopt::comm::nccl::nccl_available().is_err())
-                .then(|| "needs 2 GPUs and NCCL (run under scripts/emulated-gpu.sh)".to_string()),
+            "NCCL ranks, sharded state",
+            &nccl_sharded,
+            no_nccl.then(needs_nccl),
         ),
     ];
     for (label, make, skip) in groups {

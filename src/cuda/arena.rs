@@ -3,7 +3,7 @@
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 
 use super::runtime::{driver_error, CudaRuntime};
@@ -39,6 +39,26 @@ pub(crate) fn download<T: Element + DeviceRepr>(
         .clone_dtoh(&src.slice(range))
         .map_err(driver_error(device, 0))?;
     Ok(v.into_iter().map(Element::to_f32).collect())
+}
+
+/// Elements `range` of `src` in a new allocation, zeros where `range` runs past its end.
+pub(crate) fn cut<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    src: &CudaSlice<T>,
+    range: std::ops::Range<usize>,
+    dev: Device,
+) -> Result<CudaSlice<T>> {
+    let bytes = range.len() * std::mem::size_of::<T>();
+    let mut out = stream
+        .alloc_zeros::<T>(range.len())
+        .map_err(driver_error(dev, bytes))?;
+    let have = range.start.min(src.len())..range.end.min(src.len());
+    if !have.is_empty() {
+        stream
+            .memcpy_dtod(&src.slice(have.clone()), &mut out.slice_mut(0..have.len()))
+            .map_err(driver_error(dev, 0))?;
+    }
+    Ok(out)
 }
 
 impl DeviceArena {
@@ -135,6 +155,21 @@ impl DeviceArena {
         r.map_err(driver_error(device, 0))
     }
 
+    /// Elements `range` in a new allocation on the device (zeros past the end): a shard's window,
+    /// or (from 0) the arena padded.
+    pub(crate) fn window(
+        &self,
+        stream: &Arc<CudaStream>,
+        range: std::ops::Range<usize>,
+        device: Device,
+    ) -> Result<Self> {
+        Ok(match self {
+            DeviceArena::F32(s) => DeviceArena::F32(cut(stream, s, range, device)?),
+            DeviceArena::BF16(s) => DeviceArena::BF16(cut(stream, s, range, device)?),
+            DeviceArena::F16(s) => DeviceArena::F16(cut(stream, s, range, device)?),
+        })
+    }
+
     /// A copy on the device.
     pub fn try_clone(&self, stream: &Arc<CudaStream>, device: Device) -> Result<Self> {
         Ok(match self {
@@ -197,6 +232,32 @@ pub struct DeviceBuffer<'a> {
     dtype: DType,
     rt: &'a Arc<CudaRuntime>,
     _arena: PhantomData<&'a mut DeviceArena>,
+}
+
+impl<'a> DeviceBuffer<'a> {
+    /// All of `s`, as elements of `dtype`: its own, or (for a collective that only moves data,
+    /// such as an all-gather, which copies bits) words of another type.
+    pub(crate) fn over<T: DeviceRepr>(
+        s: &'a mut CudaSlice<T>,
+        dtype: DType,
+        rt: &'a Arc<CudaRuntime>,
+    ) -> Self {
+        DeviceBuffer {
+            ptr: s.device_ptr(&rt.stream).0,
+            len: s.len() * std::mem::size_of::<T>() / dtype.size_bytes(),
+            dtype,
+            rt,
+            _arena: PhantomData,
+        }
+    }
+
+    /// The first `len` elements.
+    pub(crate) fn first(self, len: usize) -> Self {
+        DeviceBuffer {
+            len: len.min(self.len),
+            ..self
+        }
+    }
 }
 
 impl DeviceBuffer<'_> {

@@ -23,7 +23,7 @@ use crate::rules::{Rule, StateInit};
 use crate::step::{OptimizerOptions, QuantizedState};
 use crate::DType;
 
-const BLOCK: u32 = 256;
+pub(super) const BLOCK: u32 = 256;
 
 /// How many steps ahead the device's lr ring reaches: a schedule on a GPU costs one
 /// synchronisation per this many steps (see `optim::lr_window`).
@@ -63,21 +63,28 @@ impl Drop for CudaEngine {
 }
 
 pub(crate) struct CudaEngine {
-    rt: Arc<CudaRuntime>,
+    pub(super) rt: Arc<CudaRuntime>,
     update: CudaFunction,
-    norm: CudaFunction,
-    advance: CudaFunction,
-    plan: LaunchPlan,
+    pub(super) norm: CudaFunction,
+    pub(super) advance: CudaFunction,
+    /// A sharded group's norm: `partials` writes this window's chunk sums, `norm_of_partials`
+    /// adds every window's, gathered into `gathered`.
+    pub(super) partials_only: CudaFunction,
+    pub(super) norm_of_partials: CudaFunction,
+    pub(super) gathered: Option<CudaSlice<f64>>,
+    /// The whole set's index of this arena's element 0 (a shard's window start).
+    first: u64,
+    pub(super) plan: LaunchPlan,
     segments: CudaSlice<DeviceSegment>,
     configs: CudaSlice<GroupConfig>,
-    step_state: CudaSlice<StepState>,
+    pub(super) step_state: CudaSlice<StepState>,
     /// The lr (and rule scalars) of each step, by its applied-step count modulo
     /// [`LR_RING_LEN`]: one lr everywhere after [`CudaEngine::set_lr`], the next steps' own after
     /// [`CudaEngine::write_lr_window`]. Device memory, so a replayed graph reads it too.
     lr_ring: CudaSlice<StepEntry>,
     lr_ring_len: u32,
-    partials: CudaSlice<f64>,
-    step_params: StepParams,
+    pub(super) partials: CudaSlice<f64>,
+    pub(super) step_params: StepParams,
     pub(crate) state: Vec<DeviceArena>,
     /// The state when it is quantized (`state` is then empty).
     pub(crate) quantized: Option<DeviceQuantized>,
@@ -193,8 +200,15 @@ impl CudaEngine {
             &format!("norm_{}", dtype_suffix(params.grads.dtype())),
         )?;
         let advance = rt.function(&norm_module, "advance_step")?;
+        let partials_only = rt.function(
+            &norm_module,
+            &format!("partials_{}", dtype_suffix(params.grads.dtype())),
+        )?;
+        let norm_of_partials = rt.function(&norm_module, "norm_of_partials")?;
 
-        let plan = LaunchPlan::new(layout, cuda_chunk_elems(layout.arena_len(), rt.sm_count));
+        // Chunks sized by the whole set, so that a shard's chunks are the unsharded step's.
+        let chunk = cuda_chunk_elems(layout.whole_arena_len(), rt.sm_count);
+        let plan = LaunchPlan::new(layout, chunk);
         let segments: Vec<DeviceSegment> = plan.segments().iter().map(Into::into).collect();
         let configs: Vec<GroupConfig> = layout
             .groups()
@@ -260,6 +274,10 @@ impl CudaEngine {
             update,
             norm,
             advance,
+            partials_only,
+            norm_of_partials,
+            gathered: None,
+            first: layout.base() as u64,
             plan,
             segments: segments_dev,
             configs: configs_dev,
@@ -342,40 +360,19 @@ impl CudaEngine {
 
     /// Enqueues the norm pass and the update on `stream`.
     fn enqueue(&mut self, p: &mut DeviceArenas, stream: &Arc<CudaStream>) -> Result<()> {
+        self.enqueue_norm(p, stream)?;
+        self.enqueue_update(p, stream)
+    }
+
+    /// Enqueues the fused update on `stream` (after the step was decided).
+    pub(super) fn enqueue_update(
+        &mut self,
+        p: &mut DeviceArenas,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
         let dev = self.rt.device;
-        let len = self.plan.num_chunks() as u64 * self.plan.chunk_elems() as u64;
-        let arena_len = match &p.grads {
-            DeviceArena::F32(s) => s.len(),
-            DeviceArena::BF16(s) => s.len(),
-            DeviceArena::F16(s) => s.len(),
-        } as u64;
-        debug_assert!(arena_len <= len);
-        if self.step_params.needs_norm() && self.plan.num_chunks() > 0 {
-            let chunk = self.plan.chunk_elems() as u32;
-            let mut b = stream.launch_builder(&self.norm);
-            push_arena(&mut b, &p.grads);
-            b.arg(&arena_len)
-                .arg(&chunk)
-                .arg(&mut self.partials)
-                .arg(&mut self.step_state)
-                .arg(&self.step_params);
-            let cfg = LaunchConfig {
-                grid_dim: (self.plan.num_chunks() as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match `norm_<dtype>` in kernels/norm.cu in order and type:
-            // the gradient arena of the dtype named by this kernel, its length, the chunk size,
-            // `num_chunks` f64 partials, the step state and the norm parameters by value.
-            unsafe { b.launch(cfg) }.map_err(driver_error(dev, 0))?;
-        } else {
-            let mut b = stream.launch_builder(&self.advance);
-            b.arg(&mut self.step_state).arg(&self.step_params);
-            // SAFETY: matches `advance_step(StepState*, StepParams)` in kernels/norm.cu.
-            unsafe { b.launch(LaunchConfig::for_num_elems(1)) }.map_err(driver_error(dev, 0))?;
-        }
         let null = 0u64;
-        let weights = WeightArgs::of(p);
+        let weights = WeightArgs::of(p, self.first)?;
         if let Some(q) = self.quantized.as_mut() {
             let pieces = q.num_pieces() as u32;
             if pieces == 0 {
@@ -414,7 +411,7 @@ impl CudaEngine {
             // configs, step state, lr ring and its length, fp32 masters or null, gradients, then
             // for each of three slots its codes, block scales, f32 part and code table (null
             // pointers for slots the rule does not use, which the kernel never touches), then
-            // the weights' model arena, remainders, seed and kind (`WeightArgs`). Every piece lies
+            // the weights' model arena, remainders, seed, first index and kind (`WeightArgs`). Every piece lies
             // inside the arenas; coded pieces are whole blocks (the layout aligns coded tensors)
             // and f32 pieces index the f32 part within its length (the same layout built the part).
             // The kind names exactly the weight buffers passed non-null.
@@ -452,7 +449,7 @@ impl CudaEngine {
         // in `new` from this rule and these dtypes: segment table, group configs, step state, lr
         // ring and its length, fp32 masters or null, gradients, the rule's state buffers in slot
         // order (null pointers for slots the rule does not use, which the kernel never touches),
-        // then the weights' model arena, remainders, seed and kind (`WeightArgs`; the kind names
+        // then the weights' model arena, remainders, seed, first index and kind (`WeightArgs`; the kind names
         // exactly the weight buffers passed non-null). Every segment lies inside the arenas, which
         // all have the layout's length.
         unsafe { b.launch(cfg) }
@@ -490,42 +487,6 @@ impl std::fmt::Debug for CudaEngine {
             .field("graph", &self.graph.is_some())
             .finish()
     }
-}
-
-/// `decide_step` (src/step/decide.cuh) on every case, one thread each, on device `ordinal`: the
-/// device half of the test that compares the two deciders.
-pub(crate) fn decide_cases(
-    ordinal: usize,
-    cases: &[(StepState, StepParams, f64, bool)],
-) -> Result<Vec<StepState>> {
-    let rt = CudaRuntime::shared(ordinal)?;
-    let (dev, stream) = (rt.device, &rt.stream);
-    let err = |n| driver_error(dev, n);
-    let module = rt.module("norm")?;
-    let kernel = rt.function(&module, "decide_cases")?;
-    let mut out = Vec::with_capacity(cases.len());
-    for batch in cases.chunks(BLOCK as usize) {
-        let states: Vec<StepState> = batch.iter().map(|c| c.0).collect();
-        let params: Vec<StepParams> = batch.iter().map(|c| c.1).collect();
-        let sums: Vec<f64> = batch.iter().map(|c| c.2).collect();
-        let have: Vec<i32> = batch.iter().map(|c| c.3 as i32).collect();
-        let mut states_dev = stream.clone_htod(&states).map_err(err(0))?;
-        let params_dev = stream.clone_htod(&params).map_err(err(0))?;
-        let sums_dev = stream.clone_htod(&sums).map_err(err(0))?;
-        let have_dev = stream.clone_htod(&have).map_err(err(0))?;
-        let n = batch.len() as i32;
-        let mut b = stream.launch_builder(&kernel);
-        b.arg(&mut states_dev)
-            .arg(&params_dev)
-            .arg(&sums_dev)
-            .arg(&have_dev)
-            .arg(&n);
-        // SAFETY: matches `decide_cases(StepState*, const StepParams*, const double*, const int*,
-        // int)` in kernels/norm.cu; every array holds `n` elements, one per thread used.
-        unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.map_err(err(0))?;
-        out.extend(stream.clone_dtoh(&states_dev).map_err(err(0))?);
-    }
-    Ok(out)
 }
 
 /// A ring entry with `lr` and no rule scalars.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, LaunchArgs, PushKernelArg};
 use half::bf16;
 
-use super::arena::DeviceArena;
+use super::arena::{cut, DeviceArena};
 use super::engine::{push_arena, DeviceArenas};
 use super::runtime::driver_error;
 use crate::arena::Arena;
@@ -20,7 +20,12 @@ use crate::Device;
 pub(crate) enum DeviceMasters {
     F32(CudaSlice<f32>),
     Remainders(CudaSlice<i16>),
-    Stochastic { seed: u64 },
+    Stochastic {
+        seed: u64,
+    },
+    /// Kept as this kind in the shards of a sharded group (see [`HostMasters::InShards`]): the set
+    /// holds the model weights only, and no optimizer steps it.
+    InShards(Masters),
 }
 
 impl DeviceMasters {
@@ -38,12 +43,30 @@ impl DeviceMasters {
                 DeviceMasters::Remainders(stream.clone_htod(r).map_err(driver_error(dev, bytes))?)
             }
             HostMasters::Stochastic { seed } => DeviceMasters::Stochastic { seed: *seed },
-            HostMasters::InShards(_) => {
-                return Err(crate::error::Error::Cuda(
-                    "internal: a sharded group's model-only set is never uploaded".into(),
-                ))
-            }
+            HostMasters::InShards(kind) => DeviceMasters::InShards(*kind),
         })
+    }
+
+    /// Elements `range` of the masters, copied into a new allocation (zeros past the end).
+    pub(crate) fn window(
+        &self,
+        stream: &Arc<CudaStream>,
+        range: Range<usize>,
+        dev: Device,
+    ) -> Result<Self> {
+        Ok(match self {
+            DeviceMasters::F32(s) => DeviceMasters::F32(cut(stream, s, range, dev)?),
+            DeviceMasters::Remainders(s) => DeviceMasters::Remainders(cut(stream, s, range, dev)?),
+            other => other.without_buffers(),
+        })
+    }
+
+    /// The same kind, for a kind that holds no device buffer.
+    fn without_buffers(&self) -> Self {
+        match self {
+            DeviceMasters::Stochastic { seed } => DeviceMasters::Stochastic { seed: *seed },
+            other => DeviceMasters::InShards(other.kind()),
+        }
     }
 
     pub(crate) fn try_clone(&self, stream: &Arc<CudaStream>, dev: Device) -> Result<Self> {
@@ -54,7 +77,7 @@ impl DeviceMasters {
             DeviceMasters::Remainders(s) => {
                 DeviceMasters::Remainders(stream.clone_dtod(s).map_err(driver_error(dev, 0))?)
             }
-            DeviceMasters::Stochastic { seed } => DeviceMasters::Stochastic { seed: *seed },
+            other => other.without_buffers(),
         })
     }
 
@@ -71,11 +94,57 @@ impl DeviceMasters {
             DeviceMasters::F32(_) => Masters::F32,
             DeviceMasters::Remainders(_) => Masters::Bf16Remainders,
             DeviceMasters::Stochastic { seed } => Masters::Bf16Stochastic { seed: *seed },
+            DeviceMasters::InShards(kind) => *kind,
+        }
+    }
+
+    /// Bytes the masters themselves take on the device (the bf16 weights not counted).
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            DeviceMasters::F32(s) => s.len() * 4,
+            DeviceMasters::Remainders(s) => s.len() * 2,
+            DeviceMasters::Stochastic { .. } | DeviceMasters::InShards(_) => 0,
         }
     }
 }
 
 impl DeviceArenas {
+    /// A sharded group's window `range` (the twin of `HostArenas::window`).
+    pub(crate) fn window(
+        &self,
+        stream: &Arc<CudaStream>,
+        range: Range<usize>,
+        dev: Device,
+    ) -> Result<Self> {
+        Ok(DeviceArenas {
+            masters: self.masters.window(stream, range.clone(), dev)?,
+            grads: DeviceArena::filled(stream, self.grads.dtype(), range.len(), 0.0, dev)?,
+            model: self
+                .model
+                .as_ref()
+                .map(|m| m.window(stream, range, dev))
+                .transpose()?,
+        })
+    }
+
+    /// A sharded replica's whole model (the twin of `HostArenas::make_model_side`).
+    pub(crate) fn make_model_side(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        len: usize,
+        dev: Device,
+    ) -> Result<()> {
+        self.grads = self.grads.window(stream, 0..len, dev)?;
+        match &mut self.model {
+            Some(m) => {
+                *m = m.window(stream, 0..len, dev)?;
+                self.masters = DeviceMasters::InShards(self.masters.kind());
+            }
+            None => self.masters = self.masters.window(stream, 0..len, dev)?,
+        }
+        Ok(())
+    }
+
     /// The fp32 masters of `range`, copied out (joined or widened when not stored as f32).
     pub(crate) fn read_masters(
         &self,
@@ -105,6 +174,11 @@ impl DeviceArenas {
                     .map_err(driver_error(dev, 0))?,
             ),
             DeviceMasters::Stochastic { seed } => HostMasters::Stochastic { seed: *seed },
+            // The model weights alone, of whatever dtype, widened.
+            DeviceMasters::InShards(_) => {
+                let model = self.model.as_ref().ok_or_else(weights_missing)?;
+                return model.read(stream, range, dev);
+            }
         };
         let weights = download_weights()?;
         Ok(host.read(Some(&weights), 0..range.len())?.into_owned())
@@ -127,6 +201,10 @@ impl DeviceArenas {
                 model.write(stream, start, values, dev)?;
             }
             return Ok(());
+        }
+        if let DeviceMasters::InShards(_) = &self.masters {
+            let model = self.model.as_mut().ok_or_else(weights_missing)?;
+            return model.write(stream, start, values, dev);
         }
         let Some(DeviceArena::BF16(w)) = &mut self.model else {
             return Err(weights_missing());
@@ -159,17 +237,20 @@ impl DeviceArenas {
 
 /// How the update kernels find the parameters (`Weights` in kernels/update.cuh): the fp32
 /// masters or null, the model arena (copy or bf16 weights) or null, the remainders or null, the
-/// stochastic stream's seed, and the kind that says which of them are there.
+/// stochastic stream's seed and the whole-set index of element 0 (its counter's origin), and the
+/// kind that says which of them are there.
 pub(super) struct WeightArgs<'a> {
     masters: Option<&'a CudaSlice<f32>>,
     model: Option<&'a DeviceArena>,
     remainders: Option<&'a CudaSlice<i16>>,
     seed: u64,
+    first: u64,
     kind: i32,
 }
 
 impl<'a> WeightArgs<'a> {
-    pub(super) fn of(p: &'a DeviceArenas) -> Self {
+    /// The weights of `p`, whose element 0 is element `first` of the whole set.
+    pub(super) fn of(p: &'a DeviceArenas, first: u64) -> Result<Self> {
         // `WeightsKind` in kernels/update.cuh.
         const MASTERS: i32 = 0;
         const MASTERS_BF16_COPY: i32 = 1;
@@ -184,14 +265,20 @@ impl<'a> WeightArgs<'a> {
             (DeviceMasters::F32(m), Some(_)) => (Some(m), None, MASTERS_F16_COPY),
             (DeviceMasters::Remainders(r), _) => (None, Some(r), REMAINDERS),
             (DeviceMasters::Stochastic { .. }, _) => (None, None, STOCHASTIC),
+            (DeviceMasters::InShards(_), _) => {
+                return Err(crate::error::Error::Cuda(
+                    "internal: a sharded group's model side is never stepped".into(),
+                ))
+            }
         };
-        WeightArgs {
+        Ok(WeightArgs {
             masters,
             model: p.model.as_ref(),
             remainders,
             seed: p.masters.seed(),
+            first,
             kind,
-        }
+        })
     }
 
     pub(super) fn push_masters(&self, b: &mut LaunchArgs<'a>, null: &'a u64) {
@@ -212,6 +299,6 @@ impl<'a> WeightArgs<'a> {
             Some(r) => b.arg(r),
             None => b.arg(null),
         };
-        b.arg(&self.seed).arg(&self.kind);
+        b.arg(&self.seed).arg(&self.first).arg(&self.kind);
     }
 }

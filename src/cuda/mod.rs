@@ -8,6 +8,7 @@ pub mod arena;
 pub(crate) mod engine;
 pub mod lean;
 pub(crate) mod masters;
+pub(crate) mod norm;
 pub(crate) mod nvrtc;
 pub(crate) mod quantized;
 pub mod runtime;

@@ -29,6 +29,31 @@ pub(crate) struct HostArenas {
     pub model: Option<Arena>,
 }
 
+impl HostArenas {
+    /// A sharded group's window `range`: its masters and model copy, and zero gradients.
+    pub(crate) fn window(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        Ok(HostArenas {
+            masters: self.masters.window(range.clone())?,
+            grads: Arena::filled(self.grads.dtype(), range.len(), 0.0)?,
+            model: self.model.as_ref().map(|m| m.window(range)).transpose()?,
+        })
+    }
+
+    /// A sharded replica's whole model: padded to `len`, and without fp32 masters when there is
+    /// a low-precision model copy (the shards keep them).
+    pub(crate) fn make_model_side(&mut self, len: usize) -> Result<()> {
+        self.grads.pad_to(len)?;
+        match &mut self.model {
+            Some(m) => {
+                m.pad_to(len)?;
+                self.masters = HostMasters::InShards(self.masters.kind());
+                Ok(())
+            }
+            None => self.masters.pad_to(len),
+        }
+    }
+}
+
 /// A parameter set in host memory, and its optimizer's engine once there is one.
 #[derive(Debug)]
 pub(crate) struct HostStorage {

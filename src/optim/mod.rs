@@ -2,7 +2,7 @@
 
 mod lr_window;
 mod shard;
-pub(crate) use shard::shards_on_gpu;
+pub(crate) use shard::{Norm, Partials};
 
 pub use crate::rules::adadelta::Adadelta;
 pub use crate::rules::adagrad::Adagrad;
@@ -219,12 +219,12 @@ impl Optimizer {
     /// which must read the verdict back); [`Optimizer::report`] reads the outcome when asked.
     pub fn step(&mut self) -> Result<()> {
         self.apply_schedule()?;
-        self.step_at_current_lr(None)
+        self.step_at_current_lr(Norm::Own)
     }
 
     /// [`Optimizer::step`] with the lr already set from the schedule ([`Self::apply_schedule`]),
-    /// and Σ g² when the caller computed it (a sharded group, over all its shards).
-    pub(crate) fn step_at_current_lr(&mut self, sum_sq: Option<f64>) -> Result<()> {
+    /// its norm from `norm`.
+    pub(crate) fn step_at_current_lr(&mut self, norm: Norm) -> Result<()> {
         let layout = self.params.layout().clone();
         let (rule, lr, policy) = (&self.rule, self.lr, self.options.non_finite);
         let momentum = self.schedule.as_ref().and_then(|s| s.momentum());
@@ -232,17 +232,17 @@ impl Optimizer {
         self.lr_set_since_step = false;
         match parts_mut(&mut self.params)? {
             PartsMut::Host(arenas, engine) => {
-                if engine.step(arenas, &layout, rule, lr, momentum, sum_sq)? {
+                if engine.step(arenas, &layout, rule, lr, momentum, norm.given()?)? {
                     if let Some(s) = &mut self.schedule {
                         s.step();
                     }
                 }
             }
             PartsMut::Cuda(_, arenas, engine) => {
-                if sum_sq.is_some() {
-                    return Err(shard::shards_on_gpu());
+                match norm.gathered()? {
+                    true => engine.step_gathered(arenas)?,
+                    false => engine.step(arenas)?,
                 }
-                engine.step(arenas)?;
                 // The schedule ticks on the device: the step reads its lr from the window.
                 if let Some(w) = &mut self.lr_window {
                     w.enqueued += 1;

@@ -113,7 +113,7 @@ impl<C: Communicator> Replica<C> {
             (Ok(()), Some(rank)) => return Err(Failure::Agreed(Error::ReplicaFailed { rank })),
             (Ok(()), None) => {}
         }
-        let stepped = self.optimizer.step_at_current_lr(None);
+        let stepped = self.optimizer.step_at_current_lr(crate::optim::Norm::Own);
         confirm_alike(&self.comm, &self.optimizer, &stepped)?;
         // Every replica ended the step the same way: an error here is one they all share.
         stepped.map_err(Failure::Agreed)

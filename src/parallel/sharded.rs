@@ -12,9 +12,17 @@
 //! Windows are [`SHARD_GRANULE`] elements aligned (a whole number of every engine's chunks, and
 //! so of quantization blocks), all the same length: the arena is padded to N windows. So a
 //! window's chunks are the unsharded step's chunks and the step is bit-identical to it, with
-//! dense or quantized state and every kind of masters (on the CPU communicator, whose
-//! reduce-scatter and all-reduce add in the same order). Gradients are reduced once the
-//! backward pass has returned, not bucket by bucket during it.
+//! dense or quantized state and every kind of masters, whenever the communicator's
+//! reduce-scatter adds as its all-reduce does (the CPU, MPI and single-device communicators add
+//! in rank order; NCCL chooses its own order per collective, which the stand-in NCCL does not
+//! model). Gradients are reduced once the backward pass has returned, not bucket by bucket
+//! during it.
+//!
+//! On a GPU the same happens on the device: each replica's engine writes its window's chunk
+//! partials, an all-gather brings every window's to every replica (as f64 bits), and one block
+//! adds them as the unsharded norm pass adds its own (trailing zero partials of the padding
+//! change no bit), deciding the step in device memory; the stochastic-rounding stream is indexed
+//! by whole-set position, so a window draws what the whole set would.
 //!
 //! Checkpoints are a directory: one file per replica (its window's masters and state, in the
 //! usual format) and a manifest naming them, written last; they load into a group of any size,
@@ -27,14 +35,17 @@ use std::sync::Arc;
 use super::gradients::{BucketSlot, BucketState, Gradients};
 use super::replica::{confirm_alike, exchange, settle, words_to_f32, Failure};
 use super::{on_every_replica, DataParallel, DataParallelOptions, Replica};
-use crate::arena::Arena;
 use crate::comm::cpu::CpuCommunicator;
-use crate::comm::{Communicator, HostBuffer, ReduceOp};
+use crate::comm::nccl::NcclCommunicator;
+use crate::comm::single_device::SingleDeviceCommunicator;
+use crate::comm::{Buffer, Communicator, DeviceBuffer, HostBuffer, ReduceOp};
+use crate::cuda::engine::DeviceStorage;
+use crate::cuda::masters::DeviceMasters;
 use crate::error::{Error, Result};
-use crate::host::{HostArenas, HostStorage};
+use crate::host::HostStorage;
 use crate::layout::Layout;
 use crate::masters::{weights_missing, HostMasters};
-use crate::optim::{shards_on_gpu, StepReport};
+use crate::optim::{Norm, Partials, StepReport};
 use crate::params::{ParamSet, Storage};
 use crate::schedule::LrSchedule;
 use crate::{Device, Optimizer};
@@ -73,9 +84,6 @@ impl<C: Communicator> ShardedReplica<C> {
         let Replica {
             optimizer, comm, ..
         } = r;
-        if optimizer.device() != Device::Cpu {
-            return Err(shards_on_gpu());
-        }
         let whole = optimizer.params().layout().clone();
         let plan = ShardPlan::new(whole.arena_len(), comm.world_size());
         let cut = cut_shard(&optimizer, &plan, comm.rank());
@@ -134,7 +142,7 @@ impl<C: Communicator> ShardedReplica<C> {
     pub fn memory(&self) -> Result<ShardMemory> {
         Ok(ShardMemory {
             state_bytes: self.shard.state_bytes()?,
-            masters_bytes: masters_bytes(&self.shard)?,
+            masters_bytes: masters_bytes(&self.shard),
             window_len: self.plan.window_len,
         })
     }
@@ -189,42 +197,56 @@ impl<C: Communicator> ShardedReplica<C> {
         let out_of_step = Failure::OutOfStep;
         let computed = self.backward(backward).map_err(out_of_step)?;
         {
-            let send = HostBuffer::from(self.model.grads_arena_mut().map_err(out_of_step)?);
-            let recv = HostBuffer::from(
-                self.shard
-                    .set_mut()
-                    .grads_arena_mut()
-                    .map_err(out_of_step)?,
-            );
+            let send = whole_grads(&mut self.model).map_err(out_of_step)?;
+            let recv = whole_grads(self.shard.set_mut()).map_err(out_of_step)?;
             self.comm
-                .reduce_scatter(send.into(), recv.into(), ReduceOp::Average)
+                .reduce_scatter(send, recv, ReduceOp::Average)
                 .map_err(out_of_step)?;
         }
         let prepared = computed.and_then(|()| self.shard.apply_schedule());
-        // Mine: the verdict, then this window's chunk partials (as many on every replica; none
-        // when the step needs no norm, alike on every replica).
-        let partials = self.shard.chunk_sums_of_squares().map_err(out_of_step)?;
+        // Mine: the verdict, then (on the host) this window's chunk partials, as many on every
+        // replica; none when the step needs no norm, alike on every replica.
         let mut mine = vec![if prepared.is_ok() { 0.0 } else { 1.0 }];
-        if let Some(p) = &partials {
-            let words: Vec<u64> = p.iter().map(|x| x.to_bits()).collect();
-            mine.extend(words_to_f32(&words));
+        let world = self.plan.world;
+        let on_device = self.shard.device() != Device::Cpu;
+        if !on_device {
+            if let Some(Partials::Host(p)) =
+                self.shard.chunk_partials(world).map_err(out_of_step)?
+            {
+                let words: Vec<u64> = p.iter().map(|x| x.to_bits()).collect();
+                mine.extend(words_to_f32(&words));
+            }
         }
+        // (On a device, this also orders the window's reduced gradients before what follows.)
         let all = exchange(&self.comm, &mine).map_err(out_of_step)?;
         let per = mine.len();
-        let failed = (0..self.plan.world).find(|&r| all[r * per] != 0.0);
+        let failed = (0..world).find(|&r| all[r * per] != 0.0);
         match (prepared, failed) {
             (Err(e), _) => return Err(Failure::Agreed(e)),
             (Ok(()), Some(rank)) => return Err(Failure::Agreed(Error::ReplicaFailed { rank })),
             (Ok(()), None) => {}
         }
-        // Σ g² as the unsharded step sums it: the chunks' partials in arena order.
-        let sum_sq = (per > 1).then(|| {
-            (0..self.plan.world)
-                .flat_map(|r| f32_to_words(&all[r * per + 1..(r + 1) * per]))
-                .map(f64::from_bits)
-                .sum::<f64>()
-        });
-        let stepped = self.shard.step_at_current_lr(Some(sum_sq.unwrap_or(0.0)));
+        // Σ g² as the unsharded step sums it: the chunks' partials in arena order, added here or
+        // on the device once every window's are gathered there.
+        let norm = match on_device {
+            false => Norm::Given(
+                (0..world)
+                    .flat_map(|r| f32_to_words(&all[r * per + 1..(r + 1) * per]))
+                    .map(f64::from_bits)
+                    .sum::<f64>(),
+            ),
+            true => {
+                let partials = self.shard.chunk_partials(world).map_err(out_of_step)?;
+                if let Some(Partials::Device(partials, all)) = partials {
+                    self.comm
+                        .all_gather(partials.into(), all.into())
+                        .and_then(|()| self.comm.barrier())
+                        .map_err(out_of_step)?;
+                }
+                Norm::Gathered
+            }
+        };
+        let stepped = self.shard.step_at_current_lr(norm);
         confirm_alike(&self.comm, &self.shard, &stepped)?;
         if stepped.is_ok() {
             self.gather_weights().map_err(|e| {
@@ -245,6 +267,7 @@ impl<C: Communicator> ShardedReplica<C> {
     {
         let rank = self.rank();
         let layout = self.model.layout().clone();
+        let device = self.model.device();
         let (masters, mut pieces) = self.model.grad_buffers_mut(&[layout.arena_len()])?;
         let buffer = pieces
             .pop()
@@ -253,7 +276,7 @@ impl<C: Communicator> ShardedReplica<C> {
         let grads = Gradients {
             layout: &layout,
             masters,
-            device: Device::Cpu,
+            device,
             buckets: vec![BucketSlot {
                 start: 0,
                 state: std::sync::Mutex::new(BucketState {
@@ -277,7 +300,9 @@ impl<C: Communicator> ShardedReplica<C> {
     fn gather_weights(&mut self) -> Result<()> {
         let send = weights_buffer(self.shard.set_mut())?;
         let recv = weights_buffer(&mut self.model)?;
-        self.comm.all_gather(send.into(), recv.into())
+        // The barrier: collectives on device buffers may return before they finish.
+        self.comm.all_gather(send, recv)?;
+        self.comm.barrier()
     }
 
     /// Saves the group's state to directory `dir`: this replica's window in a file of its own,
@@ -334,24 +359,18 @@ impl<C: Communicator> ShardedReplica<C> {
 fn cut_shard(optimizer: &Optimizer, plan: &ShardPlan, rank: usize) -> Result<Optimizer> {
     let window = plan.window(rank);
     let set = optimizer.params();
-    let Storage::Host(h) = set.storage() else {
-        return Err(shards_on_gpu());
-    };
-    let a = &h.arenas;
-    let arenas = HostArenas {
-        masters: a.masters.window(window.clone())?,
-        grads: Arena::filled(a.grads.dtype(), window.len(), 0.0)?,
-        model: a
-            .model
-            .as_ref()
-            .map(|m| m.window(window.clone()))
-            .transpose()?,
+    let storage = match set.storage() {
+        Storage::Host(h) => Storage::Host(HostStorage {
+            arenas: h.arenas.window(window.clone())?,
+            engine: None,
+        }),
+        Storage::Cuda(d) => Storage::Cuda(Box::new(DeviceStorage {
+            rt: d.rt.clone(),
+            arenas: d.arenas.window(&d.rt.stream, window.clone(), d.rt.device)?,
+            engine: None,
+        })),
     };
     let layout = Arc::new(set.layout().window(window));
-    let storage = Storage::Host(HostStorage {
-        arenas,
-        engine: None,
-    });
     let params = ParamSet::from_parts(layout.clone(), storage);
     let mut shard = Optimizer::with_options(
         params,
@@ -372,40 +391,58 @@ fn cut_shard(optimizer: &Optimizer, plan: &ShardPlan, rank: usize) -> Result<Opt
 /// when the model is a low-precision copy (the shards keep them).
 fn model_side(set: ParamSet, plan: &ShardPlan) -> Result<ParamSet> {
     let (layout, mut storage) = set.into_parts();
-    let layout = Arc::new(layout.padded_to(plan.padded_len()));
-    let Storage::Host(h) = &mut storage else {
-        return Err(shards_on_gpu());
-    };
-    let a = &mut h.arenas;
     let len = plan.padded_len();
-    a.grads.pad_to(len)?;
-    match &mut a.model {
-        Some(m) => {
-            m.pad_to(len)?;
-            a.masters = HostMasters::InShards(a.masters.kind());
-        }
-        None => a.masters.pad_to(len)?,
+    match &mut storage {
+        Storage::Host(h) => h.arenas.make_model_side(len)?,
+        Storage::Cuda(d) => d.arenas.make_model_side(&d.rt.stream, len, d.rt.device)?,
     }
-    Ok(ParamSet::from_parts(layout, storage))
+    Ok(ParamSet::from_parts(
+        Arc::new(layout.padded_to(len)),
+        storage,
+    ))
+}
+
+/// The whole gradient arena, for a collective.
+fn whole_grads(set: &mut ParamSet) -> Result<Buffer<'_>> {
+    let len = set.layout().arena_len();
+    set.grad_buffers_mut(&[len])?
+        .1
+        .pop()
+        .ok_or_else(|| Error::Communicator("no gradient arena".into()))
 }
 
 /// The arena a forward pass reads: the model copy or bf16 weights when there is one, else the
 /// fp32 masters.
-fn weights_buffer(set: &mut ParamSet) -> Result<HostBuffer<'_>> {
-    let Storage::Host(h) = set.storage_mut() else {
-        return Err(shards_on_gpu());
-    };
-    match (&mut h.arenas.model, &mut h.arenas.masters) {
-        (Some(m), _) => Ok(HostBuffer::from(m)),
-        (None, HostMasters::F32(v)) => Ok(HostBuffer::F32(v)),
-        _ => Err(weights_missing()),
+fn weights_buffer(set: &mut ParamSet) -> Result<Buffer<'_>> {
+    match set.storage_mut() {
+        Storage::Host(h) => match (&mut h.arenas.model, &mut h.arenas.masters) {
+            (Some(m), _) => Ok(HostBuffer::from(m).into()),
+            (None, HostMasters::F32(v)) => Ok(HostBuffer::F32(v).into()),
+            _ => Err(weights_missing()),
+        },
+        Storage::Cuda(d) => {
+            let DeviceStorage { rt, arenas, .. } = &mut **d;
+            match (&mut arenas.model, &mut arenas.masters) {
+                (Some(m), _) => {
+                    let len = m.len();
+                    m.split_buffers(rt, &[len])?
+                        .pop()
+                        .map(Buffer::Device)
+                        .ok_or_else(weights_missing)
+                }
+                (None, DeviceMasters::F32(v)) => {
+                    Ok(DeviceBuffer::over(v, crate::DType::F32, rt).into())
+                }
+                _ => Err(weights_missing()),
+            }
+        }
     }
 }
 
-fn masters_bytes(shard: &Optimizer) -> Result<usize> {
+fn masters_bytes(shard: &Optimizer) -> usize {
     match shard.params().storage() {
-        Storage::Host(h) => Ok(h.arenas.masters.bytes()),
-        Storage::Cuda(_) => Err(shards_on_gpu()),
+        Storage::Host(h) => h.arenas.masters.bytes(),
+        Storage::Cuda(d) => d.arenas.masters.bytes(),
     }
 }
 
@@ -448,6 +485,22 @@ impl ShardedDataParallel<CpuCommunicator> {
     }
 }
 
+impl ShardedDataParallel<SingleDeviceCommunicator> {
+    /// Replicas sharing one GPU, reduced by a kernel (see [`DataParallel::single_device`]).
+    pub fn single_device(optimizers: Vec<Optimizer>, options: DataParallelOptions) -> Result<Self> {
+        let replicas = DataParallel::single_device(optimizers, options)?.into_replicas();
+        Self::cut(replicas)
+    }
+}
+
+impl ShardedDataParallel<NcclCommunicator> {
+    /// One replica per GPU of this process, joined by NCCL (see [`DataParallel::nccl`]).
+    pub fn nccl(optimizers: Vec<Optimizer>, options: DataParallelOptions) -> Result<Self> {
+        let replicas = DataParallel::nccl(optimizers, options)?.into_replicas();
+        Self::cut(replicas)
+    }
+}
+
 impl<C: Communicator> ShardedDataParallel<C> {
     /// Checks that the optimizers would stay identical and takes rank 0's parameters, as
     /// [`DataParallel::new`] does, then cuts each into its window.
@@ -456,7 +509,11 @@ impl<C: Communicator> ShardedDataParallel<C> {
         comms: Vec<C>,
         options: DataParallelOptions,
     ) -> Result<Self> {
-        let replicas = DataParallel::new(optimizers, comms, options)?.into_replicas();
+        Self::cut(DataParallel::new(optimizers, comms, options)?.into_replicas())
+    }
+
+    /// Cuts the replicas of a checked group into their windows.
+    fn cut(replicas: Vec<Replica<C>>) -> Result<Self> {
         let mut slots: Vec<Cutting<C>> = replicas.into_iter().map(Cutting::Whole).collect();
         on_every_replica(&mut slots, Cutting::cut)?;
         let replicas = slots

@@ -51,6 +51,11 @@ pub const DENSE: Config = Config {
 
 /// The model's parameter set in configuration `c`.
 pub fn param_set(c: Config) -> ParamSet {
+    param_set_on(c, Device::Cpu)
+}
+
+/// [`param_set`] on `device`.
+pub fn param_set_on(c: Config, device: Device) -> ParamSet {
     let mut b = ParamSet::builder();
     b.grad_dtype(c.grad_dtype).masters(c.masters);
     if let Some(d) = c.model_copy {
@@ -65,16 +70,21 @@ pub fn param_set(c: Config) -> ParamSet {
             false => b.add(name, shape, &v).unwrap(),
         };
     }
-    b.build(Device::Cpu).unwrap()
+    b.build(device).unwrap()
 }
 
 pub fn optimizer(c: Config) -> Optimizer {
+    optimizer_on(c, Device::Cpu)
+}
+
+/// [`optimizer`] on `device`.
+pub fn optimizer_on(c: Config, device: Device) -> Optimizer {
     let options = OptimizerOptions {
         clip: Some(GlobalNormClip::new(1.0, Flavor::PyTorch)),
         quantized_state: c.quantized,
         ..Default::default()
     };
-    let set = param_set(c);
+    let set = param_set_on(c, device);
     match c.sgd {
         true => Optimizer::with_options(
             set,
