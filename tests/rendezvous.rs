@@ -1,80 +1,23 @@
 //! The rendezvous across real processes on loopback: this test binary re-runs itself as the ranks.
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
 use std::time::{Duration, Instant};
 
+use common::processes::{self, free_port, port_was_taken, result_line};
 use fusedopt::comm::rendezvous::{Rendezvous, RendezvousConfig};
 
 const CHILD: &str = "FUSEDOPT_RENDEZVOUS_CHILD";
 
-/// A port that was free a moment ago. Another process may take it before rank 0 listens on it
-/// (tests run in parallel, and other programs run too): callers retry with another port when rank
-/// 0 says it cannot listen ([`port_was_taken`]).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn port_was_taken(text: &str) -> bool {
-    text.contains("cannot listen")
-}
-
-/// Starts `ranks` of a group of `world` processes, each running `rank_process` below; again on a
-/// new port when the chosen one was taken before rank 0 could listen.
+/// Starts `ranks` of a group of `world` processes, each running `rank_process` below.
 fn launch(world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)> {
-    for _ in 0..5 {
-        let outs = launch_on(free_port(), world, ranks, timeout_ms);
-        let taken = outs
-            .iter()
-            .any(|(_, o)| port_was_taken(&String::from_utf8_lossy(&o.stdout)));
-        if !taken {
-            return outs;
-        }
-    }
-    panic!("no free port for the rendezvous in 5 tries");
-}
-
-fn launch_on(port: u16, world: usize, ranks: &[usize], timeout_ms: u64) -> Vec<(usize, Output)> {
-    let port = port.to_string();
-    let children: Vec<_> = ranks
-        .iter()
-        .map(|&rank| {
-            let child = spawn_piped(
-                Command::new(std::env::current_exe().unwrap())
-                    .args(["--exact", "rank_process", "--nocapture", "--ignored"])
-                    .env(CHILD, timeout_ms.to_string())
-                    .env("RANK", rank.to_string())
-                    .env("WORLD_SIZE", world.to_string())
-                    .env("MASTER_ADDR", "127.0.0.1")
-                    .env("MASTER_PORT", &port),
-            );
-            (rank, child)
-        })
-        .collect();
-    children
-        .into_iter()
-        .map(|(rank, c)| (rank, c.wait_with_output().unwrap()))
-        .collect()
-}
-
-fn spawn_piped(cmd: &mut Command) -> std::process::Child {
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn result_line(out: &Output) -> String {
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            panic!(
-                "no result; stdout: {text}\nstderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    processes::launch(
+        "rank_process",
+        world,
+        ranks,
+        &[(CHILD, timeout_ms.to_string())],
+    )
 }
 
 /// One rank: joins, gathers "rank-N" from everyone, receives rank 2's blob, prints what it got.

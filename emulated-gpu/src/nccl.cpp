@@ -1,6 +1,13 @@
-// A stand-in libnccl.so.2 for the emulated GPU: ranks of one process, one per emulated device,
-// so multi-rank NCCL code runs on a machine without GPUs (a real single GPU cannot: NCCL refuses
-// two ranks on one device, and so does this).
+// A stand-in libnccl.so.2 for the emulated GPU: ranks one per emulated device, in one process or
+// in several, so multi-rank NCCL code runs on a machine without GPUs (a real single GPU cannot:
+// NCCL refuses two ranks on one device, and so does this).
+//
+// Ranks of one process meet in memory. Ranks of several processes (joined through a rendezvous,
+// as torchrun-style launchers do) meet in a directory named by the unique id: each rank writes a
+// join file, and each collective's contribution as a file of its own (written whole, then
+// renamed into place); every rank reads all contributions and computes the result itself, in
+// rank order, so every rank gets the bits the in-memory path gives. A broken file (an abort, an
+// injected fault) fails the others; a rank that dies leaves the others waiting until they abort.
 //
 // A collective is enqueued on the caller's stream (cuLaunchHostFunc of the stand-in driver) and
 // returns at once; on the stream it waits for every rank's matching call, then the last rank to
@@ -16,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -27,6 +35,9 @@
 #include <thread>
 #include <vector>
 
+#include <dirent.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "emu_half_bits.h"
@@ -80,7 +91,11 @@ struct Comm {
     unsigned long long calls = 0;  // collectives issued by this rank
     int async_error = ncclSuccess;
     std::string async_message;
-    bool aborted = false;
+    std::atomic<bool> aborted{false};
+    // Ranks in several processes: the directory they meet in (empty for ranks of one process,
+    // which meet in `clique`; a rank of several has a clique of its own, for its error state).
+    std::string dir;
+    int nranks = 1;
 };
 
 struct Pending {
@@ -252,6 +267,8 @@ void break_clique(Clique& q, Comm* culprit, const std::string& why) {
     q.cv.notify_all();
 }
 
+void run_file_task(Comm* c, unsigned long long seq, const Call& call);
+
 struct Task {
     Comm* comm;
     unsigned long long seq;
@@ -262,6 +279,7 @@ struct Task {
 void run_task(void* p) {
     std::unique_ptr<Task> t((Task*)p);
     Comm* c = t->comm;
+    if (!c->dir.empty()) return run_file_task(c, t->seq, t->call);
     Clique& q = *c->clique;
     std::unique_lock<std::mutex> lock(q.m);
     const Fault f = fault_now(c->rank);
@@ -270,7 +288,7 @@ void run_task(void* p) {
         snprintf(why, sizeof why, "rank %d %s at collective %llu (injected)", c->rank,
                  f == Fault::Error ? "failed" : f == Fault::Die ? "died" : "stalled", t->seq);
         if (f == Fault::Stall) {
-            q.cv.wait(lock, [&] { return c->aborted; });
+            q.cv.wait(lock, [&] { return c->aborted.load(); });
             return;
         }
         if (f == Fault::Error) set_async(c, ncclSystemError, why);
@@ -303,7 +321,7 @@ void run_task(void* p) {
         pend.done = true;
         q.cv.notify_all();
     } else {
-        q.cv.wait(lock, [&] { return pend.done || !q.broken.empty() || c->aborted; });
+        q.cv.wait(lock, [&] { return pend.done || !q.broken.empty() || c->aborted.load(); });
     }
     if (!pend.done) {
         set_async(c, ncclRemoteError, q.broken.empty() ? "the communicator was aborted" : q.broken);
@@ -312,6 +330,145 @@ void run_task(void* p) {
     if (pend.result != ncclSuccess) set_async(c, pend.result, pend.why);
     if (--pend.left == 0) q.pending.erase(t->seq);
 }
+
+// ---- Ranks in several processes: a directory of files ----
+
+std::string path_in(const Comm* c, const std::string& name) { return c->dir + "/" + name; }
+
+bool exists(const std::string& path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0;
+}
+
+// Writes `bytes` to `path` whole: to a private name first, then renamed into place.
+bool write_whole(const std::string& path, const std::string& bytes) {
+    const std::string tmp = path + ".tmp" + std::to_string(getpid());
+    FILE* f = fopen(tmp.c_str(), "wb");
+    if (!f) return false;
+    const bool ok = fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+    if (fclose(f) != 0 || !ok) return false;
+    return rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+bool read_whole(const std::string& path, std::string* out) {
+    FILE* f = fopen(path.c_str(), "rb");
+    if (!f) return false;
+    out->clear();
+    char buf[1 << 16];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) out->append(buf, n);
+    fclose(f);
+    return true;
+}
+
+// Marks the group broken (the first reason stays) so every rank fails with ncclRemoteError.
+void break_files(Comm* c, const std::string& why) {
+    if (exists(c->dir) && !exists(path_in(c, "broken"))) write_whole(path_in(c, "broken"), why);
+}
+
+std::string broken_reason(Comm* c) {
+    std::string why;
+    return read_whole(path_in(c, "broken"), &why) ? why : std::string();
+}
+
+// Polls until `ready` holds (true), or the group is broken or this rank aborted (false).
+template <typename Ready>
+bool poll_until(Comm* c, Ready ready) {
+    auto nap = std::chrono::microseconds(20);
+    for (;;) {
+        if (ready()) return true;
+        if (c->aborted || exists(path_in(c, "broken"))) return false;
+        std::this_thread::sleep_for(nap);
+        nap = std::min(nap * 2, std::chrono::microseconds(2000));
+    }
+}
+
+struct Header {
+    int kind, dtype, op, root;
+    unsigned long long count;
+};
+
+std::string contribution(int rank, unsigned long long seq) {
+    return "c" + std::to_string(seq) + ".r" + std::to_string(rank);
+}
+
+void fail_async(Comm* c, ncclResult_t r, const std::string& why) {
+    std::lock_guard<std::mutex> lock(c->clique->m);
+    set_async(c, r, why);
+}
+
+// On the rank's stream: publish this rank's contribution, wait for every rank's, and compute the
+// result from them as the in-memory path does.
+void run_file_task(Comm* c, unsigned long long seq, const Call& call) {
+    const Fault f = fault_now(c->rank);
+    if (f != Fault::None) {
+        char why[160];
+        snprintf(why, sizeof why, "rank %d %s at collective %llu (injected)", c->rank,
+                 f == Fault::Error ? "failed" : f == Fault::Die ? "died" : "stalled", seq);
+        if (f == Fault::Stall) {
+            while (!c->aborted) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+            return;
+        }
+        if (f == Fault::Error) fail_async(c, ncclSystemError, why);
+        break_files(c, why);
+        return;
+    }
+    const std::string broken = broken_reason(c);
+    if (c->aborted || !broken.empty()) {
+        fail_async(c, ncclRemoteError, broken.empty() ? "the communicator was aborted" : broken);
+        return;
+    }
+    const size_t size = dtype_size(call.dtype);
+    const size_t send_elems = call.kind == Kind::ReduceScatter ? call.count * c->nranks : call.count;
+    const size_t recv_elems = call.kind == Kind::AllGather ? call.count * c->nranks
+                              : call.kind == Kind::ReduceScatter ? call.count
+                                                                 : call.count;
+    Header h{(int)call.kind, call.dtype, call.op, call.root, (unsigned long long)call.count};
+    std::string mine((const char*)&h, sizeof h);
+    // A broadcast's non-root ranks contribute nothing but the header.
+    if (call.kind != Kind::Broadcast || c->rank == call.root)
+        mine.append((const char*)call.send, send_elems * size);
+    if (!write_whole(path_in(c, contribution(c->rank, seq)), mine)) {
+        const std::string why = "rank " + std::to_string(c->rank) + " cannot write to " + c->dir;
+        fail_async(c, ncclSystemError, why);
+        break_files(c, why);
+        return;
+    }
+    // Every rank has read collective seq - 2 before writing seq - 1, which this rank has seen.
+    if (seq > 2) unlink(path_in(c, contribution(c->rank, seq - 2)).c_str());
+    std::vector<std::string> all(c->nranks);
+    const bool arrived = poll_until(c, [&] {
+        for (int r = 0; r < c->nranks; ++r)
+            if (all[r].empty() && !read_whole(path_in(c, contribution(r, seq)), &all[r])) return false;
+        return true;
+    });
+    if (!arrived) {
+        const std::string why = broken_reason(c);
+        fail_async(c, ncclRemoteError, why.empty() ? "the communicator was aborted" : why);
+        return;
+    }
+    std::vector<Call> calls(c->nranks);
+    std::vector<std::vector<char>> scratch(c->nranks);
+    for (int r = 0; r < c->nranks; ++r) {
+        Header theirs;
+        memcpy(&theirs, all[r].data(), sizeof theirs);
+        const size_t have = all[r].size() - sizeof theirs;
+        const bool carries = call.kind != Kind::Broadcast || r == call.root;
+        if (all[r].size() < sizeof theirs || memcmp(&theirs, &h, sizeof h) != 0 ||
+            have != (carries ? send_elems * size : 0)) {
+            fail_async(c, ncclInvalidUsage,
+                       "ranks called different collectives (or counts, types, ops, roots) at the "
+                       "same point");
+            return;
+        }
+        scratch[r].resize(std::max<size_t>(recv_elems * size, 1));
+        calls[r] = call;
+        calls[r].send = all[r].data() + sizeof theirs;
+        calls[r].recv = r == c->rank ? call.recv : scratch[r].data();
+    }
+    run(calls);
+}
+
 
 ncclResult_t enqueue(Comm* c, Call call, void* stream) {
     if (!c) return fail(ncclInvalidArgument, "null communicator");
@@ -334,6 +491,86 @@ ncclResult_t enqueue(Comm* c, Call call, void* stream) {
         return fail(ncclUnhandledCudaError, "cuLaunchHostFunc failed on the given stream");
     }
     return ncclSuccess;
+}
+
+// The directory ranks of several processes meet in, named by the unique id.
+std::string meeting_dir(const ncclUniqueId& id) {
+    int pid = 0;
+    unsigned long long n = 0, nonce = 0;
+    sscanf(id.internal, "fusedopt-emulated-nccl pid %d id %llu nonce %llx", &pid, &n, &nonce);
+    const char* tmp = getenv("TMPDIR");
+    char name[128];
+    snprintf(name, sizeof name, "/fusedopt-emu-nccl-%d-%llu-%llx", pid, n, nonce);
+    return std::string(tmp && *tmp ? tmp : "/tmp") + name;
+}
+
+// Whether process `pid` still runs (a zombie, exited but not yet reaped, does not).
+bool alive(int pid) {
+    if (kill(pid, 0) != 0 && errno != EPERM) return false;
+    std::string stat;
+    if (!read_whole("/proc/" + std::to_string(pid) + "/stat", &stat)) return true;
+    const size_t paren = stat.rfind(')');
+    return paren == std::string::npos || paren + 2 >= stat.size() || stat[paren + 2] != 'Z';
+}
+
+// Removes the meeting directory once no live rank's join file is left in it (a rank whose
+// process died leaves its join file behind).
+void leave_dir(const std::string& dir, int rank) {
+    unlink((dir + "/join." + std::to_string(rank)).c_str());
+    for (int attempt = 0; attempt < 10; ++attempt) {
+        DIR* d = opendir(dir.c_str());
+        if (!d) return;
+        std::vector<std::string> names;
+        bool live = false;
+        while (dirent* e = readdir(d)) {
+            const std::string name = e->d_name;
+            if (name == "." || name == "..") continue;
+            names.push_back(name);
+            std::string join;
+            int pid = 0;
+            if (name.rfind("join.", 0) == 0 && read_whole(dir + "/" + name, &join) &&
+                sscanf(join.c_str(), "%d", &pid) == 1)
+                live = live || alive(pid);
+        }
+        closedir(d);
+        if (live) return;
+        for (const std::string& name : names) unlink((dir + "/" + name).c_str());
+        // A peer's last file may land meanwhile; look again.
+        if (rmdir(dir.c_str()) == 0 || errno == ENOENT) return;
+    }
+}
+
+ncclResult_t join_in_memory(void** out, int nranks, const ncclUniqueId& id, int rank, int device) {
+    Clique* q;
+    {
+        std::lock_guard<std::mutex> lock(registry_mutex);
+        Clique*& slot = cliques()[std::string(id.internal, sizeof id.internal)];
+        if (!slot) {
+            slot = new Clique();
+            slot->nranks = nranks;
+            slot->ranks.assign(nranks, nullptr);
+        }
+        q = slot;
+    }
+    std::unique_lock<std::mutex> lock(q->m);
+    if (q->nranks != nranks) return fail(ncclInvalidUsage, "ranks disagree on the number of ranks");
+    if (q->ranks[rank]) return fail(ncclInvalidUsage, "rank joined twice");
+    for (Comm* other : q->ranks)
+        if (other && other->device == device) {
+            char why[160];
+            snprintf(why, sizeof why, "Duplicate GPU detected: rank %d and rank %d both on CUDA device %d",
+                     rank, other->rank, device);
+            return fail(ncclInvalidUsage, why);
+        }
+    Comm* c = new Comm{q, rank, device};  // freed never: a stream task may still hold it
+    c->nranks = nranks;
+    q->ranks[rank] = c;
+    q->joined += 1;
+    q->cv.notify_all();
+    *out = c;
+    if (group_depth > 0) return ncclSuccess;  // the group's other ranks join from this thread
+    const bool all = q->cv.wait_for(lock, std::chrono::seconds(120), [&] { return q->joined == q->nranks; });
+    return all ? ncclSuccess : fail(ncclSystemError, "not every rank joined within 120 s");
 }
 
 }  // namespace
@@ -373,9 +610,11 @@ const char* ncclGetLastError(void* comm) {
 ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
     if (!id) return ncclInvalidArgument;
     static std::atomic<unsigned long long> counter{0};
+    const unsigned long long nonce =
+        (unsigned long long)std::chrono::steady_clock::now().time_since_epoch().count();
     memset(id->internal, 0, sizeof id->internal);
-    snprintf(id->internal, sizeof id->internal, "fusedopt-emulated-nccl pid %d id %llu", (int)getpid(),
-             ++counter);
+    snprintf(id->internal, sizeof id->internal, "fusedopt-emulated-nccl pid %d id %llu nonce %llx",
+             (int)getpid(), ++counter, nonce);
     return ncclSuccess;
 }
 
@@ -396,40 +635,60 @@ ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int rank)
     int pid = -1;
     if (sscanf(id.internal, "fusedopt-emulated-nccl pid %d", &pid) != 1)
         return fail(ncclInvalidArgument, "not a unique id of the emulated NCCL");
-    if (pid != (int)getpid())
-        return fail(ncclInvalidUsage, "the emulated NCCL joins the ranks of one process only");
     int device = 0;
     if (cuCtxGetDevice(&device) != 0)
         return fail(ncclUnhandledCudaError, "no CUDA context is current on the calling thread");
-    Clique* q;
-    {
-        std::lock_guard<std::mutex> lock(registry_mutex);
-        Clique*& slot = cliques()[std::string(id.internal, sizeof id.internal)];
-        if (!slot) {
-            slot = new Clique();
-            slot->nranks = nranks;
-            slot->ranks.assign(nranks, nullptr);
+    // Ranks initialised together from one thread, or a group of one, are all here.
+    if (group_depth > 0 || nranks == 1) return join_in_memory(out, nranks, id, rank, device);
+    // Otherwise the ranks may be in several processes: they meet in a directory first.
+    const std::string dir = meeting_dir(id);
+    if (mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
+        return fail(ncclSystemError, "cannot create " + dir);
+    const std::string me = std::to_string(getpid()) + " " + std::to_string(device);
+    if (!write_whole(dir + "/join." + std::to_string(rank), me))
+        return fail(ncclSystemError, "cannot write to " + dir);
+    std::vector<std::string> joins(nranks);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    for (int r = 0; r < nranks;) {
+        if (read_whole(dir + "/join." + std::to_string(r), &joins[r])) {
+            ++r;
+            continue;
         }
-        q = slot;
+        if (std::chrono::steady_clock::now() > deadline) {
+            leave_dir(dir, rank);
+            return fail(ncclSystemError, "not every rank joined within 120 s");
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
-    std::unique_lock<std::mutex> lock(q->m);
-    if (q->nranks != nranks) return fail(ncclInvalidUsage, "ranks disagree on the number of ranks");
-    if (q->ranks[rank]) return fail(ncclInvalidUsage, "rank joined twice");
-    for (Comm* other : q->ranks)
-        if (other && other->device == device) {
+    bool one_process = true;
+    for (int r = 0; r < nranks; ++r) {
+        int their_pid = -1, their_device = -1;
+        sscanf(joins[r].c_str(), "%d %d", &their_pid, &their_device);
+        one_process = one_process && their_pid == (int)getpid();
+        if (r != rank && their_device == device) {
+            // One machine: a device ordinal names the same GPU in every process.
             char why[160];
             snprintf(why, sizeof why, "Duplicate GPU detected: rank %d and rank %d both on CUDA device %d",
-                     rank, other->rank, device);
+                     rank, r, device);
+            leave_dir(dir, rank);
             return fail(ncclInvalidUsage, why);
         }
-    Comm* c = new Comm{q, rank, device};  // freed never: a stream task may still hold it
-    q->ranks[rank] = c;
-    q->joined += 1;
-    q->cv.notify_all();
+    }
+    if (one_process) {
+        // Every rank has read the join files before it joins in memory.
+        const ncclResult_t r = join_in_memory(out, nranks, id, rank, device);
+        leave_dir(dir, rank);
+        return r;
+    }
+    auto* q = new Clique();  // this rank's error state alone; never freed, as in memory
+    q->nranks = nranks;
+    q->ranks.assign(1, nullptr);
+    Comm* c = new Comm{q, rank, device};
+    c->dir = dir;
+    c->nranks = nranks;
+    q->ranks[0] = c;
     *out = c;
-    if (group_depth > 0) return ncclSuccess;  // the group's other ranks join from this thread
-    const bool all = q->cv.wait_for(lock, std::chrono::seconds(120), [&] { return q->joined == q->nranks; });
-    return all ? ncclSuccess : fail(ncclSystemError, "not every rank joined within 120 s");
+    return ncclSuccess;
 }
 
 ncclResult_t ncclCommAbort(void* comm) {
@@ -441,6 +700,10 @@ ncclResult_t ncclCommAbort(void* comm) {
     char why[96];
     snprintf(why, sizeof why, "rank %d aborted its communicator", c->rank);
     break_clique(q, c, why);
+    if (!c->dir.empty()) {
+        break_files(c, why);
+        leave_dir(c->dir, c->rank);
+    }
     return ncclSuccess;
 }
 

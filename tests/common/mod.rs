@@ -4,6 +4,7 @@
 
 pub mod groups;
 mod oracle;
+pub mod processes;
 
 #[allow(unused_imports)] // not every test binary uses the oracle
 pub use oracle::Oracle;
