@@ -87,6 +87,8 @@ fn run_child(mode: &str, kernels: &Path) -> (bool, String) {
         .env("FUSEDOPT_EMU_MODE", mode)
         .env("FUSEDOPT_EMU_KERNELS", kernels)
         .env("FUSEDOPT_EMU_OUT", &out)
+        // The child steps Adam only: the update unit is built with Adam's kernels alone.
+        .env("FUSEDOPT_EMU_RULES", "adam")
         .env("FUSEDOPT_EMULATOR_CHILD", "1")
         .env_remove("LD_PRELOAD")
         .output()

@@ -340,14 +340,23 @@ bool exists(const std::string& path) {
     return stat(path.c_str(), &st) == 0;
 }
 
-// Writes `bytes` to `path` whole: to a private name first, then renamed into place.
-bool write_whole(const std::string& path, const std::string& bytes) {
-    const std::string tmp = path + ".tmp" + std::to_string(getpid());
+// Writes `bytes` to `path` whole: to a name private to this thread first, then moved into place
+// (replacing what is there, or, with `first_wins`, only if nothing is).
+bool write_whole(const std::string& path, const std::string& bytes, bool first_wins = false) {
+    static std::atomic<unsigned long long> serial{0};
+    const std::string tmp =
+        path + ".tmp" + std::to_string(getpid()) + "." + std::to_string(++serial);
     FILE* f = fopen(tmp.c_str(), "wb");
     if (!f) return false;
     const bool ok = fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
-    if (fclose(f) != 0 || !ok) return false;
-    return rename(tmp.c_str(), path.c_str()) == 0;
+    if (fclose(f) != 0 || !ok) {
+        unlink(tmp.c_str());
+        return false;
+    }
+    if (!first_wins) return rename(tmp.c_str(), path.c_str()) == 0;
+    const bool placed = link(tmp.c_str(), path.c_str()) == 0;
+    unlink(tmp.c_str());
+    return placed;
 }
 
 bool read_whole(const std::string& path, std::string* out) {
@@ -362,9 +371,11 @@ bool read_whole(const std::string& path, std::string* out) {
 }
 
 // Marks the group broken (the first reason stays) so every rank fails with ncclRemoteError.
-void break_files(Comm* c, const std::string& why) {
-    if (exists(c->dir) && !exists(path_in(c, "broken"))) write_whole(path_in(c, "broken"), why);
+void break_dir(const std::string& dir, const std::string& why) {
+    if (exists(dir)) write_whole(dir + "/broken", why, true);
 }
+
+void break_files(Comm* c, const std::string& why) { break_dir(c->dir, why); }
 
 std::string broken_reason(Comm* c) {
     std::string why;
@@ -451,11 +462,10 @@ void run_file_task(Comm* c, unsigned long long seq, const Call& call) {
     std::vector<std::vector<char>> scratch(c->nranks);
     for (int r = 0; r < c->nranks; ++r) {
         Header theirs;
-        memcpy(&theirs, all[r].data(), sizeof theirs);
-        const size_t have = all[r].size() - sizeof theirs;
         const bool carries = call.kind != Kind::Broadcast || r == call.root;
+        if (all[r].size() >= sizeof theirs) memcpy(&theirs, all[r].data(), sizeof theirs);
         if (all[r].size() < sizeof theirs || memcmp(&theirs, &h, sizeof h) != 0 ||
-            have != (carries ? send_elems * size : 0)) {
+            all[r].size() - sizeof theirs != (carries ? send_elems * size : 0)) {
             fail_async(c, ncclInvalidUsage,
                        "ranks called different collectives (or counts, types, ops, roots) at the "
                        "same point");
@@ -464,9 +474,15 @@ void run_file_task(Comm* c, unsigned long long seq, const Call& call) {
         scratch[r].resize(std::max<size_t>(recv_elems * size, 1));
         calls[r] = call;
         calls[r].send = all[r].data() + sizeof theirs;
-        calls[r].recv = r == c->rank ? call.recv : scratch[r].data();
+        calls[r].recv = scratch[r].data();
     }
     run(calls);
+    // An aborted rank's caller may have freed its buffers: the result is delivered only if not.
+    if (c->aborted) {
+        fail_async(c, ncclRemoteError, "the communicator was aborted");
+        return;
+    }
+    memcpy(call.recv, scratch[c->rank].data(), recv_elems * size);
 }
 
 
@@ -670,6 +686,7 @@ ncclResult_t ncclCommInitRank(void** out, int nranks, ncclUniqueId id, int rank)
             char why[160];
             snprintf(why, sizeof why, "Duplicate GPU detected: rank %d and rank %d both on CUDA device %d",
                      rank, r, device);
+            break_dir(dir, why);  // the others fail at their first collective, not their timeout
             leave_dir(dir, rank);
             return fail(ncclInvalidUsage, why);
         }

@@ -220,7 +220,11 @@ impl<'a> From<&'a mut [f32]> for Buffer<'a> {
 /// that the group is aborted and every later collective fails at once.
 ///
 /// Collectives on device buffers are enqueued on the buffer's stream and may return before they
-/// finish; [`Communicator::barrier`] waits for them and reports their failures.
+/// finish; [`Communicator::barrier`] waits for them and reports their failures. A collective on
+/// host buffers orders them before the device work this rank enqueues once it returns (the
+/// data-parallel steps rely on it: their verdict exchange orders the reduced gradients before the
+/// update). An all-gather moves bits: `recv` holds exactly the
+/// bytes of every rank's `send` (a sharded step gathers f64 partials as pairs of f32 words).
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;

@@ -67,8 +67,8 @@ pub(crate) struct CudaEngine {
     update: CudaFunction,
     pub(super) norm: CudaFunction,
     pub(super) advance: CudaFunction,
-    /// A sharded group's norm: `partials` writes this window's chunk sums, `norm_of_partials`
-    /// adds every window's, gathered into `gathered`.
+    /// A sharded group's norm: `partials_<dtype>` writes this window's chunk sums,
+    /// `norm_of_partials` adds every window's, gathered into `gathered`.
     pub(super) partials_only: CudaFunction,
     pub(super) norm_of_partials: CudaFunction,
     pub(super) gathered: Option<CudaSlice<f64>>,
@@ -176,6 +176,14 @@ impl CudaEngine {
         options: &OptimizerOptions,
         lr: f64,
     ) -> Result<Self> {
+        if let DeviceMasters::InShards(_) = params.masters {
+            // A sharded replica's model side: its masters live in the shards, which step.
+            return Err(Error::InvalidHyperparameter(
+                "this parameter set is a sharded replica's model side (its masters are in the \
+                 shards): build an optimizer over a set of its own"
+                    .into(),
+            ));
+        }
         let rt = rt.clone();
         let dev = rt.device;
         let stream = &rt.stream;

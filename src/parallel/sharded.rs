@@ -4,10 +4,11 @@
 //!
 //! A step, in lockstep as in [`super`]: the backward pass writes the whole gradient arena; a
 //! reduce-scatter leaves each replica the average of its window; every replica computes its
-//! window's per-chunk Σ g² and all exchange them (with their verdicts), so each sums the same
-//! chunks in the same order as an unsharded step and finds the same global norm, clip factor
-//! and non-finite verdict; each steps its window; the replicas confirm they ended the step alike;
-//! an all-gather writes every window's new weights into every replica's model.
+//! window's per-chunk Σ g² and all exchange them (on the host, with their verdicts; on a GPU,
+//! gathered on the device after the verdicts), so each sums the same chunks in the same order as
+//! an unsharded step and finds the same global norm, clip factor and non-finite verdict; each
+//! steps its window; the replicas confirm they ended the step alike; an all-gather writes every
+//! window's new weights into every replica's model.
 //!
 //! Windows are [`SHARD_GRANULE`] elements aligned (a whole number of every engine's chunks, and
 //! so of quantization blocks), all the same length: the arena is padded to N windows. So a
@@ -87,12 +88,23 @@ impl<C: Communicator> ShardedReplica<C> {
         let whole = optimizer.params().layout().clone();
         let plan = ShardPlan::new(whole.arena_len(), comm.world_size());
         let cut = cut_shard(&optimizer, &plan, comm.rank());
-        let verdicts = exchange(&comm, &[if cut.is_ok() { 0.0 } else { 1.0 }]);
+        // Every window's chunks must be the same size for their partials to line up (GPUs of
+        // different models size them differently).
+        let chunk = match &cut {
+            Ok(shard) => shard.plan().map_or(0.0, |p| p.chunk_elems() as f32),
+            Err(_) => 0.0,
+        };
+        let verdicts = exchange(&comm, &[if cut.is_ok() { 0.0 } else { 1.0 }, chunk]);
         let shard = match (cut, verdicts) {
             (Err(e), _) | (_, Err(e)) => return Err(e),
-            (Ok(_), Ok(v)) if v.iter().any(|&x| x != 0.0) => {
-                let rank = v.iter().position(|&x| x != 0.0).unwrap_or(0);
+            (Ok(_), Ok(v)) if v.iter().step_by(2).any(|&x| x != 0.0) => {
+                let rank = v.iter().step_by(2).position(|&x| x != 0.0).unwrap_or(0);
                 return Err(Error::ReplicaFailed { rank });
+            }
+            (Ok(_), Ok(v)) if v.iter().skip(1).step_by(2).any(|&c| c != chunk) => {
+                return Err(Error::ReplicasDiffer {
+                    what: "engine chunk sizes (GPUs with different SM counts)".into(),
+                });
             }
             (Ok(shard), Ok(_)) => shard,
         };
