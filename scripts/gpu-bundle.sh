@@ -17,7 +17,7 @@ unset FUSEDOPT_NO_FATBIN
 # The executables cargo builds, by target name.
 artifacts=$( { cargo test --release --no-run --message-format=json --test gpu --test parallel \
                  --test step_decision --test checkpoint --test custom_rules --test lean --test lean_step \
-                 --test lean_masters;
+                 --test lean_masters --test sharded;
                cargo build --release --examples --benches --message-format=json; } 2>/dev/null)
 pick() {  # NAME: the executable of that target (the newest when several)
   printf '%s\n' "$artifacts" | python3 -c '
@@ -41,7 +41,7 @@ fi
 
 rm -rf "$dir"
 mkdir -p "$dir/bin" "$dir/tests/data"
-for name in gpu parallel step_decision checkpoint custom_rules lean lean_step lean_masters replay \
+for name in gpu parallel step_decision checkpoint custom_rules lean lean_step lean_masters sharded replay \
             quickstart train \
             microbench allreduce; do
   exe=$(pick "$name")

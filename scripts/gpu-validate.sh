@@ -8,6 +8,7 @@
 #   nvidia-smi · the GPU tests with FUSEDOPT_REQUIRE_GPU=1 (one test thread) · the data-parallel
 #   tests (NCCL with one rank, from the PyPI wheel's libnccl.so.2 when present; single-GPU
 #   replicas) · the step decision on host and device bit for bit · checkpoints across devices ·
+#   sharded optimizer state bit for bit the unsharded step (one GPU, NCCL) ·
 #   custom rules (their kernels compiled by NVRTC at run time) bit for bit the built-in rules ·
 #   lean state's device kernels (quantization, remainders, stochastic rounding) against the CPU ·
 #   quantized state and 4-byte / stochastic bf16 masters in the fused step against the CPU ·
@@ -84,6 +85,7 @@ step "GPU tests, one thread" "$gpu_tests_limit" bin/gpu --test-threads 1
 step "data-parallel tests (NCCL, single-GPU replicas)" 60 bin/parallel --test-threads 1
 step "the step decision on host and device, bit for bit" 30 bin/step_decision --test-threads 1
 step "checkpoints across devices" 30 bin/checkpoint --test-threads 1
+step "sharded optimizer state, bit for bit unsharded (one GPU, NCCL)" 60 bin/sharded --test-threads 1
 step "custom rules: kernels compiled by NVRTC, bit for bit the built-in rules" 90 \
   bin/custom_rules --test-threads 1
 step "lean state's device kernels, bit for bit the CPU's" 30 bin/lean --test-threads 1
