@@ -344,7 +344,7 @@ impl ParamSet {
     }
 
     /// Writes fp32 masters from element `start` on, with the model copy or weights.
-    fn write_masters(&mut self, start: usize, values: &[f32]) -> Result<()> {
+    pub(crate) fn write_masters(&mut self, start: usize, values: &[f32]) -> Result<()> {
         match &mut self.storage {
             Storage::Host(h) => {
                 let a = &mut h.arenas;

@@ -12,7 +12,9 @@
 //!   checkpoint (one file per process) loads into one optimizer with the same bits;
 //! - a parameter server on rank 0 with the other ranks as asynchronous workers ends exactly where
 //!   replaying their applied pushes in version order leads, and refuses a worker with other
-//!   tensors.
+//!   tensors;
+//! - sharded parameter servers (4 ranks: two serve a window each, two work): each window ends
+//!   where replaying the pushes its server applied leads.
 //!
 //! Without `mpirun` it says so loudly and passes, unless FUSEDOPT_REQUIRE_MPI=1.
 
@@ -28,7 +30,7 @@ use common::groups::{
 };
 use fusedopt::comm::mpi::{Mpi, MpiCommunicator};
 use fusedopt::comm::{Buffer, Communicator, HostBuffer, ReduceOp};
-use fusedopt::parallel::parameter_server::mpi::{serve, RemoteWorker};
+use fusedopt::parallel::parameter_server::mpi::{serve, serve_shard, RemoteWorker};
 use fusedopt::parallel::parameter_server::Pushed;
 use fusedopt::parallel::sharded::load_sharded_checkpoint;
 use fusedopt::parallel::{DataParallel, ShardedDataParallel};
@@ -119,6 +121,9 @@ fn rank_main(dir: &str) {
     a_failing_backward_pass_fails_every_process(group());
     sharded_state_steps_as_unsharded(group(), std::path::Path::new(dir));
     parameter_server_across_processes(group(), group());
+    if n >= 3 {
+        sharded_parameter_servers_across_processes(group(), group());
+    }
     println!("rank {rank} of {n}: all checks passed");
 }
 
@@ -419,6 +424,70 @@ fn parameter_server_across_processes(comm: MpiCommunicator, gather: MpiCommunica
             &everything(&served),
             &everything(&replay),
             "the parameter server against a replay of its applied pushes",
+        );
+    }
+}
+
+/// Sharded servers (np 4: ranks 0 and 1 serve a window each, 2 and 3 work): each server's window
+/// ends where replaying the pushes it applied, in its order, with the whole optimizer leads.
+fn sharded_parameter_servers_across_processes(comm: MpiCommunicator, gather: MpiCommunicator) {
+    let (rank, n) = (comm.rank(), comm.world_size());
+    let servers = n / 2;
+    // made[k * servers + r]: the version this worker's push k made at server r.
+    let mut made = vec![0.0f32; PUSHES * servers];
+    let mut served = None;
+    if rank < servers {
+        let server =
+            ParameterServer::window(&optimizer(DENSE), servers, rank, Staleness::Unbounded)
+                .unwrap();
+        let stats = serve_shard(&server, &comm, servers).unwrap();
+        assert_eq!(stats.applied, ((n - servers) * PUSHES) as u64);
+        served = Some(server.into_optimizer().unwrap());
+    } else {
+        let mut w = RemoteWorker::sharded(&comm, param_set(DENSE), servers).unwrap();
+        for k in 0..PUSHES {
+            w.pull().unwrap();
+            for (i, (name, ..)) in TENSORS.iter().enumerate() {
+                w.params_mut()
+                    .set_grad(name, &gradient(rank, 200 + k, i))
+                    .unwrap();
+            }
+            for (r, p) in w.push_shards().unwrap().into_iter().enumerate() {
+                match p {
+                    Pushed::Applied { version, .. } => made[k * servers + r] = version as f32,
+                    other => panic!("push {k} of rank {rank} at server {r}: {other:?}"),
+                }
+            }
+        }
+        w.finish().unwrap();
+    }
+    let per = made.len();
+    let mut all = vec![0.0f32; per * n];
+    gather
+        .all_gather(Buffer::from(&mut made[..]), Buffer::from(&mut all[..]))
+        .unwrap();
+    if let Some(served) = served {
+        let mut replay = optimizer(DENSE);
+        for version in 1..=((n - servers) * PUSHES) {
+            let (from, k) = (0..n * PUSHES)
+                .map(|i| (i / PUSHES, i % PUSHES))
+                .find(|&(from, k)| all[from * per + k * servers + rank] == version as f32)
+                .unwrap();
+            for (i, (name, ..)) in TENSORS.iter().enumerate() {
+                replay
+                    .params_mut()
+                    .set_grad(name, &gradient(from, 200 + k, i))
+                    .unwrap();
+            }
+            replay.step().unwrap();
+        }
+        let whole = replay.params().read_masters_arena().unwrap();
+        let window = fusedopt::parallel::ShardPlan::new(whole.len(), servers).window(rank);
+        let part = window.start.min(whole.len())..window.end.min(whole.len());
+        let mine = served.params().read_masters_arena().unwrap();
+        assert!(
+            bits(&mine[..part.len()]) == bits(&whole[part]),
+            "server {rank} against a replay of the pushes it applied"
         );
     }
 }

@@ -2,13 +2,16 @@
 //! f64 oracle); scripted interleavings of two workers give the staleness each policy expects
 //! and apply, scale or refuse exactly; many worker threads pushing at once leave the server
 //! exactly where replaying the applied pushes in version order leads; bad pushes change nothing.
+//! Sharded servers (one window each): one worker steps bit for bit as one server, with state per
+//! server the whole's ÷ N; concurrent workers leave each window where replaying that server's
+//! applied pushes leads.
 
 mod common;
 
 use std::sync::Mutex;
 
 use common::{awkward_tensors, build, random_grads, Oracle, Tensor};
-use fusedopt::parallel::parameter_server::{Pushed, Worker};
+use fusedopt::parallel::parameter_server::{Pushed, ShardedParameterServer, Worker};
 use fusedopt::parallel::{ParameterServer, Staleness};
 use fusedopt::{
     Adam, Error, Flavor, GlobalNormClip, NonFinitePolicy, Optimizer, OptimizerOptions, ParamSet,
@@ -311,4 +314,122 @@ fn a_checkpoint_of_the_server_restores_its_version() {
             ..
         }
     ));
+}
+
+/// The masters of a whole set, as bits.
+fn arena_bits(set: &ParamSet) -> Vec<u32> {
+    let v = set.read_masters_arena().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn sharded_servers_with_one_worker_step_bit_for_bit_as_one_server() {
+    use common::groups::{gradient, DENSE, TENSORS};
+    let one = ParameterServer::new(common::groups::optimizer(DENSE), Staleness::Unbounded).unwrap();
+    let three =
+        ShardedParameterServer::new(common::groups::optimizer(DENSE), 3, Staleness::Unbounded)
+            .unwrap();
+    let (mut w1, mut w3) = (one.worker().unwrap(), three.worker().unwrap());
+    for k in 0..4 {
+        w1.pull().unwrap();
+        w3.pull().unwrap();
+        for (i, (name, ..)) in TENSORS.iter().enumerate() {
+            let g = gradient(0, k, i);
+            w1.params_mut().set_grad(name, &g).unwrap();
+            w3.params_mut().set_grad(name, &g).unwrap();
+        }
+        assert!(matches!(w1.push().unwrap(), Pushed::Applied { .. }));
+        for p in w3.push().unwrap() {
+            assert!(
+                matches!(p, Pushed::Applied { version, .. } if version == k as u64 + 1),
+                "push {k}: {p:?}"
+            );
+        }
+    }
+    w1.pull().unwrap();
+    w3.pull().unwrap();
+    assert_eq!(w3.versions(), &[4, 4, 4]);
+    // Clipping is active (the gradients' norm is far above 1): the servers clipped by the
+    // global norm, as one server does.
+    assert!(arena_bits(w1.params()) == arena_bits(w3.params()));
+    // Each server holds one window's state: Adam's two f32 moments per element.
+    let window = three.plan().window_len;
+    for s in three.servers() {
+        assert_eq!(s.with_optimizer(|o| o.state_bytes()).unwrap(), 8 * window);
+    }
+    let whole = one.with_optimizer(|o| o.state_bytes()).unwrap();
+    assert!(3 * 8 * window < whole + 3 * 8 * fusedopt::parallel::sharded::SHARD_GRANULE);
+}
+
+#[test]
+fn concurrent_workers_on_sharded_servers_end_where_replaying_each_servers_pushes_leads() {
+    use common::groups::{gradient, DENSE, TENSORS};
+    const WORKERS: usize = 3;
+    const PUSHES: usize = 4;
+    let servers =
+        ShardedParameterServer::new(common::groups::optimizer(DENSE), 2, Staleness::Unbounded)
+            .unwrap();
+    // made[w][k][r]: the version push k of worker w made at server r.
+    let made: Vec<Vec<Vec<u64>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..WORKERS)
+            .map(|wk| {
+                let servers = &servers;
+                s.spawn(move || {
+                    let mut w = servers.worker().unwrap();
+                    (0..PUSHES)
+                        .map(|k| {
+                            w.pull().unwrap();
+                            for (i, (name, ..)) in TENSORS.iter().enumerate() {
+                                w.params_mut().set_grad(name, &gradient(wk, k, i)).unwrap();
+                            }
+                            let pushed = w.push().unwrap();
+                            pushed
+                                .into_iter()
+                                .map(|p| match p {
+                                    Pushed::Applied { version, .. } => version,
+                                    other => panic!("worker {wk}, push {k}: {other:?}"),
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let got = servers
+        .worker()
+        .unwrap()
+        .params()
+        .read_masters_arena()
+        .unwrap();
+    let len = got.len();
+    let to_bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (r, server) in servers.servers().iter().enumerate() {
+        assert_eq!(server.version().unwrap(), (WORKERS * PUSHES) as u64);
+        // Gradients do not depend on the weights: the order server r applied them in is all a
+        // replay of its window needs (the whole optimizer clips by the same global norm).
+        let mut replay = common::groups::optimizer(DENSE);
+        for version in 1..=(WORKERS * PUSHES) as u64 {
+            let (wk, k) = (0..WORKERS * PUSHES)
+                .map(|i| (i / PUSHES, i % PUSHES))
+                .find(|&(wk, k)| made[wk][k][r] == version)
+                .unwrap();
+            for (i, (name, ..)) in TENSORS.iter().enumerate() {
+                replay
+                    .params_mut()
+                    .set_grad(name, &gradient(wk, k, i))
+                    .unwrap();
+            }
+            replay.step().unwrap();
+        }
+        let want = replay.params().read_masters_arena().unwrap();
+        let w = servers.plan().window(r);
+        let part = w.start.min(len)..w.end.min(len);
+        assert!(!part.is_empty());
+        assert!(
+            to_bits(&got[part.clone()]) == to_bits(&want[part]),
+            "server {r} against a replay of the pushes it applied"
+        );
+    }
 }

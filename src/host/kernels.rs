@@ -185,6 +185,16 @@ pub(super) fn update_segment<G: Element, S: Element>(
     c.update(p, g, state)
 }
 
+/// Σ g² of `grads` as the CPU engine's norm pass adds it: chunk by chunk of `chunk` elements,
+/// the chunks' sums in order (a sharded parameter server's worker sends it with its push).
+pub(crate) fn sum_of_squares_in_chunks(grads: &[f32], chunk: usize) -> f64 {
+    let partials: Vec<f64> = grads
+        .par_chunks(chunk.max(1))
+        .map(chunk_sum_of_squares)
+        .collect();
+    partials.iter().sum()
+}
+
 /// Σ g² of one chunk: eight f64 lanes so the loop vectorises and large chunks lose no precision.
 fn chunk_sum_of_squares<G: Element>(g: &[G]) -> f64 {
     let mut lanes = [0.0f64; 8];

@@ -368,7 +368,7 @@ impl<C: Communicator> ShardedReplica<C> {
 }
 
 /// The `window` of `optimizer`'s set, with its own optimizer holding the state of that window.
-fn cut_shard(optimizer: &Optimizer, plan: &ShardPlan, rank: usize) -> Result<Optimizer> {
+pub(super) fn cut_shard(optimizer: &Optimizer, plan: &ShardPlan, rank: usize) -> Result<Optimizer> {
     let window = plan.window(rank);
     let set = optimizer.params();
     let storage = match set.storage() {

@@ -10,10 +10,15 @@
 //! step, and a push that fails (a refused gradient, non-finite gradients under
 //! [`crate::NonFinitePolicy::Error`]) changes nothing. Workers are threads of this process
 //! ([`Worker`]) or, with the cargo feature `mpi`, other processes (`mpi::serve` and
-//! `mpi::RemoteWorker`); a worker that fails or stops only stops pushing.
+//! `mpi::RemoteWorker`); a worker that fails or stops only stops pushing. The parameters can also
+//! be spread over several servers, one window each ([`ShardedParameterServer`], and
+//! `mpi::serve_shard` across processes).
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+mod sharded;
+
+pub use sharded::{ShardedParameterServer, ShardedWorker};
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -22,6 +27,7 @@ use crate::comm::Buffer;
 use crate::error::{Error, Result};
 use crate::host::{HostArenas, HostStorage};
 use crate::masters::HostMasters;
+use crate::optim::Norm;
 use crate::params::{ParamSet, Storage};
 use crate::Optimizer;
 
@@ -143,18 +149,10 @@ impl ParameterServer {
     pub fn worker(&self) -> Result<Worker<'_>> {
         let served = self.lock()?;
         let set = served.optimizer.params();
-        let len = set.layout().arena_len();
-        let storage = Storage::Host(HostStorage {
-            arenas: HostArenas {
-                masters: HostMasters::F32(set.masters_snapshot()?.into_owned()),
-                grads: Arena::filled(set.grad_dtype(), len, 0.0)?,
-                model: None,
-            },
-            engine: None,
-        });
+        let weights = set.masters_snapshot()?.into_owned();
         Ok(Worker {
             server: self,
-            set: ParamSet::from_parts(set.layout().clone(), storage),
+            set: worker_set(set.layout().clone(), weights, set.grad_dtype())?,
             version: served.version,
         })
     }
@@ -195,8 +193,10 @@ impl ParameterServer {
         )
     }
 
-    /// Applies `grads` (the whole arena, f32), computed from weights version `pulled`.
-    fn apply(&self, mut grads: Vec<f32>, pulled: u64) -> Result<Pushed> {
+    /// Applies `grads` (the whole arena, f32), computed from weights version `pulled`; with
+    /// `sum_sq`, the step clips by that Σ g² (a sharded server's: the worker's whole gradient's)
+    /// times the staleness factor squared instead of its own gradients'.
+    fn apply(&self, mut grads: Vec<f32>, pulled: u64, sum_sq: Option<f64>) -> Result<Pushed> {
         let mut served = self.lock()?;
         let staleness = served.version.saturating_sub(pulled);
         let Some(factor) = self.staleness.factor(staleness) else {
@@ -219,7 +219,14 @@ impl ParameterServer {
                 .ok_or_else(|| Error::Communicator("no gradient arena".into()))?;
             buffer.write_range(0, &grads)?;
         }
-        optimizer.step()?;
+        match sum_sq {
+            None => optimizer.step()?,
+            Some(s) => {
+                optimizer.apply_schedule()?;
+                let f = f64::from(factor);
+                optimizer.step_at_current_lr(Norm::Given(s * f * f))?;
+            }
+        }
         let report = optimizer.report()?;
         stats.count(staleness);
         if report.skipped {
@@ -234,6 +241,24 @@ impl ParameterServer {
             factor,
         })
     }
+}
+
+/// A worker's parameter set: host memory, fp32 `weights`, gradients in `grad_dtype`.
+fn worker_set(
+    layout: std::sync::Arc<crate::layout::Layout>,
+    weights: Vec<f32>,
+    grad_dtype: crate::DType,
+) -> Result<ParamSet> {
+    let len = layout.arena_len();
+    let storage = Storage::Host(HostStorage {
+        arenas: HostArenas {
+            masters: HostMasters::F32(weights),
+            grads: Arena::filled(grad_dtype, len, 0.0)?,
+            model: None,
+        },
+        engine: None,
+    });
+    Ok(ParamSet::from_parts(layout, storage))
 }
 
 /// One worker of a [`ParameterServer`]: its own copy of the weights, as last pulled, and the
@@ -275,6 +300,6 @@ impl Worker<'_> {
     pub fn push(&mut self) -> Result<Pushed> {
         let len = self.set.layout().arena_len();
         let grads = self.set.grads_arena()?.to_f32(0..len);
-        self.server.apply(grads, self.version)
+        self.server.apply(grads, self.version, None)
     }
 }

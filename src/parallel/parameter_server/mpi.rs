@@ -1,10 +1,15 @@
 //! The parameter server across processes (cargo feature `mpi`): rank 0 serves ([`serve`]), every
-//! other rank is a worker ([`RemoteWorker`]); pulls and pushes are point-to-point messages.
+//! other rank is a worker ([`RemoteWorker`]); pulls and pushes are point-to-point messages. Or
+//! sharded servers: ranks 0..S each serve one window of the parameters ([`serve_shard`], the
+//! windows of a sharded group), and a worker ([`RemoteWorker::sharded`]) pulls every window and
+//! pushes each window's part to its server, with Σ g² of its whole gradient so that every server
+//! clips by the global norm (see `ShardedParameterServer`, the same on threads).
 //!
 //! Messages (the MPI tag says which): a pull carries the worker's layout fingerprint and is
 //! answered with the version and the fp32 weights; a push carries the fingerprint, the version
-//! it was computed from and the gradient arena in its dtype, and is answered with what became of
-//! it; a worker that is done says so. A worker whose tensors or gradient dtype differ from the
+//! it was computed from, the whole gradient's Σ g² when the servers are sharded, and the
+//! gradient arena in its dtype, and is answered with what became of it; a worker that is done
+//! says so. A worker whose tensors or gradient dtype differ from the
 //! server's is refused ([`Error::ReplicasDiffer`]) and changes nothing, as does a push the server
 //! cannot apply (the worker gets the server's error as [`Error::Communicator`]). The server serves
 //! until every worker rank is done; a worker that no longer takes its answers is counted lost
@@ -15,7 +20,10 @@ use crate::arena::Arena;
 use crate::comm::mpi::MpiCommunicator;
 use crate::comm::Communicator;
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 use crate::params::ParamSet;
+use crate::plan::{ShardPlan, CPU_CHUNK_ELEMS};
+use crate::DType;
 
 use super::{ParameterServer, Pushed, ServerStats};
 
@@ -27,14 +35,10 @@ const DONE: i32 = 5;
 const REFUSED: i32 = 6;
 const FAILED: i32 = 7;
 
-/// The rank that serves.
-const SERVER: usize = 0;
-
-/// A hash of what a worker's set must share with the server's: tensors, offsets, arena length,
-/// gradient dtype.
-fn layout_fingerprint(set: &ParamSet) -> u64 {
-    let layout = set.layout();
-    let mut text = format!("{} {:?}", layout.arena_len(), set.grad_dtype());
+/// A hash of what a worker's set (or window of it) must share with the server's: tensors, offsets,
+/// arena length, gradient dtype.
+fn layout_fingerprint(layout: &Layout, grad_dtype: DType) -> u64 {
+    let mut text = format!("{} {:?}", layout.arena_len(), grad_dtype);
     for t in layout.tensors() {
         text.push_str(&format!("|{} {:?} {}", t.name, t.shape, t.offset));
     }
@@ -61,19 +65,35 @@ fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// Serves `server` to every other rank of `comm` until each has said it is done; returns what
 /// the server did. Call on rank 0.
 pub fn serve(server: &ParameterServer, comm: &MpiCommunicator) -> Result<ServerStats> {
-    if comm.rank() != SERVER {
+    serve_shard(server, comm, 1)
+}
+
+/// Serves one window of sharded servers: ranks 0..`servers` serve, rank r the server of window r
+/// ([`ParameterServer::window`]); the other ranks are workers ([`RemoteWorker::sharded`]).
+/// Returns once every worker is done.
+pub fn serve_shard(
+    server: &ParameterServer,
+    comm: &MpiCommunicator,
+    servers: usize,
+) -> Result<ServerStats> {
+    if comm.rank() >= servers || servers >= comm.world_size() {
         return Err(Error::Communicator(format!(
-            "rank {} cannot serve: rank {SERVER} serves",
-            comm.rank()
+            "rank {} cannot serve one of {servers} windows to {} ranks: ranks 0..{servers} serve, \
+             the others work",
+            comm.rank(),
+            comm.world_size()
         )));
     }
-    let fingerprint = server.with_optimizer(|o| Ok(layout_fingerprint(o.params())))?;
-    let (grad_dtype, len) = server.with_optimizer(|o| {
+    let (fingerprint, grad_dtype, len) = server.with_optimizer(|o| {
         let p = o.params();
-        Ok((p.grad_dtype(), p.layout().arena_len()))
+        Ok((
+            layout_fingerprint(p.layout(), p.grad_dtype()),
+            p.grad_dtype(),
+            p.layout().arena_len(),
+        ))
     })?;
     let mut done = vec![false; comm.world_size()];
-    done[SERVER] = true;
+    done[..servers].iter_mut().for_each(|d| *d = true);
     let mut lost = Vec::new();
     while done.iter().any(|d| !d) {
         let (from, tag, bytes) = comm.receive(None).map_err(|e| match e {
@@ -107,7 +127,9 @@ pub fn serve(server: &ParameterServer, comm: &MpiCommunicator) -> Result<ServerS
                 })?;
                 (WEIGHTS, reply)
             }
-            PUSH => match push_of(&bytes, grad_dtype, len).and_then(|(g, v)| server.apply(g, v)) {
+            PUSH => match push_of(&bytes, grad_dtype, len)
+                .and_then(|(g, v, sum_sq)| server.apply(g, v, sum_sq))
+            {
                 Ok(pushed) => (PUSHED, encode(pushed)),
                 Err(e) => (FAILED, e.to_string().into_bytes()),
             },
@@ -124,16 +146,21 @@ pub fn serve(server: &ParameterServer, comm: &MpiCommunicator) -> Result<ServerS
     Ok(stats)
 }
 
-/// A push's gradients (widened to f32) and the version they were computed from.
-fn push_of(bytes: &[u8], dtype: crate::DType, len: usize) -> Result<(Vec<f32>, u64)> {
+/// A push's gradients (widened to f32), the version they were computed from, and the whole
+/// gradient's Σ g² when the worker sent it.
+fn push_of(bytes: &[u8], dtype: DType, len: usize) -> Result<(Vec<f32>, u64, Option<f64>)> {
     let pulled = word(bytes, 1)?;
-    let payload = &bytes[16.min(bytes.len())..];
+    let sum_sq = match word(bytes, 2)? {
+        0 => None,
+        _ => Some(f64::from_bits(word(bytes, 3)?)),
+    };
+    let payload = &bytes[32.min(bytes.len())..];
     if payload.len() != len * dtype.size_bytes() {
         return Err(malformed("gradients of the wrong size"));
     }
     let mut arena = Arena::filled(dtype, len, 0.0)?;
     arena.write_bytes(0, payload);
-    Ok((arena.to_f32(0..len), pulled))
+    Ok((arena.to_f32(0..len), pulled, sum_sq))
 }
 
 fn encode(p: Pushed) -> Vec<u8> {
@@ -173,37 +200,74 @@ fn decode(bytes: &[u8]) -> Result<Pushed> {
     }
 }
 
-/// A worker in another process than the server: its own parameter set (host memory, built like
-/// the server's), pulled and pushed over MPI.
+/// A worker in another process than the server(s): its own parameter set (host memory, built
+/// like the server's), pulled and pushed over MPI.
 #[derive(Debug)]
 pub struct RemoteWorker<'c> {
     comm: &'c MpiCommunicator,
     set: ParamSet,
-    version: u64,
+    /// One per server rank (0, 1, ...): the part of the arena its window holds, that window's
+    /// length and fingerprint, and the version last pulled from it.
+    servers: Vec<Link>,
+}
+
+#[derive(Debug)]
+struct Link {
+    part: std::ops::Range<usize>,
+    window_len: usize,
     fingerprint: u64,
+    version: u64,
 }
 
 impl<'c> RemoteWorker<'c> {
-    /// A worker over `set` (the same tensors and gradient dtype as the server's, checked at
-    /// every message), not yet pulled.
+    /// A worker of the one server on rank 0, over `set` (the same tensors and gradient dtype as
+    /// the server's, checked at every message), not yet pulled.
     pub fn new(comm: &'c MpiCommunicator, set: ParamSet) -> Result<Self> {
-        if comm.rank() == SERVER {
+        Self::sharded(comm, set, 1)
+    }
+
+    /// A worker of sharded servers on ranks 0..`servers` ([`serve_shard`]), not yet pulled.
+    pub fn sharded(comm: &'c MpiCommunicator, set: ParamSet, servers: usize) -> Result<Self> {
+        if servers == 0 || comm.rank() < servers || comm.rank() >= comm.world_size() {
             return Err(Error::Communicator(format!(
-                "rank {SERVER} serves; workers are the other ranks"
+                "ranks 0..{servers} serve; workers are the other ranks, not rank {}",
+                comm.rank()
             )));
         }
-        // The server tells workers apart by rank: one worker per communicator at a time.
+        // The servers tell workers apart by rank: one worker per communicator at a time.
         if !comm.claim_worker() {
             return Err(Error::Communicator(
                 "this communicator already has a parameter-server worker".into(),
             ));
         }
-        let fingerprint = layout_fingerprint(&set);
+        let (layout, dtype) = (set.layout().clone(), set.grad_dtype());
+        let len = layout.arena_len();
+        let links = match servers {
+            1 => vec![Link {
+                part: 0..len,
+                window_len: len,
+                fingerprint: layout_fingerprint(&layout, dtype),
+                version: 0,
+            }],
+            _ => {
+                let plan = ShardPlan::new(len, servers);
+                (0..servers)
+                    .map(|r| {
+                        let w = plan.window(r);
+                        Link {
+                            part: w.start.min(len)..w.end.min(len),
+                            window_len: w.len(),
+                            fingerprint: layout_fingerprint(&layout.window(w), dtype),
+                            version: 0,
+                        }
+                    })
+                    .collect()
+            }
+        };
         Ok(RemoteWorker {
             comm,
             set,
-            version: 0,
-            fingerprint,
+            servers: links,
         })
     }
 
@@ -215,13 +279,19 @@ impl<'c> RemoteWorker<'c> {
         &mut self.set
     }
 
+    /// The version of the weights this worker holds (with sharded servers, the oldest window's).
     pub fn version(&self) -> u64 {
-        self.version
+        self.servers.iter().map(|l| l.version).min().unwrap_or(0)
     }
 
-    /// The server's answer of kind `want`, or its refusal as an error.
-    fn answer(&self, want: i32) -> Result<Vec<u8>> {
-        let (_, tag, bytes) = self.comm.receive(Some(SERVER))?;
+    /// The version of each window this worker holds, by server rank.
+    pub fn versions(&self) -> Vec<u64> {
+        self.servers.iter().map(|l| l.version).collect()
+    }
+
+    /// Server `server`'s answer of kind `want`, or its refusal as an error.
+    fn answer(&self, server: usize, want: i32) -> Result<Vec<u8>> {
+        let (_, tag, bytes) = self.comm.receive(Some(server))?;
         match tag {
             t if t == want => Ok(bytes),
             REFUSED => Err(Error::ReplicasDiffer {
@@ -238,34 +308,83 @@ impl<'c> RemoteWorker<'c> {
         }
     }
 
-    /// Copies the server's current weights here; returns their version.
+    /// Copies the servers' current weights here (every request sent, then every answer read);
+    /// returns [`RemoteWorker::version`].
     pub fn pull(&mut self) -> Result<u64> {
-        self.comm
-            .send(SERVER, PULL, self.fingerprint.to_le_bytes().to_vec())?;
-        let bytes = self.answer(WEIGHTS)?;
-        let version = word(&bytes, 0)?;
-        let weights: Vec<f32> = bytes[8..]
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        self.set.restore_masters(&weights)?;
-        self.version = version;
-        Ok(version)
+        for (r, link) in self.servers.iter().enumerate() {
+            self.comm
+                .send(r, PULL, link.fingerprint.to_le_bytes().to_vec())?;
+        }
+        for r in 0..self.servers.len() {
+            let bytes = self.answer(r, WEIGHTS)?;
+            let version = word(&bytes, 0)?;
+            let link = &mut self.servers[r];
+            let weights: Vec<f32> = bytes[8..]
+                .chunks_exact(4)
+                .take(link.part.len())
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if weights.len() != link.part.len() {
+                return Err(malformed("too few weights"));
+            }
+            self.set.write_masters(link.part.start, &weights)?;
+            link.version = version;
+        }
+        Ok(self.version())
     }
 
-    /// Sends this worker's gradients, computed from the weights it holds, to the server.
+    /// Sends this worker's gradients, computed from the weights it holds, to the server; what
+    /// became of them. With sharded servers: applied only if every server applied its part (at
+    /// the oldest new version), else the first refusal or skip.
     pub fn push(&mut self) -> Result<Pushed> {
-        let len = self.set.layout().arena_len();
-        let mut message = self.fingerprint.to_le_bytes().to_vec();
-        message.extend(self.version.to_le_bytes());
-        message.extend_from_slice(self.set.grads_arena()?.bytes(0..len));
-        self.comm.send(SERVER, PUSH, message)?;
-        decode(&self.answer(PUSHED)?)
+        let all = self.push_shards()?;
+        let applied = all.iter().all(|p| matches!(p, Pushed::Applied { .. }));
+        Ok(match applied {
+            true => all
+                .iter()
+                .copied()
+                .min_by_key(|p| match p {
+                    Pushed::Applied { version, .. } => *version,
+                    _ => u64::MAX,
+                })
+                .unwrap_or(Pushed::Refused { staleness: 0 }),
+            false => all
+                .iter()
+                .copied()
+                .find(|p| !matches!(p, Pushed::Applied { .. }))
+                .unwrap_or(Pushed::Refused { staleness: 0 }),
+        })
     }
 
-    /// Tells the server this worker is done; the server returns once every worker has.
+    /// [`RemoteWorker::push`], with what became of it at each server, by server rank.
+    pub fn push_shards(&mut self) -> Result<Vec<Pushed>> {
+        let len = self.set.layout().arena_len();
+        let grads = self.set.grads_arena()?;
+        let size = grads.dtype().size_bytes();
+        let sum_sq = (self.servers.len() > 1).then(|| {
+            crate::host::kernels::sum_of_squares_in_chunks(&grads.to_f32(0..len), CPU_CHUNK_ELEMS)
+        });
+        for (r, link) in self.servers.iter().enumerate() {
+            let mut message = link.fingerprint.to_le_bytes().to_vec();
+            message.extend(link.version.to_le_bytes());
+            message.extend(u64::from(sum_sq.is_some()).to_le_bytes());
+            message.extend(sum_sq.unwrap_or(0.0).to_bits().to_le_bytes());
+            message.extend_from_slice(grads.bytes(link.part.clone()));
+            // A window past the arena's end is padding: zeros.
+            message.resize(
+                message.len() + (link.window_len - link.part.len()) * size,
+                0,
+            );
+            self.comm.send(r, PUSH, message)?;
+        }
+        (0..self.servers.len())
+            .map(|r| decode(&self.answer(r, PUSHED)?))
+            .collect()
+    }
+
+    /// Tells the servers this worker is done; each returns once every worker has.
     pub fn finish(self) -> Result<()> {
-        self.comm.send(SERVER, DONE, Vec::new())
+        (0..self.servers.len()).try_for_each(|r| self.comm.send(r, DONE, Vec::new()))
     }
 }
 
